@@ -1,0 +1,189 @@
+"""Typed, validated run configuration.
+
+Every run-config key of the app is declared once here, with its type, default, allowed
+values and a one-line description. `parse_config` turns a flat mapping (Flower's
+`context.run_config`, a TOML table, CLI overrides) into a frozen `RunConfig`, and rejects
+unknown keys, wrong types and out-of-range values with a `ConfigError` that names the key.
+
+The defaults are the embedded default job (digits, tiny UNet); the paper's CIFAR-10
+settings live in `experiments/configs/paper-cifar10.toml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+DATASETS = ("digits", "fashion-mnist", "cifar10", "cifar100", "afhq-dog", "folder")
+PRESETS = ("tiny", "ddpm-cifar10", "ddpm-afhq64")
+SHARDINGS = ("balanced", "random", "dirichlet")
+HFLIP_MODES = ("auto", "on", "off")
+DEVICES = ("auto", "cpu", "cuda")
+SAMPLERS = ("ddim", "ddpm")
+
+
+class ConfigError(ValueError):
+    """A run-config value is missing, of the wrong type, or out of range."""
+
+
+def _key(name: str, default: Any, help: str, check: Callable[[Any], str | None] | None = None,
+         choices: tuple | None = None):
+    return field(default=default, metadata={"key": name, "help": help, "check": check, "choices": choices})
+
+
+def _positive(v):
+    return None if v > 0 else "must be > 0"
+
+
+def _non_negative(v):
+    return None if v >= 0 else "must be >= 0"
+
+
+def _in_unit_open(v):
+    return None if 0 <= v < 1 else "must be in [0, 1)"
+
+
+def _at_least(n):
+    return lambda v: None if v >= n else f"must be >= {n}"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # --- data and shards ---
+    dataset: str = _key("dataset", "digits", "training images", choices=DATASETS)
+    data_root: str = _key(
+        "data-root", "",
+        "dataset location: torchvision root (cifar10/cifar100/fashion-mnist), image folder (afhq-dog/folder), "
+        "or a folder with the raw Fashion-MNIST idx files; must be empty for digits")
+    data_download: bool = _key("data-download", False, "let torchvision download cifar10/cifar100/fashion-mnist")
+    image_size: int = _key("image-size", 0, "model resolution; 0 = the dataset's default (digits 16, "
+                           "fashion-mnist 32, cifar 32, afhq-dog/folder 64)", _non_negative)
+    max_images: int = _key("max-images", 0, "use only the first N training images (0 = all)", _non_negative)
+    holdout_fraction: float = _key(
+        "holdout-fraction", 0.1,
+        "for datasets without a test split (digits, folder, afhq-dog): fraction held out of training "
+        "(for evaluation's null rate)", lambda v: None if 0 <= v < 0.5 else "must be in [0, 0.5)")
+    sharding: str = _key("sharding", "balanced", "how the training set is split into K shards", choices=SHARDINGS)
+    dirichlet_alpha: float = _key("dirichlet-alpha", 0.5, "concentration of the dirichlet sharding", _positive)
+    hflip: str = _key("hflip", "auto", "random horizontal flip; auto = on except for digits", choices=HFLIP_MODES)
+    # --- model and diffusion ---
+    preset: str = _key("preset", "tiny", "UNet preset", choices=PRESETS)
+    diffusion_steps: int = _key("diffusion-steps", 1000, "T, number of diffusion timesteps (= memory-bank slots)",
+                                _at_least(2))
+    beta_start: float = _key("beta-start", 1e-4, "first beta of the linear schedule",
+                             lambda v: None if 0 < v < 1 else "must be in (0, 1)")
+    beta_end: float = _key("beta-end", 0.02, "last beta of the linear schedule",
+                           lambda v: None if 0 < v < 1 else "must be in (0, 1)")
+    # --- local training (per client) ---
+    num_server_rounds: int = _key("num-server-rounds", 3, "R, federated rounds", _at_least(1))
+    local_epochs: int = _key("local-epochs", 2, "E, local epochs per round", _at_least(1))
+    batch_size: int = _key("batch-size", 64, "per-client batch size (drop_last, as the paper)", _at_least(1))
+    lr: float = _key("lr", 2e-4, "Adam learning rate", _positive)
+    warmup_steps: int = _key("warmup-steps", 20, "linear LR warmup steps, counted over the whole run "
+                             "(paper: 585 = 15 epochs)", _non_negative)
+    grad_clip: float = _key("grad-clip", 1.0, "global grad-norm clip (0 = off)", _non_negative)
+    ema_decay: float = _key("ema-decay", 0.9999, "EMA decay of the weights", _in_unit_open)
+    agc: bool = _key("agc", True, "Anti-Gradient Control on/off")
+    agc_lambda: float = _key("agc-lambda", 2.0, "lambda: skip sample j iff l_j < M[t_j] / lambda", _positive)
+    agc_bank_decay: float = _key("agc-bank-decay", 0.8, "memory-bank decay d: M[t] <- d*M[t] + (1-d)*l",
+                                 _in_unit_open)
+    seed: int = _key("seed", 0, "seed of the model init, shards and every client's RNG", _non_negative)
+    device: str = _key("device", "auto", "where clients train: auto = cuda if visible, else cpu", choices=DEVICES)
+    # --- federation ---
+    num_clients: int = _key("num-clients", 0, "K, number of shards/clients; 0 = every connected SuperNode",
+                            _non_negative)
+    strategy: str = _key("strategy", "iet", "server aggregation strategy (see strategies/registry.py)")
+    round_timeout_s: float = _key("round-timeout-s", 7 * 24 * 3600.0, "how long the server waits for a round's "
+                                  "replies", _positive)
+    init_checkpoint: str = _key("init-checkpoint", "", "start from this checkpoint (fine-tuning); empty = fresh")
+    # --- outputs ---
+    output_dir: str = _key("output-dir", "runs", "where run directories go (relative = to the server's cwd)")
+    run_name: str = _key("run-name", "", "run directory name; empty = <dataset>-<preset>-<timestamp>")
+    client_state_dir: str = _key("client-state-dir", "", "where clients keep optimizer/bank state between rounds; "
+                                 "empty = <run dir>/client-state (a SuperNode's node-config state-dir wins)")
+    checkpoint_every: int = _key("checkpoint-every", 1, "save the global weights every N rounds (the last "
+                                 "round is always saved)", _at_least(1))
+    sample_count: int = _key("sample-count", 64, "images in the final sample grid (0 = none)", _non_negative)
+    sample_steps: int = _key("sample-steps", 50, "DDIM steps for the final sample grid", _at_least(1))
+
+    @property
+    def resolved_hflip(self) -> bool:
+        if self.hflip == "auto":
+            return self.dataset != "digits"
+        return self.hflip == "on"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat {run-config key: value}, the inverse of `parse_config`."""
+        return {f.metadata["key"]: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def replace(self, **overrides: Any) -> "RunConfig":
+        """A copy with some keys changed (run-config names, e.g. {"agc-lambda": 3.0}), validated."""
+        return parse_config({**self.to_dict(), **overrides})
+
+
+def config_keys() -> list[dataclasses.Field]:
+    return list(dataclasses.fields(RunConfig))
+
+
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    want = type(default)
+    if want is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name} = {value!r}: must be true or false")
+    if want is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{name} = {value!r}: must be an integer")
+        return value
+    if want is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name} = {value!r}: must be a number")
+        if not math.isfinite(value):
+            raise ConfigError(f"{name} = {value!r}: must be finite")
+        return float(value)
+    if want is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} = {value!r}: must be a string")
+        return value
+    raise TypeError(f"unsupported config type {want}")
+
+
+def parse_config(raw: Mapping[str, Any]) -> RunConfig:
+    """Validate a flat run-config mapping; raise ConfigError naming the first bad key."""
+    fields = config_keys()
+    known = {f.metadata["key"] for f in fields}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"unknown run-config key(s): {', '.join(unknown)} (known keys: {', '.join(sorted(known))})")
+    values = {}
+    for f in fields:
+        name = f.metadata["key"]
+        value = _coerce(name, raw[name], f.default) if name in raw else f.default
+        choices = f.metadata["choices"]
+        if choices is not None and value not in choices:
+            raise ConfigError(f"{name} = {value!r}: must be one of {', '.join(choices)}")
+        check = f.metadata["check"]
+        problem = check(value) if check is not None else None
+        if problem:
+            raise ConfigError(f"{name} = {value!r}: {problem}")
+        values[f.name] = value
+    cfg = RunConfig(**values)
+    _check_cross_keys(cfg)
+    return cfg
+
+
+def _check_cross_keys(cfg: RunConfig) -> None:
+    if cfg.beta_end <= cfg.beta_start:
+        raise ConfigError(f"beta-end = {cfg.beta_end}: must be > beta-start ({cfg.beta_start})")
+    if cfg.dataset == "digits" and cfg.data_root:
+        raise ConfigError(f"data-root = {cfg.data_root!r}: digits is embedded (sklearn); leave data-root empty")
+    if cfg.dataset in ("afhq-dog", "folder") and not cfg.data_root:
+        raise ConfigError(f"data-root = '': dataset {cfg.dataset} needs the path of an image folder")
+    if cfg.dataset in ("afhq-dog", "folder") and cfg.data_download:
+        raise ConfigError(f"data-download = true: dataset {cfg.dataset} cannot be downloaded; give data-root")
+    if cfg.image_size and cfg.image_size % 8:
+        raise ConfigError(f"image-size = {cfg.image_size}: must be a multiple of 8 (the UNet downsamples 3 times)")

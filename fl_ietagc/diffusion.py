@@ -1,0 +1,73 @@
+"""Forward process, per-sample epsilon loss, and seeded samplers.
+
+The noise schedule is diffusers' DDPMScheduler (linear betas, T steps); training and both samplers
+read the same `alphas_cumprod`, so they can never disagree. Sampling uses diffusers' DDIMScheduler
+(eta = 0, predicted x0 clipped to [-1, 1], final step to alpha_bar = 1) and DDPMScheduler
+(ancestral, fixed-large variance as Ho et al. used for CIFAR-10).
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+
+class Diffusion:
+    def __init__(self, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
+        self.num_timesteps = num_timesteps
+        self.scheduler_config = dict(num_train_timesteps=num_timesteps, beta_start=beta_start, beta_end=beta_end,
+                                     beta_schedule="linear", clip_sample=True, prediction_type="epsilon")
+        abar = DDPMScheduler(**self.scheduler_config).alphas_cumprod.double()
+        self._sqrt_abar = abar.sqrt().float()
+        self._sqrt_one_minus_abar = (1 - abar).sqrt().float()
+
+    def add_noise(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps."""
+        if self._sqrt_abar.device != x0.device:
+            self._sqrt_abar = self._sqrt_abar.to(x0.device)
+            self._sqrt_one_minus_abar = self._sqrt_one_minus_abar.to(x0.device)
+        shape = (-1,) + (1,) * (x0.dim() - 1)
+        return self._sqrt_abar[t].view(shape) * x0 + self._sqrt_one_minus_abar[t].view(shape) * noise
+
+    def per_sample_loss(self, model, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """(B,) mean over (C, H, W) of (eps_theta(x_t, t) - eps)^2."""
+        pred = model(self.add_noise(x0, t, noise), t).sample
+        return (pred.float() - noise).pow(2).flatten(1).mean(1)
+
+
+@torch.no_grad()
+def sample(model, diffusion: Diffusion, num_images: int, shape: tuple[int, int, int], *, sampler: str = "ddim",
+           steps: int = 50, seed: int = 0, batch_size: int = 256, device: str | torch.device = "cpu",
+           progress: bool = False) -> torch.Tensor:
+    """Generate `num_images` images in [-1, 1] as a float32 CPU tensor (N, C, H, W).
+
+    Seeded: the same (seed, num_images, batch_size) gives the same images. `sampler` is "ddim"
+    (eta = 0, `steps` steps) or "ddpm" (ancestral over all T steps; `steps` is ignored).
+    """
+    if sampler == "ddim":
+        sched = DDIMScheduler(**diffusion.scheduler_config, set_alpha_to_one=True)
+        sched.set_timesteps(steps)
+    elif sampler == "ddpm":
+        sched = DDPMScheduler(**diffusion.scheduler_config, variance_type="fixed_large")
+        sched.set_timesteps(diffusion.num_timesteps)
+    else:
+        raise ValueError(f"sampler must be ddim or ddpm, got {sampler!r}")
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = []
+    batches = range(0, num_images, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc=f"sampling ({sampler})", unit="batch")
+    for start in batches:
+        n = min(batch_size, num_images - start)
+        x = torch.randn((n, *shape), generator=gen, device=device)
+        for t in sched.timesteps:
+            eps = model(x, t.to(device)).sample
+            x = sched.step(eps, t, x, generator=gen).prev_sample if sampler == "ddpm" else \
+                sched.step(eps, t, x, eta=0.0).prev_sample
+        out.append(x.float().clamp(-1, 1).cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty((0, *shape))

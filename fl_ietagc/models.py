@@ -1,0 +1,72 @@
+"""UNet presets, built on diffusers' UNet2DModel.
+
+diffusers' UNet2DModel is the maintained port of Ho et al.'s DDPM UNet (it is the class behind
+`google/ddpm-cifar10-32`), so the paper's 35.7M-parameter net is a configuration here, not code
+to maintain, and pretrained diffusers checkpoints load into it directly.
+
+| preset        | channels (multipliers)      | res blocks | attention    | params  |
+|---------------|-----------------------------|------------|--------------|---------|
+| ddpm-cifar10  | 128 (1,2,2,2)               | 2          | 16x16 + mid  | 35.75M  |
+| ddpm-afhq64   | 128 (1,2,2,2,4)             | 2          | 16x16 + mid  | 78.70M  |
+| tiny          | 32 (1,1,1)                  | 1          | 2nd level + mid | 0.39M |
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import UNet2DModel
+
+from .config import ConfigError
+
+_DDPM_COMMON = dict(layers_per_block=2, dropout=0.1, norm_num_groups=32, norm_eps=1e-6, attention_head_dim=None,
+                    flip_sin_to_cos=False, freq_shift=1, downsample_padding=0, act_fn="silu")
+
+PRESETS: dict[str, dict] = {
+    # Ho et al. CIFAR-10: resolutions 32,16,8,4; attention at 16x16 (2nd level); single-head attention
+    "ddpm-cifar10": dict(block_out_channels=(128, 256, 256, 256),
+                         down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), **_DDPM_COMMON),
+    # 64x64: resolutions 64,32,16,8,4; attention at 16x16 (3rd level)
+    "ddpm-afhq64": dict(block_out_channels=(128, 256, 256, 256, 512),
+                        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D",
+                                          "DownBlock2D"),
+                        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+                        **_DDPM_COMMON),
+    "tiny": dict(block_out_channels=(32, 32, 32), down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), layers_per_block=1, dropout=0.1,
+                 norm_num_groups=8, attention_head_dim=None, act_fn="silu"),
+}
+
+
+def downsample_factor(preset: str) -> int:
+    return 2 ** (len(PRESETS[preset]["block_out_channels"]) - 1)
+
+
+def build_unet(preset: str, image_size: int, channels: int) -> UNet2DModel:
+    if preset not in PRESETS:
+        raise ConfigError(f"preset = {preset!r}: must be one of {', '.join(PRESETS)}")
+    factor = downsample_factor(preset)
+    if image_size % factor:
+        raise ConfigError(f"image-size = {image_size}: preset {preset} needs a multiple of {factor}")
+    return UNet2DModel(sample_size=image_size, in_channels=channels, out_channels=channels, **PRESETS[preset])
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_for_config(cfg) -> UNet2DModel:
+    """The UNet for a run: preset, model resolution and the dataset's channel count."""
+    from .data import image_size, load_splits
+
+    return build_unet(cfg.preset, image_size(cfg), load_splits(cfg).train.channels)
+
+
+def load_weights(model: torch.nn.Module, state_dict: dict, what: str) -> None:
+    """load_state_dict with an error that says which weights do not fit which preset."""
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise ValueError(f"{what} do not match this model ({type(model).__name__}, "
+                         f"{count_parameters(model):,} parameters): {first}") from e

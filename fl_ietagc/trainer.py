@@ -1,0 +1,174 @@
+"""Local training with Anti-Gradient Control: one client's (or the baseline's) training loop.
+
+`TrainState` is everything that persists for one client across rounds: Adam's state, the step
+counter (which is also the LR-warmup position), the AGC memory bank and the per-image skip counts.
+Weights are not part of it: each round they are replaced by the global ones.
+
+`LocalTrainer.run` trains for a number of epochs over the shard, kept on the training device as
+uint8 (no DataLoader: a batch is an index into that tensor). Per step: random horizontal flip,
+uniform t, epsilon loss per sample, AGC keep mask, mean over kept samples, backward, grad-norm
+clip, Adam with linear warmup, EMA update.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .agc import MemoryBank, masked_mean
+from .config import RunConfig
+from .diffusion import Diffusion
+
+
+@dataclass
+class TrainState:
+    image_ids: torch.Tensor  # (n,) int64: global training-set ids of this shard, in shard order
+    skip_counts: torch.Tensor  # (n,) int64: how often each image was skipped, over the whole run
+    step: int = 0
+    rounds: int = 0
+    optimizer: dict | None = None
+    bank: dict | None = None
+    token: str = ""  # identifies the run this state belongs to
+
+    @classmethod
+    def fresh(cls, image_ids, token: str = "") -> "TrainState":
+        ids = torch.as_tensor(image_ids, dtype=torch.long).cpu()
+        return cls(image_ids=ids, skip_counts=torch.zeros_like(ids), token=token)
+
+    def to_dict(self) -> dict:
+        return {"image_ids": self.image_ids, "skip_counts": self.skip_counts, "step": self.step,
+                "rounds": self.rounds, "optimizer": self.optimizer, "bank": self.bank, "token": self.token}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainState":
+        return cls(**d)
+
+
+@dataclass
+class RoundStats:
+    steps: int
+    samples: int
+    kept: int
+    skipped: int
+    mean_loss: float  # mean per-sample diffusion loss over all samples seen (kept and skipped)
+    skip_counts: torch.Tensor  # (n,) int64: skips of each shard image in this call
+    seconds: float
+    lr: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def skip_rate(self) -> float:
+        return self.skipped / self.samples if self.samples else 0.0
+
+
+def warmup_lr(base_lr: float, step: int, warmup_steps: int) -> float:
+    """LR for optimizer step number `step` (0-based): linear from base/W up to base over W steps."""
+    if warmup_steps <= 0:
+        return base_lr
+    return base_lr * min(1.0, (step + 1) / warmup_steps)
+
+
+def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
+    return images_uint8.float().div_(127.5).sub_(1.0)
+
+
+class LocalTrainer:
+    def __init__(self, cfg: RunConfig, model: torch.nn.Module, ema: torch.nn.Module, images: torch.Tensor,
+                 state: TrainState, device: torch.device, diffusion: Diffusion | None = None,
+                 use_agc: bool | None = None):
+        if images.shape[0] != state.image_ids.numel():
+            raise ValueError(f"shard has {images.shape[0]} images but the state tracks {state.image_ids.numel()}")
+        self.cfg = cfg
+        self.device = device
+        self.model = model.to(device).train()
+        self.ema = ema.to(device).eval().requires_grad_(False)
+        self.images = images.to(device)
+        self.state = state
+        self.diffusion = diffusion or Diffusion(cfg.diffusion_steps, cfg.beta_start, cfg.beta_end)
+        self.use_agc = cfg.agc if use_agc is None else use_agc
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr, fused=device.type == "cuda")
+        if state.optimizer is not None:
+            self.optimizer.load_state_dict(state.optimizer)
+        self.bank = MemoryBank(cfg.diffusion_steps, cfg.agc_lambda, cfg.agc_bank_decay, device=device)
+        if state.bank is not None:
+            self.bank.load_state_dict(state.bank)
+
+    def steps_per_epoch(self) -> int:
+        return self.images.shape[0] // self.cfg.batch_size  # drop_last, as the paper
+
+    def run(self, epochs: int, seed: int, max_steps: int | None = None) -> RoundStats:
+        """Train `epochs` passes over the shard (or stop after `max_steps` steps); update the state."""
+        cfg, dev = self.cfg, self.device
+        torch.manual_seed(seed)  # dropout
+        gen = torch.Generator(device=dev).manual_seed(seed)
+        n, bs, shape = self.images.shape[0], cfg.batch_size, self.images.shape[1:]
+        flip = cfg.resolved_hflip
+        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        kept_sum = torch.zeros((), dtype=torch.long, device=dev)
+        round_skips = torch.zeros(n, dtype=torch.long, device=dev)
+        ema_params = list(self.ema.parameters())
+        steps, t0 = 0, time.perf_counter()
+        total = self.steps_per_epoch() * epochs if max_steps is None else max_steps
+        while steps < total:
+            perm = torch.randperm(n, generator=gen, device=dev)
+            for b in range(self.steps_per_epoch()):
+                if steps >= total:
+                    break
+                idx = perm[b * bs:(b + 1) * bs]
+                x0 = to_model_range(self.images[idx])
+                if flip:
+                    mask = torch.rand(bs, generator=gen, device=dev) < 0.5
+                    x0 = torch.where(mask.view(-1, 1, 1, 1), x0.flip(3), x0)
+                t = torch.randint(0, cfg.diffusion_steps, (bs,), generator=gen, device=dev)
+                noise = torch.randn((bs, *shape), generator=gen, device=dev)
+                losses = self.diffusion.per_sample_loss(self.model, x0, t, noise)
+                if self.use_agc:
+                    keep = self.bank.step(losses, t)
+                else:
+                    keep = torch.ones(bs, dtype=torch.bool, device=dev)
+                loss = masked_mean(losses, keep)
+                lr = warmup_lr(cfg.lr, self.state.step, cfg.warmup_steps)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+                self.optimizer.step()
+                with torch.no_grad():
+                    torch._foreach_lerp_(ema_params, self.params, 1.0 - cfg.ema_decay)
+                loss_sum += losses.detach().double().sum()
+                kept_sum += keep.sum()
+                round_skips.index_add_(0, idx, (~keep).long())
+                self.state.step += 1
+                steps += 1
+        samples = steps * bs
+        kept = int(kept_sum)
+        round_skips = round_skips.cpu()
+        self.state.skip_counts += round_skips
+        self.state.rounds += 1
+        self.state.optimizer = self.optimizer.state_dict()
+        self.state.bank = self.bank.state_dict()
+        return RoundStats(steps=steps, samples=samples, kept=kept, skipped=samples - kept,
+                          mean_loss=float(loss_sum) / max(samples, 1), skip_counts=round_skips,
+                          seconds=time.perf_counter() - t0, lr=warmup_lr(cfg.lr, max(self.state.step - 1, 0),
+                                                                         cfg.warmup_steps))
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cpu":
+        return torch.device("cpu")
+    if choice == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device = 'cuda' but no CUDA device is visible to this process "
+                               "(in simulation, give clients a GPU share: client-resources-num-gpus > 0)")
+        return torch.device("cuda")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def client_seed(seed: int, partition_id: int, server_round: int) -> int:
+    """A client's RNG seed: from the run seed, its partition id and the round, never Flower's node id."""
+    return (seed * 1_000_003 + partition_id * 10_007 + server_round) % (2 ** 63)

@@ -1,0 +1,1 @@
+"""Server-side aggregation strategies (Flower Message-API strategies) and the ServerApp."""

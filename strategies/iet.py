@@ -1,0 +1,20 @@
+"""IET: Iterative Ensemble Training's aggregation.
+
+Every client returns its raw and EMA weights in one ArrayRecord (keys `net.*` and `ema.*`), so
+Flower's FedAvg, weighted by `num-examples` (the shard size), averages raw and EMA weights
+separately with weights |D_c| / sum |D|, exactly the paper's rule. The result goes back to every
+client, which restarts from it.
+"""
+
+from __future__ import annotations
+
+from flwr.serverapp.strategy import FedAvg
+
+from .base import AppStrategyMixin, aggregate_client_metrics
+
+
+class IET(AppStrategyMixin, FedAvg):
+    def __init__(self, num_clients: int):
+        super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=num_clients,
+                         min_evaluate_nodes=0, min_available_nodes=num_clients,
+                         train_metrics_aggr_fn=aggregate_client_metrics)
