@@ -20,3 +20,14 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -
     nrow = nrow or max(1, int(math.ceil(math.sqrt(images.shape[0]))))
     save_image(make_grid(to_unit_range(images), nrow=nrow, padding=2, pad_value=1.0), path)
     return path
+
+
+def write_sample_grid(cfg, model: torch.nn.Module, path: str | Path, device) -> Path:
+    """`sample-count` DDIM (`sample-steps`) samples of `model`, seeded by `seed`, as one PNG grid."""
+    from .data import image_size, load_splits
+    from .diffusion import Diffusion, sample
+
+    size, channels = image_size(cfg), load_splits(cfg).train.channels
+    images = sample(model.to(device), Diffusion(cfg.diffusion_steps, cfg.beta_start, cfg.beta_end), cfg.sample_count,
+                    (channels, size, size), sampler="ddim", steps=cfg.sample_steps, seed=cfg.seed, device=device)
+    return save_grid(images, path)

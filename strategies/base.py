@@ -37,6 +37,7 @@ class ClientRound:
     skipped: int
     steps: int
     seconds: float
+    client_step: int  # the client's optimizer step counter after this round (persists across rounds)
     image_ids: np.ndarray
     skip_counts: np.ndarray
 
@@ -52,7 +53,7 @@ class ClientRound:
         return cls(partition_id=int(info["partition-id"]), num_examples=int(metrics["num-examples"]),
                    loss=float(metrics["loss"]), kept=int(metrics["kept"]), skipped=int(metrics["skipped"]),
                    steps=int(metrics["steps"]), seconds=float(metrics["seconds"]),
-                   image_ids=np.asarray(info["image-ids"], np.int64),
+                   client_step=int(metrics["client-step"]), image_ids=np.asarray(info["image-ids"], np.int64),
                    skip_counts=np.asarray(info["skip-counts"], np.int64))
 
 

@@ -22,8 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 from fl_ietagc.checkpoints import RunDir, load_checkpoint, pack_weights, save_checkpoint, unpack_weights
 from fl_ietagc.config import ConfigError, RunConfig, parse_config
 from fl_ietagc.data import image_size, load_splits
-from fl_ietagc.diffusion import Diffusion, sample
-from fl_ietagc.images import save_grid
+from fl_ietagc.images import write_sample_grid
 from fl_ietagc.models import build_for_config, count_parameters, load_weights
 from fl_ietagc.shards import shards_for_config
 from fl_ietagc.trainer import pick_device
@@ -106,7 +105,7 @@ def run_federated(grid: Grid, cfg: RunConfig, num_clients: int, shards: list[np.
         record = {"round": server_round, "elapsed-s": elapsed, **round_metrics(clients),
                   "clients": [{"partition-id": c.partition_id, "num-examples": c.num_examples, "loss": c.loss,
                                "kept": c.kept, "skipped": c.skipped, "skip-rate": c.skip_rate, "steps": c.steps,
-                               "seconds": c.seconds} for c in clients]}
+                               "client-step": c.client_step, "seconds": c.seconds} for c in clients]}
         run.append_metrics(record)
         run.write_skip_counts(skip_totals)
         last = server_round == cfg.num_server_rounds
@@ -129,23 +128,11 @@ def run_federated(grid: Grid, cfg: RunConfig, num_clients: int, shards: list[np.
     final_net, final_ema = unpack_weights(result.arrays.to_torch_state_dict())
     save_checkpoint(run.final_checkpoint, final_net, final_ema, round=cfg.num_server_rounds, config=cfg.to_dict())
     if cfg.sample_count:
-        write_sample_grid(cfg, final_net, run)
+        model = build_for_config(cfg)
+        load_weights(model, final_net, "final global weights")
+        write_sample_grid(cfg, model, run.samples_path, pick_device(cfg.device))  # raw weights, as the paper
     run.write_status("completed", round=cfg.num_server_rounds, num_rounds=cfg.num_server_rounds,
                      seconds=time.time() - t_start)
     log(INFO, "fl-ietagc: done in %.0fs. run directory: %s", time.time() - t_start, run.path)
     log(INFO, "fl-ietagc:   metrics %s | final weights %s | samples %s", run.metrics_path, run.final_checkpoint,
         run.samples_path if cfg.sample_count else "(sample-count = 0)")
-
-
-def write_sample_grid(cfg: RunConfig, net_weights: dict, run: RunDir) -> None:
-    """Samples from the final global raw weights (raw, as the paper evaluates), DDIM, seeded."""
-    device = pick_device(cfg.device)
-    model = build_for_config(cfg)
-    load_weights(model, net_weights, "final global weights")
-    model.to(device)
-    channels = load_splits(cfg).train.channels
-    size = image_size(cfg)
-    diffusion = Diffusion(cfg.diffusion_steps, cfg.beta_start, cfg.beta_end)
-    images = sample(model, diffusion, cfg.sample_count, (channels, size, size), sampler="ddim",
-                    steps=cfg.sample_steps, seed=cfg.seed, device=device)
-    save_grid(images, run.samples_path)

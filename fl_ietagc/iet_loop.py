@@ -1,0 +1,70 @@
+"""IET-AGC in one process, without Flower: K clients trained one after another, then averaged.
+
+This is the reference implementation's structure (clients sequential on one device). Given the
+same config it performs exactly the training the Flower app performs (same shards, same seeds,
+same state carried across rounds, same averaging arithmetic as Flower's FedAvg, in partition
+order), so it serves as the oracle for the app's end-to-end test and as the "plain loop" against
+which the simulation's overhead is measured.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .checkpoints import pack_weights, unpack_weights
+from .config import RunConfig
+from .data import load_splits
+from .models import build_for_config
+from .shards import shards_for_config
+from .trainer import LocalTrainer, RoundStats, TrainState, client_seed, pick_device
+
+
+def weighted_average(weighted: list[tuple[float, dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+    """sum_i (w_i / sum w) * state_i, accumulated in list order in float32, as Flower's FedAvg does."""
+    total = sum(w for w, _ in weighted)
+    out: dict[str, torch.Tensor] = {}
+    for w, state in weighted:
+        factor = w / total
+        for k, v in state.items():
+            term = v.detach().cpu().float() * factor
+            out[k] = term if k not in out else out[k].add_(term)
+    return out
+
+
+@dataclass
+class LoopResult:
+    net: dict
+    ema: dict
+    states: list[TrainState]
+    rounds: list[list[RoundStats]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def run_iet_loop(cfg: RunConfig, num_clients: int, device: torch.device | None = None) -> LoopResult:
+    device = device or pick_device(cfg.device)
+    shards = shards_for_config(cfg, num_clients)
+    images = load_splits(cfg).train.images
+    torch.manual_seed(cfg.seed)
+    net = build_for_config(cfg)
+    g_net, g_ema = net.state_dict(), copy.deepcopy(net).state_dict()
+    states = [TrainState.fresh(s) for s in shards]
+    result = LoopResult(net={}, ema={}, states=states)
+    t0 = time.perf_counter()
+    for server_round in range(1, cfg.num_server_rounds + 1):
+        replies, stats = [], []
+        for pid, shard in enumerate(shards):
+            model = build_for_config(cfg)
+            model.load_state_dict(g_net)
+            ema = copy.deepcopy(model)
+            ema.load_state_dict(g_ema)
+            trainer = LocalTrainer(cfg, model, ema, images[torch.from_numpy(shard)], states[pid], device)
+            stats.append(trainer.run(cfg.local_epochs, client_seed(cfg.seed, pid, server_round)))
+            replies.append((len(shard), pack_weights(trainer.model.state_dict(), trainer.ema.state_dict())))
+        g_net, g_ema = unpack_weights(weighted_average(replies))
+        result.rounds.append(stats)
+    result.net, result.ema, result.seconds = g_net, g_ema, time.perf_counter() - t0
+    return result

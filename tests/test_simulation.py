@@ -1,0 +1,81 @@
+"""End to end: the Flower app in the Simulation Engine (Ray), as `flower-simulation` runs it."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from experiments import simulate
+from fl_ietagc.checkpoints import RunDir, load_checkpoint, load_client_state
+from fl_ietagc.cli import parse_overrides
+from fl_ietagc.config import parse_config
+from fl_ietagc.iet_loop import run_iet_loop
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+# 2 clients x 128 images, batch 32: 4 steps per epoch. T = 20 so the memory bank fills and AGC
+# skips within the run; warmup (6 steps) spans the two rounds.
+SMALL = ('max-images=256 batch-size=32 local-epochs=1 num-server-rounds=2 diffusion-steps=20 agc-lambda=1.2 '
+         'warmup-steps=6 sample-count=4 sample-steps=3 run-name="e2e"')
+
+
+def simulate_app(tmp_path, extra=""):
+    overrides = f'{SMALL} output-dir="{tmp_path}" {extra}'
+    code = simulate.main(["--app", str(ROOT), "--num-supernodes", "2", "--run-config", overrides,
+                          "--backend-config", '{"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}'])
+    return code, RunDir(tmp_path / "e2e"), parse_config(parse_overrides(overrides))
+
+
+def test_two_clients_two_rounds_match_the_plain_loop(tmp_path):
+    code, run, cfg = simulate_app(tmp_path)
+    assert code == 0
+    assert run.read_status()["status"] == "completed"
+    for path in (run.checkpoint(1), run.checkpoint(2), run.final_checkpoint, run.samples_path, run.shards_path,
+                 run.skip_counts_path, run.config_path):
+        assert path.is_file(), path
+    metrics = run.read_metrics()
+    assert [m["round"] for m in metrics] == [1, 2]
+
+    # round 2 continues each client's step counter (= warmup position) and Adam state from round 1
+    for r, m in enumerate(metrics, start=1):
+        assert [c["client-step"] for c in m["clients"]] == [4 * r, 4 * r]
+    for pid in (0, 1):
+        state = load_client_state(run.client_state(pid))
+        assert state["step"] == 8 and state["rounds"] == 2
+        assert state["optimizer"]["state"][0]["step"].item() == 8
+        assert state["bank"]["values"].abs().sum() > 0
+
+    # AGC did skip, and the per-image counts add up to the reported skips
+    skipped = sum(m["skipped"] for m in metrics)
+    assert skipped > 0
+    assert np.load(run.skip_counts_path).sum() == skipped
+
+    # exactly the training of the Flower-free sequential loop (same shards, seeds, state, averaging)
+    torch.set_num_threads(1)  # as in the 1-CPU Ray actors
+    try:
+        loop = run_iet_loop(cfg, 2, torch.device("cpu"))
+    finally:
+        torch.set_num_threads(2)
+    final = load_checkpoint(run.final_checkpoint)
+    for key in ("net", "ema"):
+        ref = loop.net if key == "net" else loop.ema
+        worst = max((final[key][k] - ref[k]).abs().max().item() for k in ref)
+        assert worst < 1e-6, (key, worst)
+    assert [s.skipped for s in loop.rounds[-1]] == [c["skipped"] for c in metrics[-1]["clients"]]
+    for pid in (0, 1):
+        state = load_client_state(run.client_state(pid))
+        torch.testing.assert_close(state["bank"]["values"], loop.states[pid].bank["values"], rtol=1e-6, atol=1e-9)
+
+
+def test_a_failing_client_fails_the_command(tmp_path, capsys):
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("a file where the client wants its state directory")
+    code, run, _ = simulate_app(tmp_path, f'client-state-dir="{blocked}"')
+    assert code == 1
+    status = run.read_status()
+    assert status["status"] == "failed"
+    assert "ClientRoundError" in status["error"] and "client(s) failed" in status["error"]
+    assert "run FAILED" in capsys.readouterr().err
