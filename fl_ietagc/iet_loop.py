@@ -41,6 +41,7 @@ class LoopResult:
     ema: dict
     states: list[TrainState]
     rounds: list[list[RoundStats]] = field(default_factory=list)
+    round_seconds: list[float] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -55,6 +56,7 @@ def run_iet_loop(cfg: RunConfig, num_clients: int, device: torch.device | None =
     result = LoopResult(net={}, ema={}, states=states)
     t0 = time.perf_counter()
     for server_round in range(1, cfg.num_server_rounds + 1):
+        t_round = time.perf_counter()
         replies, stats = [], []
         for pid, shard in enumerate(shards):
             model = build_for_config(cfg)
@@ -66,5 +68,6 @@ def run_iet_loop(cfg: RunConfig, num_clients: int, device: torch.device | None =
             replies.append((len(shard), pack_weights(trainer.model.state_dict(), trainer.ema.state_dict())))
         g_net, g_ema = unpack_weights(weighted_average(replies))
         result.rounds.append(stats)
+        result.round_seconds.append(time.perf_counter() - t_round)
     result.net, result.ema, result.seconds = g_net, g_ema, time.perf_counter() - t0
     return result
