@@ -1,6 +1,8 @@
 """`fl-ietagc`: the project's commands that need no Flower.
 
     fl-ietagc baseline [--config FILE.toml] [--run-config "k=v ..."] [--match-federated K] [--agc]
+    fl-ietagc evaluate RUN_DIR [options]   # samples -> memorization (MQ, 1/3, Carlini, null) + FID -> report
+    fl-ietagc compare RUN_DIR ...          # one table of the evaluated runs, relative to the first
     fl-ietagc config                       # print every run-config key, default and meaning
 
 Run-config values use the same names and syntax as the Flower app (`flwr run -c`); `baseline`
@@ -50,6 +52,28 @@ def main(argv=None) -> int:
     b.add_argument("--match-federated", type=int, default=0, metavar="K",
                    help="train exactly as many steps as a K-client federated run of this config")
     b.add_argument("--agc", action="store_true", help="keep AGC on (the 'AGC alone' ablation)")
+    e = sub.add_parser("evaluate", help="memorization and quality of a run's global model; writes results.json "
+                                        "and report.html into the run directory")
+    e.add_argument("run_dir")
+    e.add_argument("--num-samples", type=int, default=1024, help="generated images (paper: 65536)")
+    e.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim", help="ddim (n steps) or ddpm (all T)")
+    e.add_argument("--steps", type=int, default=50, help="DDIM steps (paper: 50)")
+    e.add_argument("--weights", choices=("raw", "ema"), default="raw", help="paper evaluates raw weights")
+    e.add_argument("--round", type=int, default=None, help="evaluate this round's checkpoint (default: final)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    e.add_argument("--k", type=int, default=50, help="neighbours for MQ / Carlini")
+    e.add_argument("--fid-weights", default=None, help="Inception weights file (else $FL_IETAGC_INCEPTION_WEIGHTS, "
+                                                      "the torch hub cache, or a download when online)")
+    e.add_argument("--quality", default="fid", help="comma list of fid, isc, kid, prc")
+    e.add_argument("--no-fid", action="store_true", help="skip quality metrics")
+    e.add_argument("--memorized-tau", type=float, default=0.2,
+                   help="MQ threshold deciding 'memorized' training images for the loss-by-timestep figure")
+    e.add_argument("--out", default=None, help="write results and report here instead of the run directory")
+    c = sub.add_parser("compare", help="compare evaluated runs (relative to the first)")
+    c.add_argument("run_dirs", nargs="+")
+    c.add_argument("--out", default=".", help="directory for comparison.md / comparison.json")
     sub.add_parser("config", help="list the run-config keys")
     args = p.parse_args(argv)
     try:
@@ -67,10 +91,41 @@ def main(argv=None) -> int:
             run = run_baseline(cfg, match_federated=args.match_federated)
             print(f"baseline done: {run.path}")
             return 0
+        if args.command == "evaluate":
+            return _evaluate(args)
+        if args.command == "compare":
+            from .compare import compare, to_markdown, write_comparison
+
+            table = compare(args.run_dirs)
+            print(to_markdown(table))
+            print(f"written: {write_comparison(table, args.out)}")
+            return 0
     except ConfigError as e:
         print(f"fl-ietagc: invalid run config: {e}", file=sys.stderr)
         return 2
     return 1
+
+
+def _evaluate(args) -> int:
+    from .evaluate import EvalOptions, evaluate_run
+
+    opts = EvalOptions(num_samples=args.num_samples, sampler=args.sampler, steps=args.steps, weights=args.weights,
+                       round=args.round, seed=args.seed, batch_size=args.batch_size, device=args.device, k=args.k,
+                       fid=not args.no_fid, fid_weights=args.fid_weights,
+                       quality=tuple(q.strip() for q in args.quality.split(",") if q.strip()),
+                       memorized_tau=args.memorized_tau, out=args.out)
+    try:
+        results = evaluate_run(args.run_dir, opts)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"fl-ietagc evaluate: {e}", file=sys.stderr)
+        return 2
+    mem, null = results["memorization"], results["null"]
+    print(f"MQ r<0.2: {mem['mq']['0.2']['count']}/{mem['num_queries']} (null {100 * null['mq']['0.2']['fraction']:.2f}%)"
+          f" | 1/3 rule: {mem['one_third_rule']['count']} (null {100 * null['one_third_rule']['fraction']:.2f}%)"
+          f" | FID: {results['quality'].get('fid', 'not computed')}")
+    out = args.out or results["run"]
+    print(f"results: {out}/results.json | report: {out}/report.html")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,73 @@
+"""Compare evaluated runs: one table of every metric per run, and the relative change against the first.
+
+    fl-ietagc compare RUN_A RUN_B ... [--out DIR]      (each run evaluated first with `fl-ietagc evaluate`)
+
+Rows are fractions of generated images flagged by each memorization rule (MQ at every tau, the 1/3 rule,
+Carlini, exact copies), the held-out null rate of MQ at 0.2 and of the 1/3 rule, and FID when computed.
+Writes comparison.md and comparison.json to --out (default: the current directory) and prints the table.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .checkpoints import atomic_write_json
+from .evaluate import read_results
+
+
+def metric_values(r: dict) -> dict[str, float | None]:
+    mem, null = r["memorization"], r["null"]
+    values: dict[str, float | None] = {f"MQ r<{tau}": mem["mq"][tau]["fraction"] for tau in mem["mq"]}
+    values["1/3 rule"] = mem["one_third_rule"]["fraction"]
+    values["Carlini l<1"] = mem["carlini"]["fraction"]
+    values["exact copies"] = mem["exact_copies"]["fraction"]
+    values["null: MQ r<0.2"] = null["mq"].get("0.2", {}).get("fraction")
+    values["null: 1/3 rule"] = null["one_third_rule"]["fraction"]
+    values["FID"] = r["quality"].get("fid") if r["quality"].get("computed") else None
+    return values
+
+
+def relative(v: float | None, base: float | None) -> str:
+    if v is None or base is None:
+        return "n/a"
+    if base == 0:
+        return "0%" if v == 0 else "n/a (base 0)"
+    return f"{100 * (v - base) / base:+.1f}%"
+
+
+def compare(run_dirs: list[str]) -> dict:
+    results = [read_results(d) for d in run_dirs]
+    names = [Path(r["run"]).name for r in results]
+    values = [metric_values(r) for r in results]
+    metrics = list(values[0])
+    return {"runs": names, "paths": [r["run"] for r in results],
+            "settings": [{k: r[k] for k in ("kind", "num_samples", "sampler", "steps", "weights", "round")}
+                         for r in results],
+            "metrics": {m: [v.get(m) for v in values] for m in metrics},
+            "relative_to_first": {m: [relative(v.get(m), values[0].get(m)) for v in values] for m in metrics}}
+
+
+def to_markdown(table: dict) -> str:
+    runs = table["runs"]
+
+    def fmt(v):
+        return "n/a" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+
+    head = "| metric | " + " | ".join(runs) + " |\n|---|" + "---|" * len(runs) + "\n"
+    rows = []
+    for m, vals in table["metrics"].items():
+        rel = table["relative_to_first"][m]
+        cells = [fmt(vals[0])] + [f"{fmt(v)} ({r})" for v, r in zip(vals[1:], rel[1:])]
+        rows.append(f"| {m} | " + " | ".join(cells) + " |")
+    settings = "; ".join(f"{n}: {s['kind']}, {s['num_samples']} {s['sampler']}-{s['steps']} samples, {s['weights']} "
+                         f"weights, round {s['round']}" for n, s in zip(runs, table["settings"]))
+    return head + "\n".join(rows) + f"\n\nRelative change against {runs[0]} in parentheses. {settings}\n"
+
+
+def write_comparison(table: dict, out: str | Path) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "comparison.json", table)
+    (out / "comparison.md").write_text(to_markdown(table))
+    return out / "comparison.md"

@@ -1,0 +1,103 @@
+"""`fl-ietagc evaluate` / `compare` on a small centralized run, with planted copies as samples."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fl_ietagc import evaluate as ev
+from fl_ietagc.baseline import run_baseline
+from fl_ietagc.cli import main as cli
+from fl_ietagc.compare import compare, relative
+from fl_ietagc.config import parse_config
+from fl_ietagc.data import load_splits
+
+CFG = {"max-images": 400, "batch-size": 50, "num-server-rounds": 2, "local-epochs": 1, "sample-count": 0,
+       "run-name": "small"}
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    cfg = parse_config({**CFG, "output-dir": str(tmp_path_factory.mktemp("runs"))})
+    run = run_baseline(cfg, progress=False)
+    return run, cfg
+
+
+def planted_sampler(copies: int):
+    """Stand-in for the sampler: the first `copies` outputs are training images, the rest uniform noise."""
+    def fake_sample(model, diffusion, n, shape, **kw):
+        train = load_splits(parse_config(CFG)).train.images[:copies].float() / 127.5 - 1
+        noise = torch.rand((n - copies, *shape), generator=torch.Generator().manual_seed(0)) * 2 - 1
+        return torch.cat([train, noise])
+    return fake_sample
+
+
+def test_evaluate_finds_planted_copies_and_writes_results_and_report(small_run, monkeypatch):
+    run, cfg = small_run
+    monkeypatch.setattr(ev, "sample", planted_sampler(copies=5))
+    results = ev.evaluate_run(run.path, ev.EvalOptions(num_samples=40, k=20, fid=False, loss_images=8),
+                              progress=False)
+    mem, null = results["memorization"], results["null"]
+    assert mem["num_queries"] == 40 and mem["num_train"] == 400 and mem["k"] == 20
+    assert mem["exact_copies"]["count"] == 5
+    assert mem["one_third_rule"]["count"] == 5
+    assert mem["mq"]["0.15"]["count"] == 5
+    assert mem["mq_reliable"] is False  # 400 training images for k = 20
+    assert null["num_queries"] == len(load_splits(cfg).heldout) and null["exact_copies"]["count"] == 0
+    assert results["memorized_train_images"] == 5
+    assert results["quality"] == {"computed": False, "reason": "disabled (--no-fid)"}
+    saved = json.loads((run.path / "results.json").read_text())
+    assert saved["memorization"]["exact_copies"]["count"] == 5
+    page = (run.path / "report.html").read_text()
+    assert "unreliable" in page and "FID was not computed" in page and page.count("data:image/png;base64") >= 5
+    for name in ("samples", "similar_pairs", "loss_by_timestep", "rounds", "skip_histogram"):
+        assert (run.path / "report" / f"{name}.png").is_file(), name
+
+
+def test_evaluate_with_the_real_sampler_and_a_chosen_round(small_run, tmp_path):
+    run, _ = small_run
+    out = tmp_path / "eval"
+    results = ev.evaluate_run(run.path, ev.EvalOptions(num_samples=8, steps=2, round=1, weights="ema", fid=False,
+                                                       loss_images=4, out=str(out)), progress=False)
+    assert results["round"] == 1 and results["weights"] == "ema"
+    assert results["checkpoint"].endswith("round_0001.pt")
+    assert (out / "results.json").is_file() and (out / "report.html").is_file()
+
+
+def test_bad_options_exit_with_a_message(small_run, capsys):
+    run, _ = small_run
+    assert cli(["evaluate", str(run.path), "--num-samples", "0", "--no-fid"]) == 2
+    assert "--num-samples 0: must be >= 1" in capsys.readouterr().err
+    assert cli(["evaluate", str(run.path / "nope"), "--no-fid"]) == 2
+
+
+def results_with(fraction: float, fid):
+    rate = {"count": int(fraction * 100), "fraction": fraction}
+    mem = {"mq": {"0.15": rate, "0.2": rate}, "one_third_rule": rate, "carlini": rate, "exact_copies": rate}
+    null = {"mq": {"0.2": {"count": 1, "fraction": 0.01}}, "one_third_rule": {"count": 0, "fraction": 0.0}}
+    quality = {"computed": True, "fid": fid} if fid is not None else {"computed": False, "reason": "x"}
+    return {"run": "/r", "memorization": mem, "null": null, "quality": quality, "kind": "federated",
+            "num_samples": 100, "sampler": "ddim", "steps": 50, "weights": "raw", "round": 10}
+
+
+def test_compare_relative_change_against_the_first_run(tmp_path):
+    dirs = []
+    for name, frac, fid in (("default", 0.2, 10.0), ("iet", 0.1, 9.0), ("iet-agc", 0.05, None)):
+        d = tmp_path / name
+        d.mkdir()
+        r = results_with(frac, fid)
+        r["run"] = str(d)
+        (d / "results.json").write_text(json.dumps(r))
+        dirs.append(str(d))
+    table = compare(dirs)
+    assert table["runs"] == ["default", "iet", "iet-agc"]
+    assert table["metrics"]["MQ r<0.2"] == [0.2, 0.1, 0.05]
+    assert table["relative_to_first"]["MQ r<0.2"] == ["+0.0%", "-50.0%", "-75.0%"]
+    assert table["relative_to_first"]["FID"] == ["+0.0%", "-10.0%", "n/a"]
+    assert cli(["compare", *dirs, "--out", str(tmp_path / "cmp")]) == 0
+    assert "-75.0%" in (tmp_path / "cmp" / "comparison.md").read_text()
+
+
+def test_relative_change_edge_cases():
+    assert relative(0.0, 0.0) == "0%" and relative(0.1, 0.0) == "n/a (base 0)" and relative(None, 1.0) == "n/a"
