@@ -51,6 +51,7 @@ class EvalOptions:
     fid_weights: str | None = None
     quality: tuple[str, ...] = ("fid",)
     memorized_tau: float = 0.2  # a training image is "memorized" if a sample with MQ r < this has it as NN
+    # (where MQ is unreliable, i.e. the training set is small, the 1/3 rule decides instead)
     loss_images: int = 64  # per group (memorized / not) for the loss-by-timestep figure
     out: str | None = None
 
@@ -152,11 +153,16 @@ def evaluate_run(run_dir: str | Path, opts: EvalOptions, progress: bool = True) 
     from . import report  # matplotlib is imported only when a report is made
 
     r = ratios(nb)
-    memorized_ids = np.unique(nb.index[:, 0].numpy()[r["mq"] < opts.memorized_tau])
+    if memorization["mq_reliable"]:
+        rule, flagged = f"MQ r < {opts.memorized_tau:g}", r["mq"] < opts.memorized_tau
+    else:  # small training set: MQ is unreliable, use the 1/3 rule
+        rule, flagged = "l2 1st / 2nd < 1/3 (MQ unreliable here)", r["gu"] < 1 / 3
+    memorized_ids = np.unique(nb.index[:, 0].numpy()[flagged])
     loss_curves = _loss_curves(model, diffusion, train, memorized_ids, opts, device)
     figures = report.make_figures(out_dir / "report", run=run, samples=samples, train=train, nb=nb, mq=r["mq"],
                                   loss_curves=loss_curves)
     results["memorized_train_images"] = int(len(memorized_ids))
+    results["memorized_rule"] = rule
     results["figures"] = {k: str(v) for k, v in figures.items()}
     timings["report_s"] = time.perf_counter() - t0
     out_dir.mkdir(parents=True, exist_ok=True)

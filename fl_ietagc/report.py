@@ -146,7 +146,8 @@ def write_html(path: Path, results: dict, figures: dict[str, Path]) -> Path:
         notes.append("FID was not computed: " + results["quality"]["reason"])
     info = (f"{results['num_samples']} samples, {results['sampler']} ({results['steps']} steps), "
             f"{results['weights']} weights of round {results['round']} ({results['checkpoint']}), seed "
-            f"{results['seed']}; {results['num_train']} training images, {results['num_heldout']} held-out; k = {mem['k']}")
+            f"{results['seed']}; {results['num_train']} training images, {results['num_heldout']} held-out; k = {mem['k']}; "
+            f"memorized training images ({results.get('memorized_rule', 'n/a')}): {results.get('memorized_train_images', 'n/a')}")
     imgs = "".join(
         f"<h3>{html.escape(name.replace('_', ' '))}</h3><img src='data:image/png;base64,"
         f"{base64.b64encode(Path(p).read_bytes()).decode()}' style='max-width:100%'>" for name, p in figures.items())

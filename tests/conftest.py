@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,3 +13,35 @@ def flower_identity():
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
     yield
+
+
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3  # noqa: E402
+
+
+class _UnloadedInception(FeatureExtractorInceptionV3):
+    """torch-fidelity's InceptionV3 with its (strict) weight loading skipped, so it can be built offline."""
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        return None
+
+
+def make_standin_weights(path: Path, seed: int) -> Path:
+    """A state dict loadable by torch-fidelity in place of the real Inception weights.
+
+    Conv weights are Kaiming-normal: with PyTorch's default init the 2048-d features shrink to ~1e-9 and every
+    FID is ~0, which would make the tests vacuous.
+    """
+    empty = path.with_suffix(".empty.pth")
+    torch.save({}, empty)  # torch-fidelity torch.loads this, then our no-op load_state_dict ignores it
+    net = _UnloadedInception("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
+    generator = torch.Generator().manual_seed(seed)
+    for module in net.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, generator=generator)
+    torch.save(net.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def weights(tmp_path_factory) -> str:
+    return str(make_standin_weights(tmp_path_factory.mktemp("inception") / "standin-0.pth", seed=0))

@@ -45,7 +45,7 @@ def test_evaluate_finds_planted_copies_and_writes_results_and_report(small_run, 
     assert mem["mq"]["0.15"]["count"] == 5
     assert mem["mq_reliable"] is False  # 400 training images for k = 20
     assert null["num_queries"] == len(load_splits(cfg).heldout) and null["exact_copies"]["count"] == 0
-    assert results["memorized_train_images"] == 5
+    assert results["memorized_train_images"] == 5 and results["memorized_rule"].startswith("l2 1st / 2nd < 1/3")
     assert results["quality"] == {"computed": False, "reason": "disabled (--no-fid)"}
     saved = json.loads((run.path / "results.json").read_text())
     assert saved["memorization"]["exact_copies"]["count"] == 5
@@ -101,3 +101,18 @@ def test_compare_relative_change_against_the_first_run(tmp_path):
 
 def test_relative_change_edge_cases():
     assert relative(0.0, 0.0) == "0%" and relative(0.1, 0.0) == "n/a (base 0)" and relative(None, 1.0) == "n/a"
+
+
+def test_evaluate_computes_fid_when_weights_are_given(weights, tmp_path, monkeypatch):
+    monkeypatch.setenv("FL_IETAGC_CACHE", str(tmp_path / "cache"))
+    cfg = parse_config({"max-images": 40, "batch-size": 20, "num-server-rounds": 1, "local-epochs": 1,
+                        "sample-count": 0, "output-dir": str(tmp_path), "run-name": "fid"})
+    run = run_baseline(cfg, progress=False)
+    results = ev.evaluate_run(run.path, ev.EvalOptions(num_samples=10, steps=2, fid_weights=weights, loss_images=4,
+                                                       batch_size=50), progress=False)
+    q = results["quality"]
+    assert q["computed"] is True and q["fid"] >= 0 and q["num_generated"] == 10 and q["num_reference"] == 40
+    assert len(q["weights_sha256"]) == 64
+    assert any((tmp_path / "cache" / "fid" / q["weights_sha256"][:16]).iterdir())  # train stats cached per weights
+    page = (run.path / "report.html").read_text()
+    assert "<td>FID</td>" in page and "FID was not computed" not in page
