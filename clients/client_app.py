@@ -50,9 +50,12 @@ def train(msg: Message, context: Context) -> Message:
     state_root = context.node_config.get("state-dir") or cfg.client_state_dir or None
     state_path = run.client_state(partition_id, state_root)
     state = _restore_state(state_path, shard, str(conf["run-token"]), bool(conf["fresh-state"]), device)
+    if bool(conf.get("reset-optimizer", False)):  # plain FedAvg: a new Adam every round
+        state.optimizer = None
 
     trainer = LocalTrainer(cfg, model, ema, images, state, device)
-    stats = trainer.run(cfg.local_epochs, client_seed(cfg.seed, partition_id, server_round))
+    stats = trainer.run(cfg.local_epochs, client_seed(cfg.seed, partition_id, server_round),
+                        prox_mu=float(conf.get("proximal-mu", 0.0)))  # set by the fedprox strategy
     save_client_state(state_path, state.to_dict())
 
     reply = RecordDict({

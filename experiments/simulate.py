@@ -110,7 +110,7 @@ def validate_before_start(run_config: dict, num_supernodes: int) -> None:
     from strategies.registry import check_strategy
 
     cfg = parse_config(run_config)
-    check_strategy(cfg.strategy)
+    check_strategy(cfg.strategy, cfg)
     if cfg.num_clients and cfg.num_clients != num_supernodes:
         raise SystemExit(f"flower-simulation: num-clients = {cfg.num_clients} but --num-supernodes = {num_supernodes}")
     shards_for_config(cfg, num_supernodes)

@@ -95,6 +95,19 @@ class RunConfig:
     num_clients: int = _key("num-clients", 0, "K, number of shards/clients; 0 = every connected SuperNode",
                             _non_negative)
     strategy: str = _key("strategy", "iet", "server aggregation strategy (see strategies/registry.py)")
+    fedavgm_lr: float = _key("fedavgm-lr", 1.0, "fedavgm: server learning rate on the pseudo-gradient", _positive)
+    fedavgm_momentum: float = _key("fedavgm-momentum", 0.9, "fedavgm: server momentum", _in_unit_open)
+    fedprox_mu: float = _key("fedprox-mu", 0.01, "fedprox: proximal term mu/2 * ||w - w_global||^2 in the "
+                             "client loss", _non_negative)
+    fedopt_eta: float = _key("fedopt-eta", 1e-3, "fedadam/fedyogi: server learning rate (Flower's 0.1 is far too "
+                             "large for a UNet)", _positive)
+    fedopt_tau: float = _key("fedopt-tau", 1e-3, "fedadam/fedyogi: adaptivity tau", _positive)
+    trim_beta: float = _key("trim-beta", 0.2, "fedtrimmedavg: fraction cut at each end",
+                            lambda v: None if 0 < v < 0.5 else "must be in (0, 0.5)")
+    dp_clip_norm: float = _key("dp-clip-norm", 0.0, "server-side fixed-clipping DP wrapper around the strategy: "
+                               "update clip norm (0 = off)", _non_negative)
+    dp_noise_multiplier: float = _key("dp-noise-multiplier", 0.0, "DP wrapper: Gaussian noise multiplier",
+                                      _non_negative)
     round_timeout_s: float = _key("round-timeout-s", 7 * 24 * 3600.0, "how long the server waits for a round's "
                                   "replies", _positive)
     init_checkpoint: str = _key("init-checkpoint", "", "start from this checkpoint (fine-tuning); empty = fresh")
@@ -185,5 +198,7 @@ def _check_cross_keys(cfg: RunConfig) -> None:
         raise ConfigError(f"data-root = '': dataset {cfg.dataset} needs the path of an image folder")
     if cfg.dataset in ("afhq-dog", "folder") and cfg.data_download:
         raise ConfigError(f"data-download = true: dataset {cfg.dataset} cannot be downloaded; give data-root")
+    if cfg.dp_noise_multiplier and not cfg.dp_clip_norm:
+        raise ConfigError(f"dp-noise-multiplier = {cfg.dp_noise_multiplier}: needs dp-clip-norm > 0 (the DP wrapper)")
     if cfg.image_size and cfg.image_size % 8:
         raise ConfigError(f"image-size = {cfg.image_size}: must be a multiple of 8 (the UNet downsamples 3 times)")

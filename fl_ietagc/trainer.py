@@ -99,8 +99,11 @@ class LocalTrainer:
     def steps_per_epoch(self) -> int:
         return self.images.shape[0] // self.cfg.batch_size  # drop_last, as the paper
 
-    def run(self, epochs: int, seed: int, max_steps: int | None = None) -> RoundStats:
-        """Train `epochs` passes over the shard (or stop after `max_steps` steps); update the state."""
+    def run(self, epochs: int, seed: int, max_steps: int | None = None, prox_mu: float = 0.0) -> RoundStats:
+        """Train `epochs` passes over the shard (or stop after `max_steps` steps); update the state.
+
+        prox_mu > 0 adds FedProx's proximal term mu/2 * ||w - w_start||^2, w_start being the weights the
+        round started from (the global model)."""
         cfg, dev = self.cfg, self.device
         torch.manual_seed(seed)  # dropout
         gen = torch.Generator(device=dev).manual_seed(seed)
@@ -110,6 +113,7 @@ class LocalTrainer:
         kept_sum = torch.zeros((), dtype=torch.long, device=dev)
         round_skips = torch.zeros(n, dtype=torch.long, device=dev)
         ema_params = list(self.ema.parameters())
+        anchor = [p.detach().clone() for p in self.params] if prox_mu > 0 else None
         steps, t0 = 0, time.perf_counter()
         total = self.steps_per_epoch() * epochs if max_steps is None else max_steps
         while steps < total:
@@ -130,6 +134,8 @@ class LocalTrainer:
                 else:
                     keep = torch.ones(bs, dtype=torch.bool, device=dev)
                 loss = masked_mean(losses, keep)
+                if anchor is not None:
+                    loss = loss + 0.5 * prox_mu * proximal_term(self.params, anchor)
                 lr = warmup_lr(cfg.lr, self.state.step, cfg.warmup_steps)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
@@ -156,6 +162,11 @@ class LocalTrainer:
                           mean_loss=float(loss_sum) / max(samples, 1), skip_counts=round_skips,
                           seconds=time.perf_counter() - t0, lr=warmup_lr(cfg.lr, max(self.state.step - 1, 0),
                                                                          cfg.warmup_steps))
+
+
+def proximal_term(params: list[torch.Tensor], anchor: list[torch.Tensor]) -> torch.Tensor:
+    """||w - w_anchor||^2 over all parameters."""
+    return torch.stack([(p - a).pow(2).sum() for p, a in zip(params, anchor)]).sum()
 
 
 def pick_device(choice: str) -> torch.device:

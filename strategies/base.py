@@ -81,6 +81,8 @@ def partition_of(reply: Message) -> int:
 class AppStrategyMixin:
     """Put in front of a Flower strategy class. Call `setup_app(...)` before `start()`."""
 
+    client_flags: dict = {}  # extra round config for the clients, e.g. {"reset-optimizer": True}
+
     def setup_app(self, num_clients: int, round_config: dict) -> None:
         self.num_clients = num_clients
         self.round_config = dict(round_config)
@@ -88,7 +90,7 @@ class AppStrategyMixin:
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        for key, value in self.round_config.items():
+        for key, value in {**self.round_config, **self.client_flags}.items():
             config[key] = value
         config["fresh-state"] = server_round == 1
         return super().configure_train(server_round, arrays, config, grid)

@@ -39,7 +39,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = parse_config(context.run_config)
-    check_strategy(cfg.strategy)
+    check_strategy(cfg.strategy, cfg)
     num_clients = resolve_num_clients(cfg, grid)
     shards = shards_for_config(cfg, num_clients)  # validates the data against K and batch-size
     run = RunDir.create(cfg.output_dir, cfg.run_name, f"{cfg.dataset}-{cfg.preset}-k{num_clients}")
@@ -90,6 +90,7 @@ def run_federated(grid: Grid, cfg: RunConfig, num_clients: int, shards: list[np.
     log(INFO, "fl-ietagc: %d clients, shard sizes %s, %s preset (%s parameters), %d rounds x %d local epochs",
         num_clients, [len(s) for s in shards], cfg.preset, f"{n_params:,}", cfg.num_server_rounds, cfg.local_epochs)
 
+    np.random.seed(cfg.seed)  # Flower's DP wrapper draws its noise from numpy's global generator
     strategy = build_strategy(cfg, num_clients)
     strategy.setup_app(num_clients, {"run-dir": str(run.path), "run-token": uuid.uuid4().hex,
                                      "num-clients": num_clients})

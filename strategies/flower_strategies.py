@@ -1,0 +1,76 @@
+"""Flower's own strategies with this app's mixin in front: the swappable aggregation rules.
+
+Every client reply carries raw (`net.*`) and EMA (`ema.*`) weights in one ArrayRecord, and each rule below
+treats both alike, key by key, so the global EMA always follows the same aggregation as the raw weights:
+
+| name            | Flower class                              | what the server does with each key (raw and EMA)           |
+|-----------------|-------------------------------------------|------------------------------------------------------------|
+| `fedavg`        | FedAvg                                    | size-weighted mean; clients restart Adam every round       |
+| `fedavgm`       | FedAvgM                                   | server momentum on the pseudo-gradient (mean - current)    |
+| `fedprox`       | FedProx                                   | size-weighted mean; clients add mu/2 ||w - w_global||^2     |
+| `fedadam`       | FedAdam                                   | server Adam on the pseudo-gradient                         |
+| `fedyogi`       | FedYogi                                   | server Yogi on the pseudo-gradient                         |
+| `fedmedian`     | FedMedian                                 | coordinate-wise median                                     |
+| `fedtrimmedavg` | FedTrimmedAvg                             | coordinate-wise mean without the top/bottom `trim-beta`     |
+| any + dp        | DifferentialPrivacyServerSideFixedClipping| each update (raw and EMA together, one vector) clipped to   |
+|                 |                                           | `dp-clip-norm`, Gaussian noise on the aggregate             |
+
+(`iet`, the paper's rule, is in iet.py: size-weighted mean, clients keep their Adam state across rounds.)
+"""
+
+from __future__ import annotations
+
+from flwr.serverapp.strategy import (DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg, FedAvgM,
+                                     FedMedian, FedProx, FedTrimmedAvg, FedYogi)
+
+from .base import AppStrategyMixin, aggregate_client_metrics
+
+
+def common_args(num_clients: int) -> dict:
+    """Every client trains every round; no federated evaluation; our round metrics."""
+    return dict(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=num_clients, min_evaluate_nodes=0,
+                min_available_nodes=num_clients, train_metrics_aggr_fn=aggregate_client_metrics)
+
+
+class PlainFedAvg(AppStrategyMixin, FedAvg):
+    """FedAvg as FL usually runs it: clients rebuild their optimizer every round (IET keeps it)."""
+
+    client_flags = {"reset-optimizer": True}
+
+
+class AppFedAvgM(AppStrategyMixin, FedAvgM):
+    pass
+
+
+class AppFedProx(AppStrategyMixin, FedProx):
+    pass
+
+
+class AppFedAdam(AppStrategyMixin, FedAdam):
+    pass
+
+
+class AppFedYogi(AppStrategyMixin, FedYogi):
+    pass
+
+
+class AppFedMedian(AppStrategyMixin, FedMedian):
+    pass
+
+
+class AppFedTrimmedAvg(AppStrategyMixin, FedTrimmedAvg):
+    pass
+
+
+class AppDPFixedClipping(AppStrategyMixin, DifferentialPrivacyServerSideFixedClipping):
+    """Server-side fixed clipping + Gaussian noise around another strategy of this app.
+
+    The mixin runs first (failures, partition order), then Flower clips each update, the wrapped strategy
+    aggregates, and Flower adds noise. With few clients this is a clipping-and-noise regulariser, not a
+    meaningful privacy guarantee (client-level DP needs many clients per round).
+    """
+
+    def setup_app(self, num_clients: int, round_config: dict) -> None:
+        super().setup_app(num_clients, round_config)
+        self.strategy.setup_app(num_clients, round_config)
+        self.client_flags = getattr(self.strategy, "client_flags", {})
