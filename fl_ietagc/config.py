@@ -110,7 +110,8 @@ class RunConfig:
                                       _non_negative)
     round_timeout_s: float = _key("round-timeout-s", 7 * 24 * 3600.0, "how long the server waits for a round's "
                                   "replies", _positive)
-    init_checkpoint: str = _key("init-checkpoint", "", "start from this checkpoint (fine-tuning); empty = fresh")
+    init_checkpoint: str = _key("init-checkpoint", "", "start from weights (fine-tuning): a checkpoint of this project, "
+                                "a diffusers UNet2DModel directory, or a hub id when online; empty = fresh")
     # --- outputs ---
     output_dir: str = _key("output-dir", "runs", "where run directories go (relative = to the server's cwd)")
     run_name: str = _key("run-name", "", "run directory name; empty = <dataset>-<preset>-<timestamp>")

@@ -70,3 +70,29 @@ def load_weights(model: torch.nn.Module, state_dict: dict, what: str) -> None:
         first = str(e).splitlines()[0]
         raise ValueError(f"{what} do not match this model ({type(model).__name__}, "
                          f"{count_parameters(model):,} parameters): {first}") from e
+
+
+# config fields of a diffusers UNet2DModel that do not change the computation of trained weights
+_NOT_ARCHITECTURE = {"dropout", "sample_size", "num_train_timesteps", "_class_name", "_diffusers_version",
+                     "_name_or_path", "_use_default_values"}
+
+
+def load_diffusers_unet(model: UNet2DModel, source: str) -> dict:
+    """State dict of a diffusers UNet2DModel (a local directory, or a hub id such as google/ddpm-cifar10-32
+    when online) after checking that its architecture is exactly `model`'s."""
+    try:
+        pretrained = UNet2DModel.from_pretrained(source)
+    except Exception as e:  # missing directory, no network for a hub id, not a UNet2DModel, ...
+        raise ConfigError(f"init-checkpoint = {source!r}: cannot load a diffusers UNet2DModel from it "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    ours, theirs = dict(model.config), dict(pretrained.config)
+    differ = sorted(k for k in (set(ours) | set(theirs)) - _NOT_ARCHITECTURE
+                    if _normal(ours.get(k)) != _normal(theirs.get(k)))
+    if differ:
+        detail = ", ".join(f"{k}: ours {ours.get(k)!r} vs {theirs.get(k)!r}" for k in differ)
+        raise ConfigError(f"init-checkpoint = {source!r}: architecture differs from the run's preset ({detail})")
+    return pretrained.state_dict()
+
+
+def _normal(v):
+    return list(v) if isinstance(v, (list, tuple)) else v

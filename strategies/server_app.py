@@ -10,6 +10,8 @@ error included) is written to `status.json` and re-raised, so the run fails visi
 from __future__ import annotations
 
 import copy
+import os
+import re
 import time
 import uuid
 
@@ -23,7 +25,7 @@ from fl_ietagc.checkpoints import RunDir, load_checkpoint, pack_weights, save_ch
 from fl_ietagc.config import ConfigError, RunConfig, parse_config
 from fl_ietagc.data import image_size, load_splits
 from fl_ietagc.images import write_sample_grid
-from fl_ietagc.models import build_for_config, count_parameters, load_weights
+from fl_ietagc.models import build_for_config, count_parameters, load_diffusers_unet, load_weights
 from fl_ietagc.shards import shards_for_config
 from fl_ietagc.trainer import pick_device
 
@@ -69,14 +71,23 @@ def initial_weights(cfg: RunConfig) -> tuple[dict, dict, int]:
     torch.manual_seed(cfg.seed)
     net = build_for_config(cfg)
     ema = copy.deepcopy(net)
-    if cfg.init_checkpoint:
+    source = cfg.init_checkpoint
+    if source and not os.path.isfile(source) and (os.path.isdir(source) or _looks_like_hub_id(source)):
+        weights = load_diffusers_unet(net, source)  # a diffusers UNet: same weights for raw and EMA
+        load_weights(net, weights, f"init-checkpoint {source}")
+        load_weights(ema, weights, f"init-checkpoint {source}")
+    elif source:
         try:
-            blob = load_checkpoint(cfg.init_checkpoint)
+            blob = load_checkpoint(source)
         except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(f"init-checkpoint = {cfg.init_checkpoint!r}: {e}") from e
-        load_weights(net, blob["net"], f"init-checkpoint {cfg.init_checkpoint} (raw)")
-        load_weights(ema, blob["ema"], f"init-checkpoint {cfg.init_checkpoint} (EMA)")
+            raise ConfigError(f"init-checkpoint = {source!r}: {e}") from e
+        load_weights(net, blob["net"], f"init-checkpoint {source} (raw)")
+        load_weights(ema, blob["ema"], f"init-checkpoint {source} (EMA)")
     return net.state_dict(), ema.state_dict(), count_parameters(net)
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", source) is not None and not os.path.exists(source)
 
 
 def run_federated(grid: Grid, cfg: RunConfig, num_clients: int, shards: list[np.ndarray], run: RunDir) -> None:

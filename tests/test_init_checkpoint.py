@@ -45,3 +45,46 @@ def test_missing_or_foreign_checkpoint_names_the_key(tmp_path):
     torch.save({"weights": 1}, tmp_path / "foreign.pt")
     with pytest.raises(ConfigError, match="^init-checkpoint = .*not an fl-ietagc checkpoint"):
         initial_weights(parse_config({"init-checkpoint": str(tmp_path / "foreign.pt")}))
+
+
+def test_a_diffusers_unet_directory_is_loaded_into_raw_and_ema(tmp_path):
+    pretrained = build_unet("tiny", 16, 1)
+    pretrained.save_pretrained(tmp_path / "unet")
+    net, ema, _ = initial_weights(parse_config({"init-checkpoint": str(tmp_path / "unet")}))
+    for k, v in pretrained.state_dict().items():
+        assert torch.equal(net[k], v) and torch.equal(ema[k], v)
+
+
+def test_the_paper_preset_is_google_ddpm_cifar10_32(tmp_path):
+    """google/ddpm-cifar10-32's published UNet config, field by field, loads into the ddpm-cifar10 preset."""
+    from diffusers import UNet2DModel
+
+    from fl_ietagc.models import load_diffusers_unet
+
+    google = UNet2DModel(act_fn="silu", attention_head_dim=None, block_out_channels=(128, 256, 256, 256),
+                         center_input_sample=False, down_block_types=("DownBlock2D", "AttnDownBlock2D",
+                                                                      "DownBlock2D", "DownBlock2D"),
+                         downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, in_channels=3,
+                         layers_per_block=2, mid_block_scale_factor=1, norm_eps=1e-06, norm_num_groups=32,
+                         out_channels=3, sample_size=32, time_embedding_type="positional",
+                         up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
+    google.save_pretrained(tmp_path / "ddpm-cifar10-32")
+    ours = build_unet("ddpm-cifar10", 32, 3)
+    ours.load_state_dict(load_diffusers_unet(ours, str(tmp_path / "ddpm-cifar10-32")))
+
+
+def test_a_diffusers_unet_of_another_architecture_names_the_difference(tmp_path):
+    other = build_unet("tiny", 16, 1)
+    other.register_to_config(norm_eps=1e-3)  # same tensor shapes, different computation
+    other.save_pretrained(tmp_path / "eps")
+    with pytest.raises(ConfigError, match=r"^init-checkpoint = .*architecture differs.*norm_eps"):
+        initial_weights(parse_config({"init-checkpoint": str(tmp_path / "eps")}))
+    build_unet("tiny", 32, 3).save_pretrained(tmp_path / "rgb")
+    with pytest.raises(ConfigError, match=r"in_channels: ours 1 vs 3"):
+        initial_weights(parse_config({"init-checkpoint": str(tmp_path / "rgb")}))
+
+
+def test_an_unreachable_hub_id_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="^init-checkpoint = 'google/no-such-unet': cannot load a diffusers"):
+        initial_weights(parse_config({"init-checkpoint": "google/no-such-unet"}))
