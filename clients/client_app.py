@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -36,7 +37,7 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(conf["server-round"])
     partition_id, num_clients = _partition(context, int(conf["num-clients"]))
 
-    shard = shards_for_config(cfg, num_clients)[partition_id]
+    shard = _shard(cfg, conf, partition_id, num_clients)
     images = load_splits(cfg).train.images[torch.from_numpy(shard)]
     device = pick_device(cfg.device)
 
@@ -49,7 +50,8 @@ def train(msg: Message, context: Context) -> Message:
     run = RunDir(str(conf["run-dir"]))
     state_root = context.node_config.get("state-dir") or cfg.client_state_dir or None
     state_path = run.client_state(partition_id, state_root)
-    state = _restore_state(state_path, shard, str(conf["run-token"]), bool(conf["fresh-state"]), device)
+    state = _restore_state(state_path, shard, str(conf["run-token"]), bool(conf["fresh-state"]), device,
+                           redistributed=f"shard-{partition_id}" in conf)
     if bool(conf.get("reset-optimizer", False)):  # plain FedAvg: a new Adam every round
         state.optimizer = None
 
@@ -85,7 +87,8 @@ def _partition(context: Context, num_clients: int) -> tuple[int, int]:
     return pid, k
 
 
-def _restore_state(path, shard, token: str, fresh: bool, device: torch.device) -> TrainState:
+def _restore_state(path, shard, token: str, fresh: bool, device: torch.device,
+                   redistributed: bool = False) -> TrainState:
     if fresh:
         return TrainState.fresh(shard, token)
     if not path.exists():
@@ -95,7 +98,18 @@ def _restore_state(path, shard, token: str, fresh: bool, device: torch.device) -
     state = TrainState.from_dict(load_client_state(path, device))
     if state.token != token:
         raise RuntimeError(f"client state {path} belongs to another run (token {state.token!r} != {token!r})")
-    if not torch.equal(state.image_ids, torch.as_tensor(shard, dtype=torch.long)):
-        raise RuntimeError(f"client state {path} was made for a different shard")
     state.image_ids, state.skip_counts = state.image_ids.cpu(), state.skip_counts.cpu()
+    state.aug_strength = state.aug_strength.cpu()
+    if not torch.equal(state.image_ids, torch.as_tensor(shard, dtype=torch.long)):
+        if not redistributed:
+            raise RuntimeError(f"client state {path} was made for a different shard")
+        state.remap(shard)  # RET moved images between shards: per-image records follow the images
     return state
+
+
+def _shard(cfg, conf, partition_id: int, num_clients: int) -> np.ndarray:
+    """This client's training-set ids: as the server last redistributed them (RET), else from the config."""
+    key = f"shard-{partition_id}"
+    if key in conf:
+        return np.asarray(conf[key], dtype=np.int64)
+    return shards_for_config(cfg, num_clients)[partition_id]

@@ -28,9 +28,13 @@ class MemoryBank:
         self.decay = decay
         self.values = torch.zeros(num_timesteps, dtype=torch.float64, device=device)
 
+    def threshold(self, t: torch.Tensor) -> torch.Tensor:
+        """M[t_j] / lambda with the bank as it is now (float64)."""
+        return self.values[t] / self.lam
+
     def keep_mask(self, losses: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """True where a sample is kept: not (l_j < M[t_j] / lambda), with the bank as it is now."""
-        return ~(losses.detach().double() < self.values[t] / self.lam)
+        return ~(losses.detach().double() < self.threshold(t))
 
     def update(self, losses: torch.Tensor, t: torch.Tensor) -> None:
         """Apply M[t_j] <- d M[t_j] + (1 - d) l_j for every j in batch order."""

@@ -74,10 +74,17 @@ def main(argv=None) -> int:
     c = sub.add_parser("compare", help="compare evaluated runs (relative to the first)")
     c.add_argument("run_dirs", nargs="+")
     c.add_argument("--out", default=".", help="directory for comparison.md / comparison.json")
-    sub.add_parser("config", help="list the run-config keys")
+    k = sub.add_parser("config", help="list the run-config keys")
+    k.add_argument("--toml", action="store_true", help="as the pyproject [tool.flwr.app.config] table")
+    k.add_argument("--markdown", action="store_true", help="as the README table rows")
     args = p.parse_args(argv)
     try:
         if args.command == "config":
+            from .config import defaults_as_toml, keys_as_markdown
+
+            if args.toml or args.markdown:
+                print(defaults_as_toml() if args.toml else keys_as_markdown(), end="")
+                return 0
             for f in config_keys():
                 print(f"{f.metadata['key']:18s} {f.default!r:12}  {f.metadata['help']}")
             return 0

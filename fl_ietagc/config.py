@@ -89,6 +89,14 @@ class RunConfig:
     agc_lambda: float = _key("agc-lambda", 2.0, "lambda: skip sample j iff l_j < M[t_j] / lambda", _positive)
     agc_bank_decay: float = _key("agc-bank-decay", 0.8, "memory-bank decay d: M[t] <- d*M[t] + (1-d)*l",
                                  _in_unit_open)
+    ret_every: int = _key("ret-every", 0, "RET redistribution: move each shard's most-skipped images to another "
+                          "shard after every N-th round (0 = off)", _non_negative)
+    ret_fraction: float = _key("ret-fraction", 0.1, "RET redistribution: fraction of each shard moved per event",
+                               lambda v: None if 0 < v <= 0.5 else "must be in (0, 0.5]")
+    taa: bool = _key("taa", False, "RET threshold-aware augmentation (needs agc)")
+    taa_gamma: float = _key("taa-gamma", 1.5, "TAA band: losses in [M[t]/lambda, gamma*M[t]/lambda) are augmented",
+                            lambda v: None if v > 1 else "must be > 1")
+    taa_max_shift: int = _key("taa-max-shift", 4, "TAA: translation in pixels at full strength", _at_least(1))
     seed: int = _key("seed", 0, "seed of the model init, shards and every client's RNG", _non_negative)
     device: str = _key("device", "auto", "where clients train: auto = cuda if visible, else cpu", choices=DEVICES)
     # --- federation ---
@@ -201,5 +209,35 @@ def _check_cross_keys(cfg: RunConfig) -> None:
         raise ConfigError(f"data-download = true: dataset {cfg.dataset} cannot be downloaded; give data-root")
     if cfg.dp_noise_multiplier and not cfg.dp_clip_norm:
         raise ConfigError(f"dp-noise-multiplier = {cfg.dp_noise_multiplier}: needs dp-clip-norm > 0 (the DP wrapper)")
+    if cfg.taa and not cfg.agc:
+        raise ConfigError("taa = true: threshold-aware augmentation needs agc = true (it uses the memory bank)")
+    defaults = RunConfig()
+    if not cfg.ret_every and cfg.ret_fraction != defaults.ret_fraction:
+        raise ConfigError(f"ret-fraction = {cfg.ret_fraction}: only used with ret-every > 0")
+    if not cfg.taa and (cfg.taa_gamma, cfg.taa_max_shift) != (defaults.taa_gamma, defaults.taa_max_shift):
+        raise ConfigError("taa-gamma / taa-max-shift: only used with taa = true")
     if cfg.image_size and cfg.image_size % 8:
         raise ConfigError(f"image-size = {cfg.image_size}: must be a multiple of 8 (the UNet downsamples 3 times)")
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(v)
+
+
+def defaults_as_toml() -> str:
+    """The [tool.flwr.app.config] table body: every key with its default."""
+    return "".join(f"{f.metadata['key']} = {_toml_value(f.default)}\n" for f in config_keys())
+
+
+def keys_as_markdown() -> str:
+    """The README's run-config table rows."""
+    rows = []
+    for f in config_keys():
+        choices = f.metadata["choices"]
+        allowed = ": " + " \\| ".join(choices) if choices else ""
+        rows.append(f"| `{f.metadata['key']}` | `{_toml_value(f.default)}` | {f.metadata['help']}{allowed} |")
+    return "\n".join(rows) + "\n"

@@ -20,12 +20,14 @@ import torch
 from .agc import MemoryBank, masked_mean
 from .config import RunConfig
 from .diffusion import Diffusion
+from .ret import taa_strength, translate
 
 
 @dataclass
 class TrainState:
     image_ids: torch.Tensor  # (n,) int64: global training-set ids of this shard, in shard order
     skip_counts: torch.Tensor  # (n,) int64: how often each image was skipped, over the whole run
+    aug_strength: torch.Tensor | None = None  # (n,) float: TAA strength for each image's next draw
     step: int = 0
     rounds: int = 0
     optimizer: dict | None = None
@@ -35,11 +37,24 @@ class TrainState:
     @classmethod
     def fresh(cls, image_ids, token: str = "") -> "TrainState":
         ids = torch.as_tensor(image_ids, dtype=torch.long).cpu()
-        return cls(image_ids=ids, skip_counts=torch.zeros_like(ids), token=token)
+        return cls(image_ids=ids, skip_counts=torch.zeros_like(ids), aug_strength=torch.zeros(len(ids)),
+                   token=token)
+
+    def remap(self, image_ids) -> None:
+        """The shard changed (RET): keep per-image records of images that stay, zeros for newcomers."""
+        new = torch.as_tensor(image_ids, dtype=torch.long).cpu()
+        pos = {int(i): j for j, i in enumerate(self.image_ids.tolist())}
+        old = torch.tensor([pos.get(int(i), -1) for i in new.tolist()], dtype=torch.long)
+        found = old >= 0
+        counts, strength = torch.zeros_like(new), torch.zeros(len(new))
+        counts[found] = self.skip_counts[old[found]]
+        strength[found] = self.aug_strength[old[found]]
+        self.image_ids, self.skip_counts, self.aug_strength = new, counts, strength
 
     def to_dict(self) -> dict:
-        return {"image_ids": self.image_ids, "skip_counts": self.skip_counts, "step": self.step,
-                "rounds": self.rounds, "optimizer": self.optimizer, "bank": self.bank, "token": self.token}
+        return {"image_ids": self.image_ids, "skip_counts": self.skip_counts, "aug_strength": self.aug_strength,
+                "step": self.step, "rounds": self.rounds, "optimizer": self.optimizer, "bank": self.bank,
+                "token": self.token}
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainState":
@@ -113,6 +128,7 @@ class LocalTrainer:
         kept_sum = torch.zeros((), dtype=torch.long, device=dev)
         round_skips = torch.zeros(n, dtype=torch.long, device=dev)
         ema_params = list(self.ema.parameters())
+        aug = self.state.aug_strength.to(dev) if cfg.taa else None
         anchor = [p.detach().clone() for p in self.params] if prox_mu > 0 else None
         steps, t0 = 0, time.perf_counter()
         total = self.steps_per_epoch() * epochs if max_steps is None else max_steps
@@ -126,10 +142,14 @@ class LocalTrainer:
                 if flip:
                     mask = torch.rand(bs, generator=gen, device=dev) < 0.5
                     x0 = torch.where(mask.view(-1, 1, 1, 1), x0.flip(3), x0)
+                if aug is not None:
+                    x0 = translate(x0, aug[idx], cfg.taa_max_shift, gen)
                 t = torch.randint(0, cfg.diffusion_steps, (bs,), generator=gen, device=dev)
                 noise = torch.randn((bs, *shape), generator=gen, device=dev)
                 losses = self.diffusion.per_sample_loss(self.model, x0, t, noise)
                 if self.use_agc:
+                    if aug is not None:  # strength for the next draw, from the bank before this update
+                        aug[idx] = taa_strength(losses, self.bank.threshold(t), cfg.taa_gamma)
                     keep = self.bank.step(losses, t)
                 else:
                     keep = torch.ones(bs, dtype=torch.bool, device=dev)
@@ -155,6 +175,8 @@ class LocalTrainer:
         kept = int(kept_sum)
         round_skips = round_skips.cpu()
         self.state.skip_counts += round_skips
+        if aug is not None:
+            self.state.aug_strength = aug.cpu()
         self.state.rounds += 1
         self.state.optimizer = self.optimizer.state_dict()
         self.state.bank = self.bank.state_dict()

@@ -25,6 +25,7 @@ from fl_ietagc.checkpoints import RunDir, load_checkpoint, pack_weights, save_ch
 from fl_ietagc.config import ConfigError, RunConfig, parse_config
 from fl_ietagc.data import image_size, load_splits
 from fl_ietagc.images import write_sample_grid
+from fl_ietagc.ret import redistribute
 from fl_ietagc.models import build_for_config, count_parameters, load_diffusers_unet, load_weights
 from fl_ietagc.shards import shards_for_config
 from fl_ietagc.trainer import pick_device
@@ -98,6 +99,7 @@ def run_federated(grid: Grid, cfg: RunConfig, num_clients: int, shards: list[np.
     run.write_shards(shards)
     run.write_status("running", round=0, num_rounds=cfg.num_server_rounds)
     skip_totals = np.zeros(len(splits.train), np.int64)
+    skip_period = np.zeros(len(splits.train), np.int64)  # since the last RET redistribution
     log(INFO, "fl-ietagc: %d clients, shard sizes %s, %s preset (%s parameters), %d rounds x %d local epochs",
         num_clients, [len(s) for s in shards], cfg.preset, f"{n_params:,}", cfg.num_server_rounds, cfg.local_epochs)
 
@@ -113,8 +115,18 @@ def run_federated(grid: Grid, cfg: RunConfig, num_clients: int, shards: list[np.
         clients = strategy.last_round
         for c in clients:
             np.add.at(skip_totals, c.image_ids, c.skip_counts)
+            np.add.at(skip_period, c.image_ids, c.skip_counts)
         elapsed = time.time() - t_start
-        record = {"round": server_round, "elapsed-s": elapsed, **round_metrics(clients),
+        moved = 0
+        if cfg.ret_every and server_round % cfg.ret_every == 0 and server_round < cfg.num_server_rounds:
+            event = server_round // cfg.ret_every
+            new = redistribute(shards, skip_period, cfg.ret_fraction, event, cfg.seed)
+            moved = int(sum(len(np.setdiff1d(a, b)) for a, b in zip(new, shards)))
+            shards[:] = new
+            skip_period[:] = 0
+            run.write_shards(shards)
+            strategy.round_config.update({f"shard-{i}": s.tolist() for i, s in enumerate(shards)})
+        record = {"round": server_round, "elapsed-s": elapsed, **round_metrics(clients), "ret-moved": moved,
                   "clients": [{"partition-id": c.partition_id, "num-examples": c.num_examples, "loss": c.loss,
                                "kept": c.kept, "skipped": c.skipped, "skip-rate": c.skip_rate, "steps": c.steps,
                                "client-step": c.client_step, "seconds": c.seconds} for c in clients]}

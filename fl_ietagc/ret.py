@@ -1,0 +1,66 @@
+"""RET (Redistribute Ensemble Training, the follow-up to IET-AGC): this project's rules.
+
+The RET paper publishes no exact rules for its two additions, so these are ours, each switchable:
+
+Memory-sample redistribution (`ret-every` > 0, `ret-fraction` q). After every `ret-every`-th round, each
+shard gives its m = floor(q * smallest shard size) most-skipped images (skip counts reported by the clients
+since the previous redistribution; ties broken by a seeded permutation) to the shard `shift` places further on,
+shift = 1 + (event - 1) mod (K - 1), so repeated events send images to different shards and never back at
+once. Every shard gives m and receives m: each image stays in exactly one shard and shard sizes are kept.
+Deterministic for (seed, event, counts).
+
+Threshold-aware augmentation (`taa`, `taa-gamma` gamma, `taa-max-shift` S). With thr = M[t]/lambda (the bank
+before the step's update), a sample whose loss lies just above the skip threshold, thr <= l < gamma * thr, gets
+strength s = (gamma * thr - l) / ((gamma - 1) * thr), in (0, 1], the closer to thr the stronger; other samples
+get 0. The strength is stored per image and used the next time the image is drawn: a random translation by up
+to round(s * S) pixels in x and y (reflect padding), on top of the horizontal flip.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def redistribute(shards: list[np.ndarray], skip_counts: np.ndarray, fraction: float, event: int,
+                 seed: int) -> list[np.ndarray]:
+    """New shards after one redistribution event (1-based). `skip_counts` is indexed by global image id."""
+    k = len(shards)
+    m = int(fraction * min(len(s) for s in shards))
+    if k < 2 or m == 0:
+        return [s.copy() for s in shards]
+    shift = 1 + (event - 1) % (k - 1)
+    rng = np.random.default_rng([seed, event])
+    movers = []
+    for s in shards:
+        tiebreak = rng.permutation(len(s))
+        order = np.lexsort((tiebreak, -skip_counts[s]))  # most skipped first; ties in seeded random order
+        movers.append(s[order[:m]])
+    return [np.sort(np.concatenate([np.setdiff1d(s, movers[i]), movers[(i - shift) % k]]))
+            for i, s in enumerate(shards)]
+
+
+def taa_strength(losses: torch.Tensor, threshold: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample augmentation strength in [0, 1]: (gamma*thr - l) / ((gamma-1)*thr) on [thr, gamma*thr)."""
+    losses, threshold = losses.detach().double(), threshold.double()
+    band = (losses >= threshold) & (losses < gamma * threshold) & (threshold > 0)
+    s = (gamma * threshold - losses) / ((gamma - 1) * threshold.clamp(min=1e-300))
+    return torch.where(band, s, torch.zeros_like(s)).float()
+
+
+def translate(x: torch.Tensor, strength: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Shift each image by a random integer (dx, dy), |dx|, |dy| <= round(strength * max_shift), reflect padding."""
+    limit = (strength * max_shift).round().to(x.device)
+    if not bool((limit > 0).any()):
+        return x
+    b, _, h, w = x.shape
+    u = torch.rand((2, b), generator=generator, device=x.device)
+    shift = (u * (2 * limit + 1)).floor() - limit  # uniform integers in [-limit, limit]
+    pad = max_shift
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    rows = torch.arange(h, device=x.device)[None, :] + pad - shift[1][:, None].long()  # (b, h)
+    cols = torch.arange(w, device=x.device)[None, :] + pad - shift[0][:, None].long()  # (b, w)
+    batch = torch.arange(b, device=x.device)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # (b, h, w, c)
+    return out.permute(0, 3, 1, 2).contiguous()

@@ -1,0 +1,98 @@
+"""RET: redistribution of the most-skipped images, threshold-aware augmentation."""
+
+import numpy as np
+import pytest
+import torch
+
+from fl_ietagc.ret import redistribute, taa_strength, translate
+from fl_ietagc.trainer import TrainState
+
+
+def shards_and_counts():
+    shards = [np.arange(0, 10), np.arange(10, 20), np.arange(20, 30)]
+    counts = np.zeros(30, np.int64)
+    counts[[3, 7, 12, 15, 25, 21]] = [9, 5, 8, 6, 7, 4]  # two heavily skipped images per shard
+    return shards, counts
+
+
+def test_redistribution_moves_the_most_skipped_and_keeps_a_partition():
+    shards, counts = shards_and_counts()
+    new = redistribute(shards, counts, fraction=0.2, event=1, seed=0)  # m = 2 per shard, shift 1
+    assert [len(s) for s in new] == [10, 10, 10]
+    everything = np.concatenate(new)
+    assert sorted(everything.tolist()) == list(range(30))
+    assert set(new[1]) - set(shards[1]) == {3, 7}  # shard 0's two most skipped went to shard 1
+    assert set(new[2]) - set(shards[2]) == {12, 15}
+    assert set(new[0]) - set(shards[0]) == {21, 25}
+    assert not {3, 7} & set(new[0])
+
+
+def test_redistribution_is_deterministic_and_varies_destination_by_event():
+    shards, counts = shards_and_counts()
+    a = redistribute(shards, counts, 0.2, event=2, seed=5)
+    b = redistribute(shards, counts, 0.2, event=2, seed=5)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert {3, 7} <= set(a[2])  # event 2: shift 2, shard 0 -> shard 2
+
+
+def test_ties_are_broken_by_the_seed_only():
+    shards = [np.arange(0, 10), np.arange(10, 20)]
+    zero = np.zeros(20, np.int64)
+    moved = [tuple(sorted(set(redistribute(shards, zero, 0.3, 1, seed)[1]) - set(shards[1]))) for seed in (1, 1, 2)]
+    assert moved[0] == moved[1] and len(moved[0]) == 3
+
+
+def test_taa_strength_on_a_fixed_batch():
+    losses = torch.tensor([0.9, 1.0, 1.25, 1.5, 0.3, 2.0])
+    threshold = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 4.0], dtype=torch.float64)
+    # below thr: skipped, 0 | at thr: 1 | halfway in [thr, 1.5 thr): 0.5 | at 1.5 thr: 0 | empty bank: 0
+    # | 2.0 with thr 4: skipped, 0
+    torch.testing.assert_close(taa_strength(losses, threshold, gamma=1.5), torch.tensor([0, 1, 0.5, 0, 0, 0.0]))
+    torch.testing.assert_close(taa_strength(torch.tensor([1.1]), torch.tensor([1.0]), gamma=2.0),
+                               torch.tensor([0.9]))
+
+
+def test_translation_is_an_integer_shift_bounded_by_strength():
+    x = torch.arange(2 * 1 * 8 * 8, dtype=torch.float32).view(2, 1, 8, 8)
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(translate(x, torch.zeros(2), 3, gen), x)
+    out = translate(x, torch.tensor([1.0, 0.0]), 2, gen)
+    assert torch.equal(out[1], x[1])  # strength 0: untouched
+    padded = torch.nn.functional.pad(x[:1], (2, 2, 2, 2), mode="reflect")[0, 0]
+    matches = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+               if torch.equal(out[0, 0], padded[2 - dy:10 - dy, 2 - dx:10 - dx])]
+    assert len(matches) == 1
+
+
+def test_state_remap_keeps_records_of_images_that_stay():
+    state = TrainState.fresh([4, 5, 6])
+    state.skip_counts = torch.tensor([1, 2, 3])
+    state.aug_strength = torch.tensor([0.1, 0.2, 0.3])
+    state.remap([5, 9, 4])
+    assert state.skip_counts.tolist() == [2, 0, 1]
+    torch.testing.assert_close(state.aug_strength, torch.tensor([0.2, 0.0, 0.1]))
+
+
+@pytest.mark.slow
+def test_ret_run_redistributes_between_rounds(tmp_path):
+    from experiments import simulate
+    from fl_ietagc.checkpoints import RunDir, load_client_state
+    from fl_ietagc.config import parse_config
+    from fl_ietagc.shards import shards_for_config
+
+    overrides = ('max-images=256 batch-size=32 local-epochs=2 num-server-rounds=2 diffusion-steps=20 '
+                 'agc-lambda=1.2 ret-every=1 ret-fraction=0.25 taa=true sample-count=0 '
+                 f'output-dir="{tmp_path}" run-name="ret"')
+    assert simulate.main(["--app", ".", "--num-supernodes", "2", "--backend-config",
+                          '{"client_resources": {"num_cpus": 1}}', "--run-config", overrides]) == 0
+    run = RunDir(tmp_path / "ret")
+    metrics = run.read_metrics()
+    assert metrics[0]["ret-moved"] == 2 * 32 and metrics[1]["ret-moved"] == 0  # none after the last round
+    before = shards_for_config(parse_config({"max-images": 256, "batch-size": 32}), 2)
+    after = run.read_shards()
+    assert [len(s) for s in after] == [128, 128] and sorted(np.concatenate(after).tolist()) == list(range(256))
+    assert len(set(after[0]) - set(before[0])) == 32
+    for pid in (0, 1):
+        state = load_client_state(run.client_state(pid))
+        assert state["image_ids"].tolist() == after[pid].tolist()  # clients trained on their new shards
+        assert (state["aug_strength"] > 0).any()  # TAA found samples just above the threshold
