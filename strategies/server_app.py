@@ -14,6 +14,7 @@ import os
 import re
 import time
 import uuid
+from logging import INFO
 
 import numpy as np
 import torch
@@ -26,14 +27,13 @@ from fl_ietagc.config import ConfigError, RunConfig, parse_config
 from fl_ietagc.data import image_size, load_splits
 from fl_ietagc.images import write_sample_grid
 from fl_ietagc.ret import redistribute
-from fl_ietagc.models import build_for_config, count_parameters, load_diffusers_unet, load_weights
+from fl_ietagc.models import build_for_config, load_diffusers_unet, load_weights
 from fl_ietagc.shards import shards_for_config
 from fl_ietagc.trainer import pick_device
 
 from .base import round_metrics
 from .registry import build_strategy, check_strategy
 
-INFO, WARNING = 20, 30
 NODE_WAIT_S = 120
 
 app = ServerApp()
@@ -45,10 +45,11 @@ def main(grid: Grid, context: Context) -> None:
     check_strategy(cfg.strategy, cfg)
     num_clients = resolve_num_clients(cfg, grid)
     shards = shards_for_config(cfg, num_clients)  # validates the data against K and batch-size
+    net, ema = initial_weights(cfg)  # validates init-checkpoint
     run = RunDir.create(cfg.output_dir, cfg.run_name, f"{cfg.dataset}-{cfg.preset}-k{num_clients}")
     log(INFO, "fl-ietagc: run directory %s", run.path)
     try:
-        run_federated(grid, cfg, num_clients, shards, run)
+        run_federated(grid, cfg, num_clients, shards, run, net, ema)
     except BaseException as exc:
         run.write_failure(exc)
         raise
@@ -68,7 +69,8 @@ def resolve_num_clients(cfg: RunConfig, grid: Grid) -> int:
         time.sleep(1.0)
 
 
-def initial_weights(cfg: RunConfig) -> tuple[dict, dict, int]:
+def initial_weights(cfg: RunConfig) -> tuple[dict, dict]:
+    """Raw and EMA state dicts to start from: fresh from the seed, or init-checkpoint's."""
     torch.manual_seed(cfg.seed)
     net = build_for_config(cfg)
     ema = copy.deepcopy(net)
@@ -84,16 +86,17 @@ def initial_weights(cfg: RunConfig) -> tuple[dict, dict, int]:
             raise ConfigError(f"init-checkpoint = {source!r}: {e}") from e
         load_weights(net, blob["net"], f"init-checkpoint {source} (raw)")
         load_weights(ema, blob["ema"], f"init-checkpoint {source} (EMA)")
-    return net.state_dict(), ema.state_dict(), count_parameters(net)
+    return net.state_dict(), ema.state_dict()
 
 
 def _looks_like_hub_id(source: str) -> bool:
     return re.fullmatch(r"[\w.-]+/[\w.-]+", source) is not None and not os.path.exists(source)
 
 
-def run_federated(grid: Grid, cfg: RunConfig, num_clients: int, shards: list[np.ndarray], run: RunDir) -> None:
+def run_federated(grid: Grid, cfg: RunConfig, num_clients: int, shards: list[np.ndarray], run: RunDir,
+                  net: dict, ema: dict) -> None:
     splits = load_splits(cfg)
-    net, ema, n_params = initial_weights(cfg)
+    n_params = sum(v.numel() for v in net.values())
     run.write_config(cfg.to_dict(), kind="federated", num_clients=num_clients, num_parameters=n_params,
                      image_size=image_size(cfg), channels=splits.train.channels, num_train_images=len(splits.train))
     run.write_shards(shards)

@@ -19,15 +19,15 @@ def test_initial_weights_come_from_the_checkpoint(tmp_path):
             p.add_(1.0)
     path = tmp_path / "ckpt.pt"
     save_checkpoint(path, net.state_dict(), ema.state_dict(), round=3, config={})
-    got_net, got_ema, _ = initial_weights(parse_config({"init-checkpoint": str(path)}))
+    got_net, got_ema = initial_weights(parse_config({"init-checkpoint": str(path)}))
     for k, v in net.state_dict().items():
         assert torch.equal(got_net[k], v) and torch.equal(got_ema[k], ema.state_dict()[k])
 
 
 def test_fresh_weights_depend_on_the_seed_only():
-    a, _, _ = initial_weights(parse_config({"seed": 1}))
-    b, _, _ = initial_weights(parse_config({"seed": 1}))
-    c, _, _ = initial_weights(parse_config({"seed": 2}))
+    a, _ = initial_weights(parse_config({"seed": 1}))
+    b, _ = initial_weights(parse_config({"seed": 1}))
+    c, _ = initial_weights(parse_config({"seed": 2}))
     assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], c[k]) for k in a)
 
 
@@ -50,7 +50,7 @@ def test_missing_or_foreign_checkpoint_names_the_key(tmp_path):
 def test_a_diffusers_unet_directory_is_loaded_into_raw_and_ema(tmp_path):
     pretrained = build_unet("tiny", 16, 1)
     pretrained.save_pretrained(tmp_path / "unet")
-    net, ema, _ = initial_weights(parse_config({"init-checkpoint": str(tmp_path / "unet")}))
+    net, ema = initial_weights(parse_config({"init-checkpoint": str(tmp_path / "unet")}))
     for k, v in pretrained.state_dict().items():
         assert torch.equal(net[k], v) and torch.equal(ema[k], v)
 

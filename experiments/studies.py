@@ -1,0 +1,228 @@
+"""The paper's studies, one command each: runs, evaluation, one comparison table.
+
+    fl-ietagc-study NAME --smoke [--out studies/]                    # 2-core CPU, minutes (tiny UNet, digits)
+    fl-ietagc-study NAME --full --data-root /data/cifar [--fid-weights inception.pth] [--gpus-per-client 0.5]
+    fl-ietagc-study NAME --full --dry-run                            # print the plan and its GPU estimate only
+
+Studies (NAME):
+  paper-cifar10   the paper's protocol (K=10, R=10, E=100, lambda=2): IET-AGC vs default training with the same
+                  number of optimizer steps (and IET alone)
+  paper-cifar100  the same on CIFAR-100
+  paper-afhq-dog  the same on AFHQ-dog at 64x64 (ddpm-afhq64 preset, batch 60)
+  ablations       IET alone, AGC alone, K in {2, 5, 10}, lambda in {1.5, 2, 3}, aggregation period
+  strategies      the same clients under every aggregation strategy
+  finetune        a pretrained model fine-tuned with IET-AGC for a few rounds (--pretrained DIR; the smoke
+                  size first trains its own small model to start from)
+
+Every run goes through the real app: federated runs through `flower-simulation`'s entry point (Ray), the
+default-training runs through the centralized baseline. Each run is then evaluated (`fl-ietagc evaluate`) and
+`comparison.md` / `comparison.json` are written to the study directory, relative to the study's first run.
+Smoke sizes replace the dataset by the embedded digits and the preset by `tiny`, so they run anywhere; they test
+the pipeline, not the paper's numbers. Before a study starts, its cost is printed: optimizer steps, FLOPs (from
+PyTorch's FLOP counter on the actual UNet) and GPU hours at an assumed sustained throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ASSUMED_TFLOPS = 50.0  # sustained fp32/TF32 UNet training per H100-class GPU; an assumption, not a measurement
+FULL_TRAIN_SIZES = {"cifar10": 50_000, "cifar100": 50_000, "afhq-dog": 4_739}
+PAPER = {"num-server-rounds": 10, "local-epochs": 100, "batch-size": 128, "lr": 2e-4, "warmup-steps": 585,
+         "agc-lambda": 2.0, "ema-decay": 0.9999, "grad-clip": 1.0, "hflip": "on", "seed": 12}
+SMOKE = {"dataset": "digits", "preset": "tiny", "max-images": 240, "batch-size": 24, "num-server-rounds": 2,
+         "local-epochs": 1, "warmup-steps": 4, "diffusion-steps": 100, "sample-count": 16, "sample-steps": 10}
+
+
+@dataclass
+class RunSpec:
+    name: str
+    clients: int  # K; 0 = centralized (default training)
+    overrides: dict = field(default_factory=dict)
+    match_federated: int = 0  # centralized: as many steps as a K-client federated run of the same config
+    centralized_agc: bool = False  # centralized with AGC ("AGC alone")
+
+
+def base_config(study: str, size: str) -> dict:
+    if size == "smoke":
+        return dict(SMOKE)
+    if study == "paper-cifar100":
+        return {**PAPER, "dataset": "cifar100", "preset": "ddpm-cifar10"}
+    if study == "paper-afhq-dog":
+        return {**PAPER, "dataset": "afhq-dog", "preset": "ddpm-afhq64", "batch-size": 60}
+    return {**PAPER, "dataset": "cifar10", "preset": "ddpm-cifar10"}
+
+
+def plan(study: str, size: str) -> list[RunSpec]:
+    smoke = size == "smoke"
+    k = 2 if smoke else 10
+    if study in ("paper-cifar10", "paper-cifar100", "paper-afhq-dog"):
+        return [RunSpec("default-training", 0, {"agc": False}, match_federated=k),
+                RunSpec("iet", k, {"agc": False}), RunSpec("iet-agc", k)]
+    if study == "ablations":
+        ks = (2, 3) if smoke else (2, 5, 10)
+        lams = (1.5, 3.0) if smoke else (1.5, 2.0, 3.0)
+        epochs = base_config(study, size)["local-epochs"] * base_config(study, size)["num-server-rounds"]
+        periods = (1, 2) if smoke else (25, 50, 100, 200)  # local epochs between averagings, same total epochs
+        runs = [RunSpec("iet-agc", k), RunSpec("iet-alone", k, {"agc": False}),
+                RunSpec("agc-alone", 0, {}, match_federated=k, centralized_agc=True)]
+        runs += [RunSpec(f"k{kk}", kk) for kk in ks if kk != k]
+        runs += [RunSpec(f"lambda{lam:g}", k, {"agc-lambda": lam}) for lam in lams if lam != 2.0]
+        runs += [RunSpec(f"period{p}", k, {"local-epochs": p, "num-server-rounds": max(1, epochs // p)})
+                 for p in periods if p != base_config(study, size)["local-epochs"]]
+        return runs
+    if study == "strategies":
+        from strategies.registry import STRATEGIES
+
+        return [RunSpec(name, k, {"strategy": name}) for name in ["iet", *sorted(set(STRATEGIES) - {"iet"})]]
+    if study == "finetune":
+        rounds = 2 if smoke else 3
+        return [RunSpec("pretrained-then-iet-agc", k, {"num-server-rounds": rounds,
+                                                       "local-epochs": 1 if smoke else 10})]
+    raise SystemExit(f"unknown study {study!r}; one of: {', '.join(STUDIES)}")
+
+
+STUDIES = ("paper-cifar10", "paper-cifar100", "paper-afhq-dog", "ablations", "strategies", "finetune")
+
+
+def forward_gflops(preset: str, image_size: int, channels: int) -> float:
+    """GFLOP of one forward pass of one image, counted by torch.utils.flop_counter on the real UNet."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fl_ietagc.models import build_unet
+
+    model = build_unet(preset, image_size, channels).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, channels, image_size, image_size), torch.tensor([1]))
+    return counter.get_total_flops() / 1e9
+
+
+def estimate(study: str, size: str, runs: list[RunSpec], eval_samples: int, eval_steps: int) -> dict:
+    """Optimizer steps, FLOPs and GPU hours of a study (training at 3x forward FLOPs per image)."""
+    from fl_ietagc.config import parse_config
+    from fl_ietagc.data import DEFAULT_IMAGE_SIZE, load_splits
+
+    base = base_config(study, size)
+    cfg = parse_config(base if size == "smoke" else {**base, "data-root": "/not/read/for/an/estimate"})
+    img = cfg.image_size or DEFAULT_IMAGE_SIZE[cfg.dataset]
+    n_train = len(load_splits(cfg).train) if size == "smoke" else FULL_TRAIN_SIZES[cfg.dataset]
+    channels = 1 if cfg.dataset in ("digits", "fashion-mnist") else 3
+    fwd = forward_gflops(cfg.preset, img, channels) * 1e9
+    rows, total = [], 0.0
+    for r in runs:
+        c = {**base, **r.overrides}
+        k = r.clients or r.match_federated or 1
+        steps = c["num-server-rounds"] * c["local-epochs"] * k * ((n_train // k) // c["batch-size"])
+        flops = steps * c["batch-size"] * 3 * fwd + eval_samples * eval_steps * fwd
+        rows.append({"run": r.name, "optimizer_steps": steps, "pflop": flops / 1e15})
+        total += flops
+    return {"rows": rows, "total_pflop": total / 1e15, "gpu_hours": total / (ASSUMED_TFLOPS * 1e12) / 3600,
+            "assumed_tflops": ASSUMED_TFLOPS, "forward_gflop_per_image": fwd / 1e9}
+
+
+def print_estimate(est: dict) -> None:
+    print(f"{'run':28s} {'optimizer steps':>16s} {'PFLOP':>10s}")
+    for row in est["rows"]:
+        print(f"{row['run']:28s} {row['optimizer_steps']:16,d} {row['pflop']:10.2f}")
+    print(f"total {est['total_pflop']:.1f} PFLOP ~ {est['gpu_hours']:.1f} GPU hours at an assumed "
+          f"{est['assumed_tflops']:.0f} TFLOP/s sustained (forward {est['forward_gflop_per_image']:.2f} GFLOP/image; "
+          f"an estimate, not a measurement)", flush=True)
+
+
+def run_study(study: str, size: str, out: Path, *, data_root: str = "", fid_weights: str | None = None,
+              gpus_per_client: float = 0.5, pretrained: str = "", eval_samples: int | None = None,
+              dry_run: bool = False) -> Path | None:
+    from fl_ietagc.baseline import run_baseline
+    from fl_ietagc.compare import compare, to_markdown, write_comparison
+    from fl_ietagc.config import parse_config
+    from fl_ietagc.evaluate import EvalOptions, evaluate_run
+
+    from . import simulate
+
+    smoke = size == "smoke"
+    runs = plan(study, size)
+    eval_samples = eval_samples or (48 if smoke else 65_536)
+    eval_steps = 10 if smoke else 50
+    print(f"study {study} ({size}): {len(runs)} runs: {', '.join(r.name for r in runs)}")
+    print_estimate(estimate(study, size, runs, eval_samples, eval_steps))
+    if dry_run:
+        return None
+    study_dir = out / f"{study}-{size}"
+    study_dir.mkdir(parents=True, exist_ok=True)
+    base = base_config(study, size)
+    if data_root and not smoke:
+        base["data-root"] = data_root
+    if study == "finetune":
+        base["init-checkpoint"] = pretrained or (str(_smoke_pretrained(study_dir, base)) if smoke else "")
+        if not base["init-checkpoint"]:
+            raise SystemExit("finetune --full needs --pretrained (a diffusers UNet directory or a checkpoint)")
+    backend = {"client_resources": {"num_cpus": 1}} if smoke else \
+        {"client_resources": {"num_cpus": 2, "num_gpus": gpus_per_client}}
+    for r in runs:
+        if (study_dir / r.name / "results.json").is_file():
+            print(f"[{r.name}] already evaluated, kept")
+            continue
+        conf = {**base, **r.overrides, "output-dir": str(study_dir), "run-name": r.name}
+        t0 = time.time()
+        if r.clients:
+            toml = study_dir / f"{r.name}.toml"
+            toml.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in conf.items()))
+            code = simulate.main(["--app", str(Path(__file__).resolve().parents[1]), "--num-supernodes",
+                                  str(r.clients), "--backend-config", json.dumps(backend), "--run-config", str(toml)])
+            if code:
+                raise SystemExit(f"[{r.name}] federated run failed (exit {code})")
+        else:
+            run_baseline(parse_config({**conf, "agc": r.centralized_agc}), match_federated=r.match_federated,
+                         progress=not smoke)
+        evaluate_run(study_dir / r.name, EvalOptions(num_samples=eval_samples, steps=eval_steps,
+                                                     fid=fid_weights is not None or not smoke,
+                                                     fid_weights=fid_weights, loss_images=16 if smoke else 64),
+                     progress=not smoke)
+        print(f"[{r.name}] trained and evaluated in {time.time() - t0:.0f}s", flush=True)
+    table = compare([str(study_dir / r.name) for r in runs])
+    path = write_comparison(table, study_dir)
+    print(to_markdown(table))
+    print(f"comparison: {path}")
+    return path
+
+
+def _smoke_pretrained(study_dir: Path, base: dict) -> Path:
+    """The smoke finetune starts from a small centralized model trained here (no download needed)."""
+    from fl_ietagc.baseline import run_baseline
+    from fl_ietagc.config import parse_config
+
+    pre = study_dir / "pretrained"
+    if not (pre / "checkpoints" / "final.pt").is_file():
+        run_baseline(parse_config({**base, "agc": False, "output-dir": str(study_dir), "run-name": "pretrained",
+                                   "sample-count": 0}), progress=False)
+    return pre / "checkpoints" / "final.pt"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="fl-ietagc-study", description=__doc__.split("\n\n")[0])
+    p.add_argument("study", choices=STUDIES)
+    size = p.add_mutually_exclusive_group(required=True)
+    size.add_argument("--smoke", action="store_true", help="tiny UNet on digits, minutes on a 2-core CPU")
+    size.add_argument("--full", action="store_true", help="the paper's sizes (GPUs, real datasets)")
+    p.add_argument("--out", default="studies", help="parent directory of the study directory")
+    p.add_argument("--data-root", default="", help="dataset location for --full")
+    p.add_argument("--fid-weights", default=None, help="Inception weights (FID); smoke runs skip FID without it")
+    p.add_argument("--gpus-per-client", type=float, default=0.5, help="--full: GPU share per client (Ray)")
+    p.add_argument("--pretrained", default="", help="finetune: diffusers UNet directory / hub id / checkpoint")
+    p.add_argument("--eval-samples", type=int, default=None, help="override the evaluation's sample count")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and the estimate only")
+    a = p.parse_args(argv)
+    run_study(a.study, "smoke" if a.smoke else "full", Path(a.out), data_root=a.data_root, fid_weights=a.fid_weights,
+              gpus_per_client=a.gpus_per_client, pretrained=a.pretrained, eval_samples=a.eval_samples,
+              dry_run=a.dry_run)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
