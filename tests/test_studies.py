@@ -46,9 +46,8 @@ def test_dry_run_prints_the_gpu_estimate(capsys, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("study", ["paper-cifar10", "ablations", "strategies", "finetune"])
+@pytest.mark.parametrize("study", STUDIES)
 def test_smoke_study_runs_and_writes_a_comparison(study, tmp_path):
-    """paper-cifar100 / paper-afhq-dog smoke are the paper-cifar10 pipeline on the same smoke data."""
     path = run_study(study, "smoke", tmp_path)
     table = json.loads((path.parent / "comparison.json").read_text())
     assert table["runs"] == [r.name for r in plan(study, "smoke")]
