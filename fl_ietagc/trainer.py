@@ -13,7 +13,7 @@ clip, Adam with linear warmup, EMA update.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -71,7 +71,6 @@ class RoundStats:
     skip_counts: torch.Tensor  # (n,) int64: skips of each shard image in this call
     seconds: float
     lr: float = 0.0
-    extra: dict = field(default_factory=dict)
 
     @property
     def skip_rate(self) -> float:
@@ -132,6 +131,8 @@ class LocalTrainer:
         anchor = [p.detach().clone() for p in self.params] if prox_mu > 0 else None
         steps, t0 = 0, time.perf_counter()
         total = self.steps_per_epoch() * epochs if max_steps is None else max_steps
+        if total > 0 and self.steps_per_epoch() == 0:
+            raise ValueError(f"batch-size = {bs}: larger than this shard's {n} images (no full batch)")
         while steps < total:
             perm = torch.randperm(n, generator=gen, device=dev)
             for b in range(self.steps_per_epoch()):

@@ -77,3 +77,9 @@ def test_same_seed_same_weights_and_ema_moves_by_decay():
     c.run(epochs=0, seed=5, max_steps=1)
     w1 = c.model.state_dict()[name]
     torch.testing.assert_close(c.ema.state_dict()[name], 0.9 * start[name] + 0.1 * w1)
+
+
+def test_a_shard_smaller_than_a_batch_is_an_error_not_a_hang():
+    trainer, _ = make_trainer(CFG, n=10)  # batch 16
+    with pytest.raises(ValueError, match="batch-size = 16: larger than this shard's 10 images"):
+        trainer.run(epochs=1, seed=0)
