@@ -131,7 +131,7 @@ class LocalTrainer:
         anchor = [p.detach().clone() for p in self.params] if prox_mu > 0 else None
         steps, t0 = 0, time.perf_counter()
         total = self.steps_per_epoch() * epochs if max_steps is None else max_steps
-        if total > 0 and self.steps_per_epoch() == 0:
+        if self.steps_per_epoch() == 0 and (epochs > 0 or max_steps):
             raise ValueError(f"batch-size = {bs}: larger than this shard's {n} images (no full batch)")
         while steps < total:
             perm = torch.randperm(n, generator=gen, device=dev)

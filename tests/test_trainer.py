@@ -81,5 +81,6 @@ def test_same_seed_same_weights_and_ema_moves_by_decay():
 
 def test_a_shard_smaller_than_a_batch_is_an_error_not_a_hang():
     trainer, _ = make_trainer(CFG, n=10)  # batch 16
-    with pytest.raises(ValueError, match="batch-size = 16: larger than this shard's 10 images"):
-        trainer.run(epochs=1, seed=0)
+    for kwargs in ({"epochs": 1}, {"epochs": 0, "max_steps": 5}):
+        with pytest.raises(ValueError, match="batch-size = 16: larger than this shard's 10 images"):
+            trainer.run(seed=0, **kwargs)
