@@ -64,7 +64,7 @@ def main() -> None:
     later_loop = sum(loop.round_seconds[1:]) / max(len(loop.round_seconds) - 1, 1)
     print(f"{args.clients} clients x {args.epochs} epochs, {steps} optimizer steps per round in total, "
           f"{cores} CPU cores, torch {torch.__version__}")
-    print(f"| variant | round 1 (s) | rounds 2+ mean (s) | overhead per round vs loop | total wall (s) |")
+    print("| variant | round 1 (s) | rounds 2+ mean (s) | overhead per round vs loop | total wall (s) |")
     print("|---|---|---|---|---|")
     for name, rounds, wall in rows:
         later = sum(rounds[1:]) / max(len(rounds) - 1, 1)

@@ -140,7 +140,7 @@ def run_study(study: str, size: str, out: Path, *, data_root: str = "", fid_weig
               dry_run: bool = False) -> Path | None:
     from fl_ietagc.baseline import run_baseline
     from fl_ietagc.compare import compare, to_markdown, write_comparison
-    from fl_ietagc.config import parse_config
+    from fl_ietagc.config import parse_config, toml_value
     from fl_ietagc.evaluate import EvalOptions, evaluate_run
 
     from . import simulate
@@ -172,7 +172,7 @@ def run_study(study: str, size: str, out: Path, *, data_root: str = "", fid_weig
         t0 = time.time()
         if r.clients:
             toml = study_dir / f"{r.name}.toml"
-            toml.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in conf.items()))
+            toml.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in conf.items()))
             code = simulate.main(["--app", str(Path(__file__).resolve().parents[1]), "--num-supernodes",
                                   str(r.clients), "--backend-config", json.dumps(backend), "--run-config", str(toml)])
             if code:

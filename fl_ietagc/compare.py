@@ -9,7 +9,6 @@ Writes comparison.md and comparison.json to --out (default: the current director
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .checkpoints import atomic_write_json

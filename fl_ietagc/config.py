@@ -220,7 +220,8 @@ def _check_cross_keys(cfg: RunConfig) -> None:
         raise ConfigError(f"image-size = {cfg.image_size}: must be a multiple of 8 (the UNet downsamples 3 times)")
 
 
-def _toml_value(v: Any) -> str:
+def toml_value(v: Any) -> str:
+    """A run-config value as TOML (strings quoted and escaped)."""
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, str):
@@ -230,7 +231,7 @@ def _toml_value(v: Any) -> str:
 
 def defaults_as_toml() -> str:
     """The [tool.flwr.app.config] table body: every key with its default."""
-    return "".join(f"{f.metadata['key']} = {_toml_value(f.default)}\n" for f in config_keys())
+    return "".join(f"{f.metadata['key']} = {toml_value(f.default)}\n" for f in config_keys())
 
 
 def keys_as_markdown() -> str:
@@ -239,5 +240,5 @@ def keys_as_markdown() -> str:
     for f in config_keys():
         choices = f.metadata["choices"]
         allowed = ": " + " \\| ".join(choices) if choices else ""
-        rows.append(f"| `{f.metadata['key']}` | `{_toml_value(f.default)}` | {f.metadata['help']}{allowed} |")
+        rows.append(f"| `{f.metadata['key']}` | `{toml_value(f.default)}` | {f.metadata['help']}{allowed} |")
     return "\n".join(rows) + "\n"

@@ -26,8 +26,8 @@ from fl_ietagc.checkpoints import RunDir, load_checkpoint, pack_weights, save_ch
 from fl_ietagc.config import ConfigError, RunConfig, parse_config
 from fl_ietagc.data import image_size, load_splits
 from fl_ietagc.images import write_sample_grid
-from fl_ietagc.ret import redistribute
 from fl_ietagc.models import build_for_config, load_diffusers_unet, load_weights
+from fl_ietagc.ret import redistribute
 from fl_ietagc.shards import shards_for_config
 from fl_ietagc.trainer import pick_device
 

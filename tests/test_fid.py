@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import socket
 import time
-from pathlib import Path
 
 import pytest
 import torch

@@ -1,6 +1,5 @@
 """End to end: the Flower app in the Simulation Engine (Ray), as `flower-simulation` runs it."""
 
-import json
 from pathlib import Path
 
 import numpy as np

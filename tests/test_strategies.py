@@ -7,7 +7,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from fl_ietagc.config import ConfigError, parse_config
 from fl_ietagc.trainer import proximal_term
-from strategies.registry import STRATEGIES, build_strategy, check_strategy
+from strategies.registry import build_strategy, check_strategy
 from test_aggregation import reply
 
 
