@@ -20,6 +20,7 @@ import argparse
 import importlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -30,21 +31,28 @@ QUIET_FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="flower-simulation", description=__doc__.split("\n\n")[0])
     p.add_argument("--app", default=".", help="app directory (with pyproject.toml); default: .")
-    p.add_argument("--num-supernodes", type=int, required=True, help="number of SuperNodes = clients = shards (K)")
+    p.add_argument("--num-supernodes", type=int, default=None,
+                   help="number of SuperNodes = clients = shards (K); with --resume, the run's own")
     p.add_argument("--backend-config", default="{}",
                    help='JSON, e.g. \'{"client_resources": {"num_cpus": 1, "num_gpus": 0.5}, "init_args": {}}\'')
     p.add_argument("--run-config", default=None, help='"key=value key2=value" or a .toml file')
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue this run (killed, failed or interrupted) from its last completed round, with "
+                        "the config it was started with")
     p.add_argument("--verbose", action="store_true", help="DEBUG logging")
+    p.add_argument("--run-config-json", default=None, help=argparse.SUPPRESS)  # parent -> child: the fused config
     return p.parse_args(argv)
 
 
 def parse_backend_config(text: str) -> dict:
+    from fl_ietagc.config import ConfigError
+
     try:
         raw = json.loads(text) if text.strip() else {}
     except json.JSONDecodeError as e:
-        raise SystemExit(f"flower-simulation: --backend-config is not valid JSON: {e}")
+        raise ConfigError(f"--backend-config is not valid JSON: {e}") from e
     if not isinstance(raw, dict):
-        raise SystemExit("flower-simulation: --backend-config must be a JSON object")
+        raise ConfigError("--backend-config must be a JSON object")
 
     def norm(d):  # the old CLI accepted "client-resources" for "client_resources"
         return {k.replace("-", "_"): norm(v) if isinstance(v, dict) else v for k, v in d.items()}
@@ -52,23 +60,23 @@ def parse_backend_config(text: str) -> dict:
     cfg = norm(raw)
     unknown = set(cfg) - {"client_resources", "init_args", "actor"}
     if unknown:
-        raise SystemExit(f"flower-simulation: unknown --backend-config key(s) {sorted(unknown)}; "
-                         f"allowed: client_resources, init_args, actor")
+        raise ConfigError(f"unknown --backend-config key(s) {sorted(unknown)}; allowed: client_resources, "
+                          f"init_args, actor")
     return cfg
 
 
-def load_app_config(app_dir: Path, run_config: str | None) -> tuple[dict, dict]:
-    """(components, fused run config) of the app, as `flwr run` would build them."""
-    from flwr.common.config import get_fused_config_from_dir, get_project_config, parse_config_args
+def load_app_config(app_dir: Path, overrides: dict) -> tuple[dict, dict]:
+    """(components, fused run config) of the app: the pyproject's defaults with `overrides` on top, as
+    `flwr run` fuses them (but strict: Flower's own parser silently drops items it cannot read)."""
+    from flwr.common.config import get_project_config
+
+    from fl_ietagc.config import parse_config
 
     project = get_project_config(app_dir)
     components = project["tool"]["flwr"]["app"]["components"]
-    overrides = parse_config_args([run_config]) if run_config else {}
-    try:
-        fused = get_fused_config_from_dir(app_dir, overrides)
-    except ValueError as e:  # unknown key
-        raise SystemExit(f"flower-simulation: --run-config: {e}")
-    return components, dict(fused)
+    fused = {**project["tool"]["flwr"]["app"].get("config", {}), **overrides}
+    parse_config(fused)  # unknown keys, types and ranges, before anything starts
+    return components, fused
 
 
 def load_object(ref: str):
@@ -104,16 +112,47 @@ def with_run_config(server_app, client_app, run_config: dict):
 
 
 def validate_before_start(run_config: dict, num_supernodes: int) -> None:
-    """Fail fast, before Ray starts: bad keys, values, strategy, or data that cannot make K shards."""
-    from fl_ietagc.config import parse_config
+    """Fail fast, before Ray starts: bad keys, values, strategy, data that cannot make K shards, a run
+    directory that is taken (saying how to resume it), a run to resume that cannot be resumed."""
+    from fl_ietagc.config import ConfigError, parse_config
+    from fl_ietagc.rundir import RunDir
     from fl_ietagc.shards import shards_for_config
     from strategies.registry import check_strategy
 
     cfg = parse_config(run_config)
     check_strategy(cfg.strategy, cfg)
     if cfg.num_clients and cfg.num_clients != num_supernodes:
-        raise SystemExit(f"flower-simulation: num-clients = {cfg.num_clients} but --num-supernodes = {num_supernodes}")
+        raise ConfigError(f"num-clients = {cfg.num_clients} but --num-supernodes = {num_supernodes}")
     shards_for_config(cfg, num_supernodes)
+    if cfg.resume_from:
+        RunDir.check_resumable(cfg.resume_from)
+    elif cfg.run_name:
+        RunDir.check_new(RunDir.new_path(cfg.output_dir, cfg.run_name, ""))
+
+
+def resume_run_config(run_dir: str, overrides: dict, num_supernodes: int | None) -> tuple[dict, int]:
+    """(run config, K) to continue `run_dir`: its own config; `overrides` must not change it."""
+    from fl_ietagc.config import ConfigError
+    from fl_ietagc.rundir import RunDir
+
+    run = RunDir(run_dir)
+    if not run.config_path.is_file():
+        raise ConfigError(f"--resume {run_dir}: not a run directory (no config.json)")
+    stored = run.read_config()
+    if stored.get("kind") != "federated":
+        raise ConfigError(f"--resume {run_dir}: a {stored.get('kind')} run; continue it with fl-ietagc resume")
+    from fl_ietagc.config import RunConfig
+
+    keys = RunConfig().to_dict()
+    config = {k: stored[k] for k in keys if k in stored}
+    differ = sorted(k for k, v in overrides.items() if k != "resume-from" and config.get(k) != v)
+    if differ:
+        raise ConfigError("--resume: a resumed run keeps its config; these differ: " + ", ".join(
+            f"{k} = {overrides[k]!r} (run has {config.get(k)!r})" for k in differ))
+    k = int(stored["num_clients"])
+    if num_supernodes not in (None, k):
+        raise ConfigError(f"--num-supernodes = {num_supernodes}: the run has {k} clients")
+    return {**config, "resume-from": str(run.path)}, k
 
 
 def warn_about_gpus(backend: dict) -> None:
@@ -128,39 +167,166 @@ def warn_about_gpus(backend: dict) -> None:
               '\'{"client_resources": {"num_cpus": 2, "num_gpus": 0.25}}\'.', file=sys.stderr)
 
 
+CHILD_ENV = "FL_IETAGC_SIMULATION_CHILD"  # set in the process that runs the simulation
+BACKEND_ENV = "FL_IETAGC_BACKEND_CONFIG"  # the backend config, recorded in the run's config.json
+STOP_GRACE_S = 15
+STOP_SIGNAL = signal.SIGUSR1  # parent -> child: "stop now" (Ray's driver handles SIGTERM itself, and aborts)
+
+
 def main(argv=None) -> int:
+    """Validate everything, then run the simulation in a child process (its own process group) and wait.
+
+    Exit status: 0 completed, 1 the run failed, 2 bad input (nothing started), 130 / 143 interrupted by
+    SIGINT / SIGTERM (the run is marked interrupted; `fl-ietagc resume RUN_DIR` continues it)."""
     for k, v in QUIET_FLOWER_ENV.items():
         os.environ.setdefault(k, v)
     args = parse_args(argv)
-    app_dir = Path(args.app).resolve()
-    if not (app_dir / "pyproject.toml").is_file():
-        raise SystemExit(f"flower-simulation: --app {args.app}: no pyproject.toml there")
-    if args.num_supernodes < 1:
-        raise SystemExit("flower-simulation: --num-supernodes must be >= 1")
-    sys.path.insert(0, str(app_dir))
-    backend = parse_backend_config(args.backend_config)
-    components, run_config = load_app_config(app_dir, args.run_config)
-
     from fl_ietagc.config import ConfigError
 
     try:
-        validate_before_start(run_config, args.num_supernodes)
+        app_dir, backend, components, run_config, k = prepare(args)
     except ConfigError as e:
-        print(f"flower-simulation: invalid run config: {e}", file=sys.stderr)
+        print(f"flower-simulation: invalid input: {e}", file=sys.stderr)
         return 2
     warn_about_gpus(backend)
+    if os.environ.get(CHILD_ENV):
+        return run_here(app_dir, backend, components, run_config, k, args.verbose)
+    return supervise(app_dir, backend, run_config, k, args.verbose)
+
+
+def prepare(args):
+    from fl_ietagc.config import ConfigError, load_overrides
+
+    app_dir = Path(args.app).resolve()
+    if not (app_dir / "pyproject.toml").is_file():
+        raise ConfigError(f"--app {args.app}: no pyproject.toml there")
+    if args.num_supernodes is not None and args.num_supernodes < 1:
+        raise ConfigError(f"--num-supernodes = {args.num_supernodes}: must be >= 1")
+    if args.num_supernodes is None and not args.resume:
+        raise ConfigError("--num-supernodes is required (the number of clients K)")
+    if str(app_dir) not in sys.path:
+        sys.path.insert(0, str(app_dir))
+    backend = parse_backend_config(args.backend_config)
+    overrides = json.loads(args.run_config_json) if args.run_config_json else load_overrides(args.run_config)
+    if args.resume:
+        overrides, k = resume_run_config(args.resume, overrides, args.num_supernodes)
+    else:
+        k = args.num_supernodes
+    components, run_config = load_app_config(app_dir, overrides)
+    validate_before_start(run_config, k)
+    return app_dir, backend, components, run_config, k
+
+
+def supervise(app_dir: Path, backend: dict, run_config: dict, k: int, verbose: bool) -> int:
+    """Run the simulation in a child process group; forward SIGINT/SIGTERM, and leave no process behind.
+
+    Ray's processes (GCS, raylet, workers) are started by the child and stay in its process group, so one
+    killpg ends all of them, whatever state the child is in."""
+    import signal
+    import subprocess
+
+    argv = [sys.executable, "-m", "experiments.simulate", "--app", str(app_dir), "--num-supernodes", str(k),
+            "--backend-config", json.dumps(backend), "--run-config-json", json.dumps(run_config)]
+    if verbose:
+        argv.append("--verbose")
+    import tempfile
+
+    from fl_ietagc.rundir import ANNOUNCE_ENV, RunDir
+
+    announce = Path(tempfile.mkdtemp(prefix="fl-ietagc-")) / "run-dir"
+    env = {**os.environ, CHILD_ENV: "1", ANNOUNCE_ENV: str(announce), "PYTHONPATH": os.pathsep.join(
+        [str(app_dir), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    child = subprocess.Popen(argv, env=env, start_new_session=True)
+    stopping: list[int] = []
+
+    def forward(signum, frame):
+        if not stopping:
+            print(f"flower-simulation: {signal.Signals(signum).name}: stopping the run (at most {STOP_GRACE_S} s)",
+                  file=sys.stderr, flush=True)
+        stopping.append(signum)
+        # the child marks its run interrupted and ends its process group; a second signal does it at once
+        if len(stopping) == 1:
+            child.send_signal(STOP_SIGNAL)
+        else:
+            _signal_group(child.pid, signal.SIGKILL)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while True:
+            try:
+                code = child.wait(timeout=STOP_GRACE_S if stopping else None)
+                break
+            except subprocess.TimeoutExpired:
+                _signal_group(child.pid, signal.SIGKILL)
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        _signal_group(child.pid, signal.SIGKILL)  # whatever of Ray is left (its processes share the group)
+    run = RunDir(announce.read_text()) if announce.is_file() else None
+    if run is not None and run.liveness() in ("running", "stale"):  # the child could not say it itself
+        why = signal.Signals(stopping[0]).name if stopping else f"the simulation process died (exit {code})"
+        run.mark_interrupted(why)
+        print(f"flower-simulation: run interrupted ({why}); continue it with: fl-ietagc resume {run.path}",
+              file=sys.stderr)
+    if stopping:
+        return 128 + stopping[0]
+    return code if code >= 0 else 1
+
+
+def _signal_group(pgid: int, sig) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run_here(app_dir: Path, backend: dict, components: dict, run_config: dict, k: int, verbose: bool) -> int:
+    """The child: run the simulation in this process. On SIGTERM/SIGINT, or when the parent dies, mark the
+    run interrupted and end the whole process group (this process and Ray's)."""
+    import signal
+    import threading
 
     from flwr.simulation import run_simulation
 
+    from fl_ietagc.rundir import ACTIVE_RUNS
+
+    def stop(why: str):
+        for run in list(ACTIVE_RUNS):
+            run.mark_interrupted(why)
+            print(f"flower-simulation: run interrupted ({why}); continue it with: fl-ietagc resume {run.path}",
+                  file=sys.stderr, flush=True)
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+
+    for s in (signal.SIGINT, signal.SIGTERM, STOP_SIGNAL):
+        signal.signal(s, lambda signum, frame: stop("SIGINT/SIGTERM" if signum == STOP_SIGNAL
+                                                    else signal.Signals(signum).name))
+    parent = os.getppid()
+
+    def watch_parent():
+        while os.getppid() == parent:
+            threading.Event().wait(1.0)
+        stop("flower-simulation was killed")
+
+    threading.Thread(target=watch_parent, daemon=True).start()
+    os.environ[BACKEND_ENV] = json.dumps(backend)
     server, client = with_run_config(load_object(components["serverapp"]), load_object(components["clientapp"]),
                                      run_config)
     try:
-        run_simulation(server_app=server, client_app=client, num_supernodes=args.num_supernodes,
-                       backend_config=backend, verbose_logging=args.verbose)
+        run_simulation(server_app=server, client_app=client, num_supernodes=k, backend_config=backend,
+                       verbose_logging=verbose)
     except Exception as e:  # the ServerApp's exception, re-raised by Flower
-        print(f"flower-simulation: run FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"flower-simulation: run FAILED: {failure_line(e)}", file=sys.stderr)
         return 1
     return 0
+
+
+def failure_line(exc: BaseException) -> str:
+    """The ServerApp's own error (Flower wraps it), in one line."""
+    from fl_ietagc.protocol import one_line
+
+    while exc.__cause__ is not None and "Ending simulation" in str(exc):
+        exc = exc.__cause__
+    return f"{type(exc).__name__}: {one_line(str(exc)) if str(exc) else ''}"
 
 
 if __name__ == "__main__":

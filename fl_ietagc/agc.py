@@ -59,7 +59,13 @@ class MemoryBank:
         if state["values"].numel() != self.values.numel():
             raise ValueError(f"memory bank has {state['values'].numel()} slots, expected {self.values.numel()} "
                              f"(diffusion-steps changed?)")
+        lam, decay = float(state["lam"]), float(state["decay"])
+        if lam <= 0:
+            raise ValueError(f"agc-lambda must be > 0, got {lam}")
+        if not 0 <= decay < 1:
+            raise ValueError(f"agc-bank-decay must be in [0, 1), got {decay}")
         self.values = state["values"].to(device=self.values.device, dtype=torch.float64)
+        self.lam, self.decay = lam, decay
 
 
 def masked_mean(losses: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

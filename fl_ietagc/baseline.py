@@ -1,7 +1,9 @@
 """Centralized "default training": one model, all training images, no AGC (unless asked).
 
-The same `LocalTrainer` as the federated clients, on the whole training set. It writes the same
-run-directory layout as the ServerApp (kind = centralized), so evaluation treats both alike.
+The same `LocalTrainer` as the federated clients, on the whole training set, started from the same
+`initial_weights` (so `init-checkpoint` is honoured), and written through the same `RunDir`
+lifecycle as the ServerApp (kind = centralized): rounds committed atomically, resumable after any
+kill with `fl-ietagc resume RUN_DIR`, bit-identical to an uninterrupted run.
 
 Budget: `num-server-rounds` "rounds" of `local-epochs` epochs over all data; or, with
 `match_federated=K`, exactly the total number of optimizer steps that a K-client federated run of
@@ -11,19 +13,19 @@ the same config performs (R * E * sum_k floor(|D_k| / B)), as the paper matches 
 
 from __future__ import annotations
 
-import copy
 import time
 
 import numpy as np
-import torch
 
-from .checkpoints import RunDir, save_checkpoint
 from .config import ConfigError, RunConfig
 from .data import image_size, load_splits
+from .faults import fault_point
 from .images import write_sample_grid
-from .models import build_for_config, count_parameters
+from .initial_weights import initial_weights
+from .models import build_for_config, load_weights
+from .rundir import ACTIVE_RUNS, RunDir, register_active
 from .shards import shards_for_config
-from .trainer import LocalTrainer, TrainState, client_seed, pick_device
+from .trainer import LocalTrainer, NonFiniteError, TrainState, client_seed, pick_device
 
 
 def federated_total_steps(cfg: RunConfig, num_clients: int) -> int:
@@ -32,57 +34,87 @@ def federated_total_steps(cfg: RunConfig, num_clients: int) -> int:
     return cfg.num_server_rounds * cfg.local_epochs * sum(len(s) // cfg.batch_size for s in shards)
 
 
-def run_baseline(cfg: RunConfig, match_federated: int = 0, progress: bool = True) -> RunDir:
+def steps_per_round(cfg: RunConfig, num_train: int, match_federated: int) -> np.ndarray:
+    total = federated_total_steps(cfg, match_federated) if match_federated else \
+        cfg.num_server_rounds * cfg.local_epochs * (num_train // cfg.batch_size)
+    return np.diff(np.linspace(0, total, cfg.num_server_rounds + 1).round().astype(int))
+
+
+def run_baseline(cfg: RunConfig, match_federated: int = 0, progress: bool = True,
+                 resume: str | None = None) -> RunDir:
+    """Train (or, with `resume` = a run directory, continue) a centralized run; returns its RunDir."""
     splits = load_splits(cfg)
     n = len(splits.train)
     if cfg.batch_size > n:
         raise ConfigError(f"batch-size = {cfg.batch_size}: larger than the {n} training images")
     device = pick_device(cfg.device)
-    steps_per_epoch = n // cfg.batch_size
-    total = federated_total_steps(cfg, match_federated) if match_federated else \
-        cfg.num_server_rounds * cfg.local_epochs * steps_per_epoch
-    per_round = np.diff(np.linspace(0, total, cfg.num_server_rounds + 1).round().astype(int))
-
-    run = RunDir.create(cfg.output_dir, cfg.run_name, f"{cfg.dataset}-{cfg.preset}-centralized")
-    torch.manual_seed(cfg.seed)
-    model = build_for_config(cfg)
-    ema = copy.deepcopy(model)
-    run.write_config(cfg.to_dict(), kind="centralized", num_clients=1, num_parameters=count_parameters(model),
-                     image_size=image_size(cfg), channels=splits.train.channels, num_train_images=n,
-                     matched_federated_clients=match_federated, total_steps=int(total))
-    all_ids = np.arange(n)
-    run.write_shards([all_ids])
-    state = TrainState.fresh(all_ids)
+    if resume:
+        run = RunDir.reopen(resume)
+        stored = run.read_config()
+        if stored.get("kind") != "centralized":
+            raise ConfigError(f"resume: {run.path} is a {stored.get('kind')} run, not a centralized one")
+        differ = cfg.differing_keys({k: v for k, v in stored.items() if k in cfg.to_dict()})
+        if differ:
+            raise ConfigError(f"resume: the config differs from the run's in {', '.join(differ)}")
+        match_federated = int(stored.get("matched_federated_clients", 0))
+        blob = run.read_resume()
+        start, net_sd, ema_sd = int(blob["round"]), blob["net"], blob["ema"]
+        state = TrainState.from_dict(blob["state"]["trainer"])
+    else:
+        net_sd, ema_sd = initial_weights(cfg)
+        run = RunDir.create(cfg.output_dir, cfg.run_name, f"{cfg.dataset}-{cfg.preset}-centralized")
+        start, state = 0, TrainState.fresh(np.arange(n))
+    per_round = steps_per_round(cfg, n, match_federated)
+    model, ema = build_for_config(cfg), build_for_config(cfg)
+    load_weights(model, net_sd, "raw weights")
+    load_weights(ema, ema_sd, "EMA weights")
+    if not resume:
+        run.begin(cfg.to_dict(), [np.arange(n)], len(per_round), kind="centralized", num_clients=1,
+                  num_parameters=sum(v.numel() for v in net_sd.values()), image_size=image_size(cfg),
+                  channels=splits.train.channels, num_train_images=n, matched_federated_clients=match_federated,
+                  total_steps=int(per_round.sum()))
+        run.write_resume(0, net_sd, ema_sd, {"trainer": state.to_dict()})
     trainer = LocalTrainer(cfg, model, ema, splits.train.images, state, device)
+    register_active(run)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=int(total), desc="baseline", unit="step")
+        bar = tqdm(total=int(per_round.sum()), initial=int(per_round[:start].sum()), desc="baseline", unit="step")
+    before = (run.read_metrics() or [{}])[-1].get("elapsed-s", 0.0)
     t0 = time.time()
     try:
-        for r, steps in enumerate(per_round, start=1):
-            stats = trainer.run(epochs=0, seed=client_seed(cfg.seed, 0, r), max_steps=int(steps))
-            run.append_metrics({"round": r, "elapsed-s": time.time() - t0, "loss": stats.mean_loss,
-                                "skip-rate": stats.skip_rate, "kept": stats.kept, "skipped": stats.skipped,
-                                "steps": stats.steps, "skip-rate-per-client": [stats.skip_rate],
-                                "loss-per-client": [stats.mean_loss]})
-            run.write_skip_counts(state.skip_counts.numpy())
-            if r == len(per_round) or r % cfg.checkpoint_every == 0:
-                save_checkpoint(run.checkpoint(r), model.state_dict(), ema.state_dict(), round=r,
-                                config=cfg.to_dict())
+        run.write_status("running", round=start, num_rounds=len(per_round))
+        for r in range(start + 1, len(per_round) + 1):
+            try:
+                stats = trainer.run(epochs=0, seed=client_seed(cfg.seed, 0, r), max_steps=int(per_round[r - 1]))
+            except NonFiniteError as e:
+                raise FloatingPointError(f"round {r}, step {e.step}: {e.what} (lr {e.lr:g})") from e
+            record = {"round": r, "elapsed-s": before + time.time() - t0, "loss": stats.mean_loss,
+                      "skip-rate": stats.skip_rate, "kept": stats.kept, "skipped": stats.skipped,
+                      "steps": stats.steps, "skip-rate-per-client": [stats.skip_rate],
+                      "loss-per-client": [stats.mean_loss]}
+            run.commit_round(r, record, net=model.state_dict(), ema=ema.state_dict(), state={"trainer": state.to_dict()},
+                             config=cfg.to_dict(), skip_counts=state.skip_counts.numpy(),
+                             keep_checkpoint=r == len(per_round) or r % cfg.checkpoint_every == 0,
+                             num_rounds=len(per_round))
             if bar is not None:
                 bar.update(stats.steps)
                 bar.set_postfix(loss=f"{stats.mean_loss:.4f}", skip=f"{stats.skip_rate:.3f}")
-        save_checkpoint(run.final_checkpoint, model.state_dict(), ema.state_dict(), round=len(per_round),
-                        config=cfg.to_dict())
+            fault_point("between-rounds", r)
+        run.finish(model.state_dict(), ema.state_dict(), len(per_round), cfg.to_dict())
+        fault_point("final-sampling", len(per_round))
         if cfg.sample_count:
             write_sample_grid(cfg, model, run.samples_path, device)
-        run.write_status("completed", round=len(per_round), num_rounds=len(per_round), seconds=time.time() - t0)
+        run.mark_completed(len(per_round), seconds_this_session=time.time() - t0)
+    except KeyboardInterrupt:
+        run.mark_interrupted("KeyboardInterrupt")
+        raise
     except BaseException as exc:
-        run.write_failure(exc)
+        run.mark_failed(exc)
         raise
     finally:
+        ACTIVE_RUNS.discard(run)
         if bar is not None:
             bar.close()
     return run

@@ -1,46 +1,75 @@
-"""Run directories, global checkpoints and client-state files.
+"""File formats of a run: atomic writes, strict JSON, packed raw + EMA weights, weight checkpoints.
 
-A run directory (written by the ServerApp and by the centralized baseline alike):
+Every file of a run is written atomically: a temporary file beside the target, flushed to disk,
+then renamed over it. A crash (or a full disk) never leaves half a file, and a failed write removes
+its temporary file and raises `RunWriteError` naming the target and the real cause.
 
-    <output-dir>/<run-name>/
-        config.json          resolved run config (+ kind: federated | centralized, num-clients)
-        status.json          {"status": running | completed | failed, "error": ..., "round": ...}
-        metrics.json         one record per round (loss, skip rates, per-client stats, timings)
-        shards.npz           the training-set ids of every shard (shard_0, shard_1, ...)
-        skip_counts.npy      per training image: how often AGC skipped it, summed over the run
-        checkpoints/round_0001.pt ... and final.pt   {"net": state_dict, "ema": state_dict, ...}
-        samples.png          grid of samples from the final global (raw) weights
-        client-state/p<i>.pt per-client optimizer state, memory bank, step counter, skip counts
-
-Files are written atomically (temporary file, then rename), so a crash never leaves half a file.
+JSON is strict: NaN and infinities are written as null (Python's json would write bare `NaN`,
+which is not JSON). Checkpoints are torch files loaded with `weights_only=True` (no code runs).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-import time
-import traceback
+import threading
 from pathlib import Path
 
-import numpy as np
 import torch
 
 CHECKPOINT_FORMAT = "fl-ietagc-checkpoint/1"
 NET, EMA = "net.", "ema."
 
 
+class RunWriteError(OSError):
+    """A run file could not be written; the previous version of the file is intact."""
+
+
 def atomic_write_bytes(path: Path, writer) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        writer(f)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            writer(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise RunWriteError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
+        raise
+
+
+def json_safe(obj):
+    """`obj` with every non-finite float replaced by None (strict JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=False).encode()))
+    text = json.dumps(json_safe(obj), indent=2, allow_nan=False)
+    atomic_write_bytes(path, lambda f: f.write(text.encode()))
+
+
+def read_json(path: Path, what: str = "file"):
+    """Parse a JSON file of a run; an unreadable or corrupt one raises ValueError naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: corrupt {what} ({type(e).__name__}: {e})") from e
 
 
 def pack_weights(net: dict[str, torch.Tensor], ema: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -56,99 +85,34 @@ def unpack_weights(packed: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     return net, ema
 
 
-def save_checkpoint(path: Path, net: dict, ema: dict, *, round: int, config: dict, **meta) -> None:
-    blob = {"format": CHECKPOINT_FORMAT, "round": round, "config": config,
-            "net": {k: v.detach().cpu() for k, v in net.items()},
-            "ema": {k: v.detach().cpu() for k, v in ema.items()}, **meta}
+def cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in state.items()}
+
+
+def save_torch(path: Path, blob) -> None:
     atomic_write_bytes(path, lambda f: torch.save(blob, f))
 
 
-def load_checkpoint(path: str | Path) -> dict:
+def load_torch(path: str | Path, what: str, map_location="cpu"):
+    """torch.load with weights_only=True; a missing, empty or corrupt file raises an error naming it."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+        raise FileNotFoundError(f"{what} not found: {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: empty file, not a {what}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, not a torch file, or a pickle that would run code
+        raise ValueError(f"{path}: not a readable {what} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+
+
+def save_checkpoint(path: Path, net: dict, ema: dict, *, round: int, config: dict, **meta) -> None:
+    save_torch(path, {"format": CHECKPOINT_FORMAT, "round": round, "config": config,
+                      "net": cpu_state(net), "ema": cpu_state(ema), **meta})
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    blob = load_torch(path, "checkpoint")
     if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not an fl-ietagc checkpoint (expected format {CHECKPOINT_FORMAT})")
     return blob
-
-
-def save_client_state(path: Path, state_dict: dict) -> None:
-    atomic_write_bytes(path, lambda f: torch.save(state_dict, f))
-
-
-def load_client_state(path: Path, device: torch.device | str = "cpu") -> dict:
-    return torch.load(path, map_location=device, weights_only=True)
-
-
-class RunDir:
-    def __init__(self, path: str | Path):
-        self.path = Path(path).resolve()
-
-    # --- layout ---
-    config_path = property(lambda self: self.path / "config.json")
-    status_path = property(lambda self: self.path / "status.json")
-    metrics_path = property(lambda self: self.path / "metrics.json")
-    shards_path = property(lambda self: self.path / "shards.npz")
-    skip_counts_path = property(lambda self: self.path / "skip_counts.npy")
-    samples_path = property(lambda self: self.path / "samples.png")
-    final_checkpoint = property(lambda self: self.path / "checkpoints" / "final.pt")
-
-    def checkpoint(self, round: int) -> Path:
-        return self.path / "checkpoints" / f"round_{round:04d}.pt"
-
-    def client_state(self, partition_id: int, state_root: str | Path | None = None) -> Path:
-        root = Path(state_root) / self.path.name if state_root else self.path / "client-state"
-        return root / f"p{partition_id}.pt"
-
-    # --- creation ---
-    @classmethod
-    def create(cls, output_dir: str, run_name: str, default_name: str) -> "RunDir":
-        """A new run directory; refuses to reuse an existing non-empty one."""
-        base = Path(output_dir).expanduser()
-        name = run_name or f"{default_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        path = base / name
-        suffix = 1
-        while not run_name and path.exists():  # auto names never collide
-            suffix += 1
-            path = base / f"{name}-{suffix}"
-        if path.exists() and any(path.iterdir()):
-            raise FileExistsError(f"run-name = {run_name!r}: {path} already exists and is not empty")
-        path.mkdir(parents=True, exist_ok=True)
-        return cls(path)
-
-    # --- records ---
-    def write_config(self, config: dict, **extra) -> None:
-        atomic_write_json(self.config_path, {**config, **extra})
-
-    def read_config(self) -> dict:
-        return json.loads(self.config_path.read_text())
-
-    def write_status(self, status: str, **fields) -> None:
-        atomic_write_json(self.status_path, {"status": status, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                             **fields})
-
-    def write_failure(self, exc: BaseException) -> None:
-        self.write_status("failed", error=f"{type(exc).__name__}: {exc}",
-                          traceback="".join(traceback.format_exception(exc)))
-
-    def read_status(self) -> dict:
-        return json.loads(self.status_path.read_text()) if self.status_path.exists() else {"status": "missing"}
-
-    def append_metrics(self, record: dict) -> None:
-        records = self.read_metrics()
-        records.append(record)
-        atomic_write_json(self.metrics_path, records)
-
-    def read_metrics(self) -> list[dict]:
-        return json.loads(self.metrics_path.read_text()) if self.metrics_path.exists() else []
-
-    def write_shards(self, shards: list[np.ndarray]) -> None:
-        atomic_write_bytes(self.shards_path, lambda f: np.savez(f, **{f"shard_{i}": s for i, s in enumerate(shards)}))
-
-    def read_shards(self) -> list[np.ndarray]:
-        with np.load(self.shards_path) as z:
-            return [z[f"shard_{i}"] for i in range(len(z.files))]
-
-    def write_skip_counts(self, counts: np.ndarray) -> None:
-        atomic_write_bytes(self.skip_counts_path, lambda f: np.save(f, counts))

@@ -3,6 +3,7 @@
     fl-ietagc baseline [--config FILE.toml] [--run-config "k=v ..."] [--match-federated K] [--agc]
     fl-ietagc evaluate RUN_DIR [options]   # samples -> memorization (MQ, 1/3, Carlini, null) + FID -> report
     fl-ietagc compare RUN_DIR ...          # one table of the evaluated runs, relative to the first
+    fl-ietagc resume RUN_DIR [--backend-config JSON]  # continue a killed / failed / interrupted run
     fl-ietagc config                       # print every run-config key, default and meaning
 
 Run-config values use the same names and syntax as the Flower app (`flwr run -c`); `baseline`
@@ -12,34 +13,18 @@ turns AGC off unless `--agc` is given (the "AGC alone" ablation).
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
-import tomllib
 
-from .config import ConfigError, RunConfig, config_keys, parse_config
-
-
-def parse_overrides(text: str | None) -> dict:
-    """'k=v k2="s"' -> {k: v, k2: "s"}, values read as TOML (bare words fall back to strings)."""
-    out = {}
-    for item in shlex.split(text or ""):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"run-config item {item!r}: expected key=value")
-        try:
-            out[key] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            out[key] = value
-    return out
+from .config import ConfigError, RunConfig, config_keys, load_config_file, load_overrides, parse_config, \
+    parse_overrides  # noqa: F401  (parse_overrides: the override syntax, also used by tests and studies)
 
 
 def load_run_config(config_file: str | None, overrides: str | None, **forced) -> RunConfig:
     raw = {}
     if config_file:
-        with open(config_file, "rb") as f:
-            raw.update(tomllib.load(f))
+        raw.update(load_config_file(config_file))
     raw.update(forced)
-    raw.update(parse_overrides(overrides))
+    raw.update(load_overrides(overrides))
     return parse_config(raw)
 
 
@@ -52,6 +37,12 @@ def main(argv=None) -> int:
     b.add_argument("--match-federated", type=int, default=0, metavar="K",
                    help="train exactly as many steps as a K-client federated run of this config")
     b.add_argument("--agc", action="store_true", help="keep AGC on (the 'AGC alone' ablation)")
+    b.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this centralized run")
+    r = sub.add_parser("resume", help="continue a killed, failed or interrupted run (federated or centralized) "
+                                      "from its last completed round, with the config it was started with")
+    r.add_argument("run_dir")
+    r.add_argument("--backend-config", default=None, help="federated runs: Ray client resources (JSON, as for "
+                                                          "flower-simulation); default: the run's own")
     e = sub.add_parser("evaluate", help="memorization and quality of a run's global model; writes results.json "
                                         "and report.html into the run directory")
     e.add_argument("run_dir")
@@ -91,13 +82,17 @@ def main(argv=None) -> int:
         if args.command == "baseline":
             from .baseline import run_baseline
 
-            forced = {} if args.agc else {"agc": False}
-            cfg = load_run_config(args.config, args.run_config, **forced)
-            if not args.agc and cfg.agc:
-                raise ConfigError("agc = true: use --agc for a centralized run with AGC")
-            run = run_baseline(cfg, match_federated=args.match_federated)
-            print(f"baseline done: {run.path}")
-            return 0
+            if args.resume:
+                cfg = resume_config(args.resume, load_overrides(args.run_config))
+            else:
+                forced = {} if args.agc else {"agc": False}
+                cfg = load_run_config(args.config, args.run_config, **forced)
+                if not args.agc and cfg.agc:
+                    raise ConfigError("agc = true: use --agc for a centralized run with AGC")
+            return _finish(lambda: run_baseline(cfg, match_federated=args.match_federated, resume=args.resume),
+                           "baseline")
+        if args.command == "resume":
+            return _resume(args)
         if args.command == "evaluate":
             return _evaluate(args)
         if args.command == "compare":
@@ -111,6 +106,68 @@ def main(argv=None) -> int:
         print(f"fl-ietagc: invalid run config: {e}", file=sys.stderr)
         return 2
     return 1
+
+
+def resume_config(run_dir: str, overrides: dict) -> RunConfig:
+    """The config a run was started with (from its config.json); `overrides` may only repeat it."""
+    from .rundir import RunDir
+
+    run = RunDir(run_dir)
+    if not run.config_path.is_file():
+        raise ConfigError(f"resume: {run_dir} is not a run directory (no config.json)")
+    stored = run.read_config()
+    cfg = parse_config({k: v for k, v in stored.items() if k in RunConfig().to_dict()})
+    differ = [k for k, v in overrides.items() if cfg.to_dict().get(k) != v]
+    if differ:
+        raise ConfigError(f"resume: a resumed run keeps its config; {', '.join(differ)} differ from the run's")
+    return cfg
+
+
+def _resume(args) -> int:
+    from .rundir import RunDir
+
+    run = RunDir.check_resumable(args.run_dir)
+    kind = run.read_config().get("kind")
+    if kind == "centralized":
+        from .baseline import run_baseline
+
+        cfg = resume_config(args.run_dir, {})
+        return _finish(lambda: run_baseline(cfg, resume=args.run_dir), "resume")
+    import json
+    from pathlib import Path
+
+    from experiments import simulate
+
+    backend = args.backend_config or json.dumps(run.read_config().get("backend_config") or
+                                                {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    return simulate.main(["--app", str(Path(__file__).resolve().parents[1]), "--resume", str(run.path),
+                          "--backend-config", backend])
+
+
+def _finish(work, what: str) -> int:
+    """Run `work` (returns a RunDir); exit 1 with the run's one-line error if it fails, 130 on Ctrl-C."""
+    import signal
+
+    def terminate(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, terminate)  # SIGTERM stops a run as Ctrl-C does: marked interrupted
+    try:
+        run = work()
+    except KeyboardInterrupt:
+        print(f"fl-ietagc {what}: interrupted", file=sys.stderr)
+        return 130
+    except ConfigError:
+        raise
+    except Exception as e:
+        from .protocol import one_line
+
+        print(f"fl-ietagc {what}: run FAILED: {type(e).__name__}: {one_line(str(e))}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print(f"{what} done: {run.path}")
+    return 0
 
 
 def _evaluate(args) -> int:

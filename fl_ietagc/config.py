@@ -12,7 +12,11 @@ settings live in `experiments/configs/paper-cifar10.toml`.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import os
+import shlex
+import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -21,6 +25,7 @@ PRESETS = ("tiny", "ddpm-cifar10", "ddpm-afhq64")
 SHARDINGS = ("balanced", "random", "dirichlet")
 HFLIP_MODES = ("auto", "on", "off")
 DEVICES = ("auto", "cpu", "cuda")
+CLIENT_FAILURES = ("fail", "tolerate")
 SAMPLERS = ("ddim", "ddpm")
 
 
@@ -118,6 +123,12 @@ class RunConfig:
                                       _non_negative)
     round_timeout_s: float = _key("round-timeout-s", 7 * 24 * 3600.0, "how long the server waits for a round's "
                                   "replies", _positive)
+    client_failures: str = _key("client-failures", "fail", "a client that fails (error, NaN, no reply): fail = the "
+                                "run fails; tolerate = the round aggregates the clients that replied",
+                                choices=CLIENT_FAILURES)
+    min_clients_fraction: float = _key("min-clients-fraction", 1.0, "with client-failures = tolerate: the fraction "
+                                       "of K that must reply for a round to count",
+                                       lambda v: None if 0 < v <= 1 else "must be in (0, 1]")
     init_checkpoint: str = _key("init-checkpoint", "", "start from weights (fine-tuning): a checkpoint of this project, "
                                 "a diffusers UNet2DModel directory, or a hub id when online; empty = fresh")
     # --- outputs ---
@@ -129,6 +140,8 @@ class RunConfig:
                                  "round is always saved)", _at_least(1))
     sample_count: int = _key("sample-count", 64, "images in the final sample grid (0 = none)", _non_negative)
     sample_steps: int = _key("sample-steps", 50, "DDIM steps for the final sample grid", _at_least(1))
+    resume_from: str = _key("resume-from", "", "continue this run directory from its last completed round (set by "
+                            "`fl-ietagc resume` / `--resume`); every other key must equal the run's config.json")
 
     @property
     def resolved_hflip(self) -> bool:
@@ -139,6 +152,11 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         """Flat {run-config key: value}, the inverse of `parse_config`."""
         return {f.metadata["key"]: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def differing_keys(self, other: Mapping[str, Any], ignore: tuple = ("resume-from",)) -> list[str]:
+        """Keys whose value in `other` (a flat run-config mapping) differs from this config's."""
+        mine = self.to_dict()
+        return sorted(k for k in set(mine) | set(other) if k not in ignore and mine.get(k) != other.get(k))
 
     def replace(self, **overrides: Any) -> "RunConfig":
         """A copy with some keys changed (run-config names, e.g. {"agc-lambda": 3.0}), validated."""
@@ -180,7 +198,11 @@ def parse_config(raw: Mapping[str, Any]) -> RunConfig:
     known = {f.metadata["key"] for f in fields}
     unknown = sorted(set(raw) - known)
     if unknown:
-        raise ConfigError(f"unknown run-config key(s): {', '.join(unknown)} (known keys: {', '.join(sorted(known))})")
+        hints = []
+        for k in unknown:
+            near = difflib.get_close_matches(str(k), sorted(known), n=1)
+            hints.append(f"{k} (did you mean {near[0]}?)" if near else str(k))
+        raise ConfigError(f"unknown run-config key(s): {', '.join(hints)}; `fl-ietagc config` lists every key")
     values = {}
     for f in fields:
         name = f.metadata["key"]
@@ -216,8 +238,66 @@ def _check_cross_keys(cfg: RunConfig) -> None:
         raise ConfigError(f"ret-fraction = {cfg.ret_fraction}: only used with ret-every > 0")
     if not cfg.taa and (cfg.taa_gamma, cfg.taa_max_shift) != (defaults.taa_gamma, defaults.taa_max_shift):
         raise ConfigError("taa-gamma / taa-max-shift: only used with taa = true")
+    if cfg.client_failures == "fail" and cfg.min_clients_fraction != defaults.min_clients_fraction:
+        raise ConfigError(f"min-clients-fraction = {cfg.min_clients_fraction}: only used with "
+                          f"client-failures = \"tolerate\"")
     if cfg.image_size and cfg.image_size % 8:
         raise ConfigError(f"image-size = {cfg.image_size}: must be a multiple of 8 (the UNet downsamples 3 times)")
+
+
+def parse_overrides(text: str | None) -> dict:
+    """'k=v k2="s"' -> {k: v, k2: "s"}: every item is key=value, values read as TOML (a bare word is a
+    string). Anything that does not parse completely is refused, naming the item."""
+    try:
+        items = shlex.split(text or "")
+    except ValueError as e:
+        raise ConfigError(f"run-config {text!r}: {e} (unbalanced quotes?)") from e
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"run-config item {item!r}: expected key=value with no spaces around '=' "
+                              f"(quote values with spaces: key=\"a b\")")
+        if not value:
+            raise ConfigError(f"run-config item {item!r}: {key} has no value")
+        try:
+            out[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = value  # a bare word (or a quoted string, unquoted by the shell syntax) is a string
+        if key in out and isinstance(out[key], (dict, list)):
+            raise ConfigError(f"run-config item {item!r}: {key} takes a single value")
+    return out
+
+
+def load_config_file(path: str) -> dict:
+    """A TOML file of run-config keys (flat, or under [tool.flwr.app.config])."""
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path}: not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path}: cannot be read ({e})") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path}: not valid TOML ({e})") from e
+    table = raw.get("tool", {}).get("flwr", {}).get("app", {}).get("config", raw) if "tool" in raw else raw
+    nested = [k for k, v in table.items() if isinstance(v, dict)]
+    if nested:
+        raise ConfigError(f"config file {path}: run-config keys are flat; tables are not keys ({', '.join(nested)})")
+    return dict(table)
+
+
+def load_overrides(text: str | None) -> dict:
+    """A --run-config / -c argument: a TOML file (a path ending in .toml, or an existing file) or 'k=v ...'."""
+    if not text or not text.strip():
+        return {}
+    stripped = text.strip()
+    if stripped.endswith(".toml") or ("=" not in stripped and os.path.isfile(stripped)):
+        return load_config_file(stripped)
+    if "=" not in stripped:
+        raise ConfigError(f"run-config {text!r}: neither key=value items nor an existing .toml file")
+    return parse_overrides(stripped)
 
 
 def toml_value(v: Any) -> str:

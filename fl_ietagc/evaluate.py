@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoints import RunDir, atomic_write_json, load_checkpoint
+from .checkpoints import atomic_write_json, load_checkpoint
+from .rundir import RunDir
 from .config import config_keys, parse_config
 from .data import image_size, load_splits
 from .diffusion import Diffusion, sample

@@ -18,6 +18,7 @@ import torch
 from .checkpoints import pack_weights, unpack_weights
 from .config import RunConfig
 from .data import load_splits
+from .initial_weights import initial_weights
 from .models import build_for_config
 from .shards import shards_for_config
 from .trainer import LocalTrainer, RoundStats, TrainState, client_seed, pick_device
@@ -49,9 +50,7 @@ def run_iet_loop(cfg: RunConfig, num_clients: int, device: torch.device | None =
     device = device or pick_device(cfg.device)
     shards = shards_for_config(cfg, num_clients)
     images = load_splits(cfg).train.images
-    torch.manual_seed(cfg.seed)
-    net = build_for_config(cfg)
-    g_net, g_ema = net.state_dict(), copy.deepcopy(net).state_dict()
+    g_net, g_ema = initial_weights(cfg)
     states = [TrainState.fresh(s) for s in shards]
     result = LoopResult(net={}, ema={}, states=states)
     t0 = time.perf_counter()

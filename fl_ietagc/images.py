@@ -15,10 +15,12 @@ def to_unit_range(x: torch.Tensor) -> torch.Tensor:
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
     """Save images in [-1, 1] (N, C, H, W) as one PNG grid, about square."""
+    from .checkpoints import atomic_write_bytes
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     nrow = nrow or max(1, int(math.ceil(math.sqrt(images.shape[0]))))
-    save_image(make_grid(to_unit_range(images), nrow=nrow, padding=2, pad_value=1.0), path)
+    grid = make_grid(to_unit_range(images), nrow=nrow, padding=2, pad_value=1.0)
+    atomic_write_bytes(path, lambda f: save_image(grid, f, format="png"))
     return path
 
 

@@ -54,7 +54,7 @@ def nearest_neighbours(queries: torch.Tensor, train: torch.Tensor, k: int = 50, 
     x = flatten_unit(train).to(device)
     x_norm = x.pow(2).sum(1)
     integer = queries.dtype == torch.uint8 and train.dtype == torch.uint8
-    x_exact = train.reshape(train.shape[0], -1).to(device, torch.int16 if integer else torch.float64)
+    x_exact = _exact_form(train, integer).to(device)
     n_cand = min(k + CANDIDATE_MARGIN, x.shape[0])
     out_d2, out_idx = [], []
     tf32 = torch.backends.cuda.matmul.allow_tf32
@@ -70,14 +70,26 @@ def nearest_neighbours(queries: torch.Tensor, train: torch.Tensor, k: int = 50, 
             approx = (q.pow(2).sum(1, keepdim=True) + x_norm[None]).addmm_(q, x.T, alpha=-2.0)
             cand = approx.topk(n_cand, dim=1, largest=False).indices
             del approx
-            q_exact = queries[s:s + chunk].reshape(q.shape[0], -1).to(device, x_exact.dtype)
+            q_exact = _exact_form(queries[s:s + chunk], integer).to(device)
             exact = _exact_d2(q_exact, x_exact, cand)
             order = exact.argsort(dim=1, stable=True)[:, :k]
             out_d2.append(exact.gather(1, order).cpu())
             out_idx.append(cand.gather(1, order).cpu())
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
+    if not out_d2:  # no queries
+        return Neighbours(torch.empty((0, k), dtype=torch.float64), torch.empty((0, k), dtype=torch.long),
+                          x.shape[1])
     return Neighbours(torch.cat(out_d2), torch.cat(out_idx), x.shape[1])
+
+
+def _exact_form(images: torch.Tensor, integer: bool) -> torch.Tensor:
+    """(N, D) for the exact recomputation: int16 [0, 255] when both sides are uint8, else float64 in [0, 1]
+    (a uint8 side of a mixed pair is scaled by 1/255, as flatten_unit does)."""
+    x = images.reshape(images.shape[0], -1)
+    if integer:
+        return x.to(torch.int16)
+    return x.double().div_(255.0) if images.dtype == torch.uint8 else x.double()
 
 
 def _exact_d2(q: torch.Tensor, x: torch.Tensor, cand: torch.Tensor, rows: int = 64) -> torch.Tensor:

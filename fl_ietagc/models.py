@@ -82,9 +82,14 @@ def load_diffusers_unet(model: UNet2DModel, source: str) -> dict:
     when online) after checking that its architecture is exactly `model`'s."""
     try:
         pretrained = UNet2DModel.from_pretrained(source)
-    except Exception as e:  # missing directory, no network for a hub id, not a UNet2DModel, ...
+    except (OSError, ValueError) as e:  # missing directory/file, no network for a hub id, bad JSON, bad weights
         raise ConfigError(f"init-checkpoint = {source!r}: cannot load a diffusers UNet2DModel from it "
-                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+                          f"({_describe(e)})") from e
+    except RuntimeError as e:  # torch: the weights do not fit the directory's own config
+        if not str(e).startswith("Error(s) in loading state_dict"):
+            raise
+        raise ConfigError(f"init-checkpoint = {source!r}: cannot load a diffusers UNet2DModel from it "
+                          f"({_describe(e)})") from e
     ours, theirs = dict(model.config), dict(pretrained.config)
     differ = sorted(k for k in (set(ours) | set(theirs)) - _NOT_ARCHITECTURE
                     if _normal(ours.get(k)) != _normal(theirs.get(k)))
@@ -92,6 +97,19 @@ def load_diffusers_unet(model: UNet2DModel, source: str) -> dict:
         detail = ", ".join(f"{k}: ours {ours.get(k)!r} vs {theirs.get(k)!r}" for k in differ)
         raise ConfigError(f"init-checkpoint = {source!r}: architecture differs from the run's preset ({detail})")
     return pretrained.state_dict()
+
+
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def _describe(e: BaseException) -> str:
+    """The error's first line and, when diffusers re-raised it from another, the root cause's (e.g. offline mode)."""
+    root, seen = e, {id(e)}
+    while (nxt := root.__cause__ or root.__context__) is not None and id(nxt) not in seen:
+        root = nxt
+        seen.add(id(root))
+    return _first_line(e) if root is e else f"{_first_line(e)}; cause: {_first_line(root)}"
 
 
 def _normal(v):

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from .agc import MemoryBank, masked_mean
+from .checkpoints import load_torch, save_torch
 from .config import RunConfig
 from .diffusion import Diffusion
 from .ret import taa_strength, translate
@@ -60,6 +62,28 @@ class TrainState:
     def from_dict(cls, d: dict) -> "TrainState":
         return cls(**d)
 
+    def save(self, path: Path) -> None:
+        save_torch(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: Path, token: str, image_ids, device: torch.device | str = "cpu",
+             allow_remap: bool = False) -> "TrainState":
+        """A client's saved state, checked to belong to run `token` and to the shard `image_ids`.
+        With `allow_remap` (RET moved images between shards) per-image records follow the images."""
+        blob = load_torch(path, "client state", map_location=device)
+        if not isinstance(blob, dict) or set(blob) != set(cls.fresh([]).to_dict()):
+            raise ValueError(f"{path}: not a client state of this version")
+        state = cls.from_dict(blob)
+        if state.token != token:
+            raise RuntimeError(f"client state {path} belongs to another run (token {state.token!r} != {token!r})")
+        state.image_ids, state.skip_counts = state.image_ids.cpu(), state.skip_counts.cpu()
+        state.aug_strength = state.aug_strength.cpu()
+        if not torch.equal(state.image_ids, torch.as_tensor(image_ids, dtype=torch.long)):
+            if not allow_remap:
+                raise RuntimeError(f"client state {path} was made for a different shard")
+            state.remap(image_ids)
+        return state
+
 
 @dataclass
 class RoundStats:
@@ -75,6 +99,19 @@ class RoundStats:
     @property
     def skip_rate(self) -> float:
         return self.skipped / self.samples if self.samples else 0.0
+
+
+class NonFiniteError(FloatingPointError):
+    """Training produced a NaN/Inf loss or gradient; `step` is the client's 1-based optimizer step."""
+
+    def __init__(self, step: int, what: str, lr: float):
+        super().__init__(f"step {step}: {what} (lr {lr:g})")
+        self.step, self.what, self.lr = step, what, lr
+
+
+# the device-side non-finite flag is read every this many steps (and at the end of a round): a run with a NaN
+# stops within this many steps, without a host synchronisation per step
+NONFINITE_CHECK_EVERY = 25
 
 
 def warmup_lr(base_lr: float, step: int, warmup_steps: int) -> float:
@@ -130,6 +167,9 @@ class LocalTrainer:
         aug = self.state.aug_strength.to(dev) if cfg.taa else None
         anchor = [p.detach().clone() for p in self.params] if prox_mu > 0 else None
         steps, t0 = 0, time.perf_counter()
+        step_no = torch.tensor(self.state.step, device=dev)  # the client's step counter, kept on the device
+        first_bad = torch.full((), -1, dtype=torch.long, device=dev)  # first step with a non-finite loss/grad
+        bad_loss = torch.zeros((), device=dev)
         total = self.steps_per_epoch() * epochs if max_steps is None else max_steps
         if self.steps_per_epoch() == 0 and (epochs > 0 or max_steps):
             raise ValueError(f"batch-size = {bs}: larger than this shard's {n} images (no full batch)")
@@ -162,8 +202,13 @@ class LocalTrainer:
                     group["lr"] = lr
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                step_no += 1
+                bad = ~torch.isfinite(losses.detach()).all()
                 if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+                    bad |= ~torch.isfinite(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip))
+                first = bad & (first_bad < 0)
+                first_bad = torch.where(first, step_no, first_bad)
+                bad_loss = torch.where(first, losses.detach().float().sum(), bad_loss)
                 self.optimizer.step()
                 with torch.no_grad():
                     torch._foreach_lerp_(ema_params, self.params, 1.0 - cfg.ema_decay)
@@ -172,6 +217,9 @@ class LocalTrainer:
                 round_skips.index_add_(0, idx, (~keep).long())
                 self.state.step += 1
                 steps += 1
+                if steps % NONFINITE_CHECK_EVERY == 0:
+                    self._raise_if_nonfinite(first_bad, bad_loss)
+        self._raise_if_nonfinite(first_bad, bad_loss)
         samples = steps * bs
         kept = int(kept_sum)
         round_skips = round_skips.cpu()
@@ -185,6 +233,16 @@ class LocalTrainer:
                           mean_loss=float(loss_sum) / max(samples, 1), skip_counts=round_skips,
                           seconds=time.perf_counter() - t0, lr=warmup_lr(cfg.lr, max(self.state.step - 1, 0),
                                                                          cfg.warmup_steps))
+
+
+    def _raise_if_nonfinite(self, first_bad: torch.Tensor, bad_loss: torch.Tensor) -> None:
+        step = int(first_bad)  # the one host synchronisation, every NONFINITE_CHECK_EVERY steps
+        if step < 0:
+            return
+        value = float(bad_loss)
+        what = ("loss is NaN" if value != value else "loss is Inf" if abs(value) == float("inf")
+                else "gradient norm is not finite")
+        raise NonFiniteError(step, what, warmup_lr(self.cfg.lr, step - 1, self.cfg.warmup_steps))
 
 
 def proximal_term(params: list[torch.Tensor], anchor: list[torch.Tensor]) -> torch.Tensor:

@@ -2,109 +2,112 @@
 
 Mixed in front of a Flower strategy (e.g. `class IET(AppStrategyMixin, FedAvg)`), it
 
-- sends the run's settings to the clients with every round (run dir, run token, K, and whether
-  clients start fresh state), through `configure_train`;
-- fails the run if any client reply is an error or missing (Flower would silently average the
-  rest and report the run as completed);
-- sorts the replies by partition id before aggregating, so float sums, and hence the final
+- sends the run's settings to the clients with every round (run dir, run token, K, the round of each
+  client's state to start from, RET shards), through `configure_train`;
+- sorts out the replies before Flower aggregates them: a client that reported an error, a Flower error
+  (a dead actor or SuperNode), a missing reply and a reply with non-finite weights are each a
+  `ClientFailure` naming its partition and round. With `client-failures = "fail"` any failure stops the
+  run (Flower would silently average the rest); with `"tolerate"` the round aggregates the replies it got
+  (weights renormalised over them) as long as at least `min-clients-fraction` of K replied;
+- sorts the good replies by partition id before aggregating, so float sums, and hence the final
   weights, are the same in every run with the same seed and config;
-- keeps a per-round summary (loss, kept/skipped counts, skip rate per client and overall,
-  per-image skip counts by global image id) for the ServerApp to log and write.
+- keeps the round's summary (`last_round`, `last_failures`) for the ServerApp to log and write.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-INFO_KEY = "info"  # ConfigRecord in each train reply: partition id, image ids, per-image skip counts
+from fl_ietagc import protocol as P
+from fl_ietagc.protocol import ClientFailure, ClientRound, one_line, round_metrics
 
 
 class ClientRoundError(RuntimeError):
-    """A client failed (or did not reply) in a round; the run stops."""
+    """Clients failed (or did not reply) in a round and the failure policy stops the run."""
+
+    def __init__(self, failures: list[ClientFailure], why: str = ""):
+        more = f" (and {len(failures) - 1} more client failure(s))" if len(failures) > 1 else ""
+        super().__init__(f"{failures[0].line()}{more}{why}")
+        self.failures = failures
 
 
-@dataclass
-class ClientRound:
-    partition_id: int
-    num_examples: int
-    loss: float
-    kept: int
-    skipped: int
-    steps: int
-    seconds: float
-    client_step: int  # the client's optimizer step counter after this round (persists across rounds)
-    image_ids: np.ndarray
-    skip_counts: np.ndarray
-
-    @property
-    def skip_rate(self) -> float:
-        total = self.kept + self.skipped
-        return self.skipped / total if total else 0.0
-
-    @classmethod
-    def from_content(cls, content: RecordDict) -> "ClientRound":
-        metrics = next(iter(content.metric_records.values()))
-        info = content.config_records[INFO_KEY]
-        return cls(partition_id=int(info["partition-id"]), num_examples=int(metrics["num-examples"]),
-                   loss=float(metrics["loss"]), kept=int(metrics["kept"]), skipped=int(metrics["skipped"]),
-                   steps=int(metrics["steps"]), seconds=float(metrics["seconds"]),
-                   client_step=int(metrics["client-step"]), image_ids=np.asarray(info["image-ids"], np.int64),
-                   skip_counts=np.asarray(info["skip-counts"], np.int64))
-
-
-def round_metrics(clients: list[ClientRound]) -> dict:
-    """Loss (size-weighted), overall and per-client skip rates of one round, clients in partition order."""
-    n = sum(c.num_examples for c in clients)
-    kept = sum(c.kept for c in clients)
-    skipped = sum(c.skipped for c in clients)
-    return {"loss": sum(c.loss * c.num_examples for c in clients) / n,
-            "skip-rate": skipped / max(kept + skipped, 1), "kept": kept, "skipped": skipped,
-            "steps": sum(c.steps for c in clients), "client-seconds-max": max(c.seconds for c in clients),
-            "skip-rate-per-client": [c.skip_rate for c in clients],
-            "loss-per-client": [c.loss for c in clients]}
+def client_round(content: RecordDict) -> ClientRound:
+    return ClientRound.from_records(content.metric_records[P.METRICS], content.config_records[P.INFO])
 
 
 def aggregate_client_metrics(contents: list[RecordDict], weighted_by_key: str) -> MetricRecord:
     """Flower's `train_metrics_aggr_fn` hook: our round metrics instead of a blind weighted mean."""
-    return MetricRecord(round_metrics([ClientRound.from_content(c) for c in contents]))
+    return MetricRecord(round_metrics([client_round(c) for c in contents]))
 
 
 def partition_of(reply: Message) -> int:
-    return int(reply.content.config_records[INFO_KEY]["partition-id"])
+    return int(reply.content.config_records[P.INFO]["partition-id"])
+
+
+def nonfinite_keys(arrays: ArrayRecord) -> list[str]:
+    return [k for k, a in arrays.items() if not np.isfinite(a.numpy()).all()]
 
 
 class AppStrategyMixin:
-    """Put in front of a Flower strategy class. Call `setup_app(...)` before `start()`."""
+    """Put in front of a Flower strategy class. Call `setup_app(...)` before the first round."""
 
     client_flags: dict = {}  # extra round config for the clients, e.g. {"reset-optimizer": True}
 
-    def setup_app(self, num_clients: int, round_config: dict) -> None:
+    def setup_app(self, num_clients: int, round_config: dict, failure_policy: str = "fail",
+                  min_clients_fraction: float = 1.0) -> None:
         self.num_clients = num_clients
         self.round_config = dict(round_config)
+        self.failure_policy = failure_policy
+        self.min_clients = max(1, math.ceil(min_clients_fraction * num_clients - 1e-9))
         self.last_round: list[ClientRound] = []
+        self.last_failures: list[ClientFailure] = []
+        self.node_partitions: dict[int, int] = {}  # Flower node id -> partition, learnt from replies
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         for key, value in {**self.round_config, **self.client_flags}.items():
             config[key] = value
-        config["fresh-state"] = server_round == 1
         return super().configure_train(server_round, arrays, config, grid)
 
+    def sort_replies(self, server_round: int, replies: list[Message]) -> tuple[list[Message], list[ClientFailure]]:
+        """(good replies in partition order, failures)."""
+        good, failures = [], []
+        for m in replies:
+            if m.has_error():  # Flower's own error: the ClientApp process or actor died, or a timeout
+                node = m.metadata.src_node_id
+                failures.append(ClientFailure(self.node_partitions.get(node, -1), server_round,
+                                              f"Flower error on node {node}: {one_line(m.error.reason)}",
+                                              traceback=str(m.error.reason)))
+            elif P.ERROR in m.content.config_records:  # the ClientApp caught its own error
+                failures.append(ClientFailure.from_record(m.content.config_records[P.ERROR]))
+            else:
+                self.node_partitions[m.metadata.src_node_id] = partition_of(m)
+                bad = nonfinite_keys(m.content[P.ARRAYS])
+                if bad:
+                    failures.append(ClientFailure(partition_of(m), server_round,
+                                                  f"returned non-finite weights ({len(bad)} arrays, e.g. {bad[0]})"))
+                else:
+                    good.append(m)
+        seen = {partition_of(m) for m in good} | {f.partition_id for f in failures}
+        for pid in sorted(set(range(self.num_clients)) - seen):
+            if not any(f.partition_id < 0 for f in failures):
+                failures.append(ClientFailure(pid, server_round, "no reply (timed out, or partition ids are "
+                                                                 "misconfigured)"))
+        good.sort(key=partition_of)
+        return good, sorted(failures, key=lambda f: f.partition_id)
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        replies = list(replies)
-        errors = [m for m in replies if m.has_error()]
-        if errors:
-            reasons = "; ".join(f"node {m.metadata.src_node_id}: {m.error.reason}" for m in errors)
-            raise ClientRoundError(f"round {server_round}: {len(errors)} client(s) failed: {reasons}")
-        got = sorted(partition_of(m) for m in replies)
-        if got != list(range(self.num_clients)):
-            raise ClientRoundError(f"round {server_round}: expected replies from partitions 0..{self.num_clients - 1}, "
-                                   f"got {got} (a client timed out or partition ids are misconfigured)")
-        replies.sort(key=partition_of)
-        self.last_round = [ClientRound.from_content(m.content) for m in replies]
-        return super().aggregate_train(server_round, replies)
+        good, failures = self.sort_replies(server_round, list(replies))
+        self.last_failures = failures
+        self.last_round = [client_round(m.content) for m in good]
+        if failures and self.failure_policy == "fail":
+            raise ClientRoundError(failures)
+        if len(good) < self.min_clients:
+            raise ClientRoundError(failures, f"; only {len(good)} of {self.num_clients} clients replied, "
+                                             f"min-clients-fraction needs {self.min_clients}")
+        return super().aggregate_train(server_round, good)

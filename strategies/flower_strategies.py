@@ -70,7 +70,9 @@ class AppDPFixedClipping(AppStrategyMixin, DifferentialPrivacyServerSideFixedCli
     meaningful privacy guarantee (client-level DP needs many clients per round).
     """
 
-    def setup_app(self, num_clients: int, round_config: dict) -> None:
-        super().setup_app(num_clients, round_config)
-        self.strategy.setup_app(num_clients, round_config)
+    def setup_app(self, num_clients: int, round_config: dict, failure_policy: str = "fail",
+                  min_clients_fraction: float = 1.0) -> None:
+        super().setup_app(num_clients, round_config, failure_policy, min_clients_fraction)
+        self.strategy.setup_app(num_clients, round_config, failure_policy, min_clients_fraction)
+        self.strategy.round_config = self.round_config  # one dict: what the ServerApp updates, both send
         self.client_flags = getattr(self.strategy, "client_flags", {})

@@ -1,20 +1,28 @@
-"""The Flower ServerApp: validate, build the initial model, run R rounds, write the run directory.
+"""The Flower ServerApp: validate, start or resume a run, train R rounds, write the run directory.
 
-Order of work: parse and validate the run config (and the data it names) before anything is
-trained; create the run directory; initial weights (fresh from the seed, or `init-checkpoint`);
-`strategy.start(...)` for R rounds, writing the global raw + EMA weights, the metrics and the skip
-counts after every round; at the end, `final.pt` and a grid of samples. Any failure (a client
-error included) is written to `status.json` and re-raised, so the run fails visibly.
+Order of work: parse and validate the run config (and the data it names) before anything is trained;
+create the run directory (or reopen the one `resume-from` names, rolled back to its last committed
+round, with a config that must equal the one it was started with); initial weights (fresh from the
+seed, or `init-checkpoint`); then the rounds, each committed atomically through `RunDir.commit_round`
+(metrics, skip counts, checkpoint, and the resume point: global raw + EMA weights, the strategy's own
+state, numpy's RNG, RET shards, skip totals and which round's state each client starts from); at the
+end, `final.pt` and a grid of samples.
+
+The rounds are this module's own loop over the strategy's `configure_train` / `aggregate_train`
+(Flower's `Strategy.start` always begins at round 1 and cannot resume): true round numbers reach the
+clients (their seeds) and the strategy (FedAdam's bias correction). A failure is written to
+`status.json` as one line (client tracebacks go to `logs/client-p<P>-r<R>.log`, the server's to
+`logs/failure.log`) and re-raised, so the run fails visibly.
 """
 
 from __future__ import annotations
 
-import copy
+import json
 import os
-import re
 import time
 import uuid
-from logging import INFO
+from dataclasses import dataclass
+from logging import ERROR, INFO
 
 import numpy as np
 import torch
@@ -22,37 +30,80 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fl_ietagc.checkpoints import RunDir, load_checkpoint, pack_weights, save_checkpoint, unpack_weights
+from fl_ietagc import protocol as P
+from fl_ietagc.checkpoints import pack_weights, unpack_weights
 from fl_ietagc.config import ConfigError, RunConfig, parse_config
 from fl_ietagc.data import image_size, load_splits
+from fl_ietagc.faults import fault_point
 from fl_ietagc.images import write_sample_grid
-from fl_ietagc.models import build_for_config, load_diffusers_unet, load_weights
+from fl_ietagc.initial_weights import initial_weights  # noqa: F401  (also imported from here by users)
+from fl_ietagc.models import build_for_config, load_weights
+from fl_ietagc.protocol import round_metrics
 from fl_ietagc.ret import redistribute
+from fl_ietagc.rundir import ACTIVE_RUNS, RunDir, register_active
 from fl_ietagc.shards import shards_for_config
 from fl_ietagc.trainer import pick_device
 
-from .base import round_metrics
 from .registry import build_strategy, check_strategy
+from .state import export_state, import_state
 
 NODE_WAIT_S = 120
 
 app = ServerApp()
 
 
+@dataclass
+class ServerState:
+    """Everything on the server side that the next round depends on (saved in resume.pt)."""
+
+    token: str
+    shards: list[np.ndarray]
+    state_rounds: list[int]  # per partition: the round whose client state it starts the next round from
+    skip_totals: np.ndarray  # per training image, over the run
+    skip_period: np.ndarray  # per training image, since the last RET redistribution
+    ret_events: int = 0
+
+    def to_saved(self, strategy) -> dict:
+        return {"token": self.token, "shards": [torch.from_numpy(s) for s in self.shards],
+                "state-rounds": list(self.state_rounds), "skip-totals": torch.from_numpy(self.skip_totals),
+                "skip-period": torch.from_numpy(self.skip_period), "ret-events": self.ret_events,
+                "strategy": export_state(strategy)}
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> "ServerState":
+        return cls(token=saved["token"], shards=[s.numpy() for s in saved["shards"]],
+                   state_rounds=list(saved["state-rounds"]), skip_totals=saved["skip-totals"].numpy().copy(),
+                   skip_period=saved["skip-period"].numpy().copy(), ret_events=int(saved["ret-events"]))
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = parse_config(context.run_config)
     check_strategy(cfg.strategy, cfg)
-    num_clients = resolve_num_clients(cfg, grid)
-    shards = shards_for_config(cfg, num_clients)  # validates the data against K and batch-size
-    net, ema = initial_weights(cfg)  # validates init-checkpoint
-    run = RunDir.create(cfg.output_dir, cfg.run_name, f"{cfg.dataset}-{cfg.preset}-k{num_clients}")
-    log(INFO, "fl-ietagc: run directory %s", run.path)
+    if cfg.resume_from:
+        run, num_clients, start_round, net, ema, saved = reopen_run(cfg)
+    else:
+        num_clients = resolve_num_clients(cfg, grid)
+        shards = shards_for_config(cfg, num_clients)  # validates the data against K and batch-size
+        net, ema = initial_weights(cfg)  # validates init-checkpoint
+        run = RunDir.create(cfg.output_dir, cfg.run_name, f"{cfg.dataset}-{cfg.preset}-k{num_clients}")
+        start_round, saved = 0, None
+    log(INFO, "fl-ietagc: run directory %s%s", run.path, f" (resumed after round {start_round})" if saved else "")
+    register_active(run)
     try:
-        run_federated(grid, cfg, num_clients, shards, run, net, ema)
+        if saved is None:
+            saved = begin_run(cfg, run, num_clients, shards, net, ema)
+        run_federated(grid, cfg, run, num_clients, start_round, net, ema, saved)
     except BaseException as exc:
-        run.write_failure(exc)
+        if isinstance(exc, KeyboardInterrupt):
+            run.mark_interrupted("KeyboardInterrupt")
+        else:
+            run.mark_failed(exc)
+            log(ERROR, "fl-ietagc: run failed: %s | status, tracebacks: %s, %s", run.read_status()["error"],
+                run.status_path, run.logs_dir)
         raise
+    finally:
+        ACTIVE_RUNS.discard(run)
 
 
 def resolve_num_clients(cfg: RunConfig, grid: Grid) -> int:
@@ -69,97 +120,123 @@ def resolve_num_clients(cfg: RunConfig, grid: Grid) -> int:
         time.sleep(1.0)
 
 
-def initial_weights(cfg: RunConfig) -> tuple[dict, dict]:
-    """Raw and EMA state dicts to start from: fresh from the seed, or init-checkpoint's."""
-    torch.manual_seed(cfg.seed)
-    net = build_for_config(cfg)
-    ema = copy.deepcopy(net)
-    source = cfg.init_checkpoint
-    if source and not os.path.isfile(source) and (os.path.isdir(source) or _looks_like_hub_id(source)):
-        weights = load_diffusers_unet(net, source)  # a diffusers UNet: same weights for raw and EMA
-        load_weights(net, weights, f"init-checkpoint {source}")
-        load_weights(ema, weights, f"init-checkpoint {source}")
-    elif source:
-        try:
-            blob = load_checkpoint(source)
-        except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(f"init-checkpoint = {source!r}: {e}") from e
-        load_weights(net, blob["net"], f"init-checkpoint {source} (raw)")
-        load_weights(ema, blob["ema"], f"init-checkpoint {source} (EMA)")
-    return net.state_dict(), ema.state_dict()
+def check_resume_config(cfg: RunConfig, stored: dict) -> None:
+    """A resumed run keeps the config it was started with; name every key that differs."""
+    differ = cfg.differing_keys({k: v for k, v in stored.items() if k in cfg.to_dict()})
+    if differ:
+        detail = ", ".join(f"{k} = {cfg.to_dict()[k]!r} (run has {stored.get(k)!r})" for k in differ)
+        raise ConfigError(f"resume-from = {cfg.resume_from!r}: the config differs from the run's: {detail}")
 
 
-def _looks_like_hub_id(source: str) -> bool:
-    return re.fullmatch(r"[\w.-]+/[\w.-]+", source) is not None and not os.path.exists(source)
+def reopen_run(cfg: RunConfig):
+    run = RunDir.reopen(cfg.resume_from)
+    stored = run.read_config()
+    if stored.get("kind") != "federated":
+        raise ConfigError(f"resume-from = {cfg.resume_from!r}: a {stored.get('kind')} run; resume it with "
+                          f"fl-ietagc resume")
+    check_resume_config(cfg, stored)
+    blob = run.read_resume()
+    return run, int(stored["num_clients"]), int(blob["round"]), blob["net"], blob["ema"], blob["state"]
 
 
-def run_federated(grid: Grid, cfg: RunConfig, num_clients: int, shards: list[np.ndarray], run: RunDir,
-                  net: dict, ema: dict) -> None:
+def begin_run(cfg: RunConfig, run: RunDir, num_clients: int, shards: list[np.ndarray], net: dict, ema: dict) -> dict:
+    """Record a new run and its round-0 commit point; returns the saved server state."""
     splits = load_splits(cfg)
-    n_params = sum(v.numel() for v in net.values())
-    run.write_config(cfg.to_dict(), kind="federated", num_clients=num_clients, num_parameters=n_params,
-                     image_size=image_size(cfg), channels=splits.train.channels, num_train_images=len(splits.train))
-    run.write_shards(shards)
-    run.write_status("running", round=0, num_rounds=cfg.num_server_rounds)
-    skip_totals = np.zeros(len(splits.train), np.int64)
-    skip_period = np.zeros(len(splits.train), np.int64)  # since the last RET redistribution
-    log(INFO, "fl-ietagc: %d clients, shard sizes %s, %s preset (%s parameters), %d rounds x %d local epochs",
-        num_clients, [len(s) for s in shards], cfg.preset, f"{n_params:,}", cfg.num_server_rounds, cfg.local_epochs)
-
+    launch = json.loads(os.environ.get("FL_IETAGC_BACKEND_CONFIG", "null"))  # set by flower-simulation
+    run.begin(cfg.to_dict(), shards, cfg.num_server_rounds, kind="federated", num_clients=num_clients,
+              backend_config=launch,
+              num_parameters=sum(v.numel() for v in net.values()), image_size=image_size(cfg),
+              channels=splits.train.channels, num_train_images=len(splits.train))
+    n = len(splits.train)
+    state = ServerState(token=uuid.uuid4().hex, shards=shards, state_rounds=[0] * num_clients,
+                        skip_totals=np.zeros(n, np.int64), skip_period=np.zeros(n, np.int64))
     np.random.seed(cfg.seed)  # Flower's DP wrapper draws its noise from numpy's global generator
+    saved = state.to_saved(build_strategy(cfg, num_clients))
+    run.write_resume(0, net, ema, saved)
+    return saved
+
+
+def run_federated(grid: Grid, cfg: RunConfig, run: RunDir, num_clients: int, start_round: int, net: dict,
+                  ema: dict, saved: dict) -> None:
+    state = ServerState.from_saved(saved)
     strategy = build_strategy(cfg, num_clients)
-    strategy.setup_app(num_clients, {"run-dir": str(run.path), "run-token": uuid.uuid4().hex,
-                                     "num-clients": num_clients})
+    import_state(strategy, saved["strategy"])
+    strategy.setup_app(num_clients, {P.RUN_DIR: str(run.path), P.RUN_TOKEN: state.token,
+                                     P.NUM_CLIENTS: num_clients},
+                       cfg.client_failures, cfg.min_clients_fraction)
+    if state.ret_events:
+        strategy.round_config.update({P.shard_key(i): s.tolist() for i, s in enumerate(state.shards)})
+    run.write_shards(state.shards)
+    run.write_status("running", round=start_round, num_rounds=cfg.num_server_rounds)
+    log(INFO, "fl-ietagc: %d clients, shard sizes %s, %s preset (%s parameters), rounds %d..%d of %d x %d local "
+        "epochs", num_clients, [len(s) for s in state.shards], cfg.preset,
+        f"{sum(v.numel() for v in net.values()):,}", start_round + 1, cfg.num_server_rounds, cfg.num_server_rounds,
+        cfg.local_epochs)
+
+    arrays = ArrayRecord(pack_weights(net, ema))
     t_start = time.time()
-
-    def on_round_end(server_round: int, arrays: ArrayRecord):
-        if server_round == 0:
-            return None
-        clients = strategy.last_round
-        for c in clients:
-            np.add.at(skip_totals, c.image_ids, c.skip_counts)
-            np.add.at(skip_period, c.image_ids, c.skip_counts)
+    before = (run.read_metrics() or [{}])[-1].get("elapsed-s", 0.0)  # training time of earlier sessions
+    for server_round in range(start_round + 1, cfg.num_server_rounds + 1):
+        strategy.round_config[P.STATE_ROUNDS] = list(state.state_rounds)
+        messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
+        replies = list(grid.send_and_receive(messages=messages, timeout=cfg.round_timeout_s))
+        fault_point("after-replies", server_round)
+        try:
+            new_arrays, _ = strategy.aggregate_train(server_round, replies)
+        finally:
+            for f in strategy.last_failures:
+                run.write_log(f"client-p{f.partition_id}-r{server_round}.log", f.traceback or f.line())
+        if new_arrays is None:
+            raise RuntimeError(f"round {server_round}: the strategy aggregated nothing")
+        arrays = new_arrays
+        record = end_round(cfg, run, strategy, state, server_round, arrays, before + time.time() - t_start)
         elapsed = time.time() - t_start
-        moved = 0
-        if cfg.ret_every and server_round % cfg.ret_every == 0 and server_round < cfg.num_server_rounds:
-            event = server_round // cfg.ret_every
-            new = redistribute(shards, skip_period, cfg.ret_fraction, event, cfg.seed)
-            moved = int(sum(len(np.setdiff1d(a, b)) for a, b in zip(new, shards)))
-            shards[:] = new
-            skip_period[:] = 0
-            run.write_shards(shards)
-            strategy.round_config.update({f"shard-{i}": s.tolist() for i, s in enumerate(shards)})
-        record = {"round": server_round, "elapsed-s": elapsed, **round_metrics(clients), "ret-moved": moved,
-                  "clients": [{"partition-id": c.partition_id, "num-examples": c.num_examples, "loss": c.loss,
-                               "kept": c.kept, "skipped": c.skipped, "skip-rate": c.skip_rate, "steps": c.steps,
-                               "client-step": c.client_step, "seconds": c.seconds} for c in clients]}
-        run.append_metrics(record)
-        run.write_skip_counts(skip_totals)
-        last = server_round == cfg.num_server_rounds
-        if last or server_round % cfg.checkpoint_every == 0:
-            r_net, r_ema = unpack_weights(arrays.to_torch_state_dict())
-            save_checkpoint(run.checkpoint(server_round), r_net, r_ema, round=server_round, config=cfg.to_dict())
-        run.write_status("running", round=server_round, num_rounds=cfg.num_server_rounds)
-        eta = elapsed / server_round * (cfg.num_server_rounds - server_round)
-        log(INFO, "fl-ietagc: round %d/%d  loss %.4f  skip-rate %.3f (per client %s)  elapsed %.0fs  eta %.0fs",
+        done = server_round - start_round
+        log(INFO, "fl-ietagc: round %d/%d  loss %.4f  skip-rate %.3f (per client %s)%s  elapsed %.0fs  eta %.0fs",
             server_round, cfg.num_server_rounds, record["loss"], record["skip-rate"],
-            " ".join(f"{r:.3f}" for r in record["skip-rate-per-client"]), elapsed, eta)
-        return None
+            " ".join(f"{r:.3f}" for r in record["skip-rate-per-client"]),
+            f"  FAILED partitions {[f['partition-id'] for f in record['failed']]}" if record["failed"] else "",
+            elapsed, elapsed / done * (cfg.num_server_rounds - server_round))
+        fault_point("between-rounds", server_round)
 
-    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(pack_weights(net, ema)),
-                            num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout_s,
-                            train_config=ConfigRecord(), evaluate_fn=on_round_end)
-    done = len(run.read_metrics())
-    if done != cfg.num_server_rounds or len(result.arrays) == 0:
-        raise RuntimeError(f"only {done} of {cfg.num_server_rounds} rounds were aggregated")
-    final_net, final_ema = unpack_weights(result.arrays.to_torch_state_dict())
-    save_checkpoint(run.final_checkpoint, final_net, final_ema, round=cfg.num_server_rounds, config=cfg.to_dict())
+    final_net, final_ema = unpack_weights(arrays.to_torch_state_dict())
+    run.finish(final_net, final_ema, cfg.num_server_rounds, cfg.to_dict())
+    fault_point("final-sampling", cfg.num_server_rounds)
     if cfg.sample_count:
         model = build_for_config(cfg)
         load_weights(model, final_net, "final global weights")
         write_sample_grid(cfg, model, run.samples_path, pick_device(cfg.device))  # raw weights, as the paper
-    run.write_status("completed", round=cfg.num_server_rounds, num_rounds=cfg.num_server_rounds,
-                     seconds=time.time() - t_start)
+    run.mark_completed(cfg.num_server_rounds, seconds_this_session=time.time() - t_start)
     log(INFO, "fl-ietagc: done in %.0fs. run directory: %s", time.time() - t_start, run.path)
     log(INFO, "fl-ietagc:   metrics %s | final weights %s | samples %s", run.metrics_path, run.final_checkpoint,
         run.samples_path if cfg.sample_count else "(sample-count = 0)")
+
+
+def end_round(cfg: RunConfig, run: RunDir, strategy, state: ServerState, server_round: int,
+              arrays: ArrayRecord, elapsed: float) -> dict:
+    """Fold the round's client reports into the server state (RET included) and commit the round."""
+    clients = strategy.last_round
+    for c in clients:
+        np.add.at(state.skip_totals, c.image_ids, c.skip_counts)
+        np.add.at(state.skip_period, c.image_ids, c.skip_counts)
+        state.state_rounds[c.partition_id] = server_round  # a failed client's state is not advanced
+    moved = 0
+    if cfg.ret_every and server_round % cfg.ret_every == 0 and server_round < cfg.num_server_rounds:
+        state.ret_events += 1
+        new = redistribute(state.shards, state.skip_period, cfg.ret_fraction, server_round // cfg.ret_every,
+                           cfg.seed)
+        moved = int(sum(len(np.setdiff1d(a, b)) for a, b in zip(new, state.shards)))
+        state.shards = new
+        state.skip_period[:] = 0
+        run.write_shards(state.shards)
+        strategy.round_config.update({P.shard_key(i): s.tolist() for i, s in enumerate(state.shards)})
+    record = {"round": server_round, "elapsed-s": elapsed, **round_metrics(clients),
+              "ret-moved": moved, "clients": [c.to_json() for c in clients],
+              "failed": [{"partition-id": f.partition_id, "error": f.error, "step": f.step}
+                         for f in strategy.last_failures]}
+    net, ema = unpack_weights(arrays.to_torch_state_dict())
+    last = server_round == cfg.num_server_rounds
+    run.commit_round(server_round, record, net=net, ema=ema, state=state.to_saved(strategy), config=cfg.to_dict(),
+                     skip_counts=state.skip_totals, keep_checkpoint=last or server_round % cfg.checkpoint_every == 0,
+                     num_rounds=cfg.num_server_rounds)
+    return record

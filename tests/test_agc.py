@@ -87,5 +87,38 @@ def test_bank_state_roundtrip_and_size_check():
     other = MemoryBank(10, 2.0, 0.8)
     other.load_state_dict(bank.state_dict())
     assert torch.equal(other.values, bank.values)
-    with pytest.raises(ValueError, match="slots"):
+    with pytest.raises(ValueError, match="^memory bank has 10 slots, expected 20 "):
         MemoryBank(20).load_state_dict(bank.state_dict())
+
+
+def test_bank_state_restores_lambda_and_decay():
+    saved = bank_with({3: 0.5}, lam=3.0, decay=0.5).state_dict()
+    assert saved["lam"] == 3.0 and saved["decay"] == 0.5
+    other = MemoryBank(10)  # defaults: lambda 2, decay 0.8
+    other.load_state_dict(saved)
+    assert (other.lam, other.decay) == (3.0, 0.5)
+    assert other.values.dtype == torch.float64 and other.values[3].item() == 0.5
+    # the restored lambda decides: threshold 0.5 / 3; the restored decay updates: 0.5*0.5 + 0.5*0.2 = 0.35
+    assert other.step(torch.tensor([0.17, 0.16, 0.2]), torch.tensor([3, 3, 0])).tolist() == [True, False, True]
+    # slot 3: 0.5 -> 0.5*0.5+0.5*0.17 = 0.335 -> 0.5*0.335+0.5*0.16 = 0.2475; slot 0: 0 -> 0.5*0.2 = 0.1
+    assert other.values[3].item() == pytest.approx(0.2475, abs=1e-7) and other.values[0].item() == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("lam, decay, message", [
+    (0.0, 0.8, "agc-lambda must be > 0, got 0.0"),
+    (-1.0, 0.8, "agc-lambda must be > 0, got -1.0"),
+    (2.0, 1.0, r"agc-bank-decay must be in \[0, 1\), got 1.0"),
+    (2.0, -0.1, r"agc-bank-decay must be in \[0, 1\), got -0.1"),
+])
+def test_bank_rejects_bad_lambda_and_decay(lam, decay, message):
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        MemoryBank(10, lam, decay)
+    state = {"values": torch.zeros(10, dtype=torch.float64), "lam": lam, "decay": decay}
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        MemoryBank(10).load_state_dict(state)
+
+
+def test_decay_zero_is_allowed_and_keeps_only_the_last_loss():
+    bank = MemoryBank(4, 2.0, 0.0)
+    bank.step(torch.tensor([0.3, 0.7]), torch.tensor([1, 1]))
+    assert bank.values.tolist() == pytest.approx([0.0, 0.7, 0.0, 0.0], abs=1e-7)

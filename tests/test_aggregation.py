@@ -5,6 +5,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from fl_ietagc.iet_loop import weighted_average
+from fl_ietagc.protocol import ClientFailure
 from strategies.base import ClientRoundError
 from strategies.iet import IET
 
@@ -19,10 +20,16 @@ def reply(pid, n, net, ema, skips=None):
     return Message(RecordDict({"arrays": arrays, "metrics": metrics, "info": info}), reply_to=request)
 
 
-def strategy(k):
+def strategy(k, policy="fail", fraction=1.0):
     s = IET(k)
-    s.setup_app(k, {"run-dir": "/tmp/x", "run-token": "t", "num-clients": k})
+    s.setup_app(k, {"run-dir": "/tmp/x", "run-token": "t", "num-clients": k}, policy, fraction)
     return s
+
+
+def error_reply(pid, error, step=-1):
+    request = Message(RecordDict(), dst_node_id=100 + pid, message_type="train")
+    failure = ClientFailure(pid, 3, error, step, "Traceback (most recent call last):\n  ...\nValueError: x")
+    return Message(RecordDict({"error": ConfigRecord(failure.to_record())}), reply_to=request)
 
 
 def test_raw_and_ema_are_size_weighted_averages_separately(flower_identity):
@@ -67,5 +74,38 @@ def test_a_failed_client_fails_the_round(flower_identity):
 
 
 def test_a_missing_client_fails_the_round(flower_identity):
-    with pytest.raises(ClientRoundError, match=r"expected replies from partitions 0..2, got \[0, 2\]"):
+    with pytest.raises(ClientRoundError) as e:
         strategy(3).aggregate_train(1, [reply(0, 10, [1.0], [1.0]), reply(2, 10, [1.0], [1.0])])
+    assert str(e.value) == "partition 1, round 1: no reply (timed out, or partition ids are misconfigured)"
+
+
+def test_a_client_error_is_one_line_naming_partition_round_and_step(flower_identity):
+    s = strategy(2)
+    with pytest.raises(ClientRoundError) as e:
+        s.aggregate_train(3, [reply(0, 10, [1.0], [1.0]), error_reply(1, "loss is NaN (lr 1e+30)", step=57)])
+    assert str(e.value) == "partition 1, round 3, step 57: loss is NaN (lr 1e+30)"
+    assert s.last_failures[0].traceback.endswith("ValueError: x")  # for the run's logs, not the message
+
+
+def test_non_finite_weights_are_never_aggregated(flower_identity):
+    with pytest.raises(ClientRoundError) as e:
+        strategy(2).aggregate_train(2, [reply(0, 10, [1.0], [1.0]), reply(1, 10, [1.0], [float("nan")])])
+    assert str(e.value) == "partition 1, round 2: returned non-finite weights (1 arrays, e.g. ema.w)"
+
+
+def test_tolerate_aggregates_the_replies_it_got_renormalised(flower_identity):
+    s = strategy(3, "tolerate", 0.5)
+    arrays, _ = s.aggregate_train(4, [reply(0, 10, [1.0], [2.0]), error_reply(1, "ValueError: boom"),
+                                      reply(2, 30, [5.0], [6.0])])
+    np.testing.assert_allclose(arrays["net.w"].numpy(), [(10 * 1.0 + 30 * 5.0) / 40])
+    np.testing.assert_allclose(arrays["ema.w"].numpy(), [(10 * 2.0 + 30 * 6.0) / 40])
+    assert [c.partition_id for c in s.last_round] == [0, 2]
+    assert [(f.partition_id, f.error) for f in s.last_failures] == [(1, "ValueError: boom")]
+
+
+def test_tolerate_still_fails_below_the_minimum_fraction(flower_identity):
+    s = strategy(3, "tolerate", 0.6)  # needs ceil(1.8) = 2 of 3
+    with pytest.raises(ClientRoundError) as e:
+        s.aggregate_train(1, [reply(0, 10, [1.0], [1.0]), error_reply(1, "A: a"), error_reply(2, "B: b")])
+    assert str(e.value) == ("partition 1, round 3: A: a (and 1 more client failure(s)); only 1 of 3 clients "
+                            "replied, min-clients-fraction needs 2")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fl_ietagc.config import ConfigError, RunConfig, config_keys, parse_config
+from fl_ietagc.config import ConfigError, RunConfig, config_keys, keys_as_markdown, parse_config
 from fl_ietagc.data import load_splits
 from fl_ietagc.shards import shards_for_config
 from strategies.registry import check_strategy
@@ -27,6 +27,20 @@ def test_readme_documents_every_key():
     readme = (ROOT / "README.md").read_text().split("## Run-config keys", 1)[1]
     documented = set(re.findall(r"^\| `([a-z0-9-]+)` \|", readme, flags=re.M))
     assert documented == {f.metadata["key"] for f in config_keys()}
+
+
+def test_readme_table_is_the_generated_one():
+    """Every row of the README's table (default and meaning too, in order) is `keys_as_markdown()`'s."""
+    section = (ROOT / "README.md").read_text().split("## Run-config keys", 1)[1]
+    lines = section.splitlines()
+    start = lines.index("| key | default | meaning |")
+    assert lines[start + 1] == "|---|---|---|"
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(line)
+    assert rows == keys_as_markdown().splitlines()
 
 
 @pytest.mark.parametrize("raw, key", [
@@ -50,6 +64,56 @@ def test_readme_documents_every_key():
 def test_bad_values_name_the_key(raw, key):
     with pytest.raises(ConfigError, match=rf"^{re.escape(key)} ="):
         parse_config(raw)
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"lr": float("nan")}, "lr = nan: must be finite"),
+    ({"agc-lambda": float("inf")}, "agc-lambda = inf: must be finite"),
+    ({"grad-clip": float("-inf")}, "grad-clip = -inf: must be finite"),
+    ({"lr": True}, "lr = True: must be a number"),
+    ({"local-epochs": True}, "local-epochs = True: must be an integer"),
+    ({"batch-size": False}, "batch-size = False: must be an integer"),
+    ({"batch-size": 1.5}, "batch-size = 1.5: must be an integer"),
+    ({"batch-size": "32"}, "batch-size = '32': must be an integer"),
+    ({"local-epochs": float("nan")}, "local-epochs = nan: must be an integer"),
+    ({"agc": "true"}, "agc = 'true': must be true or false"),
+    ({"run-name": 3}, "run-name = 3: must be a string"),
+])
+def test_type_coercion_errors_name_the_key(raw, message):
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        parse_config(raw)
+
+
+def test_whole_floats_are_accepted_for_int_keys():
+    cfg = parse_config({"batch-size": 16.0, "local-epochs": 1.0})
+    assert cfg.batch_size == 16 and type(cfg.batch_size) is int
+    assert cfg.local_epochs == 1 and type(cfg.local_epochs) is int
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"dataset": "folder", "data-root": "/x", "data-download": True},
+     "data-download = true: dataset folder cannot be downloaded; give data-root"),
+    ({"dataset": "afhq-dog", "data-root": "/x", "data-download": True},
+     "data-download = true: dataset afhq-dog cannot be downloaded; give data-root"),
+    ({"taa": True, "agc": False}, "taa = true: threshold-aware augmentation needs agc = true (it uses the memory bank)"),
+    ({"ret-fraction": 0.3}, "ret-fraction = 0.3: only used with ret-every > 0"),
+    ({"taa-gamma": 2.0}, "taa-gamma / taa-max-shift: only used with taa = true"),
+    ({"taa-max-shift": 2}, "taa-gamma / taa-max-shift: only used with taa = true"),
+    ({"dp-noise-multiplier": 1.0}, "dp-noise-multiplier = 1.0: needs dp-clip-norm > 0 (the DP wrapper)"),
+    ({"beta-start": 0.02}, "beta-end = 0.02: must be > beta-start (0.02)"),
+    ({"data-root": "/somewhere"}, "data-root = '/somewhere': digits is embedded (sklearn); leave data-root empty"),
+    ({"image-size": 20}, "image-size = 20: must be a multiple of 8 (the UNet downsamples 3 times)"),
+])
+def test_cross_key_rules_name_the_key(raw, message):
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        parse_config(raw)
+
+
+def test_cross_key_rules_accept_the_valid_combinations():
+    parse_config({"ret-every": 1, "ret-fraction": 0.3})
+    parse_config({"taa": True, "taa-gamma": 2.0, "taa-max-shift": 2})
+    parse_config({"dataset": "cifar10", "data-download": True})
+    parse_config({"dp-clip-norm": 1.0, "dp-noise-multiplier": 1.0})
 
 
 def test_unknown_key_is_rejected():

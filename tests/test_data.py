@@ -19,6 +19,33 @@ def test_digits_embedded_upscaled_with_class_balanced_holdout():
     assert s.train.images.max() > 200  # 0..16 scaled to 0..255
     held = np.bincount(s.heldout.labels.numpy(), minlength=10)
     assert held.min() >= 17 and held.max() <= 19  # ceil(0.1 * ~180) per class
+    # digits has 178, 182, 177, 183, 181, 182, 181, 179, 174, 180 images per class
+    assert held.tolist() == [18, 19, 18, 19, 19, 19, 19, 18, 18, 18]
+    assert s.train.images.max() == 255 and len(s.train) == 1797 - 185
+
+
+def digits_source():
+    """sklearn's digits as the loader scales them (0..16 -> 0..255, rounded), and the indices it keeps for
+    training: all but the last ceil(0.1 * n_c) images of every class c, in dataset order."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    pixels = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)
+    held = np.zeros(len(d.target), bool)
+    for c in range(10):
+        idx = np.flatnonzero(d.target == c)
+        held[idx[len(idx) - int(np.ceil(0.1 * len(idx))):]] = True
+    return pixels, d.target, np.flatnonzero(~held), np.flatnonzero(held)
+
+
+def test_digits_at_native_resolution_are_the_source_pixels():
+    s = load_splits(parse_config({"image-size": 8}))  # 8x8: no resampling
+    pixels, target, train_idx, held_idx = digits_source()
+    assert s.train.images.shape == (len(train_idx), 1, 8, 8) and s.heldout.images.shape == (len(held_idx), 1, 8, 8)
+    np.testing.assert_array_equal(s.train.images[:, 0].numpy(), pixels[train_idx])
+    np.testing.assert_array_equal(s.heldout.images[:, 0].numpy(), pixels[held_idx])
+    np.testing.assert_array_equal(s.train.labels.numpy(), target[train_idx])
+    assert sorted(np.unique(s.train.images.numpy()).tolist()) == [round(v * 255 / 16) for v in range(17)]
 
 
 def test_max_images_takes_the_first_n():
@@ -45,7 +72,30 @@ def test_fashion_mnist_from_raw_idx_files(tmp_path):
     assert native.train.images.shape[-1] == 32
 
 
-def test_image_folder_with_classes_resized_and_cropped(tmp_path):
+def test_fashion_mnist_pixels_native_and_resized(tmp_path):
+    rng = np.random.default_rng(1)
+    native_dir, small_dir = tmp_path / "native", tmp_path / "small"
+    native_dir.mkdir(), small_dir.mkdir()
+    source = {}
+    for split, n in (("train", 12), ("t10k", 4)):
+        source[split] = rng.integers(0, 256, (n, 32, 32)).astype(np.uint8)  # already at the model resolution
+        write_idx(native_dir / f"{split}-images-idx3-ubyte.gz", source[split])
+        write_idx(native_dir / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+        flat = np.broadcast_to((np.arange(n) * 20 + 7)[:, None, None], (n, 28, 28))  # one grey level per image
+        write_idx(small_dir / f"{split}-images-idx3-ubyte.gz", flat)
+        write_idx(small_dir / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    native = load_splits(parse_config({"dataset": "fashion-mnist", "data-root": str(native_dir)}))
+    assert native.train.images.shape == (12, 1, 32, 32) and native.heldout.images.shape == (4, 1, 32, 32)
+    np.testing.assert_array_equal(native.train.images[:, 0].numpy(), source["train"])
+    np.testing.assert_array_equal(native.heldout.images[:, 0].numpy(), source["t10k"])
+    resized = load_splits(parse_config({"dataset": "fashion-mnist", "data-root": str(small_dir)}))
+    assert resized.train.images.shape == (12, 1, 32, 32)
+    expected = np.broadcast_to((np.arange(12) * 20 + 7)[:, None, None, None], (12, 1, 32, 32))
+    np.testing.assert_array_equal(resized.train.images.numpy(), expected)  # a flat image stays flat when resized
+
+
+def test_image_folder_with_classes_resized_and_cropped(tmp_path, monkeypatch):
+    monkeypatch.setenv("FL_IETAGC_CACHE", str(tmp_path / "cache"))
     for cls, colour in (("cats", (255, 0, 0)), ("dogs", (0, 0, 255))):
         (tmp_path / cls).mkdir()
         for i in range(3):
@@ -55,6 +105,9 @@ def test_image_folder_with_classes_resized_and_cropped(tmp_path):
     assert s.train.images.shape == (6, 3, 8, 8)
     assert s.train.labels.tolist() == [0, 0, 0, 1, 1, 1]
     assert s.train.images[0, 0].float().mean() > 250 and s.train.images[3, 2].float().mean() > 250
+    red, blue = torch.tensor([255, 0, 0]), torch.tensor([0, 0, 255])
+    for i, colour in enumerate([red] * 3 + [blue] * 3):  # flat colours stay exact through resize and crop
+        assert torch.equal(s.train.images[i], colour[:, None, None].expand(3, 8, 8).to(torch.uint8)), i
 
 
 def test_empty_folder_is_a_config_error(tmp_path):

@@ -69,6 +69,7 @@ def test_bad_options_exit_with_a_message(small_run, capsys):
     assert cli(["evaluate", str(run.path), "--num-samples", "0", "--no-fid"]) == 2
     assert "--num-samples 0: must be >= 1" in capsys.readouterr().err
     assert cli(["evaluate", str(run.path / "nope"), "--no-fid"]) == 2
+    assert capsys.readouterr().err == f"fl-ietagc evaluate: {run.path / 'nope'} is not a run directory (no config.json)\n"
 
 
 def results_with(fraction: float, fid):
@@ -102,7 +103,31 @@ def test_relative_change_edge_cases():
     assert relative(0.0, 0.0) == "0%" and relative(0.1, 0.0) == "n/a (base 0)" and relative(None, 1.0) == "n/a"
 
 
+def fid_by_hand(x: torch.Tensor, y: torch.Tensor) -> float:
+    """FID of two feature sets, ||mu_x - mu_y||^2 + tr S_x + tr S_y - 2 tr sqrt(S_x S_y), in float64. With
+    S_x = A A^T (A = centred x^T / sqrt(n - 1)), tr sqrt(S_x S_y) is the sum of the singular values of
+    centred y A / sqrt(m - 1): a small SVD instead of the eigenvalues of a 2048 x 2048 product."""
+    x, y = x.double(), y.double()
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    a = xc.T / (len(x) - 1) ** 0.5
+    b = yc @ a / (len(y) - 1) ** 0.5
+    trace_sx, trace_sy = (xc ** 2).sum() / (len(x) - 1), (yc ** 2).sum() / (len(y) - 1)
+    mean_term = ((x.mean(0) - y.mean(0)) ** 2).sum()
+    return float(mean_term + trace_sx + trace_sy - 2 * torch.linalg.svdvals(b).sum())
+
+
 def test_evaluate_computes_fid_when_weights_are_given(weights, tmp_path, monkeypatch):
+    import torch_fidelity.utils
+
+    features = []
+    extract = torch_fidelity.utils.get_featuresdict_from_dataset
+
+    def spy(dataset, *args, **kwargs):
+        out = extract(dataset, *args, **kwargs)
+        features.append(out["2048"])
+        return out
+
+    monkeypatch.setattr(torch_fidelity.utils, "get_featuresdict_from_dataset", spy)
     monkeypatch.setenv("FL_IETAGC_CACHE", str(tmp_path / "cache"))
     cfg = parse_config({"max-images": 40, "batch-size": 20, "num-server-rounds": 1, "local-epochs": 1,
                         "sample-count": 0, "output-dir": str(tmp_path), "run-name": "fid"})
@@ -111,6 +136,9 @@ def test_evaluate_computes_fid_when_weights_are_given(weights, tmp_path, monkeyp
                                                        batch_size=50), progress=False)
     q = results["quality"]
     assert q["computed"] is True and q["fid"] >= 0 and q["num_generated"] == 10 and q["num_reference"] == 40
+    # the FID of the 10 samples' features against the 40 training images' features
+    assert [tuple(f.shape) for f in features] == [(10, 2048), (40, 2048)]
+    assert q["fid"] == pytest.approx(fid_by_hand(features[0], features[1]), rel=1e-4)
     assert len(q["weights_sha256"]) == 64
     assert any((tmp_path / "cache" / "fid" / q["weights_sha256"][:16]).iterdir())  # train stats cached per weights
     page = (run.path / "report.html").read_text()

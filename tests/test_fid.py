@@ -10,8 +10,8 @@ Image counts are kept small: on CPU each image costs ~0.2 s (upsampled to 299x29
 from __future__ import annotations
 
 import math
+import re
 import socket
-import time
 
 import pytest
 import torch
@@ -21,7 +21,10 @@ from fl_ietagc import fid
 from fl_ietagc.fid import (INCEPTION_FILENAME, WEIGHTS_ENV, FidUnavailable, compute_quality,
                            resolve_inception_weights, weights_fingerprint)
 
-from conftest import make_standin_weights  # noqa: E402
+try:  # tests/ as a plain directory of modules, or as a package
+    from conftest import make_standin_weights  # noqa: E402
+except ImportError:
+    from tests.conftest import make_standin_weights  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -39,6 +42,20 @@ def offline(monkeypatch, tmp_path):
     for name in ("NO_PROXY", "no_proxy"):
         monkeypatch.delenv(name, raising=False)
     return tmp_path / "torch-home"
+
+
+@pytest.fixture
+def downloads(monkeypatch) -> list:
+    """torch.hub downloads are recorded (url, destination, socket timeout during the call) and fail like an
+    offline machine: no test reaches the network, and each can tell whether a download was attempted."""
+    calls = []
+
+    def fake_download(url, dst, *args, **kwargs):
+        calls.append((url, dst, socket.getdefaulttimeout()))
+        raise OSError("[Errno 101] Network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    return calls
 
 
 def blobs(n: int, channels: int, seed: int) -> torch.Tensor:
@@ -113,7 +130,25 @@ def test_reference_statistics_are_cached_per_reference_key_and_weights(weights, 
     assert other["weights_sha256"] != first["weights_sha256"]
 
 
+def unbiased_kid(x, y) -> float:
+    """KID (Binkowski et al.): unbiased MMD^2 with the kernel (x.y / d + 1)^3, one subset holding every image."""
+    x, y = x.double(), y.double()
+    d, m = x.shape[1], x.shape[0]
+    kxx, kyy, kxy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+    off = lambda k: (k.sum() - k.diagonal().sum()) / (m * (m - 1))  # noqa: E731
+    return float(off(kxx) + off(kyy) - 2 * kxy.mean())
+
+
 def test_env_var_weights_are_used_and_kid_subset_is_clipped(weights, tmp_path, monkeypatch):
+    features = []
+    extract = torch_fidelity.utils.get_featuresdict_from_dataset
+
+    def spy(dataset, *args, **kwargs):
+        out = extract(dataset, *args, **kwargs)
+        features.append(out["2048"])
+        return out
+
+    monkeypatch.setattr(torch_fidelity.utils, "get_featuresdict_from_dataset", spy)
     monkeypatch.setenv(WEIGHTS_ENV, weights)
     assert resolve_inception_weights() == weights
     assert resolve_inception_weights("") == weights  # an empty --fid-weights means "not given"
@@ -123,38 +158,61 @@ def test_env_var_weights_are_used_and_kid_subset_is_clipped(weights, tmp_path, m
     assert out["weights_sha256"] == weights_fingerprint(weights)
     assert set(out) == {"kid_mean", "kid_std", "num_generated", "num_reference", "weights_sha256"}
     assert math.isfinite(out["kid_mean"])
+    # subset size clipped to 5 = both set sizes: every one of torch-fidelity's subsets is the whole set, so KID is
+    # the MMD^2 of all features, with zero spread
+    assert len(features) == 2 and features[0].shape == features[1].shape == (5, 2048)
+    assert out["kid_mean"] == pytest.approx(unbiased_kid(features[0], features[1]), rel=1e-4, abs=1e-9)
+    assert out["kid_std"] == pytest.approx(0.0, abs=1e-3 * abs(out["kid_mean"]))  # float32 summation order only
 
 
-def test_explicit_missing_path_is_named(tmp_path):
+def test_explicit_missing_path_is_named(tmp_path, downloads):
     missing = str(tmp_path / "nope.pth")
     with pytest.raises(FidUnavailable, match="nope.pth"):
         resolve_inception_weights(missing)
+    with pytest.raises(FidUnavailable, match=f"^Inception weights file not found: {re.escape(missing)}\\. Provide "):
+        resolve_inception_weights(missing)
+    assert downloads == []  # a named file that is missing is an error, not a reason to download
 
 
-def test_env_var_pointing_nowhere_is_an_error(offline, tmp_path, monkeypatch):
+def test_env_var_pointing_nowhere_is_an_error(offline, tmp_path, monkeypatch, downloads):
     monkeypatch.setenv(WEIGHTS_ENV, str(tmp_path / "gone.pth"))
     with pytest.raises(FidUnavailable, match="gone.pth"):
         resolve_inception_weights()
+    with pytest.raises(FidUnavailable, match=f"^Inception weights file not found: .*gone.pth \\(from {WEIGHTS_ENV}\\)"):
+        resolve_inception_weights()
+    assert downloads == []
 
 
-def test_torch_hub_cache_is_used(offline):
+def test_torch_hub_cache_is_used(offline, downloads):
     cached = offline / "hub" / "checkpoints" / INCEPTION_FILENAME
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"stand-in")
     assert resolve_inception_weights() == str(cached)
+    assert downloads == []
 
 
-def test_no_weights_anywhere_fails_fast_with_instructions(offline, tmp_path):
+def test_no_weights_anywhere_fails_fast_with_instructions(offline, tmp_path, downloads, monkeypatch):
     timeout_before = socket.getdefaulttimeout()
-    start = time.monotonic()
     with pytest.raises(FidUnavailable) as excinfo:
         resolve_inception_weights()
-    assert time.monotonic() - start < 5
+    # one download of the release file into the hub cache, under a socket timeout so that offline it fails fast
+    target = offline / "hub" / "checkpoints" / INCEPTION_FILENAME
+    assert downloads == [(fid.INCEPTION_URL, str(target), fid.DOWNLOAD_TIMEOUT_S)]
     message = str(excinfo.value)
+    assert message.startswith(f"Inception weights for FID are unavailable: {INCEPTION_FILENAME} is not in the torch "
+                              f"hub cache and downloading it failed (OSError: [Errno 101] Network is unreachable). ")
     for needle in (WEIGHTS_ENV, INCEPTION_FILENAME, fid.INCEPTION_URL, "--fid-weights", str(offline)):
         assert needle in message
     assert socket.getdefaulttimeout() == timeout_before
     assert not list((offline / "hub" / "checkpoints").glob("*"))  # no partial download left behind
     # compute_quality surfaces the same error before any feature extraction.
-    with pytest.raises(FidUnavailable):
+    import torch_fidelity
+
+    def no_metrics(*args, **kwargs):
+        raise AssertionError("torch-fidelity was called without weights")
+
+    monkeypatch.setattr(torch_fidelity, "calculate_metrics", no_metrics)
+    with pytest.raises(FidUnavailable) as again:
         compute_quality(blobs(2, 1, 0), blobs(2, 1, 1), reference_key="x", cache_root=str(tmp_path / "c"))
+    assert str(again.value) == message and len(downloads) == 2
+    assert not (tmp_path / "c").exists()  # nothing cached either

@@ -1,6 +1,7 @@
 """Starting a run from a checkpoint (fine-tuning): exact load, clear errors."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -70,7 +71,12 @@ def test_the_paper_preset_is_google_ddpm_cifar10_32(tmp_path):
                          up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
     google.save_pretrained(tmp_path / "ddpm-cifar10-32")
     ours = build_unet("ddpm-cifar10", 32, 3)
-    ours.load_state_dict(load_diffusers_unet(ours, str(tmp_path / "ddpm-cifar10-32")))
+    loaded = load_diffusers_unet(ours, str(tmp_path / "ddpm-cifar10-32"))
+    assert list(loaded) == list(ours.state_dict())  # every key of the preset, in its order, no extra
+    for k, v in google.state_dict().items():
+        assert torch.equal(loaded[k], v), k
+    ours.load_state_dict(loaded)  # strict: shapes and keys fit the preset
+    assert all(torch.equal(ours.state_dict()[k], v) for k, v in google.state_dict().items())
 
 
 def test_a_diffusers_unet_of_another_architecture_names_the_difference(tmp_path):
@@ -85,6 +91,53 @@ def test_a_diffusers_unet_of_another_architecture_names_the_difference(tmp_path)
 
 
 def test_an_unreachable_hub_id_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ConfigError, match="^init-checkpoint = 'google/no-such-unet': cannot load a diffusers"):
+    import huggingface_hub.constants
+
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import: setting the variable now would not stop it from
+    # trying the network, so the constant itself is patched.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ConfigError, match="^init-checkpoint = 'google/no-such-unet': cannot load a diffusers") as e:
         initial_weights(parse_config({"init-checkpoint": "google/no-such-unet"}))
+    assert "cause: OfflineModeIsEnabled: Cannot reach https://huggingface.co/google/no-such-unet/" in str(e.value)
+    assert "offline mode is enabled" in str(e.value)
+
+
+def test_unloadable_diffusers_directories_name_the_cause(tmp_path):
+    from fl_ietagc.models import load_diffusers_unet
+
+    model = build_unet("tiny", 16, 1)
+    with pytest.raises(ConfigError, match=r"^init-checkpoint = '.*empty': cannot load a diffusers UNet2DModel "
+                                          r"from it \(OSError: Error no file named config.json found in directory"):
+        (tmp_path / "empty").mkdir()
+        load_diffusers_unet(model, str(tmp_path / "empty"))
+    (tmp_path / "badjson").mkdir()
+    (tmp_path / "badjson" / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"\(OSError: It looks like the config file at .*badjson/config.json' is "
+                                          r"not a valid JSON file\.; cause: JSONDecodeError: "):
+        load_diffusers_unet(model, str(tmp_path / "badjson"))
+    # weights that do not fit their own config.json: torch's state-dict error
+    model.save_pretrained(tmp_path / "mismatch")
+    config = json.loads((tmp_path / "mismatch" / "config.json").read_text())
+    (tmp_path / "mismatch" / "config.json").write_text(json.dumps({**config, "in_channels": 3}))
+    with pytest.raises(ConfigError, match=r"\(RuntimeError: Error\(s\) in loading state_dict for UNet2DModel:"):
+        load_diffusers_unet(model, str(tmp_path / "mismatch"))
+
+
+def test_a_bug_while_loading_is_not_reported_as_a_bad_checkpoint(tmp_path, monkeypatch):
+    from diffusers import UNet2DModel
+
+    from fl_ietagc.models import load_diffusers_unet
+
+    def broken(*args, **kwargs):
+        raise KeyError("a bug, not an unloadable checkpoint")
+
+    monkeypatch.setattr(UNet2DModel, "from_pretrained", broken)
+    with pytest.raises(KeyError, match="a bug"):
+        load_diffusers_unet(build_unet("tiny", 16, 1), str(tmp_path))
+
+    def other_runtime_error(*args, **kwargs):
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    monkeypatch.setattr(UNet2DModel, "from_pretrained", other_runtime_error)
+    with pytest.raises(RuntimeError, match="^CUDA error"):
+        load_diffusers_unet(build_unet("tiny", 16, 1), str(tmp_path))

@@ -69,3 +69,45 @@ def test_reliability_flag_depends_on_training_set_size():
 def test_k_is_capped_by_the_training_set():
     nb = nearest_neighbours(dataset(3), dataset(20), k=50)
     assert nb.k == 20
+
+
+def tiny_train():
+    """Four 1x1x2 images whose squared distances (pixels / 255) are easy to write down."""
+    return torch.tensor([[0, 0], [255, 0], [0, 51], [255, 255]], dtype=torch.uint8).view(4, 1, 1, 2)
+
+
+def test_k_equal_1_gives_the_nearest_and_its_ratios():
+    queries = torch.tensor([[0, 0], [255, 51], [51, 51]], dtype=torch.uint8).view(3, 1, 1, 2)
+    nb = nearest_neighbours(queries, tiny_train(), k=1)
+    assert nb.k == 1 and nb.index.tolist() == [[0], [1], [2]]
+    # (255-255)^2 + (51-0)^2 = 51^2 -> 0.04; q2 to image 2: 51^2 -> 0.04
+    torch.testing.assert_close(nb.d2, torch.tensor([[0.0], [0.04], [0.04]], dtype=torch.float64), rtol=0, atol=1e-15)
+    r = ratios(nb)
+    # one neighbour: r = d1 / mean(d1) = 1 (0 for a copy), 1st / 2nd falls back to 1st / 1st, Carlini 2
+    np.testing.assert_allclose(r["mq"], [0.0, 1.0, 1.0])
+    np.testing.assert_allclose(r["gu"], [0.0, 1.0, 1.0])
+    np.testing.assert_allclose(r["carlini"], [0.0, 2.0, 2.0])
+    s = summarize(nb, num_train=4)
+    assert s["exact_copies"] == {"count": 1, "fraction": pytest.approx(1 / 3)}
+    assert s["one_third_rule"]["count"] == 1 and s["carlini"]["count"] == 1 and s["mq"]["0.9"]["count"] == 1
+
+
+def test_zero_queries_give_empty_neighbours_and_an_empty_summary():
+    nb = nearest_neighbours(tiny_train()[:0], tiny_train(), k=2)
+    assert nb.d2.shape == (0, 2) and nb.index.shape == (0, 2) and nb.d2.dtype == torch.float64
+    s = summarize(nb, num_train=4)
+    assert s["num_queries"] == 0 and s["exact_copies"] == {"count": 0, "fraction": 0.0}
+    assert s["mq"]["0.2"] == {"count": 0, "fraction": 0.0} and s["quantiles"] == {}
+    assert s["mean_l2_nearest_per_pixel"] == 0.0
+
+
+@pytest.mark.parametrize("mix", ["float queries", "float train"])
+def test_mixed_uint8_and_float_inputs_give_the_uint8_distances(mix):
+    train = dataset(50)
+    queries = torch.cat([train[[3, 17]], dataset(5, seed=4)])
+    exact = nearest_neighbours(queries, train, k=5)
+    q, x = (queries.double() / 255, train) if mix == "float queries" else (queries, train.double() / 255)
+    mixed = nearest_neighbours(q, x, k=5)
+    torch.testing.assert_close(mixed.d2, exact.d2, rtol=0, atol=1e-12)
+    assert torch.equal(mixed.index, exact.index)
+    assert mixed.d2[:2, 0].tolist() == [0.0, 0.0] and mixed.index[:2, 0].tolist() == [3, 17]

@@ -25,6 +25,14 @@ def test_redistribution_moves_the_most_skipped_and_keeps_a_partition():
     assert set(new[2]) - set(shards[2]) == {12, 15}
     assert set(new[0]) - set(shards[0]) == {21, 25}
     assert not {3, 7} & set(new[0])
+    assert [s.tolist() for s in new] == SHIFT_1
+
+
+# the exact shards of shards_and_counts() after one event: movers {3, 7}, {12, 15}, {21, 25}
+SHIFT_1 = [[0, 1, 2, 4, 5, 6, 8, 9, 21, 25], [3, 7, 10, 11, 13, 14, 16, 17, 18, 19],
+           [12, 15, 20, 22, 23, 24, 26, 27, 28, 29]]
+SHIFT_2 = [[0, 1, 2, 4, 5, 6, 8, 9, 12, 15], [10, 11, 13, 14, 16, 17, 18, 19, 21, 25],
+           [3, 7, 20, 22, 23, 24, 26, 27, 28, 29]]
 
 
 def test_redistribution_is_deterministic_and_varies_destination_by_event():
@@ -33,6 +41,7 @@ def test_redistribution_is_deterministic_and_varies_destination_by_event():
     b = redistribute(shards, counts, 0.2, event=2, seed=5)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert {3, 7} <= set(a[2])  # event 2: shift 2, shard 0 -> shard 2
+    assert [s.tolist() for s in a] == SHIFT_2
 
 
 def test_ties_are_broken_by_the_seed_only():
@@ -40,6 +49,43 @@ def test_ties_are_broken_by_the_seed_only():
     zero = np.zeros(20, np.int64)
     moved = [tuple(sorted(set(redistribute(shards, zero, 0.3, 1, seed)[1]) - set(shards[1]))) for seed in (1, 1, 2)]
     assert moved[0] == moved[1] and len(moved[0]) == 3
+    # the seed picks which tied images move (not their position in the shard: that would give (0, 1, 2))
+    assert moved[0] == (1, 4, 5) and moved[2] == (0, 3, 7)
+    assert [s.tolist() for s in redistribute(shards, zero, 0.3, 1, 2)] == \
+        [[1, 2, 4, 5, 6, 8, 9, 13, 14, 18], [0, 3, 7, 10, 11, 12, 15, 16, 17, 19]]
+    # a higher skip count always beats the tie-break
+    counts = zero.copy()
+    counts[[9, 8, 19]] = 1
+    new = redistribute(shards, counts, 0.3, 1, 1)
+    assert {9, 8} <= set(new[1]) and 19 in new[0]
+
+
+def test_redistribution_of_one_shard_changes_nothing():
+    shards = [np.arange(0, 6)]
+    counts = np.array([0, 9, 0, 7, 0, 0])
+    new = redistribute(shards, counts, 0.5, event=1, seed=0)
+    assert [s.tolist() for s in new] == [[0, 1, 2, 3, 4, 5]] and new[0] is not shards[0]
+
+
+def test_redistribution_with_nothing_to_move_changes_nothing():
+    shards, counts = shards_and_counts()
+    new = redistribute(shards, counts, fraction=0.05, event=1, seed=0)  # m = floor(0.05 * 10) = 0
+    assert [s.tolist() for s in new] == [s.tolist() for s in shards]
+    assert all(a is not b for a, b in zip(new, shards))
+
+
+def test_redistribution_of_unequal_shards_moves_m_of_the_smallest_and_keeps_sizes():
+    shards = [np.arange(0, 4), np.arange(4, 10), np.arange(10, 18)]
+    counts = np.zeros(18, np.int64)
+    counts[[1, 3, 9, 4, 17, 10]] = [5, 4, 7, 6, 3, 2]  # the two most skipped of each shard
+    new = redistribute(shards, counts, fraction=0.5, event=1, seed=0)  # m = floor(0.5 * 4) = 2 from every shard
+    assert [s.tolist() for s in new] == [[0, 2, 10, 17], [1, 3, 5, 6, 7, 8], [4, 9, 11, 12, 13, 14, 15, 16]]
+
+
+@pytest.mark.parametrize("event, expected", [(3, SHIFT_1), (4, SHIFT_2), (5, SHIFT_1)])
+def test_redistribution_shift_wraps_round_after_k_minus_1_events(event, expected):
+    shards, counts = shards_and_counts()  # K = 3: shift = 1 + (event - 1) mod 2 = 1, 2, 1, 2, ...
+    assert [s.tolist() for s in redistribute(shards, counts, 0.2, event=event, seed=0)] == expected
 
 
 def test_taa_strength_on_a_fixed_batch():
@@ -76,7 +122,8 @@ def test_state_remap_keeps_records_of_images_that_stay():
 @pytest.mark.slow
 def test_ret_run_redistributes_between_rounds(tmp_path):
     from experiments import simulate
-    from fl_ietagc.checkpoints import RunDir, load_client_state
+    from fl_ietagc.checkpoints import load_torch
+    from fl_ietagc.rundir import RunDir
     from fl_ietagc.config import parse_config
     from fl_ietagc.shards import shards_for_config
 
@@ -93,6 +140,6 @@ def test_ret_run_redistributes_between_rounds(tmp_path):
     assert [len(s) for s in after] == [128, 128] and sorted(np.concatenate(after).tolist()) == list(range(256))
     assert len(set(after[0]) - set(before[0])) == 32
     for pid in (0, 1):
-        state = load_client_state(run.client_state(pid))
+        state = load_torch(run.client_state(pid, 2), "client state")
         assert state["image_ids"].tolist() == after[pid].tolist()  # clients trained on their new shards
         assert (state["aug_strength"] > 0).any()  # TAA found samples just above the threshold

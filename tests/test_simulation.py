@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from experiments import simulate
-from fl_ietagc.checkpoints import RunDir, load_checkpoint, load_client_state
+from fl_ietagc.checkpoints import load_checkpoint, load_torch
+from fl_ietagc.rundir import RunDir
 from fl_ietagc.cli import parse_overrides
 from fl_ietagc.config import parse_config
 from fl_ietagc.iet_loop import run_iet_loop
@@ -42,7 +43,7 @@ def test_two_clients_two_rounds_match_the_plain_loop(tmp_path):
     for r, m in enumerate(metrics, start=1):
         assert [c["client-step"] for c in m["clients"]] == [4 * r, 4 * r]
     for pid in (0, 1):
-        state = load_client_state(run.client_state(pid))
+        state = load_torch(run.client_state(pid, 2), "client state")
         assert state["step"] == 8 and state["rounds"] == 2
         assert state["optimizer"]["state"][0]["step"].item() == 8
         assert state["bank"]["values"].abs().sum() > 0
@@ -65,7 +66,7 @@ def test_two_clients_two_rounds_match_the_plain_loop(tmp_path):
         assert worst < 1e-6, (key, worst)
     assert [s.skipped for s in loop.rounds[-1]] == [c["skipped"] for c in metrics[-1]["clients"]]
     for pid in (0, 1):
-        state = load_client_state(run.client_state(pid))
+        state = load_torch(run.client_state(pid, 2), "client state")
         torch.testing.assert_close(state["bank"]["values"], loop.states[pid].bank["values"], rtol=1e-6, atol=1e-9)
 
 

@@ -8,7 +8,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 from fl_ietagc.config import ConfigError, parse_config
 from fl_ietagc.trainer import proximal_term
 from strategies.registry import build_strategy, check_strategy
-from test_aggregation import reply
+try:  # tests/ as a plain directory of modules, or as a package
+    from test_aggregation import reply
+except ImportError:
+    from tests.test_aggregation import reply
 
 
 class FakeGrid:
@@ -40,6 +43,24 @@ def test_fedavgm_applies_server_momentum_to_raw_and_ema(flower_identity):
     out2, _ = s.aggregate_train(2, [reply(0, 10, [1.0, 1.0], [1.0, 1.0]), reply(1, 30, [1.0, 1.0], [1.0, 1.0])])
     v2 = 0.9 * v1 + (w1 - np.array([1.0, 1.0]))
     np.testing.assert_allclose(out2["net.w"].numpy(), w1 - 0.5 * v2, rtol=1e-6)
+    np.testing.assert_allclose(out2["ema.w"].numpy(), w1 - 0.5 * v2, rtol=1e-6)
+
+
+def test_fedavgm_keeps_a_separate_momentum_for_raw_and_ema(flower_identity):
+    s = built("fedavgm", 2, **{"fedavgm-lr": 0.5, "fedavgm-momentum": 0.9})
+    net0, ema0 = np.array([1.0, 1.0]), np.array([0.0, 2.0])
+    s.configure_train(1, arrays(net0, ema0), ConfigRecord(), FakeGrid())
+    out1, _ = s.aggregate_train(1, [reply(0, 10, [0.0, 2.0], [1.0, 1.0]), reply(1, 30, [0.4, 2.4], [-1.0, 3.0])])
+    v_net = net0 - np.array([0.3, 2.3])
+    v_ema = ema0 - np.array([-0.5, 2.5])  # (10 * [1, 1] + 30 * [-1, 3]) / 40
+    net1, ema1 = net0 - 0.5 * v_net, ema0 - 0.5 * v_ema
+    np.testing.assert_allclose(out1["net.w"].numpy(), net1, rtol=1e-6)
+    np.testing.assert_allclose(out1["ema.w"].numpy(), ema1, rtol=1e-6)
+    s.configure_train(2, out1, ConfigRecord(), FakeGrid())
+    out2, _ = s.aggregate_train(2, [reply(0, 10, [1.0, 0.0], [2.0, 2.0]), reply(1, 30, [1.0, 0.0], [2.0, 2.0])])
+    v_net, v_ema = 0.9 * v_net + (net1 - [1.0, 0.0]), 0.9 * v_ema + (ema1 - [2.0, 2.0])
+    np.testing.assert_allclose(out2["net.w"].numpy(), net1 - 0.5 * v_net, rtol=1e-6)
+    np.testing.assert_allclose(out2["ema.w"].numpy(), ema1 - 0.5 * v_ema, rtol=1e-6)
 
 
 def test_fedprox_sends_mu_and_the_client_term_has_the_right_gradient(flower_identity):
@@ -63,6 +84,16 @@ def test_fedmedian_and_trimmed_mean_per_coordinate(flower_identity):
     np.testing.assert_allclose(med["ema.w"].numpy(), [2.0, 1.0])
     trim, _ = built("fedtrimmedavg", 5, **{"trim-beta": 0.2}).aggregate_train(1, replies())
     np.testing.assert_allclose(trim["net.w"].numpy(), [(1 + 2 + 3) / 3, (0 + 1 + 2) / 3], rtol=1e-6)
+    np.testing.assert_allclose(trim["ema.w"].numpy(), [(1 + 2 + 3) / 3, (0 + 1 + 2) / 3], rtol=1e-6)
+    # EMA values of their own: the EMA is aggregated from the EMA replies, coordinate by coordinate
+    emas = [[-v0, 2 * v1] for v0, v1 in values]  # [0, 20], [-1, -10], [-2, 0], [-100, 2], [-3, 4]
+    own = lambda: [reply(i, 10 * (i + 1), v, e) for i, (v, e) in enumerate(zip(values, emas))]  # noqa: E731
+    med, _ = built("fedmedian", 5).aggregate_train(1, own())
+    np.testing.assert_allclose(med["net.w"].numpy(), [2.0, 1.0])
+    np.testing.assert_allclose(med["ema.w"].numpy(), [-2.0, 2.0])
+    trim, _ = built("fedtrimmedavg", 5, **{"trim-beta": 0.2}).aggregate_train(1, own())
+    np.testing.assert_allclose(trim["net.w"].numpy(), [2.0, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(trim["ema.w"].numpy(), [(-3 - 2 - 1) / 3, (0 + 2 + 4) / 3], rtol=1e-6)
 
 
 def test_dp_wrapper_clips_each_update_and_keeps_app_behaviour(flower_identity):
@@ -72,12 +103,72 @@ def test_dp_wrapper_clips_each_update_and_keeps_app_behaviour(flower_identity):
     # client 1's update (norm 5 over raw + EMA) is scaled to norm 0.1 -> [0.06, 0.08]; client 0's (norm 0.03)
     # is under the clip norm and kept. (Flower divides by the norm: an exactly-zero update would crash it.)
     np.testing.assert_allclose(out["net.w"].numpy(), [(0.06 + 0.03) / 2, 0.04], rtol=1e-5)
+    np.testing.assert_allclose(out["ema.w"].numpy(), [0.0, 0.0], atol=1e-7)
     assert [c.partition_id for c in s.last_round] == [0, 1]
+
+
+def test_dp_clips_raw_and_ema_as_one_vector(flower_identity):
+    s = built("iet", 2, **{"dp-clip-norm": 0.1})
+    s.configure_train(1, arrays([0.0, 0.0], [0.0, 0.0]), ConfigRecord(), FakeGrid())
+    out, _ = s.aggregate_train(1, [reply(1, 10, [3.0, 0.0], [0.0, 4.0]), reply(0, 30, [0.03, 0.0], [0.0, 0.04])])
+    # client 1: norm 5 over raw and EMA together -> x 0.02: raw [0.06, 0], EMA [0, 0.08] (clipped key by key it
+    # would be [0.1, 0] and [0, 0.1]); client 0: norm 0.05, kept. Then IET's size-weighted mean (10 vs 30).
+    np.testing.assert_allclose(out["net.w"].numpy(), [(10 * 0.06 + 30 * 0.03) / 40, 0.0], rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(out["ema.w"].numpy(), [0.0, (10 * 0.08 + 30 * 0.04) / 40], rtol=1e-5, atol=1e-9)
 
 
 def test_fedadam_uses_the_configured_server_rate():
     s = built("fedadam", 2, **{"fedopt-eta": 0.002})
     assert s.eta == 0.002 and s.tau == 1e-3
+
+
+def two_fedopt_rounds(name):
+    """Two rounds of fedadam/fedyogi (eta 0.05, tau 0.01) on hand-picked replies: the returned arrays per round."""
+    s = built(name, 2, **{"fedopt-eta": 0.05, "fedopt-tau": 0.01})
+    current = arrays([1.0, -2.0, 0.5], [0.5, 0.5, 0.5])
+    outs = []
+    for rnd, (nets, emas) in enumerate([([[1.2, -2.0, 0.3], [1.6, -1.0, 0.5]], [[0.5, 1.5, 0.1], [0.9, 0.1, 0.5]]),
+                                        ([[0.0, 0.0, 0.0], [2.0, -4.0, 1.0]], [[0.4, 0.4, 0.4], [0.6, 0.6, 0.6]])],
+                                       start=1):
+        s.configure_train(rnd, current, ConfigRecord(), FakeGrid())
+        current, _ = s.aggregate_train(rnd, [reply(0, 10, nets[0], emas[0]), reply(1, 30, nets[1], emas[1])])
+        outs.append({k: current[k].numpy().astype(np.float64) for k in ("net.w", "ema.w")})
+    return outs
+
+
+def expected_fedopt(name):
+    """Flower's FedAdam / FedYogi (Reddi et al. 2020, Flower's defaults beta_1 = 0.9, beta_2 = 0.99), per key:
+    delta = size-weighted mean - current; m = b1 m + (1 - b1) delta;
+    Adam: v = b2 v + (1 - b2) delta^2, x += eta sqrt(1 - b2^(t+1)) / (1 - b1^(t+1)) m / (sqrt(v) + tau);
+    Yogi: v = v - (1 - b2) delta^2 sign(v - delta^2), x += eta m / (sqrt(v) + tau)."""
+    b1, b2, eta, tau = 0.9, 0.99, 0.05, 0.01
+    x = {"net.w": np.array([1.0, -2.0, 0.5]), "ema.w": np.array([0.5, 0.5, 0.5])}
+    means = [{"net.w": np.array([1.5, -1.25, 0.45]), "ema.w": np.array([0.8, 0.45, 0.4])},  # (10 a + 30 b) / 40
+             {"net.w": np.array([1.5, -3.0, 0.75]), "ema.w": np.array([0.55, 0.55, 0.55])}]
+    m = {k: np.zeros(3) for k in x}
+    v = {k: np.zeros(3) for k in x}
+    outs = []
+    for t, mean in enumerate(means, start=1):
+        for k in x:
+            delta = mean[k] - x[k]
+            m[k] = b1 * m[k] + (1 - b1) * delta
+            if name == "fedadam":
+                v[k] = b2 * v[k] + (1 - b2) * delta**2
+                rate = eta * np.sqrt(1 - b2 ** (t + 1)) / (1 - b1 ** (t + 1))
+            else:
+                v[k] = v[k] - (1 - b2) * delta**2 * np.sign(v[k] - delta**2)
+                rate = eta
+            x[k] = x[k] + rate * m[k] / (np.sqrt(v[k]) + tau)
+        outs.append({k: x[k].copy() for k in x})
+    return outs
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi"])
+def test_fedadam_and_fedyogi_aggregate_raw_and_ema_by_the_documented_update(name, flower_identity):
+    got, want = two_fedopt_rounds(name), expected_fedopt(name)
+    for rnd in range(2):
+        for key in ("net.w", "ema.w"):
+            np.testing.assert_allclose(got[rnd][key], want[rnd][key], rtol=2e-5, atol=1e-6, err_msg=f"{rnd} {key}")
 
 
 def test_keys_of_other_strategies_are_not_silently_ignored():
@@ -100,7 +191,8 @@ def test_plain_fedavg_tells_clients_to_reset_the_optimizer(flower_identity):
 def test_dp_wrapped_strategies_run_a_simulated_round(name, tmp_path):
     """Every plain strategy runs in the strategies smoke study (tests/test_studies.py)."""
     from experiments import simulate
-    from fl_ietagc.checkpoints import RunDir, load_checkpoint
+    from fl_ietagc.checkpoints import load_checkpoint
+    from fl_ietagc.rundir import RunDir
 
     strategy, _, dp = name.partition("+")
     extra = ' dp-clip-norm=1.0 dp-noise-multiplier=0.001' if dp else ""

@@ -45,14 +45,53 @@ def test_dry_run_prints_the_gpu_estimate(capsys, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def evaluated(path, mq, third, fid):
+    """A results.json as `fl-ietagc evaluate` writes it, with chosen fractions."""
+    rate = lambda f: {"count": round(100 * f), "fraction": f}  # noqa: E731
+    return {"run": str(path), "kind": "federated", "num_samples": 100, "sampler": "ddim", "steps": 10,
+            "weights": "raw", "round": 2,
+            "memorization": {"mq": {"0.2": rate(mq)}, "one_third_rule": rate(third), "carlini": rate(third),
+                             "exact_copies": rate(0.0)},
+            "null": {"mq": {"0.2": rate(0.01)}, "one_third_rule": rate(0.0)},
+            "quality": {"computed": True, "fid": fid} if fid is not None else {"computed": False, "reason": "x"}}
+
+
+def test_study_compares_every_run_with_the_first(tmp_path, capsys):
+    """Runs already evaluated are kept, so the study goes straight to its comparison of known results."""
+    study_dir = tmp_path / "paper-cifar10-smoke"
+    chosen = {"default-training": (0.2, 0.1, 40.0), "iet": (0.1, 0.1, 50.0), "iet-agc": (0.05, 0.0, None)}
+    for name, values in chosen.items():
+        (study_dir / name).mkdir(parents=True)
+        (study_dir / name / "results.json").write_text(json.dumps(evaluated(study_dir / name, *values)))
+    path = run_study("paper-cifar10", "smoke", tmp_path)
+    assert path == study_dir / "comparison.md"
+    table = json.loads((study_dir / "comparison.json").read_text())
+    assert table["runs"] == ["default-training", "iet", "iet-agc"]
+    assert table["metrics"]["MQ r<0.2"] == [0.2, 0.1, 0.05]
+    assert table["relative_to_first"] == {
+        "MQ r<0.2": ["+0.0%", "-50.0%", "-75.0%"], "1/3 rule": ["+0.0%", "+0.0%", "-100.0%"],
+        "Carlini l<1": ["+0.0%", "+0.0%", "-100.0%"], "exact copies": ["0%", "0%", "0%"],
+        "null: MQ r<0.2": ["+0.0%", "+0.0%", "+0.0%"], "null: 1/3 rule": ["0%", "0%", "0%"],
+        "FID": ["+0.0%", "+25.0%", "n/a"]}
+    assert "| MQ r<0.2 | 0.2 | 0.1 (-50.0%) | 0.05 (-75.0%) |" in path.read_text()
+    assert capsys.readouterr().out.count("already evaluated, kept") == 3
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("study", STUDIES)
 def test_smoke_study_runs_and_writes_a_comparison(study, tmp_path):
+    from fl_ietagc.compare import metric_values, relative
+    from fl_ietagc.evaluate import read_results
+
     path = run_study(study, "smoke", tmp_path)
     table = json.loads((path.parent / "comparison.json").read_text())
     assert table["runs"] == [r.name for r in plan(study, "smoke")]
     assert all(v == "+0.0%" or v == "0%" or v.startswith("n/a") for v in
                [vals[0] for vals in table["relative_to_first"].values()])
+    # every column against the first run, from each run's own results.json
+    values = [metric_values(read_results(path.parent / name)) for name in table["runs"]]
+    assert table["metrics"] == {m: [v[m] for v in values] for m in values[0]}
+    assert table["relative_to_first"] == {m: [relative(v[m], values[0][m]) for v in values] for m in values[0]}
     if study == "strategies":
         assert set(table["runs"]) == set(STRATEGIES)
     if study == "finetune":

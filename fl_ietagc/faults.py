@@ -1,0 +1,44 @@
+"""Fault injection for the kill/resume tests: `FL_IETAGC_FAULT="POINT:ROUND[:ACTION],..."`.
+
+At a named point of a run (see the `fault_point` calls), when the round matches, the process is
+killed outright (ACTION `kill`, the default: SIGKILL, nothing is cleaned up), an error is raised
+(`raise`), or it waits for an hour (`hang`, to stop it from outside mid-run). Unset in normal use, where each call is one dictionary look-up.
+
+Points: `after-replies` (the clients have trained and saved their state, the server has not yet
+committed the round), `mid-commit` (metrics and checkpoint written, resume point not yet),
+`between-rounds` (round committed, next not started), `final-sampling` (final weights written,
+samples not yet), `client-train` (inside a client, before it trains; `raise` only makes sense here).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+ENV = "FL_IETAGC_FAULT"
+
+
+class InjectedFault(RuntimeError):
+    pass
+
+
+def _faults() -> dict[tuple[str, int], str]:
+    out = {}
+    for item in filter(None, os.environ.get(ENV, "").split(",")):
+        point, _, rest = item.partition(":")
+        round_, _, action = rest.partition(":")
+        out[(point.strip(), int(round_))] = action.strip() or "kill"
+    return out
+
+
+def fault_point(point: str, round: int) -> None:
+    if ENV not in os.environ:
+        return
+    action = _faults().get((point, round))
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "raise":
+        raise InjectedFault(f"injected fault at {point}, round {round}")
+    elif action == "hang":  # a round that takes long: the process waits here until it is stopped
+        time.sleep(3600)

@@ -1,0 +1,121 @@
+"""The messages between the ServerApp and the ClientApps: their keys, and the round summary.
+
+Plain Python (no Flower import), so the core stays usable without Flower: the apps put these keys
+into Flower's ConfigRecord / MetricRecord.
+
+Train instruction (`config` ConfigRecord; Flower adds `server-round`):
+    run-dir, run-token, num-clients   where the run lives and which run this is
+    state-rounds                      list, per partition: the round whose saved client state to start from
+                                      (0 = a fresh state); a failed client's entry stays behind
+    shard-<P>                         RET: partition P's current training-set ids (only after a redistribution)
+    reset-optimizer                   plain FedAvg: a new Adam every round
+    proximal-mu                       FedProx (set by Flower's FedProx strategy)
+
+Reply: `arrays` (net.* and ema.*), `metrics` (MetricRecord) and `info` (ConfigRecord); or, when the
+client failed, only `error` (ConfigRecord: partition-id, round, step, error, traceback).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+ROUND = "server-round"
+RUN_DIR = "run-dir"
+RUN_TOKEN = "run-token"
+NUM_CLIENTS = "num-clients"
+STATE_ROUNDS = "state-rounds"
+RESET_OPTIMIZER = "reset-optimizer"
+PROXIMAL_MU = "proximal-mu"
+ARRAYS, METRICS, INFO, ERROR = "arrays", "metrics", "info", "error"
+
+
+def shard_key(partition_id: int) -> str:
+    return f"shard-{partition_id}"
+
+
+@dataclass
+class ClientRound:
+    """One client's summary of one round (the reply's metrics and info records)."""
+
+    partition_id: int
+    num_examples: int
+    loss: float
+    kept: int
+    skipped: int
+    steps: int
+    seconds: float
+    client_step: int  # the client's optimizer step counter after this round (persists across rounds)
+    image_ids: np.ndarray
+    skip_counts: np.ndarray
+
+    @property
+    def skip_rate(self) -> float:
+        total = self.kept + self.skipped
+        return self.skipped / total if total else 0.0
+
+    def to_records(self) -> tuple[dict, dict]:
+        """(metrics, info) for the reply."""
+        metrics = {"num-examples": self.num_examples, "loss": self.loss, "kept": self.kept,
+                   "skipped": self.skipped, "steps": self.steps, "seconds": self.seconds,
+                   "client-step": self.client_step}
+        info = {"partition-id": self.partition_id, "image-ids": self.image_ids.tolist(),
+                "skip-counts": self.skip_counts.tolist()}
+        return metrics, info
+
+    @classmethod
+    def from_records(cls, metrics, info) -> "ClientRound":
+        return cls(partition_id=int(info["partition-id"]), num_examples=int(metrics["num-examples"]),
+                   loss=float(metrics["loss"]), kept=int(metrics["kept"]), skipped=int(metrics["skipped"]),
+                   steps=int(metrics["steps"]), seconds=float(metrics["seconds"]),
+                   client_step=int(metrics["client-step"]), image_ids=np.asarray(info["image-ids"], np.int64),
+                   skip_counts=np.asarray(info["skip-counts"], np.int64))
+
+    def to_json(self) -> dict:
+        return {"partition-id": self.partition_id, "num-examples": self.num_examples, "loss": self.loss,
+                "kept": self.kept, "skipped": self.skipped, "skip-rate": self.skip_rate, "steps": self.steps,
+                "client-step": self.client_step, "seconds": self.seconds}
+
+
+@dataclass
+class ClientFailure:
+    """A client that failed in a round: what the user reads (one line) and the traceback (a log file)."""
+
+    partition_id: int  # -1 when unknown (the client died before it could say)
+    round: int
+    error: str  # one line
+    step: int = -1  # the client's optimizer step, when the failure happened while training
+    traceback: str = ""
+
+    def line(self) -> str:
+        who = f"partition {self.partition_id}" if self.partition_id >= 0 else "a client (partition unknown)"
+        where = f", step {self.step}" if self.step >= 0 else ""
+        return f"{who}, round {self.round}{where}: {self.error}"
+
+    def to_record(self) -> dict:
+        return {"partition-id": self.partition_id, "round": self.round, "error": self.error, "step": self.step,
+                "traceback": self.traceback}
+
+    @classmethod
+    def from_record(cls, rec) -> "ClientFailure":
+        return cls(partition_id=int(rec["partition-id"]), round=int(rec["round"]), error=str(rec["error"]),
+                   step=int(rec["step"]), traceback=str(rec["traceback"]))
+
+
+def one_line(text: str) -> str:
+    """The last non-empty line of an error text (where Python puts the exception), at most 500 characters."""
+    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else "unknown error")[:500]
+
+
+def round_metrics(clients: list[ClientRound]) -> dict:
+    """Loss (size-weighted), overall and per-client skip rates of one round, clients in partition order."""
+    n = sum(c.num_examples for c in clients)
+    kept = sum(c.kept for c in clients)
+    skipped = sum(c.skipped for c in clients)
+    return {"loss": sum(c.loss * c.num_examples for c in clients) / n,
+            "skip-rate": skipped / max(kept + skipped, 1), "kept": kept, "skipped": skipped,
+            "steps": sum(c.steps for c in clients), "client-seconds-max": max(c.seconds for c in clients),
+            "skip-rate-per-client": [c.skip_rate for c in clients],
+            "loss-per-client": [c.loss for c in clients]}

@@ -1,0 +1,60 @@
+"""The app without Ray: a Grid that hands each message to the real ClientApp `train` in this process.
+
+Used by the tests to run the real ServerApp and ClientApp (with real Flower Message / Context objects)
+in seconds, and by the kill/resume tests as a subprocess:
+
+    python -m tests.local_grid K '{"num-server-rounds": 3, ...}'     # FL_IETAGC_FAULT=... to kill it
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+from flwr.app import Context, RecordDict
+
+
+def set_task_identity() -> None:
+    """Flower's Message constructor needs a task identity, which a real run sets."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+
+
+class LocalGrid:
+    """K SuperNodes (node ids 1000 + P) whose ClientApp runs in this process, one message after another."""
+
+    def __init__(self, k: int, run_config: dict, node_config: dict | None = None):
+        self.contexts = {1000 + p: Context(run_id=1, node_id=1000 + p, state=RecordDict(),
+                                           node_config={"partition-id": p, "num-partitions": k, **(node_config or {})},
+                                           run_config=dict(run_config)) for p in range(k)}
+        self.delivered: list = []  # (round, partition) in order, for the tests
+
+    def get_node_ids(self):
+        return sorted(self.contexts)
+
+    def send_and_receive(self, messages, timeout=None):
+        from clients.client_app import train
+
+        replies = []
+        for m in messages:
+            ctx = self.contexts[m.metadata.dst_node_id]
+            self.delivered.append((int(m.content["config"]["server-round"]), ctx.node_config["partition-id"]))
+            replies.append(train(m, ctx))
+        return replies
+
+
+def run_server(run_config: dict, k: int, grid: LocalGrid | None = None) -> LocalGrid:
+    """The real ServerApp `main` on a LocalGrid (raises what it raises)."""
+    from strategies.server_app import main
+
+    set_task_identity()
+    grid = grid or LocalGrid(k, run_config)
+    main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config)))
+    return grid
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    run_server(json.loads(sys.argv[2]), int(sys.argv[1]))
