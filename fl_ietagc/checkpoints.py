@@ -42,7 +42,9 @@ def atomic_write_bytes(path: Path, writer) -> None:
         except OSError:
             pass
         if isinstance(e, OSError):
-            raise RunWriteError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
+            error = RunWriteError(f"cannot write {path}: {e.strerror or e}")
+            error.errno = e.errno
+            raise error from e
         raise
 
 

@@ -29,9 +29,23 @@ def simulate_app(tmp_path, extra=""):
     return code, RunDir(tmp_path / "e2e"), parse_config(parse_overrides(overrides))
 
 
+_REFERENCE = {}
+
+
+def reference_run(tmp_path) -> RunDir:
+    """The uninterrupted 2-client x 2-round run (made once per session, by whichever test needs it first)."""
+    if "run" not in _REFERENCE:
+        base = tmp_path.parent / "reference"
+        base.mkdir(exist_ok=True)
+        code, run, cfg = simulate_app(base)
+        assert code == 0
+        _REFERENCE.update(run=run, cfg=cfg)
+    return _REFERENCE["run"]
+
+
 def test_two_clients_two_rounds_match_the_plain_loop(tmp_path):
-    code, run, cfg = simulate_app(tmp_path)
-    assert code == 0
+    run = reference_run(tmp_path)
+    cfg = _REFERENCE["cfg"]
     assert run.read_status()["status"] == "completed"
     for path in (run.checkpoint(1), run.checkpoint(2), run.final_checkpoint, run.samples_path, run.shards_path,
                  run.skip_counts_path, run.config_path):
@@ -70,12 +84,59 @@ def test_two_clients_two_rounds_match_the_plain_loop(tmp_path):
         torch.testing.assert_close(state["bank"]["values"], loop.states[pid].bank["values"], rtol=1e-6, atol=1e-9)
 
 
-def test_a_failing_client_fails_the_command(tmp_path, capsys):
+def test_a_failing_client_fails_the_command_with_one_line_naming_it(tmp_path, capfd):
     blocked = tmp_path / "not-a-dir"
     blocked.write_text("a file where the client wants its state directory")
     code, run, _ = simulate_app(tmp_path, f'client-state-dir="{blocked}"')
     assert code == 1
     status = run.read_status()
     assert status["status"] == "failed"
-    assert "ClientRoundError" in status["error"] and "client(s) failed" in status["error"]
-    assert "run FAILED" in capsys.readouterr().err
+    assert status["error"].startswith("ClientRoundError: partition 0, round 1: RunWriteError: cannot write "
+                                      f"{blocked}/e2e/p0/round_0001.pt")
+    err = capfd.readouterr().err
+    failed = [line for line in err.splitlines() if "run FAILED" in line]
+    assert failed == [f"flower-simulation: run FAILED: {status['error']}"]
+    assert "Traceback" in (run.logs_dir / "client-p0-r1.log").read_text()
+
+
+def test_ctrl_c_stops_within_seconds_and_the_run_resumes_bit_identical(tmp_path):
+    """SIGINT to flower-simulation while round 2 waits: exit 130 in seconds, no process left of its group,
+    status interrupted; `--resume` then ends with the weights of the uninterrupted run."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    overrides = f'{SMALL} output-dir="{tmp_path}" run-name="cut"'
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.simulate", "--app", str(ROOT), "--num-supernodes", "2",
+                             "--run-config", overrides, "--backend-config", '{"client_resources": {"num_cpus": 1}}'],
+                            cwd=ROOT, env={**os.environ, "FL_IETAGC_FAULT": "between-rounds:1:hang"},
+                            stderr=subprocess.PIPE, text=True)
+    run = RunDir(tmp_path / "cut")
+    deadline = time.time() + 240
+    while time.time() < deadline and not (run.status_path.is_file() and run.read_status().get("round") == 1):
+        time.sleep(0.5)
+    assert run.read_status().get("round") == 1, "round 1 was not committed within 240 s"
+    group = run.read_status()["pid"]  # the simulation process, leader of the group Ray's processes are in
+    t0 = time.time()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    seconds = time.time() - t0
+    # the child marks the run and ends its group at once; the parent would SIGKILL the group after 15 s
+    assert proc.returncode == 130 and seconds < simulate.STOP_GRACE_S + 5, (seconds, err[-2000:])
+    assert f"continue it with: fl-ietagc resume {run.path}" in err
+    status = run.read_status()
+    assert status["status"] == "interrupted" and status["round"] == 1
+    time.sleep(1)
+    left = subprocess.run(["ps", "-eo", "pgid="], capture_output=True, text=True).stdout.split()
+    assert str(group) not in left
+
+    assert simulate.main(["--app", str(ROOT), "--resume", str(run.path), "--backend-config",
+                          json.dumps({"client_resources": {"num_cpus": 1}})]) == 0
+    assert run.read_status()["status"] == "completed"
+    ref = load_checkpoint(reference_run(tmp_path).final_checkpoint)
+    got = load_checkpoint(run.final_checkpoint)
+    for part in ("net", "ema"):
+        assert all(torch.equal(ref[part][k], got[part][k]) for k in ref[part])
