@@ -138,12 +138,8 @@ def print_estimate(est: dict) -> None:
 def run_study(study: str, size: str, out: Path, *, data_root: str = "", fid_weights: str | None = None,
               gpus_per_client: float = 0.5, pretrained: str = "", eval_samples: int | None = None,
               dry_run: bool = False) -> Path | None:
-    from fl_ietagc.baseline import run_baseline
     from fl_ietagc.compare import compare, to_markdown, write_comparison
-    from fl_ietagc.config import parse_config, toml_value
     from fl_ietagc.evaluate import EvalOptions, evaluate_run
-
-    from . import simulate
 
     smoke = size == "smoke"
     runs = plan(study, size)
@@ -168,18 +164,8 @@ def run_study(study: str, size: str, out: Path, *, data_root: str = "", fid_weig
         if (study_dir / r.name / "results.json").is_file():
             print(f"[{r.name}] already evaluated, kept")
             continue
-        conf = {**base, **r.overrides, "output-dir": str(study_dir), "run-name": r.name}
         t0 = time.time()
-        if r.clients:
-            toml = study_dir / f"{r.name}.toml"
-            toml.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in conf.items()))
-            code = simulate.main(["--app", str(Path(__file__).resolve().parents[1]), "--num-supernodes",
-                                  str(r.clients), "--backend-config", json.dumps(backend), "--run-config", str(toml)])
-            if code:
-                raise SystemExit(f"[{r.name}] federated run failed (exit {code})")
-        else:
-            run_baseline(parse_config({**conf, "agc": r.centralized_agc}), match_federated=r.match_federated,
-                         progress=not smoke)
+        train_run(r, study_dir, base, backend, smoke)
         evaluate_run(study_dir / r.name, EvalOptions(num_samples=eval_samples, steps=eval_steps,
                                                      fid=fid_weights is not None or not smoke,
                                                      fid_weights=fid_weights, loss_images=16 if smoke else 64),
@@ -192,16 +178,46 @@ def run_study(study: str, size: str, out: Path, *, data_root: str = "", fid_weig
     return path
 
 
+def train_run(r: RunSpec, study_dir: Path, base: dict, backend: dict, smoke: bool) -> None:
+    """Train one run of a study: skipped when it completed before, resumed when it was killed, failed or
+    interrupted, started otherwise."""
+    from fl_ietagc.baseline import run_baseline
+    from fl_ietagc.config import parse_config, toml_value
+    from fl_ietagc.rundir import RunDir
+
+    from . import simulate
+
+    run = RunDir(study_dir / r.name)
+    state = run.liveness() if run.config_path.is_file() else "new"
+    if state == "completed":
+        print(f"[{r.name}] already trained, kept")
+        return
+    if state == "running":
+        raise SystemExit(f"[{r.name}] {run.path} is being written by another process")
+    resume = state in ("failed", "interrupted", "stale")
+    if resume:
+        print(f"[{r.name}] {state} at round {run.read_status().get('round')}: resuming")
+    conf = {**base, **r.overrides, "output-dir": str(study_dir), "run-name": r.name}
+    if r.clients:
+        app = str(Path(__file__).resolve().parents[1])
+        if resume:
+            args = ["--resume", str(run.path)]
+        else:
+            toml = study_dir / f"{r.name}.toml"
+            toml.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in conf.items()))
+            args = ["--num-supernodes", str(r.clients), "--run-config", str(toml)]
+        code = simulate.main(["--app", app, *args, "--backend-config", json.dumps(backend)])
+        if code:
+            raise SystemExit(f"[{r.name}] federated run failed (exit {code}); run the study again to resume it")
+    else:
+        run_baseline(parse_config({**conf, "agc": r.centralized_agc}), match_federated=r.match_federated,
+                     progress=not smoke, resume=str(run.path) if resume else None)
+
+
 def _smoke_pretrained(study_dir: Path, base: dict) -> Path:
     """The smoke finetune starts from a small centralized model trained here (no download needed)."""
-    from fl_ietagc.baseline import run_baseline
-    from fl_ietagc.config import parse_config
-
-    pre = study_dir / "pretrained"
-    if not (pre / "checkpoints" / "final.pt").is_file():
-        run_baseline(parse_config({**base, "agc": False, "output-dir": str(study_dir), "run-name": "pretrained",
-                                   "sample-count": 0}), progress=False)
-    return pre / "checkpoints" / "final.pt"
+    train_run(RunSpec("pretrained", 0, {"sample-count": 0}), study_dir, base, {}, smoke=True)
+    return study_dir / "pretrained" / "checkpoints" / "final.pt"
 
 
 def main(argv=None) -> int:

@@ -43,6 +43,8 @@ def main(argv=None) -> int:
     r.add_argument("run_dir")
     r.add_argument("--backend-config", default=None, help="federated runs: Ray client resources (JSON, as for "
                                                           "flower-simulation); default: the run's own")
+    r.add_argument("--print-config", action="store_true", help="only print the run config that continues the run "
+                                                               "(TOML, with resume-from), for `flwr run -c FILE`")
     e = sub.add_parser("evaluate", help="memorization and quality of a run's global model; writes results.json "
                                         "and report.html into the run directory")
     e.add_argument("run_dir")
@@ -128,6 +130,12 @@ def _resume(args) -> int:
 
     run = RunDir.check_resumable(args.run_dir)
     kind = run.read_config().get("kind")
+    if args.print_config:
+        from .config import toml_value
+
+        conf = {**resume_config(args.run_dir, {}).to_dict(), "resume-from": str(run.path)}
+        print("".join(f"{k} = {toml_value(v)}\n" for k, v in conf.items()), end="")
+        return 0
     if kind == "centralized":
         from .baseline import run_baseline
 

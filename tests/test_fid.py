@@ -21,10 +21,7 @@ from fl_ietagc import fid
 from fl_ietagc.fid import (INCEPTION_FILENAME, WEIGHTS_ENV, FidUnavailable, compute_quality,
                            resolve_inception_weights, weights_fingerprint)
 
-try:  # tests/ as a plain directory of modules, or as a package
-    from conftest import make_standin_weights  # noqa: E402
-except ImportError:
-    from tests.conftest import make_standin_weights  # noqa: E402
+from tests.conftest import make_standin_weights  # noqa: E402
 
 
 @pytest.fixture(scope="session")

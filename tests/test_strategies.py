@@ -8,10 +8,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 from fl_ietagc.config import ConfigError, parse_config
 from fl_ietagc.trainer import proximal_term
 from strategies.registry import build_strategy, check_strategy
-try:  # tests/ as a plain directory of modules, or as a package
-    from test_aggregation import reply
-except ImportError:
-    from tests.test_aggregation import reply
+from tests.test_aggregation import reply
 
 
 class FakeGrid:

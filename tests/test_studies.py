@@ -100,3 +100,35 @@ def test_smoke_study_runs_and_writes_a_comparison(study, tmp_path):
     for run in table["paths"]:
         status = json.loads((path.parent / run.split("/")[-1] / "status.json").read_text())
         assert status["status"] == "completed"
+
+
+def test_a_study_keeps_finished_runs_and_resumes_half_finished_ones(tmp_path, monkeypatch):
+    """train_run: completed -> kept, failed/interrupted/killed -> resumed (federated through --resume),
+    never seen -> started."""
+    from experiments import simulate, studies
+    from fl_ietagc.baseline import run_baseline
+    from fl_ietagc.rundir import RunDir
+
+    base = {**studies.SMOKE, "max-images": 96, "num-server-rounds": 3, "sample-count": 0, "agc": False}
+    monkeypatch.setenv("FL_IETAGC_FAULT", "between-rounds:2:raise")
+    with pytest.raises(RuntimeError, match="injected fault at between-rounds, round 2"):
+        run_baseline(parse_config({**base, "output-dir": str(tmp_path), "run-name": "central"}), progress=False)
+    monkeypatch.delenv("FL_IETAGC_FAULT")
+    assert RunDir(tmp_path / "central").liveness() == "failed"
+    studies.train_run(studies.RunSpec("central", 0), tmp_path, base, {}, smoke=True)
+    run = RunDir(tmp_path / "central")
+    assert run.read_status()["status"] == "completed" and [m["round"] for m in run.read_metrics()] == [1, 2, 3]
+    before = run.status_path.stat().st_mtime_ns
+    studies.train_run(studies.RunSpec("central", 0), tmp_path, base, {}, smoke=True)  # kept as it is
+    assert run.status_path.stat().st_mtime_ns == before
+
+    calls = []
+    monkeypatch.setattr(simulate, "main", lambda argv: calls.append(argv) or 0)
+    fed = RunDir(tmp_path / "fed")
+    fed.path.mkdir()
+    fed.write_config({"kind": "federated"})
+    fed.write_status("interrupted")
+    studies.train_run(studies.RunSpec("fed", 2), tmp_path, base, {"client_resources": {"num_cpus": 1}}, smoke=True)
+    studies.train_run(studies.RunSpec("new", 2), tmp_path, base, {}, smoke=True)
+    assert calls[0][2:4] == ["--resume", str(fed.path)]
+    assert calls[1][2:6] == ["--num-supernodes", "2", "--run-config", str(tmp_path / "new.toml")]
