@@ -58,6 +58,9 @@ def parse_backend_config(text: str) -> dict:
         return {k.replace("-", "_"): norm(v) if isinstance(v, dict) else v for k, v in d.items()}
 
     cfg = norm(raw)
+    for key in ("client_resources", "init_args", "actor"):
+        if key in cfg and not isinstance(cfg[key], dict):
+            raise ConfigError(f"--backend-config {key}: must be a JSON object")
     unknown = set(cfg) - {"client_resources", "init_args", "actor"}
     if unknown:
         raise ConfigError(f"unknown --backend-config key(s) {sorted(unknown)}; allowed: client_resources, "
@@ -111,23 +114,17 @@ def with_run_config(server_app, client_app, run_config: dict):
     return server, client
 
 
-def validate_before_start(run_config: dict, num_supernodes: int) -> None:
-    """Fail fast, before Ray starts: bad keys, values, strategy, data that cannot make K shards, a run
-    directory that is taken (saying how to resume it), a run to resume that cannot be resumed."""
+def validate_before_start(run_config: dict, num_supernodes: int, backend: dict | None = None) -> None:
+    """Fail fast, before Ray starts: the one validation pass (fl_ietagc/validate.py) plus the strategy."""
     from fl_ietagc.config import ConfigError, parse_config
-    from fl_ietagc.rundir import RunDir
-    from fl_ietagc.shards import shards_for_config
+    from fl_ietagc.validate import validate_run
     from strategies.registry import check_strategy
 
     cfg = parse_config(run_config)
     check_strategy(cfg.strategy, cfg)
     if cfg.num_clients and cfg.num_clients != num_supernodes:
         raise ConfigError(f"num-clients = {cfg.num_clients} but --num-supernodes = {num_supernodes}")
-    shards_for_config(cfg, num_supernodes)
-    if cfg.resume_from:
-        RunDir.check_resumable(cfg.resume_from)
-    elif cfg.run_name:
-        RunDir.check_new(RunDir.new_path(cfg.output_dir, cfg.run_name, ""))
+    validate_run(cfg, num_supernodes, backend)
 
 
 def resume_run_config(run_dir: str, overrides: dict, num_supernodes: int | None) -> tuple[dict, int]:
@@ -213,7 +210,7 @@ def prepare(args):
     else:
         k = args.num_supernodes
     components, run_config = load_app_config(app_dir, overrides)
-    validate_before_start(run_config, k)
+    validate_before_start(run_config, k, backend)
     return app_dir, backend, components, run_config, k
 
 

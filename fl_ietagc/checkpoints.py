@@ -18,8 +18,14 @@ from pathlib import Path
 
 import torch
 
+from .config import ConfigError
+
 CHECKPOINT_FORMAT = "fl-ietagc-checkpoint/1"
 NET, EMA = "net.", "ema."
+
+
+class BadFileError(ConfigError):
+    """A file given to (or kept by) the tool is missing its content, corrupt, or not what it should be."""
 
 
 class RunWriteError(OSError):
@@ -71,7 +77,7 @@ def read_json(path: Path, what: str = "file"):
     except FileNotFoundError:
         raise
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: corrupt {what} ({type(e).__name__}: {e})") from e
+        raise BadFileError(f"{path}: corrupt {what} ({type(e).__name__}: {e})") from e
 
 
 def pack_weights(net: dict[str, torch.Tensor], ema: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -101,11 +107,12 @@ def load_torch(path: str | Path, what: str, map_location="cpu"):
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     if path.stat().st_size == 0:
-        raise ValueError(f"{path}: empty file, not a {what}")
+        raise BadFileError(f"{path}: empty file, not a {what}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, not a torch file, or a pickle that would run code
-        raise ValueError(f"{path}: not a readable {what} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+        raise BadFileError(f"{path}: not a readable {what} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") \
+            from e
 
 
 def save_checkpoint(path: Path, net: dict, ema: dict, *, round: int, config: dict, **meta) -> None:
@@ -116,5 +123,5 @@ def save_checkpoint(path: Path, net: dict, ema: dict, *, round: int, config: dic
 def load_checkpoint(path: str | Path) -> dict:
     blob = load_torch(path, "checkpoint")
     if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not an fl-ietagc checkpoint (expected format {CHECKPOINT_FORMAT})")
+        raise BadFileError(f"{path} is not an fl-ietagc checkpoint (expected format {CHECKPOINT_FORMAT})")
     return blob

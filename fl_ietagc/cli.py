@@ -70,11 +70,20 @@ def main(argv=None) -> int:
     k = sub.add_parser("config", help="list the run-config keys")
     k.add_argument("--toml", action="store_true", help="as the pyproject [tool.flwr.app.config] table")
     k.add_argument("--markdown", action="store_true", help="as the README table rows")
+    k.add_argument("--check", metavar="RUN_CONFIG", action="append", default=None,
+                   help="parse and validate a --run-config / -c argument ('k=v ...' or a .toml file) strictly; "
+                        "exit 2 naming what is wrong (scripts/flwr-run.sh checks its -c arguments with this)")
     args = p.parse_args(argv)
     try:
         if args.command == "config":
             from .config import defaults_as_toml, keys_as_markdown
 
+            if args.check is not None:
+                raw = {}
+                for text in args.check:
+                    raw.update(load_overrides(text))
+                parse_config(raw)
+                return 0
             if args.toml or args.markdown:
                 print(defaults_as_toml() if args.toml else keys_as_markdown(), end="")
                 return 0
@@ -85,12 +94,17 @@ def main(argv=None) -> int:
             from .baseline import run_baseline
 
             if args.resume:
-                cfg = resume_config(args.resume, load_overrides(args.run_config))
+                cfg = resume_config(args.resume, load_overrides(args.run_config), kind="centralized")
             else:
                 forced = {} if args.agc else {"agc": False}
                 cfg = load_run_config(args.config, args.run_config, **forced)
                 if not args.agc and cfg.agc:
                     raise ConfigError("agc = true: use --agc for a centralized run with AGC")
+            from .validate import validate_run
+
+            if args.match_federated < 0:
+                raise ConfigError(f"--match-federated = {args.match_federated}: must be >= 0")
+            validate_run(cfg.replace(**{"resume-from": args.resume or ""}), args.match_federated)
             return _finish(lambda: run_baseline(cfg, match_federated=args.match_federated, resume=args.resume),
                            "baseline")
         if args.command == "resume":
@@ -110,7 +124,7 @@ def main(argv=None) -> int:
     return 1
 
 
-def resume_config(run_dir: str, overrides: dict) -> RunConfig:
+def resume_config(run_dir: str, overrides: dict, kind: str | None = None) -> RunConfig:
     """The config a run was started with (from its config.json); `overrides` may only repeat it."""
     from .rundir import RunDir
 
@@ -118,6 +132,8 @@ def resume_config(run_dir: str, overrides: dict) -> RunConfig:
     if not run.config_path.is_file():
         raise ConfigError(f"resume: {run_dir} is not a run directory (no config.json)")
     stored = run.read_config()
+    if kind and stored.get("kind") != kind:
+        raise ConfigError(f"resume: {run.path} is a {stored.get('kind')} run, not a {kind} one")
     cfg = parse_config({k: v for k, v in stored.items() if k in RunConfig().to_dict()})
     differ = [k for k, v in overrides.items() if cfg.to_dict().get(k) != v]
     if differ:

@@ -15,7 +15,6 @@ import dataclasses
 import difflib
 import math
 import os
-import shlex
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -102,7 +101,8 @@ class RunConfig:
     taa_gamma: float = _key("taa-gamma", 1.5, "TAA band: losses in [M[t]/lambda, gamma*M[t]/lambda) are augmented",
                             lambda v: None if v > 1 else "must be > 1")
     taa_max_shift: int = _key("taa-max-shift", 4, "TAA: translation in pixels at full strength", _at_least(1))
-    seed: int = _key("seed", 0, "seed of the model init, shards and every client's RNG", _non_negative)
+    seed: int = _key("seed", 0, "seed of the model init, shards and every client's RNG",
+                     lambda v: None if 0 <= v < 2 ** 32 else "must be in [0, 2^32)")
     device: str = _key("device", "auto", "where clients train: auto = cuda if visible, else cpu", choices=DEVICES)
     # --- federation ---
     num_clients: int = _key("num-clients", 0, "K, number of shards/clients; 0 = every connected SuperNode",
@@ -245,13 +245,35 @@ def _check_cross_keys(cfg: RunConfig) -> None:
         raise ConfigError(f"image-size = {cfg.image_size}: must be a multiple of 8 (the UNet downsamples 3 times)")
 
 
+def split_items(text: str) -> list[str]:
+    """Split 'k=v k2="a b"' at whitespace outside quotes, keeping the quotes (TOML reads the values)."""
+    items, current, quote, escaped = [], "", "", False
+    for ch in text:
+        if quote:
+            current += ch
+            if escaped:
+                escaped = False
+            elif ch == "\\" and quote == '"':
+                escaped = True
+            elif ch == quote:
+                quote = ""
+        elif ch in "\"'":
+            quote, current = ch, current + ch
+        elif ch.isspace():
+            if current:
+                items.append(current)
+            current = ""
+        else:
+            current += ch
+    if quote:
+        raise ConfigError(f"run-config {text!r}: unbalanced quotes")
+    return items + ([current] if current else [])
+
+
 def parse_overrides(text: str | None) -> dict:
     """'k=v k2="s"' -> {k: v, k2: "s"}: every item is key=value, values read as TOML (a bare word is a
     string). Anything that does not parse completely is refused, naming the item."""
-    try:
-        items = shlex.split(text or "")
-    except ValueError as e:
-        raise ConfigError(f"run-config {text!r}: {e} (unbalanced quotes?)") from e
+    items = split_items(text or "")
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -264,7 +286,9 @@ def parse_overrides(text: str | None) -> dict:
         try:
             out[key] = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:
-            out[key] = value  # a bare word (or a quoted string, unquoted by the shell syntax) is a string
+            if value[:1] in "\"'" or value[-1:] in "\"'":
+                raise ConfigError(f"run-config item {item!r}: {key} is not a valid quoted string") from None
+            out[key] = value  # a bare word is a string
         if key in out and isinstance(out[key], (dict, list)):
             raise ConfigError(f"run-config item {item!r}: {key} takes a single value")
     return out

@@ -28,6 +28,9 @@ def initial_weights(cfg: RunConfig) -> tuple[dict, dict]:
         load_weights(net, weights, f"init-checkpoint {source}")
         load_weights(ema, weights, f"init-checkpoint {source}")
     elif source:
+        if not os.path.exists(source):
+            raise ConfigError(f"init-checkpoint = {source!r}: no such file or directory "
+                              f"(relative to {os.getcwd()})")
         try:
             blob = load_checkpoint(source)
         except (FileNotFoundError, ValueError) as e:
@@ -37,7 +40,11 @@ def initial_weights(cfg: RunConfig) -> tuple[dict, dict]:
     return net.state_dict(), ema.state_dict()
 
 
+FILE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".json", ".npz", ".pkl", ".tar")
+
+
 def looks_like_hub_id(source: str) -> bool:
-    """owner/name that is not a local path (a relative path that does not exist is not taken for one
-    when it starts with . or has more than one /)."""
-    return re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", source) is not None and not os.path.exists(source)
+    """owner/name that is not a local path: a name with a file suffix, starting with . or ~, or with more
+    than one / is a path."""
+    return (re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", source) is not None and not os.path.exists(source)
+            and not source.lower().endswith(FILE_SUFFIXES))

@@ -162,6 +162,7 @@ class RunDir:
         run = cls(path)
         if not run.config_path.is_file():
             raise ConfigError(f"resume: {run.path} is not a run directory (no config.json)")
+        run.read_config()  # a corrupt one is named here
         state = run.liveness()
         if state == "completed":
             raise ConfigError(f"resume: {run.path} holds a completed run; nothing to resume")

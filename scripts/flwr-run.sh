@@ -21,6 +21,12 @@ while [ $# -gt 0 ]; do
     *) args+=("$1"); shift ;;
   esac
 done
+# Flower's own -c parser silently drops what it cannot read ('lr=', 'rounds = 1'): check every -c strictly first
+prev=""
+for a in "${args[@]+"${args[@]}"}"; do
+  case "$prev" in -c|--run-config) fl-ietagc config --check "$a" || exit 2 ;; esac
+  prev=$a
+done
 if [ -n "$resume" ]; then
   for a in "${args[@]+"${args[@]}"}"; do
     case "$a" in -c|--run-config|-c=*|--run-config=*)

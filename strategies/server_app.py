@@ -43,6 +43,7 @@ from fl_ietagc.ret import redistribute
 from fl_ietagc.rundir import ACTIVE_RUNS, RunDir, register_active
 from fl_ietagc.shards import shards_for_config
 from fl_ietagc.trainer import pick_device
+from fl_ietagc.validate import check_device, check_model, check_run_dir
 
 from .registry import build_strategy, check_strategy
 from .state import export_state, import_state
@@ -80,6 +81,9 @@ class ServerState:
 def main(grid: Grid, context: Context) -> None:
     cfg = parse_config(context.run_config)
     check_strategy(cfg.strategy, cfg)
+    check_model(cfg)
+    check_device(cfg)
+    check_run_dir(cfg)
     if cfg.resume_from:
         run, num_clients, start_round, net, ema, saved = reopen_run(cfg)
     else:

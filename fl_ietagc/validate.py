@@ -1,0 +1,125 @@
+"""One validation pass over everything a run needs, before Ray starts or a model is trained.
+
+`validate_run` checks, in order: the config's own rules (types, ranges, cross-key rules: done by
+`parse_config`), the model against the image size, the device, the paths (output directory writable,
+run name a plain name, a run directory that is free, or a run to resume that can be resumed), the
+simulation resources (GPUs and CPUs asked for against those present: Ray would wait for ever), the
+data (readable, enough images for K shards of a full batch) and `init-checkpoint` (read with
+weights_only, architecture checked). Every error is a `ConfigError` (exit code 2) that names the key
+and its allowed range, or the file and what is wrong with it, in one line.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from .config import ConfigError, RunConfig
+
+
+def check_model(cfg: RunConfig) -> None:
+    from .data import image_size
+    from .models import downsample_factor
+
+    size, factor = image_size(cfg), downsample_factor(cfg.preset)
+    if size % factor:
+        raise ConfigError(f"image-size = {size}: preset {cfg.preset} downsamples by {factor}, so the image size "
+                          f"must be a multiple of {factor}")
+
+
+def check_device(cfg: RunConfig) -> None:
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("device = 'cuda': no CUDA GPU is visible here; use device = 'auto' or 'cpu'")
+
+
+def check_run_name(name: str) -> None:
+    if not name:
+        return
+    if name != name.strip() or name in (".", "..") or "/" in name or "\\" in name or name.startswith(".") \
+            or any(ord(c) < 32 for c in name):
+        raise ConfigError(f"run-name = {name!r}: must be a plain directory name (no '/', no leading '.', no "
+                          f"surrounding spaces)")
+
+
+def check_output_dir(output_dir: str) -> None:
+    """The output directory exists and is writable, or can be created (nothing is created here)."""
+    path = Path(output_dir).expanduser()
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"output-dir = {output_dir!r}: {probe} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise ConfigError(f"output-dir = {output_dir!r}: cannot write in {probe} ({e.strerror or e})") from e
+
+
+def check_run_dir(cfg: RunConfig) -> None:
+    from .rundir import RunDir
+
+    check_run_name(cfg.run_name)
+    check_output_dir(cfg.output_dir)
+    if cfg.resume_from:
+        RunDir.check_resumable(cfg.resume_from)
+    elif cfg.run_name:
+        RunDir.check_new(RunDir.new_path(cfg.output_dir, cfg.run_name, ""))
+
+
+def check_resources(backend: dict, num_clients: int) -> None:
+    """Client resources Ray can grant: asking for more than exists makes Ray wait for ever."""
+    res = backend.get("client_resources", {}) or {}
+    if not isinstance(res, dict):
+        raise ConfigError("--backend-config client_resources: must be a JSON object")
+    unknown = sorted(set(res) - {"num_cpus", "num_gpus"})
+    if unknown:
+        raise ConfigError(f"--backend-config client_resources: unknown key(s) {unknown}; allowed: num_cpus, num_gpus")
+    for key in ("num_cpus", "num_gpus"):
+        value = res.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != value:
+            raise ConfigError(f"--backend-config client_resources.{key} = {value!r}: must be a number >= 0")
+    if os.environ.get("RAY_ADDRESS"):
+        return  # attached to a cluster: its resources are not this machine's
+    cpus, gpus = float(res.get("num_cpus", 1)), float(res.get("num_gpus", 0))
+    if cpus > (os.cpu_count() or 1):
+        raise ConfigError(f"--backend-config client_resources.num_cpus = {res['num_cpus']}: this machine has "
+                          f"{os.cpu_count()} CPUs; a client could never be scheduled")
+    if gpus:
+        import torch
+
+        have = torch.cuda.device_count()
+        if have == 0:
+            raise ConfigError(f"--backend-config client_resources.num_gpus = {res['num_gpus']}: no CUDA GPU is "
+                              f"visible here; use 0")
+        if gpus > have:
+            raise ConfigError(f"--backend-config client_resources.num_gpus = {res['num_gpus']}: must be <= {have} "
+                              f"(the GPUs here)")
+    init = backend.get("init_args", {}) or {}
+    if not isinstance(init, dict):
+        raise ConfigError("--backend-config init_args: must be a JSON object")
+
+
+def check_init_checkpoint(cfg: RunConfig) -> None:
+    if cfg.init_checkpoint and not cfg.resume_from:
+        from .initial_weights import initial_weights
+
+        initial_weights(cfg)  # reads (weights_only) and checks the architecture
+
+
+def validate_run(cfg: RunConfig, num_clients: int, backend: dict | None = None) -> None:
+    """Everything checkable before any work starts. `num_clients` = K (0 = not known yet)."""
+    from .shards import shards_for_config
+
+    check_model(cfg)
+    check_device(cfg)
+    check_run_dir(cfg)
+    if backend is not None:
+        check_resources(backend, num_clients)
+    if num_clients:
+        shards_for_config(cfg, num_clients)  # the data: readable, enough images for K full batches
+    check_init_checkpoint(cfg)
