@@ -195,18 +195,23 @@ def _finish(work, what: str) -> int:
 
 
 def _evaluate(args) -> int:
-    from .evaluate import EvalOptions, evaluate_run
+    from .evaluate import EvalOptions, evaluate_run, prepare
 
     opts = EvalOptions(num_samples=args.num_samples, sampler=args.sampler, steps=args.steps, weights=args.weights,
                        round=args.round, seed=args.seed, batch_size=args.batch_size, device=args.device, k=args.k,
                        fid=not args.no_fid, fid_weights=args.fid_weights,
                        quality=tuple(q.strip() for q in args.quality.split(",") if q.strip()),
                        memorized_tau=args.memorized_tau, out=args.out)
-    try:
-        results = evaluate_run(args.run_dir, opts)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"fl-ietagc evaluate: {e}", file=sys.stderr)
+    try:  # every option and the run directory are checked before any sampling: bad input exits 2 at once
+        plan = prepare(args.run_dir, opts)
+    except (ValueError, OSError) as e:
+        print(f"fl-ietagc evaluate: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    try:
+        results = evaluate_run(args.run_dir, opts, plan=plan)
+    except (ValueError, OSError) as e:
+        print(f"fl-ietagc evaluate: FAILED: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
     mem, null = results["memorization"], results["null"]
     print(f"MQ r<0.2: {mem['mq']['0.2']['count']}/{mem['num_queries']} (null {100 * null['mq']['0.2']['fraction']:.2f}%)"
           f" | 1/3 rule: {mem['one_third_rule']['count']} (null {100 * null['one_third_rule']['fraction']:.2f}%)"

@@ -36,13 +36,19 @@ def relative(v: float | None, base: float | None) -> str:
 
 
 def compare(run_dirs: list[str]) -> dict:
-    results = [read_results(d) for d in run_dirs]
-    names = [Path(r["run"]).name for r in results]
-    values = [metric_values(r) for r in results]
+    results = [read_results(d) for d in run_dirs]  # each missing / corrupt results.json named
+    names, values, settings = [], [], []
+    for d, r in zip(run_dirs, results):
+        try:
+            names.append(Path(r["run"]).name)
+            values.append(metric_values(r))
+            settings.append({k: r[k] for k in ("kind", "num_samples", "sampler", "steps", "weights", "round")})
+        except (KeyError, TypeError, AttributeError) as e:
+            path = Path(d) / "results.json" if Path(d).is_dir() else Path(d)
+            raise ValueError(f"{path}: corrupt evaluation results ({type(e).__name__}: {e}); evaluate the run "
+                             f"again") from e
     metrics = list(values[0])
-    return {"runs": names, "paths": [r["run"] for r in results],
-            "settings": [{k: r[k] for k in ("kind", "num_samples", "sampler", "steps", "weights", "round")}
-                         for r in results],
+    return {"runs": names, "paths": [r["run"] for r in results], "settings": settings,
             "metrics": {m: [v.get(m) for v in values] for m in metrics},
             "relative_to_first": {m: [relative(v.get(m), values[0].get(m)) for v in values] for m in metrics}}
 

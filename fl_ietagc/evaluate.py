@@ -5,6 +5,9 @@
                                [--fid-weights PATH] [--quality fid,kid] [--no-fid] [--out DIR]
 
 Works for federated and centralized runs alike (same run-directory layout). Steps:
+0. `prepare` checks every option and the run directory first (completed run, checkpoint, metrics and skip
+   counts readable, --k within the training set, Inception weights safe and of the right network, --out
+   writable): bad input fails at once with one line naming the option or the file, before any sampling;
 1. samples from the final (or round R's) global weights, raw by default (the paper evaluates raw weights),
    quantised to uint8 as saved images are;
 2. one exact nearest-neighbour pass of the samples against the run's whole training set (all shards), and
@@ -19,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoints import atomic_write_json, load_checkpoint
+from .checkpoints import atomic_write_json, load_checkpoint, read_json
 from .rundir import RunDir
-from .config import config_keys, parse_config
+from .config import ConfigError, config_keys, parse_config
 from .data import image_size, load_splits
 from .diffusion import Diffusion, sample
 from .memorization import TAUS, nearest_neighbours, ratios, summarize
@@ -57,33 +59,149 @@ class EvalOptions:
     out: str | None = None
 
     def validate(self) -> None:
+        """The checks that need no run directory; every problem found, on one line, naming the option."""
+        import math
+
         problems = []
         if self.num_samples < 1:
             problems.append(f"--num-samples {self.num_samples}: must be >= 1")
+        elif self.fid and self.num_samples < 2:
+            problems.append(f"--num-samples {self.num_samples}: quality metrics need >= 2 samples (or pass --no-fid)")
         if self.sampler not in ("ddim", "ddpm"):
             problems.append(f"--sampler {self.sampler}: must be ddim or ddpm")
         if self.steps < 1:
             problems.append(f"--steps {self.steps}: must be >= 1")
         if self.weights not in ("raw", "ema"):
             problems.append(f"--weights {self.weights}: must be raw or ema")
+        if self.round is not None and self.round < 1:
+            problems.append(f"--round {self.round}: must be >= 1")
+        if not 0 <= self.seed < 2 ** 63:
+            problems.append(f"--seed {self.seed}: must be in [0, 2**63)")
+        if self.batch_size < 1:
+            problems.append(f"--batch-size {self.batch_size}: must be >= 1")
+        if self.device not in ("auto", "cpu", "cuda"):
+            problems.append(f"--device {self.device}: must be auto, cpu or cuda")
+        elif self.device == "cuda" and not torch.cuda.is_available():
+            problems.append("--device cuda: no CUDA device is visible to this process; use --device cpu or auto")
         if self.k < 2:
-            problems.append(f"--k {self.k}: must be >= 2")
+            problems.append(f"--k {self.k}: must be >= 2 (the 1/3 rule needs 2 neighbours)")
         bad = set(self.quality) - {"fid", "isc", "kid", "prc"}
         if bad:
             problems.append(f"--quality {','.join(sorted(bad))}: must be among fid, isc, kid, prc")
+        elif self.fid and not self.quality:
+            problems.append("--quality: names no metric; give some of fid, isc, kid, prc (or pass --no-fid)")
+        if not (math.isfinite(self.memorized_tau) and self.memorized_tau > 0):
+            problems.append(f"--memorized-tau {self.memorized_tau}: must be a number > 0")
+        if self.loss_images < 1:
+            problems.append(f"loss_images {self.loss_images}: must be >= 1")
         if problems:
             raise ValueError("; ".join(problems))
 
 
 def load_run(run_dir: str | Path):
-    """(RunDir, RunConfig, extra config.json fields) of a finished run directory."""
+    """(RunDir, RunConfig, extra config.json fields) of a run directory; a missing, corrupt or invalid
+    config.json raises an error naming it."""
     run = RunDir(run_dir)
     if not run.config_path.is_file():
         raise FileNotFoundError(f"{run.path} is not a run directory (no config.json)")
-    raw = run.read_config()
+    raw = run.read_config()  # ValueError naming config.json if it is not JSON
+    if not isinstance(raw, dict):
+        raise ValueError(f"{run.config_path}: corrupt run config (expected a JSON object, got {type(raw).__name__})")
     known = {f.metadata["key"] for f in config_keys()}
-    cfg = parse_config({k: v for k, v in raw.items() if k in known})
+    try:
+        cfg = parse_config({k: v for k, v in raw.items() if k in known})
+    except ConfigError as e:
+        raise ValueError(f"{run.config_path}: invalid run config ({e})") from e
     return run, cfg, {k: v for k, v in raw.items() if k not in known}
+
+
+@dataclass
+class EvalPlan:
+    """Everything `evaluate_run` needs, checked before any sampling (see `prepare`)."""
+    run: RunDir
+    cfg: object
+    meta: dict
+    ckpt_path: Path
+    ckpt: dict
+    model: torch.nn.Module
+    splits: object
+    device: torch.device
+    out_dir: Path
+    fid_weights: str | None  # verified local Inception weights, None if they would have to be downloaded
+
+
+def _saved_rounds(run: RunDir) -> str:
+    rounds = sorted(int(p.stem.split("_")[1]) for p in (run.path / "checkpoints").glob("round_*.pt")
+                    if p.stem.split("_")[1].isdigit())
+    return ", ".join(map(str, rounds)) if rounds else "none"
+
+
+def _check_writable(out: Path, what: str) -> None:
+    """`out` is (or can be created as) a writable directory; ValueError "<what>: ..." otherwise."""
+    import os
+
+    probe = out
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise ValueError(f"{what}: {probe} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{what}: {probe} is not writable")
+
+
+def prepare(run_dir: str | Path, opts: EvalOptions) -> EvalPlan:
+    """Check every option and the run directory before any work: raises ValueError / FileNotFoundError with one
+    line naming the option (and its allowed range) or the file (and what is wrong with it). Loads the checkpoint,
+    the model, the data and (when quality is on) verifies the Inception weights."""
+    opts.validate()
+    run, cfg, meta = load_run(run_dir)
+    if opts.round is None:
+        state = run.read_status().get("status", "missing")
+        if state != "completed":
+            raise ValueError(f"{run.path}: the run is {state}, not completed; evaluate a saved round of it with "
+                             f"--round R (saved rounds: {_saved_rounds(run)})")
+        ckpt_path = run.final_checkpoint
+        if not ckpt_path.is_file():
+            raise ValueError(f"{ckpt_path}: missing; the completed run has no final checkpoint")
+    else:
+        ckpt_path = run.checkpoint(opts.round)
+        if not ckpt_path.is_file():
+            raise ValueError(f"--round {opts.round}: no checkpoint of round {opts.round} in {ckpt_path.parent} "
+                             f"(saved rounds: {_saved_rounds(run)})")
+    ckpt = load_checkpoint(ckpt_path)  # ValueError naming the file if empty, corrupt or refused
+    key = "net" if opts.weights == "raw" else "ema"
+    if not isinstance(ckpt.get(key), dict):
+        raise ValueError(f"{ckpt_path}: no {key!r} weights (--weights {opts.weights})")
+    model = build_for_config(cfg)
+    load_weights(model, ckpt[key], f"{ckpt_path} ({opts.weights})")
+    if opts.sampler == "ddim" and opts.steps > cfg.diffusion_steps:
+        raise ValueError(f"--steps {opts.steps}: must be <= {cfg.diffusion_steps} (the run's diffusion-steps)")
+    out_dir = Path(opts.out) if opts.out else run.path
+    _check_writable(out_dir, f"--out {opts.out}" if opts.out else f"{run.path} (use --out DIR to write elsewhere)")
+    from . import report
+
+    report.read_round_metrics(run)  # a corrupt metrics.json fails now, not after sampling
+    fid_weights = None
+    if opts.fid:
+        from .fid import FidUnavailable, preflight_weights
+
+        try:
+            fid_weights = preflight_weights(opts.fid_weights)
+        except FidUnavailable as e:
+            raise ValueError(str(e)) from None
+    try:
+        splits = load_splits(cfg)
+    except ConfigError as e:
+        raise ValueError(f"{run.config_path}: {e}") from e
+    num_train = len(splits.train.images)
+    if opts.k > num_train:
+        raise ValueError(f"--k {opts.k}: must be <= {num_train} (the run's training set size)")
+    report.read_skip_counts(run, num_train)  # likewise skip_counts.npy
+    device = pick_device(opts.device)
+    return EvalPlan(run=run, cfg=cfg, meta=meta, ckpt_path=ckpt_path, ckpt=ckpt, model=model, splits=splits,
+                    device=device, out_dir=out_dir, fid_weights=fid_weights)
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -107,18 +225,14 @@ def loss_by_timestep(model, diffusion: Diffusion, images: torch.Tensor, timestep
     return out
 
 
-def evaluate_run(run_dir: str | Path, opts: EvalOptions, progress: bool = True) -> dict:
-    opts.validate()
-    run, cfg, meta = load_run(run_dir)
-    out_dir = Path(opts.out) if opts.out else run.path
-    device = pick_device(opts.device)
+def evaluate_run(run_dir: str | Path, opts: EvalOptions, progress: bool = True, plan: EvalPlan | None = None) -> dict:
+    """Evaluate a run (see the module docstring). `plan` is `prepare(run_dir, opts)`, made here if not given:
+    every check runs before any sampling."""
+    plan = plan or prepare(run_dir, opts)
+    run, cfg, meta, ckpt_path, ckpt = plan.run, plan.cfg, plan.meta, plan.ckpt_path, plan.ckpt
+    model, splits, device, out_dir = plan.model, plan.splits, plan.device, plan.out_dir
     timings: dict[str, float] = {}
-    ckpt_path = run.checkpoint(opts.round) if opts.round else run.final_checkpoint
-    ckpt = load_checkpoint(ckpt_path)
-    model = build_for_config(cfg)
-    load_weights(model, ckpt["net" if opts.weights == "raw" else "ema"], f"{ckpt_path} ({opts.weights})")
     model.to(device).eval()
-    splits = load_splits(cfg)
     train, heldout = splits.train.images, splits.heldout.images
     diffusion = Diffusion(cfg.diffusion_steps, cfg.beta_start, cfg.beta_end)
     size, channels = image_size(cfg), splits.train.channels
@@ -137,7 +251,7 @@ def evaluate_run(run_dir: str | Path, opts: EvalOptions, progress: bool = True) 
     null = summarize(nb_null, len(train))
 
     t0 = time.perf_counter()
-    quality = compute_quality_or_reason(samples, train, cfg, opts, device)
+    quality = compute_quality_or_reason(samples, train, cfg, opts, device, weights_path=plan.fid_weights)
     timings["quality_s"] = time.perf_counter() - t0
 
     results = {
@@ -189,15 +303,16 @@ def _loss_curves(model, diffusion, train, memorized_ids, opts: EvalOptions, devi
     return {"timesteps": timesteps, "groups": curves} if curves else None
 
 
-def compute_quality_or_reason(samples, train, cfg, opts: EvalOptions, device) -> dict:
-    """FID etc. through torch-fidelity, or {"computed": False, "reason": ...} when it cannot be had."""
+def compute_quality_or_reason(samples, train, cfg, opts: EvalOptions, device, weights_path: str | None = None) -> dict:
+    """FID etc. through torch-fidelity, or {"computed": False, "reason": ...} when it cannot be had.
+    `weights_path` (the weights `prepare` verified) overrides opts.fid_weights."""
     if not opts.fid:
         return {"computed": False, "reason": "disabled (--no-fid)"}
     from .fid import FidUnavailable, compute_quality
 
     key = f"{cfg.dataset}-{image_size(cfg)}-n{len(train)}-{_tensor_digest(train)}"
     try:
-        values = compute_quality(samples, train, reference_key=key, weights_path=opts.fid_weights,
+        values = compute_quality(samples, train, reference_key=key, weights_path=weights_path or opts.fid_weights,
                                  metrics=tuple(opts.quality), device=str(device), batch_size=opts.batch_size)
     except FidUnavailable as e:
         return {"computed": False, "reason": str(e)}
@@ -208,8 +323,19 @@ def _tensor_digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
+RESULTS_KEYS = ("run", "kind", "memorization", "null", "quality")
+
+
 def read_results(run_dir: str | Path) -> dict:
+    """results.json of an evaluated run (or that file's path); a missing, corrupt or incomplete one raises an
+    error naming it."""
     path = Path(run_dir) / "results.json" if Path(run_dir).is_dir() else Path(run_dir)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no results.json; run `fl-ietagc evaluate {run_dir}` first")
-    return json.loads(path.read_text())
+    results = read_json(path, "evaluation results")
+    if not isinstance(results, dict):
+        raise ValueError(f"{path}: corrupt evaluation results (expected a JSON object, got {type(results).__name__})")
+    missing = [k for k in RESULTS_KEYS if k not in results]
+    if missing:
+        raise ValueError(f"{path}: incomplete evaluation results (no {', '.join(missing)}); evaluate the run again")
+    return results

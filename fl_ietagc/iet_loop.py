@@ -13,12 +13,15 @@ import copy
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .checkpoints import pack_weights, unpack_weights
 from .config import RunConfig
 from .data import load_splits
 from .initial_weights import initial_weights
+from .protocol import ClientRound, round_metrics
+from .rundir import RunDir
 from .models import build_for_config
 from .shards import shards_for_config
 from .trainer import LocalTrainer, RoundStats, TrainState, client_seed, pick_device
@@ -46,15 +49,29 @@ class LoopResult:
     seconds: float = 0.0
 
 
-def run_iet_loop(cfg: RunConfig, num_clients: int, device: torch.device | None = None) -> LoopResult:
+def run_iet_loop(cfg: RunConfig, num_clients: int, device: torch.device | None = None,
+                 run: RunDir | None = None) -> LoopResult:
+    """K clients one after another, then the size-weighted average, for R rounds. With `run`, the rounds are
+    committed to that run directory as the ServerApp commits them, and a run directory that holds a resume
+    point (`RunDir.reopen`) continues from it."""
     device = device or pick_device(cfg.device)
     shards = shards_for_config(cfg, num_clients)
     images = load_splits(cfg).train.images
-    g_net, g_ema = initial_weights(cfg)
-    states = [TrainState.fresh(s) for s in shards]
+    start = 0
+    if run is not None and run.resume_path.is_file():
+        blob = run.read_resume()
+        start, g_net, g_ema = int(blob["round"]), blob["net"], blob["ema"]
+        states = [TrainState.from_dict(d) for d in blob["state"]["clients"]]
+    else:
+        g_net, g_ema = initial_weights(cfg)
+        states = [TrainState.fresh(s) for s in shards]
+        if run is not None:
+            run.begin(cfg.to_dict(), shards, cfg.num_server_rounds, kind="federated", engine="iet-loop",
+                      num_clients=num_clients)
+            run.write_resume(0, g_net, g_ema, {"clients": [s.to_dict() for s in states]})
     result = LoopResult(net={}, ema={}, states=states)
     t0 = time.perf_counter()
-    for server_round in range(1, cfg.num_server_rounds + 1):
+    for server_round in range(start + 1, cfg.num_server_rounds + 1):
         t_round = time.perf_counter()
         replies, stats = [], []
         for pid, shard in enumerate(shards):
@@ -68,5 +85,21 @@ def run_iet_loop(cfg: RunConfig, num_clients: int, device: torch.device | None =
         g_net, g_ema = unpack_weights(weighted_average(replies))
         result.rounds.append(stats)
         result.round_seconds.append(time.perf_counter() - t_round)
+        if run is not None:
+            clients = [ClientRound(pid, len(shard), st.mean_loss, st.kept, st.skipped, st.steps, st.seconds,
+                                   states[pid].step, shard, st.skip_counts.numpy())
+                       for pid, (shard, st) in enumerate(zip(shards, stats))]
+            skips = np.zeros(len(images), np.int64)
+            for s in states:
+                np.add.at(skips, s.image_ids.numpy(), s.skip_counts.numpy())
+            run.commit_round(server_round, {"round": server_round, "elapsed-s": time.perf_counter() - t0,
+                                            **round_metrics(clients), "clients": [c.to_json() for c in clients]},
+                             net=g_net, ema=g_ema, state={"clients": [s.to_dict() for s in states]},
+                             config=cfg.to_dict(), skip_counts=skips, num_rounds=cfg.num_server_rounds,
+                             keep_checkpoint=server_round == cfg.num_server_rounds
+                             or server_round % cfg.checkpoint_every == 0)
     result.net, result.ema, result.seconds = g_net, g_ema, time.perf_counter() - t0
+    if run is not None:
+        run.finish(g_net, g_ema, cfg.num_server_rounds, cfg.to_dict())
+        run.mark_completed(cfg.num_server_rounds)
     return result

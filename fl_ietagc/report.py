@@ -46,6 +46,38 @@ def _image_panel(ax, images: torch.Tensor, nrow: int, title: str) -> None:
     ax.axis("off")
 
 
+def read_round_metrics(run) -> list[dict]:
+    """The run's per-round records (metrics.json) as the "rounds" figure uses them; a corrupt file, or records
+    without round / loss / skip-rate / skip-rate-per-client, raise ValueError naming the file."""
+    metrics = run.read_metrics()  # ValueError naming the file if it is not JSON
+    ok = isinstance(metrics, list) and all(
+        isinstance(m, dict) and isinstance(m.get("round"), int) and "loss" in m and "skip-rate" in m
+        and isinstance(m.get("skip-rate-per-client"), list) for m in metrics)
+    if ok and metrics:
+        ok = len({len(m["skip-rate-per-client"]) for m in metrics}) == 1
+    if not ok:
+        raise ValueError(f"{run.metrics_path}: corrupt metrics file (expected a list of per-round records with "
+                         f"round, loss, skip-rate and skip-rate-per-client)")
+    return metrics
+
+
+def read_skip_counts(run, num_train: int) -> np.ndarray | None:
+    """skip_counts.npy (one count per training image), None if the run has none; a corrupt file, or one of
+    the wrong length, raises ValueError naming it. Loaded with allow_pickle=False: no code can run."""
+    path = run.skip_counts_path
+    if not path.is_file():
+        return None
+    try:
+        counts = np.load(path, allow_pickle=False)
+    except Exception as e:  # truncated, not .npy, or an object array (which would need pickle)
+        raise ValueError(f"{path}: corrupt skip counts ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+    if not isinstance(counts, np.ndarray) or counts.ndim != 1 or counts.dtype.kind not in "iu" \
+            or len(counts) != num_train or (len(counts) and counts.min() < 0):
+        raise ValueError(f"{path}: corrupt skip counts (expected {num_train} non-negative integers, one per "
+                         f"training image, got {getattr(counts, 'dtype', '?')} {getattr(counts, 'shape', '?')})")
+    return counts
+
+
 def make_figures(out: Path, *, run, samples: torch.Tensor, train: torch.Tensor, nb, mq: np.ndarray,
                  loss_curves: dict | None) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
@@ -62,8 +94,8 @@ def make_figures(out: Path, *, run, samples: torch.Tensor, train: torch.Tensor, 
                  f"(left), ascending distance; MQ r of the first: {mq[order[0]]:.3f}")
     figs["similar_pairs"] = _save(fig, out / "similar_pairs.png")
 
-    if run.skip_counts_path.is_file():
-        counts = np.load(run.skip_counts_path)
+    counts = read_skip_counts(run, len(train))
+    if counts is not None:
         if counts.sum() > 0:
             by = np.argsort(-counts, kind="stable")
             most, least = by[:SKIPPED], by[::-1][:SKIPPED]
@@ -92,7 +124,7 @@ def make_figures(out: Path, *, run, samples: torch.Tensor, train: torch.Tensor, 
         ax.legend(fontsize=8)
         figs["loss_by_timestep"] = _save(fig, out / "loss_by_timestep.png")
 
-    metrics = run.read_metrics()
+    metrics = read_round_metrics(run)
     if metrics:
         rounds = [m["round"] for m in metrics]
         fig, axes = plt.subplots(1, 3, figsize=(12, 3))

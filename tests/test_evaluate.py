@@ -133,7 +133,7 @@ def test_evaluate_computes_fid_when_weights_are_given(weights, tmp_path, monkeyp
                         "sample-count": 0, "output-dir": str(tmp_path), "run-name": "fid"})
     run = run_baseline(cfg, progress=False)
     results = ev.evaluate_run(run.path, ev.EvalOptions(num_samples=10, steps=2, fid_weights=weights, loss_images=4,
-                                                       batch_size=50), progress=False)
+                                                       batch_size=50, k=20), progress=False)
     q = results["quality"]
     assert q["computed"] is True and q["fid"] >= 0 and q["num_generated"] == 10 and q["num_reference"] == 40
     # the FID of the 10 samples' features against the 40 training images' features
@@ -143,3 +143,173 @@ def test_evaluate_computes_fid_when_weights_are_given(weights, tmp_path, monkeyp
     assert any((tmp_path / "cache" / "fid" / q["weights_sha256"][:16]).iterdir())  # train stats cached per weights
     page = (run.path / "report.html").read_text()
     assert "<td>FID</td>" in page and "FID was not computed" not in page
+
+
+# --- every option and the run directory are checked before any sampling ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fake_run(tmp_path_factory):
+    """A completed run directory laid out as the baseline writes it (config, status, metrics, skip counts, round 1
+    and 2 and final checkpoints) with untrained weights: the checks need no training."""
+    import numpy as np
+
+    from fl_ietagc.checkpoints import atomic_write_json, save_checkpoint
+    from fl_ietagc.models import build_for_config
+    from fl_ietagc.rundir import RunDir
+
+    cfg = parse_config(CFG)
+    run = RunDir(tmp_path_factory.mktemp("runs") / "fake")
+    run.path.mkdir()
+    run.write_config(cfg.to_dict(), kind="centralized")
+    state = build_for_config(cfg).state_dict()
+    for r in (1, 2):
+        save_checkpoint(run.checkpoint(r), state, state, round=r, config=cfg.to_dict())
+    save_checkpoint(run.final_checkpoint, state, state, round=2, config=cfg.to_dict())
+    atomic_write_json(run.metrics_path, [{"round": r, "loss": 0.1, "skip-rate": 0.0, "skip-rate-per-client": [0.0]}
+                                         for r in (1, 2)])
+    run.write_skip_counts(np.zeros(len(load_splits(cfg).train), np.int64))
+    run.mark_completed(2)
+    return run, cfg
+
+
+@pytest.fixture
+def no_sampling(monkeypatch):
+    """Any sampling fails the test: every check must come first."""
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(1)
+        raise AssertionError("sampling started")
+
+    monkeypatch.setattr(ev, "sample", refuse)
+    return calls
+
+
+def run_cli(args, capsys) -> tuple[int, str]:
+    code = cli(["evaluate", *args])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--num-samples", "0"], "--num-samples 0: must be >= 1"),
+    (["--num-samples", "1"], "--num-samples 1: quality metrics need >= 2 samples (or pass --no-fid)"),
+    (["--steps", "0", "--no-fid"], "--steps 0: must be >= 1"),
+    (["--steps", "1001", "--no-fid"], "--steps 1001: must be <= 1000 (the run's diffusion-steps)"),
+    (["--k", "1", "--no-fid"], "--k 1: must be >= 2 (the 1/3 rule needs 2 neighbours)"),
+    (["--k", "100000", "--no-fid"], "--k 100000: must be <= {num_train} (the run's training set size)"),
+    (["--batch-size", "0", "--no-fid"], "--batch-size 0: must be >= 1"),
+    (["--round", "0", "--no-fid"], "--round 0: must be >= 1"),
+    (["--round", "7", "--no-fid"], "--round 7: no checkpoint of round 7 in {run}/checkpoints (saved rounds: 1, 2)"),
+    (["--seed", "-1", "--no-fid"], "--seed -1: must be in [0, 2**63)"),
+    (["--quality", "fid,fdi"], "--quality fdi: must be among fid, isc, kid, prc"),
+    (["--quality", " , "], "--quality: names no metric; give some of fid, isc, kid, prc (or pass --no-fid)"),
+    (["--memorized-tau", "nan", "--no-fid"], "--memorized-tau nan: must be a number > 0"),
+    (["--memorized-tau", "0", "--no-fid"], "--memorized-tau 0.0: must be a number > 0"),
+    (["--num-samples", "0", "--steps", "0", "--batch-size", "-3", "--no-fid"],
+     "--num-samples 0: must be >= 1; --steps 0: must be >= 1; --batch-size -3: must be >= 1"),
+])
+def test_bad_options_are_refused_before_any_sampling(fake_run, no_sampling, capsys, args, message):
+    run, cfg = fake_run
+    code, err = run_cli([str(run.path), *args], capsys)
+    expected = message.format(run=run.path, num_train=len(load_splits(cfg).train))
+    assert (code, err) == (2, f"fl-ietagc evaluate: {expected}\n")
+    assert no_sampling == []
+
+
+def test_missing_fid_weights_are_refused_before_any_sampling(fake_run, no_sampling, capsys, tmp_path):
+    run, _ = fake_run
+    code, err = run_cli([str(run.path), "--fid-weights", str(tmp_path / "missing.pth")], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith(f"fl-ietagc evaluate: --fid-weights {tmp_path / 'missing.pth'}: no such file. Provide "
+                          f"weights-inception-2015-12-05-6726825d.pth ")
+    (tmp_path / "dir.pth").mkdir()
+    assert run_cli([str(run.path), "--fid-weights", str(tmp_path / "dir.pth")], capsys) == \
+        (2, f"fl-ietagc evaluate: --fid-weights {tmp_path / 'dir.pth'}: not a file\n")
+    assert no_sampling == []
+
+
+def test_unusable_out_and_device_are_refused_before_any_sampling(fake_run, no_sampling, capsys, tmp_path):
+    run, _ = fake_run
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert run_cli([str(run.path), "--no-fid", "--out", str(blocker / "eval")], capsys) == \
+        (2, f"fl-ietagc evaluate: --out {blocker / 'eval'}: {blocker} is not a directory\n")
+    if not torch.cuda.is_available():
+        assert run_cli([str(run.path), "--no-fid", "--device", "cuda"], capsys) == \
+            (2, "fl-ietagc evaluate: --device cuda: no CUDA device is visible to this process; "
+                "use --device cpu or auto\n")
+    assert no_sampling == []
+
+
+def copy_run(run, tmp_path):
+    import shutil
+
+    dst = tmp_path / "run"
+    shutil.copytree(run.path, dst)
+    return dst
+
+
+def test_unfinished_run_needs_a_round(fake_run, no_sampling, capsys, tmp_path):
+    run = copy_run(fake_run[0], tmp_path)
+    (run / "status.json").write_text(json.dumps({"status": "failed", "round": 2}))
+    assert run_cli([str(run), "--no-fid", "--k", "5"], capsys) == \
+        (2, f"fl-ietagc evaluate: {run}: the run is failed, not completed; evaluate a saved round of it with "
+            f"--round R (saved rounds: 1, 2)\n")
+    assert no_sampling == []
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("config.json", "{not json", "{path}: corrupt run config (JSONDecodeError: "),
+    ("config.json", "[1, 2]", "{path}: corrupt run config (expected a JSON object, got list)"),
+    ("config.json", '{"num-server-rounds": -4}', "{path}: invalid run config ("),
+    ("status.json", "", "{path}: corrupt status file (JSONDecodeError: "),
+    ("metrics.json", '[{"round": 1', "{path}: corrupt metrics file (JSONDecodeError: "),
+    ("metrics.json", '[{"round": 1}]', "{path}: corrupt metrics file (expected a list of per-round records with "
+                                       "round, loss, skip-rate and skip-rate-per-client)"),
+    ("checkpoints/final.pt", b"", "{path}: empty file, not a checkpoint"),
+    ("checkpoints/final.pt", b"PK\x03\x04 truncated", "{path}: not a readable checkpoint ("),
+    ("skip_counts.npy", b"\x93NUMPY junk", "{path}: corrupt skip counts (ValueError: "),
+    ("skip_counts.npy", "short", "{path}: corrupt skip counts (expected {num_train} non-negative integers, one per "
+                                 "training image, got int64 (3,))"),
+])
+def test_corrupt_run_files_are_named_before_any_sampling(fake_run, no_sampling, capsys, tmp_path, name, content,
+                                                         message):
+    import numpy as np
+
+    run = copy_run(fake_run[0], tmp_path)
+    path = run / name
+    if content == "short":
+        np.save(path, np.zeros(3, np.int64))
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    code, err = run_cli([str(run), "--no-fid", "--k", "5"], capsys)
+    expected = "fl-ietagc evaluate: " + message.format(path=path, num_train=len(load_splits(fake_run[1]).train))
+    assert code == 2 and err.startswith(expected) and err.endswith("\n") and err.count("\n") == 1, err
+    assert no_sampling == []
+
+
+def test_compare_names_a_corrupt_results_file(tmp_path):
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    for d in (good, bad):
+        d.mkdir()
+    r = results_with(0.2, 10.0)
+    r["run"] = str(good)
+    (good / "results.json").write_text(json.dumps(r))
+    (bad / "results.json").write_text('{"run": ')
+    with pytest.raises(ValueError) as e:
+        compare([str(good), str(bad)])
+    assert str(e.value).startswith(f"{bad / 'results.json'}: corrupt evaluation results (JSONDecodeError: ")
+    (bad / "results.json").write_text(json.dumps({"run": str(bad), "kind": "x"}))
+    with pytest.raises(ValueError) as e:
+        compare([str(good), str(bad)])
+    assert str(e.value) == (f"{bad / 'results.json'}: incomplete evaluation results (no memorization, null, quality); "
+                            f"evaluate the run again")
+    incomplete = {**r, "memorization": {"mq": {}}}
+    (bad / "results.json").write_text(json.dumps(incomplete))
+    with pytest.raises(ValueError) as e:
+        compare([str(good), str(bad)])
+    assert str(e.value) == (f"{bad / 'results.json'}: corrupt evaluation results (KeyError: 'one_third_rule'); "
+                            f"evaluate the run again")

@@ -143,3 +143,23 @@ run_baseline(cfg, match_federated=2, progress=False, resume=sys.argv[2] or None)
     assert go("", str(run.path)) == 0
     assert_same_run(ref, run)
     assert run.read_config()["matched_federated_clients"] == 2
+
+
+def test_the_flower_free_loop_writes_the_same_run_directory_and_resumes(tmp_path):
+    """iet_loop commits through the same RunDir; stopped after round 2 and continued, it ends as the app does."""
+    from fl_ietagc.iet_loop import run_iet_loop
+
+    cfg = parse_config({**SMALL, "sample-count": 0, "output-dir": str(tmp_path), "run-name": "loop"})
+    torch.set_num_threads(1)
+    try:
+        full = run_iet_loop(cfg, 2, torch.device("cpu"), RunDir.create(str(tmp_path), "full", ""))
+        short = RunDir.create(str(tmp_path), "cut", "")
+        run_iet_loop(cfg.replace(**{"num-server-rounds": 2}), 2, torch.device("cpu"), short)
+        short.write_status("interrupted")
+        short.write_config({**short.read_config(), "num-server-rounds": 3})
+        cont = run_iet_loop(cfg, 2, torch.device("cpu"), RunDir.reopen(short.path))
+    finally:
+        torch.set_num_threads(2)
+    assert [m["round"] for m in short.read_metrics()] == [1, 2, 3]
+    assert all(torch.equal(full.net[k], cont.net[k]) for k in full.net)
+    assert_same_weights(RunDir(tmp_path / "full").final_checkpoint, short.final_checkpoint)

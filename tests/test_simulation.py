@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 # 2 clients x 128 images, batch 32: 4 steps per epoch. T = 20 so the memory bank fills and AGC
 # skips within the run; warmup (6 steps) spans the two rounds.
 SMALL = ('max-images=256 batch-size=32 local-epochs=1 num-server-rounds=2 diffusion-steps=20 agc-lambda=1.2 '
-         'warmup-steps=6 sample-count=4 sample-steps=3 run-name="e2e"')
+         'warmup-steps=6 sample-count=4 sample-steps=3 run-name="e2e" device="cpu"')  # the loop runs on CPU too
 
 
 def simulate_app(tmp_path, extra=""):

@@ -84,3 +84,102 @@ def test_a_shard_smaller_than_a_batch_is_an_error_not_a_hang():
     for kwargs in ({"epochs": 1}, {"epochs": 0, "max_steps": 5}):
         with pytest.raises(ValueError, match="batch-size = 16: larger than this shard's 10 images"):
             trainer.run(seed=0, **kwargs)
+
+
+def test_mean_loss_is_the_mean_of_every_per_sample_loss_seen(monkeypatch):
+    from fl_ietagc import diffusion
+
+    seen = []
+    real = diffusion.Diffusion.per_sample_loss
+
+    def spy(self, model, x0, t, noise):
+        losses = real(self, model, x0, t, noise)
+        seen.append(losses.detach().double())
+        return losses
+
+    monkeypatch.setattr(diffusion.Diffusion, "per_sample_loss", spy)
+    trainer, _ = make_trainer(CFG)
+    stats = trainer.run(epochs=1, seed=3)
+    assert stats.samples == 96 and len(seen) == 6
+    assert stats.mean_loss == pytest.approx(float(torch.cat(seen).mean()), rel=1e-12)
+
+
+def test_horizontal_flip_flips_about_half_the_images_in_the_batch(monkeypatch):
+    """hflip on (the default for every dataset but digits): each image is flipped with probability 1/2."""
+    from fl_ietagc import diffusion
+
+    batches = []
+    real = diffusion.Diffusion.per_sample_loss
+    monkeypatch.setattr(diffusion.Diffusion, "per_sample_loss",
+                        lambda self, model, x0, t, noise: batches.append(x0.clone()) or real(self, model, x0, t, noise))
+    cfg = parse_config({"batch-size": 96, "hflip": "on"})
+    trainer, _ = make_trainer(cfg)
+    trainer.run(epochs=1, seed=5)
+    gen = torch.Generator().manual_seed(5)
+    perm = torch.randperm(96, generator=gen)
+    flip = torch.rand(96, generator=gen) < 0.5
+    x = load_splits(cfg).train.images[:96][perm].float().div(127.5).sub(1.0)
+    expected = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+    assert torch.equal(batches[0], expected) and 30 < int(flip.sum()) < 66
+    off, _ = make_trainer(parse_config({"batch-size": 96, "hflip": "off"}))
+    batches.clear()
+    off.run(epochs=1, seed=5)
+    assert torch.equal(batches[0], x)
+
+
+def test_grad_clip_zero_does_not_clip_and_one_does():
+    a, _ = make_trainer(parse_config({"batch-size": 16, "grad-clip": 0.0, "lr": 0.1, "warmup-steps": 0}))
+    b, _ = make_trainer(parse_config({"batch-size": 16, "grad-clip": 1e-6, "lr": 0.1, "warmup-steps": 0}))
+    start = [p.detach().clone() for p in a.params]
+    a.run(epochs=0, seed=1, max_steps=1)
+    b.run(epochs=0, seed=1, max_steps=1)
+    # Adam normalises the step, so compare the first moment Adam saw: clipped gradients are tiny
+    ga = a.optimizer.state_dict()["state"][0]["exp_avg"].abs().max()
+    gb = b.optimizer.state_dict()["state"][0]["exp_avg"].abs().max()
+    assert float(gb) < 1e-6 * 0.1 + 1e-12 < float(ga)
+    assert any(not torch.equal(p, s) for p, s in zip(a.params, start))
+
+
+def test_fedprox_term_pulls_towards_the_round_start():
+    cfg = parse_config({"batch-size": 16, "warmup-steps": 0})
+    plain, _ = make_trainer(cfg)
+    prox, _ = make_trainer(cfg)
+    start = [p.detach().clone() for p in plain.params]
+    plain.run(epochs=0, seed=2, max_steps=3)
+    prox.run(epochs=0, seed=2, max_steps=3, prox_mu=1e4)  # a very strong pull
+
+    def drift(t):
+        return sum(float((p.detach() - s).pow(2).sum()) for p, s in zip(t.params, start))
+
+    assert drift(prox) < drift(plain)
+    from fl_ietagc.trainer import proximal_term
+
+    assert float(proximal_term([torch.ones(2), torch.zeros(1)], [torch.zeros(2), torch.ones(1)])) == 3.0
+
+
+def test_taa_sets_strengths_and_translates_inside_run():
+    cfg = parse_config({"batch-size": 16, "diffusion-steps": 4, "agc-lambda": 1.01, "taa": True, "taa-gamma": 3.0,
+                        "warmup-steps": 0})
+    trainer, state = make_trainer(cfg)
+    trainer.run(epochs=2, seed=4)
+    s = state.aug_strength
+    assert s.shape == (96,) and float(s.min()) >= 0 and float(s.max()) <= 1
+    assert int((s > 0).sum()) > 0  # samples just above the threshold were found
+    assert int((s == 0).sum()) > 0
+
+
+def test_shard_and_state_of_different_sizes_is_an_error():
+    cfg = parse_config({"batch-size": 16})
+    with pytest.raises(ValueError, match="^shard has 96 images but the state tracks 95$"):
+        make_trainer(cfg, TrainState.fresh(torch.arange(95)))
+
+
+def test_a_nan_loss_is_reported_with_its_step_within_the_check_period():
+    from fl_ietagc.trainer import NONFINITE_CHECK_EVERY, NonFiniteError
+
+    trainer, state = make_trainer(parse_config({"batch-size": 16, "lr": 1e30, "warmup-steps": 0}))
+    with pytest.raises(NonFiniteError) as e:
+        trainer.run(epochs=100, seed=1)
+    assert e.value.step == 2 and e.value.lr == 1e30 and str(e.value).startswith("step 2: loss is")
+    assert state.step <= NONFINITE_CHECK_EVERY  # stopped at the first check, not after 100 epochs
+    assert state.rounds == 0 and state.optimizer is None  # the state was not advanced
