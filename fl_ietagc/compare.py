@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .checkpoints import atomic_write_json
+from .checkpoints import BadFileError, atomic_write_json
 from .evaluate import read_results
 
 
@@ -45,7 +45,7 @@ def compare(run_dirs: list[str]) -> dict:
             settings.append({k: r[k] for k in ("kind", "num_samples", "sampler", "steps", "weights", "round")})
         except (KeyError, TypeError, AttributeError) as e:
             path = Path(d) / "results.json" if Path(d).is_dir() else Path(d)
-            raise ValueError(f"{path}: corrupt evaluation results ({type(e).__name__}: {e}); evaluate the run "
+            raise BadFileError(f"{path}: corrupt evaluation results ({type(e).__name__}: {e}); evaluate the run "
                              f"again") from e
     metrics = list(values[0])
     return {"runs": names, "paths": [r["run"] for r in results], "settings": settings,

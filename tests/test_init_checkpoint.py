@@ -41,7 +41,7 @@ def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path):
 
 
 def test_missing_or_foreign_checkpoint_names_the_key(tmp_path):
-    with pytest.raises(ConfigError, match="^init-checkpoint = .*not found"):
+    with pytest.raises(ConfigError, match=r"^init-checkpoint = .*nope.pt.: no such file or directory \(relative to "):
         initial_weights(parse_config({"init-checkpoint": str(tmp_path / "nope.pt")}))
     torch.save({"weights": 1}, tmp_path / "foreign.pt")
     with pytest.raises(ConfigError, match="^init-checkpoint = .*not an fl-ietagc checkpoint"):
