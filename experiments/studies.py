@@ -157,9 +157,20 @@ def run_study(study: str, size: str, out: Path, *, data_root: str = "", fid_weig
     if study == "finetune":
         base["init-checkpoint"] = pretrained or (str(_smoke_pretrained(study_dir, base)) if smoke else "")
         if not base["init-checkpoint"]:
-            raise SystemExit("finetune --full needs --pretrained (a diffusers UNet directory or a checkpoint)")
+            from fl_ietagc.config import ConfigError
+
+            raise ConfigError("--pretrained: finetune --full needs a diffusers UNet directory or a checkpoint")
     backend = {"client_resources": {"num_cpus": 1}} if smoke else \
         {"client_resources": {"num_cpus": 2, "num_gpus": gpus_per_client}}
+    validate_study(runs, study_dir, base, backend)
+    if fid_weights:
+        from fl_ietagc.config import ConfigError
+        from fl_ietagc.fid import InceptionWeightsError, preflight_weights
+
+        try:
+            preflight_weights(fid_weights)
+        except InceptionWeightsError as e:
+            raise ConfigError(str(e)) from e
     for r in runs:
         if (study_dir / r.name / "results.json").is_file():
             print(f"[{r.name}] already evaluated, kept")
@@ -176,6 +187,23 @@ def run_study(study: str, size: str, out: Path, *, data_root: str = "", fid_weig
     print(to_markdown(table))
     print(f"comparison: {path}")
     return path
+
+
+def validate_study(runs: list[RunSpec], study_dir: Path, base: dict, backend: dict) -> None:
+    """Every run's config, data and resources, before the first run trains (ConfigError naming the run)."""
+    from fl_ietagc.config import ConfigError, parse_config
+    from fl_ietagc.validate import validate_run
+    from strategies.registry import check_strategy
+
+    for r in runs:
+        exists = (study_dir / r.name / "config.json").is_file()  # kept or resumed, not created
+        conf = {**base, **r.overrides, "output-dir": str(study_dir), "run-name": "" if exists else r.name}
+        try:
+            cfg = parse_config({**conf, "agc": r.centralized_agc} if not r.clients else conf)
+            check_strategy(cfg.strategy, cfg)
+            validate_run(cfg, r.clients or r.match_federated, backend if r.clients else None)
+        except ConfigError as e:
+            raise ConfigError(f"[{r.name}] {e}") from e
 
 
 def train_run(r: RunSpec, study_dir: Path, base: dict, backend: dict, smoke: bool) -> None:
@@ -234,6 +262,22 @@ def main(argv=None) -> int:
     p.add_argument("--eval-samples", type=int, default=None, help="override the evaluation's sample count")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the estimate only")
     a = p.parse_args(argv)
+    from fl_ietagc.config import ConfigError
+
+    try:
+        return _run(a)
+    except ConfigError as e:
+        print(f"fl-ietagc-study: invalid input: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(a) -> int:
+    from fl_ietagc.config import ConfigError
+
+    if a.gpus_per_client < 0 or a.gpus_per_client != a.gpus_per_client:
+        raise ConfigError(f"--gpus-per-client = {a.gpus_per_client}: must be >= 0")
+    if a.eval_samples is not None and a.eval_samples < 2:
+        raise ConfigError(f"--eval-samples = {a.eval_samples}: must be >= 2")
     run_study(a.study, "smoke" if a.smoke else "full", Path(a.out), data_root=a.data_root, fid_weights=a.fid_weights,
               gpus_per_client=a.gpus_per_client, pretrained=a.pretrained, eval_samples=a.eval_samples,
               dry_run=a.dry_run)

@@ -295,3 +295,27 @@ def test_a_bad_study_name_is_an_argparse_error(capsys):
     with pytest.raises(SystemExit) as e:
         studies.main(["no-such-study", "--smoke"])
     assert e.value.code == 2 and "invalid choice: 'no-such-study'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["paper-cifar10", "--full", "--data-root", "{t}/nope"], r"\[default-training\] data-root = '.*/nope': path does not "
+                                                            r"exist"),
+    (["ablations", "--smoke", "--gpus-per-client", "0.5"], None),  # smoke runs use no GPU: valid
+    (["paper-cifar10", "--full", "--gpus-per-client", "-1"], r"--gpus-per-client = -1.0: must be >= 0"),
+    (["ablations", "--smoke", "--eval-samples", "1"], r"--eval-samples = 1: must be >= 2"),
+    (["finetune", "--full"], r"--pretrained: finetune --full needs"),
+    (["ablations", "--smoke", "--fid-weights", "{t}/evil.pt"], r"--fid-weights .*evil.pt"),
+])
+def test_a_study_checks_every_run_before_the_first_trains(argv, message, files, no_work, capsys, monkeypatch):
+    monkeypatch.setattr(studies, "train_run", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))
+    argv = [a.replace("{t}", str(files)) for a in argv] + ["--out", str(files / "studies")]
+    if message is None:
+        with pytest.raises(AssertionError, match="trained"):  # validation passed, the first run would start
+            studies.main(argv)
+        return
+    assert studies.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    import re
+
+    assert len(err) == 1 and re.search(message, err[0]), err
+    assert not (files / "marker").exists()
