@@ -36,7 +36,7 @@ from fl_ietagc.config import ConfigError, RunConfig, parse_config
 from fl_ietagc.data import image_size, load_splits
 from fl_ietagc.faults import fault_point
 from fl_ietagc.images import write_sample_grid
-from fl_ietagc.initial_weights import initial_weights  # noqa: F401  (also imported from here by users)
+from fl_ietagc.initial_weights import initial_weights
 from fl_ietagc.models import build_for_config, load_weights
 from fl_ietagc.protocol import round_metrics
 from fl_ietagc.ret import redistribute

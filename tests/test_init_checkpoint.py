@@ -9,7 +9,7 @@ import torch
 from fl_ietagc.checkpoints import save_checkpoint
 from fl_ietagc.config import ConfigError, parse_config
 from fl_ietagc.models import build_unet
-from strategies.server_app import initial_weights
+from fl_ietagc.initial_weights import initial_weights
 
 
 def test_initial_weights_come_from_the_checkpoint(tmp_path):
@@ -141,3 +141,30 @@ def test_a_bug_while_loading_is_not_reported_as_a_bad_checkpoint(tmp_path, monke
     monkeypatch.setattr(UNet2DModel, "from_pretrained", other_runtime_error)
     with pytest.raises(RuntimeError, match="^CUDA error"):
         load_diffusers_unet(build_unet("tiny", 16, 1), str(tmp_path))
+
+
+def test_the_baseline_starts_from_init_checkpoint(tmp_path, monkeypatch):
+    """The centralized baseline honours init-checkpoint (it used to train from scratch): its round-0 commit
+    point holds the checkpoint's raw and EMA weights, not the seed's."""
+    from fl_ietagc.baseline import run_baseline
+    from fl_ietagc.rundir import RunDir
+    from fl_ietagc.trainer import LocalTrainer
+
+    net, ema = initial_weights(parse_config({"seed": 7}))
+    ema = {k: v + 1.0 if v.is_floating_point() else v for k, v in ema.items()}
+    save_checkpoint(tmp_path / "start.pt", net, ema, round=3, config={})
+
+    def stop(self, *a, **k):
+        raise RuntimeError("stop after the start")
+
+    monkeypatch.setattr(LocalTrainer, "run", stop)
+    cfg = parse_config({"agc": False, "init-checkpoint": str(tmp_path / "start.pt"), "output-dir": str(tmp_path),
+                        "run-name": "b", "sample-count": 0})
+    with pytest.raises(RuntimeError, match="stop after the start"):
+        run_baseline(cfg, progress=False)
+    blob = RunDir(tmp_path / "b").read_resume()
+    assert blob["round"] == 0
+    assert all(torch.equal(blob["net"][k], net[k]) for k in net)
+    assert all(torch.equal(blob["ema"][k], ema[k]) for k in ema)
+    fresh, _ = initial_weights(parse_config({"seed": 0}))
+    assert not all(torch.equal(blob["net"][k], fresh[k]) for k in net)
