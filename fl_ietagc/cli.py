@@ -15,8 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import ConfigError, RunConfig, config_keys, load_config_file, load_overrides, parse_config, \
-    parse_overrides  # noqa: F401  (parse_overrides: the override syntax, also used by tests and studies)
+from .config import ConfigError, RunConfig, config_keys, load_config_file, load_overrides, parse_config
 
 
 def load_run_config(config_file: str | None, overrides: str | None, **forced) -> RunConfig:

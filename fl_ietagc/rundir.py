@@ -40,7 +40,6 @@ from .checkpoints import atomic_write_bytes, atomic_write_json, cpu_state, load_
 from .config import ConfigError
 
 RESUME_FORMAT = "fl-ietagc-resume/1"
-RESUMABLE = ("failed", "interrupted")
 
 # runs this process is writing now: a signal handler marks them interrupted before the process exits
 ACTIVE_RUNS: set["RunDir"] = set()

@@ -122,7 +122,7 @@ def test_baseline_killed_and_resumed_is_bit_identical(tmp_path):
     from fl_ietagc.baseline import run_baseline
 
     ref = run_baseline(baseline_cfg(tmp_path, "ref"), match_federated=2, progress=False)
-    code = f"""
+    code = """
 import sys, torch
 from fl_ietagc.baseline import run_baseline
 from fl_ietagc.config import parse_config

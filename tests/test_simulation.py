@@ -9,8 +9,7 @@ import torch
 from experiments import simulate
 from fl_ietagc.checkpoints import load_checkpoint, load_torch
 from fl_ietagc.rundir import RunDir
-from fl_ietagc.cli import parse_overrides
-from fl_ietagc.config import parse_config
+from fl_ietagc.config import parse_config, parse_overrides
 from fl_ietagc.iet_loop import run_iet_loop
 
 ROOT = Path(__file__).resolve().parents[1]
