@@ -115,8 +115,8 @@ def load_torch(path: str | Path, what: str, map_location="cpu"):
             from e
 
 
-def save_checkpoint(path: Path, net: dict, ema: dict, *, round: int, config: dict, **meta) -> None:
-    save_torch(path, {"format": CHECKPOINT_FORMAT, "round": round, "config": config,
+def save_checkpoint(path: Path, net: dict, ema: dict, *, server_round: int, config: dict, **meta) -> None:
+    save_torch(path, {"format": CHECKPOINT_FORMAT, "round": server_round, "config": config,
                       "net": cpu_state(net), "ema": cpu_state(ema), **meta})
 
 

@@ -27,18 +27,18 @@ def _faults() -> dict[tuple[str, int], str]:
     out = {}
     for item in filter(None, os.environ.get(ENV, "").split(",")):
         point, _, rest = item.partition(":")
-        round_, _, action = rest.partition(":")
-        out[(point.strip(), int(round_))] = action.strip() or "kill"
+        server_round, _, action = rest.partition(":")
+        out[(point.strip(), int(server_round))] = action.strip() or "kill"
     return out
 
 
-def fault_point(point: str, round: int) -> None:
+def fault_point(point: str, server_round: int) -> None:
     if ENV not in os.environ:
         return
-    action = _faults().get((point, round))
+    action = _faults().get((point, server_round))
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "raise":
-        raise InjectedFault(f"injected fault at {point}, round {round}")
+        raise InjectedFault(f"injected fault at {point}, round {server_round}")
     elif action == "hang":  # a round that takes long: the process waits here until it is stopped
         time.sleep(3600)

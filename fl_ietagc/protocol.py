@@ -83,7 +83,7 @@ class ClientFailure:
     """A client that failed in a round: what the user reads (one line) and the traceback (a log file)."""
 
     partition_id: int  # -1 when unknown (the client died before it could say)
-    round: int
+    server_round: int
     error: str  # one line
     step: int = -1  # the client's optimizer step, when the failure happened while training
     traceback: str = ""
@@ -91,15 +91,15 @@ class ClientFailure:
     def line(self) -> str:
         who = f"partition {self.partition_id}" if self.partition_id >= 0 else "a client (partition unknown)"
         where = f", step {self.step}" if self.step >= 0 else ""
-        return f"{who}, round {self.round}{where}: {self.error}"
+        return f"{who}, round {self.server_round}{where}: {self.error}"
 
     def to_record(self) -> dict:
-        return {"partition-id": self.partition_id, "round": self.round, "error": self.error, "step": self.step,
+        return {"partition-id": self.partition_id, "round": self.server_round, "error": self.error, "step": self.step,
                 "traceback": self.traceback}
 
     @classmethod
     def from_record(cls, rec) -> "ClientFailure":
-        return cls(partition_id=int(rec["partition-id"]), round=int(rec["round"]), error=str(rec["error"]),
+        return cls(partition_id=int(rec["partition-id"]), server_round=int(rec["round"]), error=str(rec["error"]),
                    step=int(rec["step"]), traceback=str(rec["traceback"]))
 
 

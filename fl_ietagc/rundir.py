@@ -93,17 +93,17 @@ class RunDir:
     logs_dir = property(lambda self: self.path / "logs")
     final_checkpoint = property(lambda self: self.path / "checkpoints" / "final.pt")
 
-    def checkpoint(self, round: int) -> Path:
-        return self.path / "checkpoints" / f"round_{round:04d}.pt"
+    def checkpoint(self, server_round: int) -> Path:
+        return self.path / "checkpoints" / f"round_{server_round:04d}.pt"
 
     def client_state_dir(self, partition_id: int, state_root: str | Path | None = None) -> Path:
         """Where partition P keeps its state files: <run>/client-state/pP, or <state_root>/<run name>/pP."""
         root = Path(state_root) / self.path.name if state_root else self.path / "client-state"
         return root / f"p{partition_id}"
 
-    def client_state(self, partition_id: int, round: int, state_root: str | Path | None = None) -> Path:
+    def client_state(self, partition_id: int, server_round: int, state_root: str | Path | None = None) -> Path:
         """Partition P's state after round R (round 0 = never trained)."""
-        return self.client_state_dir(partition_id, state_root) / f"round_{round:04d}.pt"
+        return self.client_state_dir(partition_id, state_root) / f"round_{server_round:04d}.pt"
 
     # --- creation and reopening ---
     @staticmethod
@@ -231,23 +231,23 @@ class RunDir:
         self.write_shards(shards)
         self.write_status("running", round=0, num_rounds=num_rounds)
 
-    def commit_round(self, round: int, record: dict, *, net: dict, ema: dict, state: dict, config: dict,
+    def commit_round(self, server_round: int, record: dict, *, net: dict, ema: dict, state: dict, config: dict,
                      skip_counts: np.ndarray | None, keep_checkpoint: bool, num_rounds: int) -> None:
-        """Make round `round` durable: metrics, skip counts, checkpoint, then the commit point."""
+        """Make round `server_round` durable: metrics, skip counts, checkpoint, then the commit point."""
         from .faults import fault_point
 
-        metrics = [m for m in self.read_metrics() if m["round"] < round] + [record]
+        metrics = [m for m in self.read_metrics() if m["round"] < server_round] + [record]
         atomic_write_json(self.metrics_path, metrics)
         if skip_counts is not None:
             self.write_skip_counts(skip_counts)
         if keep_checkpoint:
-            save_checkpoint(self.checkpoint(round), net, ema, round=round, config=config)
-        fault_point("mid-commit", round)
-        self.write_resume(round, net, ema, state)
-        self.write_status("running", round=round, num_rounds=num_rounds)
+            save_checkpoint(self.checkpoint(server_round), net, ema, server_round=server_round, config=config)
+        fault_point("mid-commit", server_round)
+        self.write_resume(server_round, net, ema, state)
+        self.write_status("running", round=server_round, num_rounds=num_rounds)
 
-    def write_resume(self, round: int, net: dict, ema: dict, state: dict) -> None:
-        save_torch(self.resume_path, {"format": RESUME_FORMAT, "round": round, "net": cpu_state(net),
+    def write_resume(self, server_round: int, net: dict, ema: dict, state: dict) -> None:
+        save_torch(self.resume_path, {"format": RESUME_FORMAT, "round": server_round, "net": cpu_state(net),
                                       "ema": cpu_state(ema), "state": state})
 
     def read_resume(self) -> dict:
@@ -259,23 +259,23 @@ class RunDir:
     def committed_round(self) -> int:
         return int(self.read_resume()["round"])
 
-    def roll_back(self, round: int) -> None:
-        """Drop whatever a crash left of rounds after `round` (metrics, checkpoints, final files)."""
-        atomic_write_json(self.metrics_path, [m for m in self.read_metrics() if m["round"] <= round])
+    def roll_back(self, server_round: int) -> None:
+        """Drop whatever a crash left of rounds after `server_round` (metrics, checkpoints, final files)."""
+        atomic_write_json(self.metrics_path, [m for m in self.read_metrics() if m["round"] <= server_round])
         for path in (self.path / "checkpoints").glob("round_*.pt"):
-            if int(path.stem.split("_")[1]) > round:
+            if int(path.stem.split("_")[1]) > server_round:
                 path.unlink()
         for path in (self.final_checkpoint, self.samples_path):
             path.unlink(missing_ok=True)
         for tmp in self.path.rglob(".*.tmp*"):  # temporary files of a write the crash cut short
             tmp.unlink(missing_ok=True)
 
-    def finish(self, net: dict, ema: dict, round: int, config: dict) -> None:
+    def finish(self, net: dict, ema: dict, server_round: int, config: dict) -> None:
         """The final weights (the run is marked completed once its samples are written too)."""
-        save_checkpoint(self.final_checkpoint, net, ema, round=round, config=config)
+        save_checkpoint(self.final_checkpoint, net, ema, server_round=server_round, config=config)
 
-    def mark_completed(self, round: int, **fields) -> None:
-        self.write_status("completed", round=round, num_rounds=round, **fields)
+    def mark_completed(self, server_round: int, **fields) -> None:
+        self.write_status("completed", round=server_round, num_rounds=server_round, **fields)
 
     def mark_failed(self, exc: BaseException, **fields) -> None:
         """Status failed with a one-line error; the full traceback goes to logs/failure.log."""

@@ -164,8 +164,8 @@ def fake_run(tmp_path_factory):
     run.write_config(cfg.to_dict(), kind="centralized")
     state = build_for_config(cfg).state_dict()
     for r in (1, 2):
-        save_checkpoint(run.checkpoint(r), state, state, round=r, config=cfg.to_dict())
-    save_checkpoint(run.final_checkpoint, state, state, round=2, config=cfg.to_dict())
+        save_checkpoint(run.checkpoint(r), state, state, server_round=r, config=cfg.to_dict())
+    save_checkpoint(run.final_checkpoint, state, state, server_round=2, config=cfg.to_dict())
     atomic_write_json(run.metrics_path, [{"round": r, "loss": 0.1, "skip-rate": 0.0, "skip-rate-per-client": [0.0]}
                                          for r in (1, 2)])
     run.write_skip_counts(np.zeros(len(load_splits(cfg).train), np.int64))

@@ -19,7 +19,7 @@ def test_initial_weights_come_from_the_checkpoint(tmp_path):
         for p in ema.parameters():
             p.add_(1.0)
     path = tmp_path / "ckpt.pt"
-    save_checkpoint(path, net.state_dict(), ema.state_dict(), round=3, config={})
+    save_checkpoint(path, net.state_dict(), ema.state_dict(), server_round=3, config={})
     got_net, got_ema = initial_weights(parse_config({"init-checkpoint": str(path)}))
     for k, v in net.state_dict().items():
         assert torch.equal(got_net[k], v) and torch.equal(got_ema[k], ema.state_dict()[k])
@@ -35,7 +35,7 @@ def test_fresh_weights_depend_on_the_seed_only():
 def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path):
     other = build_unet("tiny", 32, 3)  # 3 channels: does not fit digits
     path = tmp_path / "rgb.pt"
-    save_checkpoint(path, other.state_dict(), other.state_dict(), round=1, config={})
+    save_checkpoint(path, other.state_dict(), other.state_dict(), server_round=1, config={})
     with pytest.raises(ValueError, match="init-checkpoint .* do not match this model"):
         initial_weights(parse_config({"init-checkpoint": str(path)}))
 
@@ -152,7 +152,7 @@ def test_the_baseline_starts_from_init_checkpoint(tmp_path, monkeypatch):
 
     net, ema = initial_weights(parse_config({"seed": 7}))
     ema = {k: v + 1.0 if v.is_floating_point() else v for k, v in ema.items()}
-    save_checkpoint(tmp_path / "start.pt", net, ema, round=3, config={})
+    save_checkpoint(tmp_path / "start.pt", net, ema, server_round=3, config={})
 
     def stop(self, *a, **k):
         raise RuntimeError("stop after the start")

@@ -274,7 +274,7 @@ def tiny_run(tmp_path_factory):
     run.path.mkdir()
     run.write_config(cfg.to_dict(), kind="centralized")
     state = build_for_config(cfg).state_dict()
-    save_checkpoint(run.final_checkpoint, state, state, round=1, config=cfg.to_dict())
+    save_checkpoint(run.final_checkpoint, state, state, server_round=1, config=cfg.to_dict())
     run.mark_completed(1)
     return run
 
