@@ -21,6 +21,11 @@ class Diffusion:
         self._sqrt_abar = abar.sqrt().float()
         self._sqrt_one_minus_abar = (1 - abar).sqrt().float()
 
+    @classmethod
+    def for_config(cls, cfg) -> "Diffusion":
+        """The run's forward process and schedule: diffusion-steps, beta-start, beta-end."""
+        return cls(cfg.diffusion_steps, cfg.beta_start, cfg.beta_end)
+
     def add_noise(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps."""
         if self._sqrt_abar.device != x0.device:

@@ -36,7 +36,8 @@ from .data import image_size, load_splits
 from .diffusion import Diffusion, sample
 from .memorization import TAUS, nearest_neighbours, ratios, summarize
 from .models import build_for_config, load_weights
-from .trainer import pick_device, to_model_range
+from .pixels import to_model_range, to_uint8
+from .trainer import pick_device
 
 
 @dataclass
@@ -204,11 +205,6 @@ def prepare(run_dir: str | Path, opts: EvalOptions) -> EvalPlan:
                     device=device, out_dir=out_dir, fid_weights=fid_weights)
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] floats -> uint8 [0, 255], as writing a PNG would."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
 @torch.no_grad()
 def loss_by_timestep(model, diffusion: Diffusion, images: torch.Tensor, timesteps: np.ndarray, *, seed: int,
                      device, batch_size: int = 256) -> np.ndarray:
@@ -234,7 +230,7 @@ def evaluate_run(run_dir: str | Path, opts: EvalOptions, progress: bool = True, 
     timings: dict[str, float] = {}
     model.to(device).eval()
     train, heldout = splits.train.images, splits.heldout.images
-    diffusion = Diffusion(cfg.diffusion_steps, cfg.beta_start, cfg.beta_end)
+    diffusion = Diffusion.for_config(cfg)
     size, channels = image_size(cfg), splits.train.channels
 
     t0 = time.perf_counter()

@@ -8,9 +8,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import make_grid, save_image
 
-
-def to_unit_range(x: torch.Tensor) -> torch.Tensor:
-    return ((x.float() + 1) / 2).clamp(0, 1)
+from .pixels import to_unit_range
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
@@ -30,6 +28,6 @@ def write_sample_grid(cfg, model: torch.nn.Module, path: str | Path, device) -> 
     from .diffusion import Diffusion, sample
 
     size, channels = image_size(cfg), load_splits(cfg).train.channels
-    images = sample(model.to(device), Diffusion(cfg.diffusion_steps, cfg.beta_start, cfg.beta_end), cfg.sample_count,
+    images = sample(model.to(device), Diffusion.for_config(cfg), cfg.sample_count,
                     (channels, size, size), sampler="ddim", steps=cfg.sample_steps, seed=cfg.seed, device=device)
     return save_grid(images, path)

@@ -25,12 +25,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
+from .pixels import uint8_to_unit_range  # noqa: E402
+
 PAIRS = 24
 SKIPPED = 32
 
 
 def _grid(images_uint8: torch.Tensor, nrow: int) -> np.ndarray:
-    g = make_grid(images_uint8.float() / 255.0, nrow=nrow, padding=2, pad_value=1.0)
+    g = make_grid(uint8_to_unit_range(images_uint8), nrow=nrow, padding=2, pad_value=1.0)
     return g.permute(1, 2, 0).numpy()
 
 

@@ -22,6 +22,7 @@ from .agc import MemoryBank, masked_mean
 from .checkpoints import load_torch, save_torch
 from .config import RunConfig
 from .diffusion import Diffusion
+from .pixels import to_model_range
 from .ret import taa_strength, translate
 
 
@@ -121,10 +122,6 @@ def warmup_lr(base_lr: float, step: int, warmup_steps: int) -> float:
     return base_lr * min(1.0, (step + 1) / warmup_steps)
 
 
-def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
-    return images_uint8.float().div_(127.5).sub_(1.0)
-
-
 class LocalTrainer:
     def __init__(self, cfg: RunConfig, model: torch.nn.Module, ema: torch.nn.Module, images: torch.Tensor,
                  state: TrainState, device: torch.device, diffusion: Diffusion | None = None,
@@ -137,7 +134,7 @@ class LocalTrainer:
         self.ema = ema.to(device).eval().requires_grad_(False)
         self.images = images.to(device)
         self.state = state
-        self.diffusion = diffusion or Diffusion(cfg.diffusion_steps, cfg.beta_start, cfg.beta_end)
+        self.diffusion = diffusion or Diffusion.for_config(cfg)
         self.use_agc = cfg.agc if use_agc is None else use_agc
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr, fused=device.type == "cuda")
