@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError
+from .faults import fault_point
 
 CHECKPOINT_FORMAT = "fl-ietagc-checkpoint/1"
 NET, EMA = "net.", "ema."
@@ -41,6 +42,7 @@ def atomic_write_bytes(path: Path, writer) -> None:
             writer(f)
             f.flush()
             os.fsync(f.fileno())
+        fault_point(f"write-{path.parent.name}-{path.name}", 0)  # tests: killed with the new file not yet in place
         os.replace(tmp, path)
     except BaseException as e:
         try:

@@ -7,7 +7,8 @@ killed outright (ACTION `kill`, the default: SIGKILL, nothing is cleaned up), an
 Points: `after-replies` (the clients have trained and saved their state, the server has not yet
 committed the round), `mid-commit` (metrics and checkpoint written, resume point not yet),
 `between-rounds` (round committed, next not started), `final-sampling` (final weights written,
-samples not yet), `client-train` (inside a client, before it trains; `raise` only makes sense here).
+samples not yet), `client-train-p<P>` (inside partition P's client, before it trains), and
+`write-<folder>-<file name>` with round 0 (a file written to its temporary name, not yet renamed).
 """
 
 from __future__ import annotations

@@ -32,7 +32,9 @@ pytestmark = pytest.mark.slow
 CONFIG = {"num-server-rounds": 2, "local-epochs": 1, "max-images": 128, "batch-size": 32, "sample-count": 0,
           "diffusion-steps": 20}
 RUN_NAME = "secure"
-SUPERNODE_CONNECTION_ERROR = 305  # Flower's exit code "The SuperNode could not establish a connection"
+# Flower's exit code 305, "The SuperNode could not establish a connection to the SuperLink", is logged; the process
+# itself exits with 1 (its HTTP runtime server shuts down after the error).
+REFUSED = "Exit Code: 305"
 ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
        # every process (ServerApp, ClientApps) computes with 2 threads, as the in-process reference (conftest)
@@ -169,7 +171,7 @@ def test_secured_deployment_completes_with_the_weights_of_the_in_process_grid(de
 
 def test_unregistered_supernode_is_refused_and_the_run_goes_on(deployment):
     log = deployment["logs"]["unregistered"]
-    assert deployment["codes"]["unregistered"] == SUPERNODE_CONNECTION_ERROR, log[-3000:]
+    assert deployment["codes"]["unregistered"] != 0 and REFUSED in log, log[-3000:]
     assert "Failed to activate SuperNode" in log, log[-3000:]
     superlink_log = (deployment["work"] / "superlink.log").read_text()
     assert "No SuperNode found with the given public key" in superlink_log
@@ -178,6 +180,6 @@ def test_unregistered_supernode_is_refused_and_the_run_goes_on(deployment):
 
 def test_supernode_trusting_another_ca_cannot_connect_and_the_run_goes_on(deployment):
     log = deployment["logs"]["wrong-ca"]
-    assert deployment["codes"]["wrong-ca"] == SUPERNODE_CONNECTION_ERROR, log[-3000:]
+    assert deployment["codes"]["wrong-ca"] != 0 and REFUSED in log, log[-3000:]
     assert "CERTIFICATE_VERIFY_FAILED" in log and "certificate verify failed" in log, log[-3000:]
     assert deployment["refused_during_run"] and deployment["code"] == 0

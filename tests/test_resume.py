@@ -99,11 +99,16 @@ def test_fedadam_with_ret_killed_inside_a_round_resumes_bit_identical(tmp_path):
     ref = RunDir(tmp_path / "ref")
     assert ref.read_metrics()[0]["ret-moved"] == 2 * 16  # RET moved images after round 1
     cfg = {**RET, "output-dir": str(tmp_path), "run-name": "killed"}
-    assert killed(cfg, "after-replies:2") == -signal.SIGKILL  # after a redistribution, inside round 2
     run = RunDir(tmp_path / "killed")
+    # while round 1's checkpoint is being written (its temporary file complete, not yet renamed)
+    assert killed(cfg, "write-checkpoints-round_0001.pt:0") == -signal.SIGKILL
+    assert run.committed_round() == 0 and list(run.path.glob("checkpoints/.round_0001.pt.tmp*"))
+    cfg = {**cfg, "resume-from": str(run.path)}
+    assert killed(cfg, "after-replies:2") == -signal.SIGKILL  # after a redistribution, inside round 2
+    assert not list(run.path.rglob(".*.tmp*"))  # the resume cleaned what the first kill left
     # the clients of round 2 had written their round-2 state; the resumed round 2 starts from round 1's
     assert (run.client_state_dir(0) / "round_0002.pt").is_file()
-    in_process({**cfg, "resume-from": str(run.path)})
+    in_process(cfg)
     assert_same_run(ref, run)
 
 
