@@ -196,6 +196,8 @@ def validate_study(runs: list[RunSpec], study_dir: Path, base: dict, backend: di
     from strategies.registry import check_strategy
 
     for r in runs:
+        if (study_dir / r.name / "results.json").is_file():
+            continue  # evaluated before: kept as it is
         exists = (study_dir / r.name / "config.json").is_file()  # kept or resumed, not created
         conf = {**base, **r.overrides, "output-dir": str(study_dir), "run-name": "" if exists else r.name}
         try:
