@@ -247,7 +247,10 @@ def supervise(app_dir: Path, backend: dict, run_config: dict, k: int, verbose: b
         else:
             _signal_group(child.pid, signal.SIGKILL)
 
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    import threading
+
+    in_main = threading.current_thread() is threading.main_thread()  # signal handlers live in the main thread
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
     try:
         while True:
             try:
