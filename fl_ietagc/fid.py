@@ -15,7 +15,7 @@ per-weights subdirectory, and it does not include the images, hence ``reference_
 the reference set does. Generated samples are never cached.
 
 Safe loading. No file is ever unpickled with code execution allowed. torch-fidelity itself loads its weights and
-its cache files with ``torch.load(weights_only=False)``; here instead:
+its cache files with pickle loading allowed (code in the file would run); here instead:
 - the weights file is read once, hashed (``weights_sha256`` is the hash of exactly the bytes used) and loaded with
   ``weights_only=True``; it must be a plain {name: tensor} dict with exactly the keys and shapes of torch-fidelity's
   InceptionV3, else ``InceptionWeightsError`` names the file (a pickle that would run code is *refused*). Only

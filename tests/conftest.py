@@ -45,3 +45,20 @@ def make_standin_weights(path: Path, seed: int) -> Path:
 @pytest.fixture(scope="session")
 def weights(tmp_path_factory) -> str:
     return str(make_standin_weights(tmp_path_factory.mktemp("inception") / "standin-0.pth", seed=0))
+
+
+@pytest.fixture
+def captured_features(monkeypatch) -> list:
+    """The 2048-d Inception features torch-fidelity extracts in a test, in call order (to recompute FID/KID by hand)."""
+    import torch_fidelity.utils
+
+    features = []
+    extract = torch_fidelity.utils.get_featuresdict_from_dataset
+
+    def spy(dataset, *args, **kwargs):
+        out = extract(dataset, *args, **kwargs)
+        features.append(out["2048"])
+        return out
+
+    monkeypatch.setattr(torch_fidelity.utils, "get_featuresdict_from_dataset", spy)
+    return features

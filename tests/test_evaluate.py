@@ -116,18 +116,8 @@ def fid_by_hand(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(mean_term + trace_sx + trace_sy - 2 * torch.linalg.svdvals(b).sum())
 
 
-def test_evaluate_computes_fid_when_weights_are_given(weights, tmp_path, monkeypatch):
-    import torch_fidelity.utils
-
-    features = []
-    extract = torch_fidelity.utils.get_featuresdict_from_dataset
-
-    def spy(dataset, *args, **kwargs):
-        out = extract(dataset, *args, **kwargs)
-        features.append(out["2048"])
-        return out
-
-    monkeypatch.setattr(torch_fidelity.utils, "get_featuresdict_from_dataset", spy)
+def test_evaluate_computes_fid_when_weights_are_given(weights, tmp_path, monkeypatch, captured_features):
+    features = captured_features
     monkeypatch.setenv("FL_IETAGC_CACHE", str(tmp_path / "cache"))
     cfg = parse_config({"max-images": 40, "batch-size": 20, "num-server-rounds": 1, "local-epochs": 1,
                         "sample-count": 0, "output-dir": str(tmp_path), "run-name": "fid"})

@@ -136,16 +136,8 @@ def unbiased_kid(x, y) -> float:
     return float(off(kxx) + off(kyy) - 2 * kxy.mean())
 
 
-def test_env_var_weights_are_used_and_kid_subset_is_clipped(weights, tmp_path, monkeypatch):
-    features = []
-    extract = torch_fidelity.utils.get_featuresdict_from_dataset
-
-    def spy(dataset, *args, **kwargs):
-        out = extract(dataset, *args, **kwargs)
-        features.append(out["2048"])
-        return out
-
-    monkeypatch.setattr(torch_fidelity.utils, "get_featuresdict_from_dataset", spy)
+def test_env_var_weights_are_used_and_kid_subset_is_clipped(weights, tmp_path, monkeypatch, captured_features):
+    features = captured_features
     monkeypatch.setenv(WEIGHTS_ENV, weights)
     assert resolve_inception_weights() == weights
     assert resolve_inception_weights("") == weights  # an empty --fid-weights means "not given"
