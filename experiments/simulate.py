@@ -219,50 +219,47 @@ def supervise(app_dir: Path, backend: dict, run_config: dict, k: int, verbose: b
 
     Ray's processes (GCS, raylet, workers) are started by the child and stay in its process group, so one
     killpg ends all of them, whatever state the child is in."""
+    import shutil
     import signal
     import subprocess
+    import tempfile
+    import threading
+
+    from fl_ietagc.rundir import ANNOUNCE_ENV, RunDir
 
     argv = [sys.executable, "-m", "experiments.simulate", "--app", str(app_dir), "--num-supernodes", str(k),
             "--backend-config", json.dumps(backend), "--run-config-json", json.dumps(run_config)]
     if verbose:
         argv.append("--verbose")
-    import tempfile
-
-    from fl_ietagc.rundir import ANNOUNCE_ENV, RunDir
-
     announce = Path(tempfile.mkdtemp(prefix="fl-ietagc-")) / "run-dir"
     env = {**os.environ, CHILD_ENV: "1", ANNOUNCE_ENV: str(announce), "PYTHONPATH": os.pathsep.join(
         [str(app_dir), *filter(None, [os.environ.get("PYTHONPATH")])])}
     child = subprocess.Popen(argv, env=env, start_new_session=True)
     stopping: list[int] = []
+    deadline = threading.Timer(STOP_GRACE_S, _signal_group, (child.pid, signal.SIGKILL))
+    deadline.daemon = True
 
     def forward(signum, frame):
-        if not stopping:
-            print(f"flower-simulation: {signal.Signals(signum).name}: stopping the run (at most {STOP_GRACE_S} s)",
-                  file=sys.stderr, flush=True)
         stopping.append(signum)
-        # the child marks its run interrupted and ends its process group; a second signal does it at once
-        if len(stopping) == 1:
-            child.send_signal(STOP_SIGNAL)
-        else:
+        if len(stopping) > 1:  # a second signal: at once
             _signal_group(child.pid, signal.SIGKILL)
-
-    import threading
+            return
+        print(f"flower-simulation: {signal.Signals(signum).name}: stopping the run (at most {STOP_GRACE_S} s)",
+              file=sys.stderr, flush=True)
+        child.send_signal(STOP_SIGNAL)  # the child marks its run interrupted and ends its process group
+        deadline.start()  # if it cannot, the whole group is killed after STOP_GRACE_S
 
     in_main = threading.current_thread() is threading.main_thread()  # signal handlers live in the main thread
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
     try:
-        while True:
-            try:
-                code = child.wait(timeout=STOP_GRACE_S if stopping else None)
-                break
-            except subprocess.TimeoutExpired:
-                _signal_group(child.pid, signal.SIGKILL)
+        code = child.wait()
     finally:
+        deadline.cancel()
         for s, handler in old.items():
             signal.signal(s, handler)
         _signal_group(child.pid, signal.SIGKILL)  # whatever of Ray is left (its processes share the group)
     run = RunDir(announce.read_text()) if announce.is_file() else None
+    shutil.rmtree(announce.parent, ignore_errors=True)
     if run is not None and run.liveness() in ("running", "stale"):  # the child could not say it itself
         why = signal.Signals(stopping[0]).name if stopping else f"the simulation process died (exit {code})"
         run.mark_interrupted(why)
