@@ -98,12 +98,11 @@ def test_a_failing_client_fails_the_command_with_one_line_naming_it(tmp_path, ca
     assert "Traceback" in (run.logs_dir / "client-p0-r1.log").read_text()
 
 
-def test_ctrl_c_stops_within_seconds_and_the_run_resumes_bit_identical(tmp_path):
-    """SIGINT to flower-simulation while round 2 waits: exit 130 in seconds, no process left of its group,
-    status interrupted; `--resume` then ends with the weights of the uninterrupted run."""
-    import json
+def stop_mid_run(tmp_path, sig) -> tuple[RunDir, float]:
+    """Start flower-simulation (2 clients x 2 rounds) whose round 2 waits, send it `sig` once round 1 is committed;
+    returns the run and the seconds from the signal to the command's exit, after checking the exit code, the
+    run's status and that no process of the simulation's group (Ray's included) is left."""
     import os
-    import signal
     import subprocess
     import sys
     import time
@@ -120,18 +119,27 @@ def test_ctrl_c_stops_within_seconds_and_the_run_resumes_bit_identical(tmp_path)
     assert run.read_status().get("round") == 1, "round 1 was not committed within 240 s"
     group = run.read_status()["pid"]  # the simulation process, leader of the group Ray's processes are in
     t0 = time.time()
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     seconds = time.time() - t0
     # the child marks the run and ends its group at once; the parent would SIGKILL the group after 15 s
-    assert proc.returncode == 130 and seconds < simulate.STOP_GRACE_S + 5, (seconds, err[-2000:])
+    assert proc.returncode == 128 + sig and seconds < simulate.STOP_GRACE_S + 5, (seconds, err[-2000:])
     assert f"continue it with: fl-ietagc resume {run.path}" in err
     status = run.read_status()
     assert status["status"] == "interrupted" and status["round"] == 1
     time.sleep(1)
     left = subprocess.run(["ps", "-eo", "pgid="], capture_output=True, text=True).stdout.split()
     assert str(group) not in left
+    return run, seconds
 
+
+def test_ctrl_c_stops_within_seconds_and_the_run_resumes_bit_identical(tmp_path):
+    """SIGINT to flower-simulation while round 2 waits: exit 130 in seconds, no process left of its group,
+    status interrupted; `--resume` then ends with the weights of the uninterrupted run."""
+    import json
+    import signal
+
+    run, _ = stop_mid_run(tmp_path, signal.SIGINT)
     assert simulate.main(["--app", str(ROOT), "--resume", str(run.path), "--backend-config",
                           json.dumps({"client_resources": {"num_cpus": 1}})]) == 0
     assert run.read_status()["status"] == "completed"
@@ -139,3 +147,9 @@ def test_ctrl_c_stops_within_seconds_and_the_run_resumes_bit_identical(tmp_path)
     got = load_checkpoint(run.final_checkpoint)
     for part in ("net", "ema"):
         assert all(torch.equal(ref[part][k], got[part][k]) for k in ref[part])
+
+
+def test_sigterm_stops_within_seconds_leaving_no_process(tmp_path):
+    import signal
+
+    stop_mid_run(tmp_path, signal.SIGTERM)  # exit 143, status interrupted, the process group gone
