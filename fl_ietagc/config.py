@@ -25,7 +25,6 @@ SHARDINGS = ("balanced", "random", "dirichlet")
 HFLIP_MODES = ("auto", "on", "off")
 DEVICES = ("auto", "cpu", "cuda")
 CLIENT_FAILURES = ("fail", "tolerate")
-SAMPLERS = ("ddim", "ddpm")
 
 
 class ConfigError(ValueError):

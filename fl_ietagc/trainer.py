@@ -124,8 +124,7 @@ def warmup_lr(base_lr: float, step: int, warmup_steps: int) -> float:
 
 class LocalTrainer:
     def __init__(self, cfg: RunConfig, model: torch.nn.Module, ema: torch.nn.Module, images: torch.Tensor,
-                 state: TrainState, device: torch.device, diffusion: Diffusion | None = None,
-                 use_agc: bool | None = None):
+                 state: TrainState, device: torch.device):
         if images.shape[0] != state.image_ids.numel():
             raise ValueError(f"shard has {images.shape[0]} images but the state tracks {state.image_ids.numel()}")
         self.cfg = cfg
@@ -134,8 +133,7 @@ class LocalTrainer:
         self.ema = ema.to(device).eval().requires_grad_(False)
         self.images = images.to(device)
         self.state = state
-        self.diffusion = diffusion or Diffusion.for_config(cfg)
-        self.use_agc = cfg.agc if use_agc is None else use_agc
+        self.diffusion = Diffusion.for_config(cfg)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr, fused=device.type == "cuda")
         if state.optimizer is not None:
@@ -185,7 +183,7 @@ class LocalTrainer:
                 t = torch.randint(0, cfg.diffusion_steps, (bs,), generator=gen, device=dev)
                 noise = torch.randn((bs, *shape), generator=gen, device=dev)
                 losses = self.diffusion.per_sample_loss(self.model, x0, t, noise)
-                if self.use_agc:
+                if cfg.agc:
                     if aug is not None:  # strength for the next draw, from the bank before this update
                         aug[idx] = taa_strength(losses, self.bank.threshold(t), cfg.taa_gamma)
                     keep = self.bank.step(losses, t)
