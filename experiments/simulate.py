@@ -210,7 +210,8 @@ def prepare(args):
     else:
         k = args.num_supernodes
     components, run_config = load_app_config(app_dir, overrides)
-    validate_before_start(run_config, k, backend)
+    if not args.run_config_json:  # the child runs the config its parent has just validated
+        validate_before_start(run_config, k, backend)
     return app_dir, backend, components, run_config, k
 
 
