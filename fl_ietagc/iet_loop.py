@@ -20,6 +20,7 @@ from .checkpoints import pack_weights, unpack_weights
 from .config import RunConfig
 from .data import load_splits
 from .initial_weights import initial_weights
+from . import ret
 from .protocol import ClientRound, round_metrics
 from .rundir import RunDir
 from .models import build_for_config
@@ -50,25 +51,28 @@ class LoopResult:
 
 
 def run_iet_loop(cfg: RunConfig, num_clients: int, device: torch.device | None = None,
-                 run: RunDir | None = None) -> LoopResult:
-    """K clients one after another, then the size-weighted average, for R rounds. With `run`, the rounds are
-    committed to that run directory as the ServerApp commits them, and a run directory that holds a resume
-    point (`RunDir.reopen`) continues from it."""
+                 run: RunDir | None = None, progress=None) -> LoopResult:
+    """K clients one after another, then the size-weighted average, for R rounds; RET (`ret-every`) moves images
+    between shards as the ServerApp does. With `run`, the rounds are committed to that run directory as the
+    ServerApp commits them, and a run directory that holds a resume point (`RunDir.reopen`) continues from it.
+    `progress(round, record)` is called after every round."""
     device = device or pick_device(cfg.device)
-    shards = shards_for_config(cfg, num_clients)
     images = load_splits(cfg).train.images
     start = 0
     if run is not None and run.resume_path.is_file():
         blob = run.read_resume()
         start, g_net, g_ema = int(blob["round"]), blob["net"], blob["ema"]
         states = [TrainState.from_dict(d) for d in blob["state"]["clients"]]
+        skip_period = blob["state"].get("skip-period", torch.zeros(len(images), dtype=torch.long)).numpy().copy()
     else:
         g_net, g_ema = initial_weights(cfg)
-        states = [TrainState.fresh(s) for s in shards]
+        states = [TrainState.fresh(s) for s in shards_for_config(cfg, num_clients)]
+        skip_period = np.zeros(len(images), np.int64)
         if run is not None:
-            run.begin(cfg.to_dict(), shards, cfg.num_server_rounds, kind="federated", engine="iet-loop",
-                      num_clients=num_clients)
-            run.write_resume(0, g_net, g_ema, {"clients": [s.to_dict() for s in states]})
+            run.begin(cfg.to_dict(), [s.image_ids.numpy() for s in states], cfg.num_server_rounds, kind="federated",
+                      engine="iet-loop", num_clients=num_clients)
+            run.write_resume(0, g_net, g_ema, _loop_state(states, skip_period))
+    shards = [s.image_ids.numpy() for s in states]  # current shards: RET may have moved images
     result = LoopResult(net={}, ema={}, states=states)
     t0 = time.perf_counter()
     for server_round in range(start + 1, cfg.num_server_rounds + 1):
@@ -85,21 +89,38 @@ def run_iet_loop(cfg: RunConfig, num_clients: int, device: torch.device | None =
         g_net, g_ema = unpack_weights(weighted_average(replies))
         result.rounds.append(stats)
         result.round_seconds.append(time.perf_counter() - t_round)
+        clients = [ClientRound(pid, len(shard), st.mean_loss, st.kept, st.skipped, st.steps, st.seconds,
+                               states[pid].step, shard, st.skip_counts.numpy())
+                   for pid, (shard, st) in enumerate(zip(shards, stats))]
+        for c in clients:
+            np.add.at(skip_period, c.image_ids, c.skip_counts)
+        new = ret.after_round(cfg, shards, skip_period, server_round)
+        moved = 0
+        if new is not None:  # as the ServerApp: next round's shards; each client's per-image records follow
+            moved = ret.moved_count(shards, new)
+            shards, skip_period[:] = new, 0
+            for state, shard in zip(states, shards):
+                state.remap(shard)
+        record = {"round": server_round, "elapsed-s": time.perf_counter() - t0, **round_metrics(clients),
+                  "ret-moved": moved, "clients": [c.to_json() for c in clients]}
         if run is not None:
-            clients = [ClientRound(pid, len(shard), st.mean_loss, st.kept, st.skipped, st.steps, st.seconds,
-                                   states[pid].step, shard, st.skip_counts.numpy())
-                       for pid, (shard, st) in enumerate(zip(shards, stats))]
+            if new is not None:
+                run.write_shards(shards)
             skips = np.zeros(len(images), np.int64)
             for s in states:
                 np.add.at(skips, s.image_ids.numpy(), s.skip_counts.numpy())
-            run.commit_round(server_round, {"round": server_round, "elapsed-s": time.perf_counter() - t0,
-                                            **round_metrics(clients), "clients": [c.to_json() for c in clients]},
-                             net=g_net, ema=g_ema, state={"clients": [s.to_dict() for s in states]},
+            run.commit_round(server_round, record, net=g_net, ema=g_ema, state=_loop_state(states, skip_period),
                              config=cfg.to_dict(), skip_counts=skips, num_rounds=cfg.num_server_rounds,
                              keep_checkpoint=server_round == cfg.num_server_rounds
                              or server_round % cfg.checkpoint_every == 0)
+        if progress is not None:
+            progress(server_round, record)
     result.net, result.ema, result.seconds = g_net, g_ema, time.perf_counter() - t0
     if run is not None:
         run.finish(g_net, g_ema, cfg.num_server_rounds, cfg.to_dict())
         run.mark_completed(cfg.num_server_rounds)
     return result
+
+
+def _loop_state(states: list[TrainState], skip_period: np.ndarray) -> dict:
+    return {"clients": [s.to_dict() for s in states], "skip-period": torch.from_numpy(skip_period.copy())}

@@ -41,6 +41,20 @@ def redistribute(shards: list[np.ndarray], skip_counts: np.ndarray, fraction: fl
             for i, s in enumerate(shards)]
 
 
+def after_round(cfg, shards: list[np.ndarray], skip_period: np.ndarray, server_round: int) -> list[np.ndarray] | None:
+    """The shards for the next round if RET redistributes after `server_round` (every `ret-every`-th round, never
+    after the last), else None. `skip_period` counts skips per global image id since the previous event; the
+    caller resets it when new shards are returned. The one rule both the ServerApp and the Flower-free loop use."""
+    if not cfg.ret_every or server_round % cfg.ret_every or server_round >= cfg.num_server_rounds:
+        return None
+    return redistribute(shards, skip_period, cfg.ret_fraction, server_round // cfg.ret_every, cfg.seed)
+
+
+def moved_count(old: list[np.ndarray], new: list[np.ndarray]) -> int:
+    """How many images changed shard."""
+    return int(sum(len(np.setdiff1d(b, a)) for a, b in zip(old, new)))
+
+
 def taa_strength(losses: torch.Tensor, threshold: torch.Tensor, gamma: float) -> torch.Tensor:
     """Per-sample augmentation strength in [0, 1]: (gamma*thr - l) / ((gamma-1)*thr) on [thr, gamma*thr)."""
     losses, threshold = losses.detach().double(), threshold.double()

@@ -39,7 +39,7 @@ from fl_ietagc.images import write_sample_grid
 from fl_ietagc.initial_weights import initial_weights
 from fl_ietagc.models import build_for_config, load_weights
 from fl_ietagc.protocol import round_metrics
-from fl_ietagc.ret import redistribute
+from fl_ietagc import ret
 from fl_ietagc.rundir import ACTIVE_RUNS, RunDir, register_active
 from fl_ietagc.shards import shards_for_config
 from fl_ietagc.trainer import pick_device
@@ -225,11 +225,10 @@ def end_round(cfg: RunConfig, run: RunDir, strategy, state: ServerState, server_
         np.add.at(state.skip_period, c.image_ids, c.skip_counts)
         state.state_rounds[c.partition_id] = server_round  # a failed client's state is not advanced
     moved = 0
-    if cfg.ret_every and server_round % cfg.ret_every == 0 and server_round < cfg.num_server_rounds:
+    new = ret.after_round(cfg, state.shards, state.skip_period, server_round)
+    if new is not None:
         state.ret_events += 1
-        new = redistribute(state.shards, state.skip_period, cfg.ret_fraction, server_round // cfg.ret_every,
-                           cfg.seed)
-        moved = int(sum(len(np.setdiff1d(a, b)) for a, b in zip(new, state.shards)))
+        moved = ret.moved_count(state.shards, new)
         state.shards = new
         state.skip_period[:] = 0
         run.write_shards(state.shards)

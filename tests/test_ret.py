@@ -143,3 +143,38 @@ def test_ret_run_redistributes_between_rounds(tmp_path):
         state = load_torch(run.client_state(pid, 2), "client state")
         assert state["image_ids"].tolist() == after[pid].tolist()  # clients trained on their new shards
         assert (state["aug_strength"] > 0).any()  # TAA found samples just above the threshold
+
+
+def test_the_flower_free_loop_runs_ret_exactly_as_the_app(tmp_path):
+    """RET's redistribution and TAA in `run_iet_loop` (used by the small-data study) are the app's: same shards after
+    each event, same per-image records, bit-identical weights after 3 rounds with 2 redistributions."""
+    from fl_ietagc.config import parse_config
+    from fl_ietagc.iet_loop import run_iet_loop
+    from fl_ietagc.rundir import RunDir
+    from tests.local_grid import run_server
+
+    conf = {"max-images": 128, "batch-size": 32, "local-epochs": 1, "num-server-rounds": 3, "diffusion-steps": 20,
+            "agc-lambda": 1.2, "warmup-steps": 6, "sample-count": 0, "ret-every": 1, "ret-fraction": 0.25,
+            "taa": True, "output-dir": str(tmp_path)}
+    torch.set_num_threads(1)
+    try:
+        run_server({**conf, "run-name": "app"}, 2)
+        loop = run_iet_loop(parse_config({**conf, "run-name": "loop"}), 2, torch.device("cpu"),
+                            RunDir.create(str(tmp_path), "loop", ""))
+    finally:
+        torch.set_num_threads(2)
+    app, mine = RunDir(tmp_path / "app"), RunDir(tmp_path / "loop")
+    assert [m["ret-moved"] for m in mine.read_metrics()] == [m["ret-moved"] for m in app.read_metrics()] == [32, 32, 0]
+    assert [s.tolist() for s in mine.read_shards()] == [s.tolist() for s in app.read_shards()]
+    for pid in (0, 1):
+        from fl_ietagc.checkpoints import load_torch
+
+        state = load_torch(app.client_state(pid, 3), "client state")
+        assert state["image_ids"].tolist() == loop.states[pid].image_ids.tolist()
+        assert torch.equal(state["aug_strength"], loop.states[pid].aug_strength)
+    from fl_ietagc.checkpoints import load_checkpoint
+
+    final = load_checkpoint(app.final_checkpoint)
+    for k in loop.net:
+        assert torch.equal(final["net"][k], loop.net[k]), k
+        assert torch.equal(final["ema"][k], loop.ema[k]), k
