@@ -25,6 +25,7 @@ SHARDINGS = ("balanced", "random", "dirichlet")
 HFLIP_MODES = ("auto", "on", "off")
 DEVICES = ("auto", "cpu", "cuda")
 CLIENT_FAILURES = ("fail", "tolerate")
+PRECISIONS = ("fp32", "bf16")
 
 
 class ConfigError(ValueError):
@@ -103,6 +104,13 @@ class RunConfig:
     seed: int = _key("seed", 0, "seed of the model init, shards and every client's RNG",
                      lambda v: None if 0 <= v < 2 ** 32 else "must be in [0, 2^32)")
     device: str = _key("device", "auto", "where clients train: auto = cuda if visible, else cpu", choices=DEVICES)
+    precision: str = _key("precision", "fp32", "precision of the UNet forward in training: bf16 = autocast around "
+                          "the forward only (per-sample losses, AGC bank and skip rule stay fp32/float64)",
+                          choices=PRECISIONS)
+    channels_last: bool = _key("channels-last", False, "UNet weights and inputs in torch.channels_last memory format "
+                               "(faster convolutions on tensor-core GPUs)")
+    compile: bool = _key("compile", False, "torch.compile the UNet of the training step (compiled once per process, "
+                         "reused across rounds; static batch shape)")
     # --- federation ---
     num_clients: int = _key("num-clients", 0, "K, number of shards/clients; 0 = every connected SuperNode",
                             _non_negative)
@@ -153,9 +161,11 @@ class RunConfig:
         return {f.metadata["key"]: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     def differing_keys(self, other: Mapping[str, Any], ignore: tuple = ("resume-from",)) -> list[str]:
-        """Keys whose value in `other` (a flat run-config mapping) differs from this config's."""
-        mine = self.to_dict()
-        return sorted(k for k in set(mine) | set(other) if k not in ignore and mine.get(k) != other.get(k))
+        """Keys whose value in `other` (a flat run-config mapping) differs from this config's. A key of this
+        version that `other` lacks counts as its default (a run directory written before the key existed)."""
+        mine, defaults = self.to_dict(), RunConfig().to_dict()
+        return sorted(k for k in set(mine) | set(other)
+                      if k not in ignore and mine.get(k) != other.get(k, defaults.get(k)))
 
     def replace(self, **overrides: Any) -> "RunConfig":
         """A copy with some keys changed (run-config names, e.g. {"agc-lambda": 3.0}), validated."""

@@ -4,12 +4,20 @@ The noise schedule is diffusers' DDPMScheduler (linear betas, T steps); training
 read the same `alphas_cumprod`, so they can never disagree. Sampling uses diffusers' DDIMScheduler
 (eta = 0, predicted x0 clipped to [-1, 1], final step to alpha_bar = 1) and DDPMScheduler
 (ancestral, fixed-large variance as Ho et al. used for CIFAR-10).
+
+The samplers take `precision` ("fp32" | "bf16": autocast around the UNet forward only) and `channels_last`
+(the training loss gets them through precision.unet_forward); the defaults change nothing. The scheduler
+arithmetic and the losses stay float32.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
+
+from .precision import unet_forward
 
 
 class Diffusion:
@@ -35,7 +43,8 @@ class Diffusion:
         return self._sqrt_abar[t].view(shape) * x0 + self._sqrt_one_minus_abar[t].view(shape) * noise
 
     def per_sample_loss(self, model, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """(B,) mean over (C, H, W) of (eps_theta(x_t, t) - eps)^2."""
+        """(B,) float32: mean over (C, H, W) of (eps_theta(x_t, t) - eps)^2. `model` may be a
+        precision.unet_forward (bf16 autocast, channels-last): its output is cast to float32 here."""
         pred = model(self.add_noise(x0, t, noise), t).sample
         return (pred.float() - noise).pow(2).flatten(1).mean(1)
 
@@ -43,11 +52,15 @@ class Diffusion:
 @torch.no_grad()
 def sample(model, diffusion: Diffusion, num_images: int, shape: tuple[int, int, int], *, sampler: str = "ddim",
            steps: int = 50, seed: int = 0, batch_size: int = 256, device: str | torch.device = "cpu",
-           progress: bool = False) -> torch.Tensor:
+           progress: bool = False, precision: str = "fp32", channels_last: bool = False,
+           compile: bool = False) -> torch.Tensor:
     """Generate `num_images` images in [-1, 1] as a float32 CPU tensor (N, C, H, W).
 
     Seeded: the same (seed, num_images, batch_size) gives the same images. `sampler` is "ddim"
     (eta = 0, `steps` steps) or "ddpm" (ancestral over all T steps; `steps` is ignored).
+    `precision` / `channels_last` apply to the UNet forward; `compile` runs it through the process's
+    compiled UNet (fl_ietagc/compiled.py), with the last partial batch padded so the shape never changes
+    (the padding rows draw no random numbers: the real images are those of the uncompiled sampler).
     """
     if sampler == "ddim":
         sched = DDIMScheduler(**diffusion.scheduler_config, set_alpha_to_one=True)
@@ -59,6 +72,15 @@ def sample(model, diffusion: Diffusion, num_images: int, shape: tuple[int, int, 
         raise ValueError(f"sampler must be ddim or ddpm, got {sampler!r}")
     was_training = model.training
     model.eval()
+    restore_format = _memory_format_of(model) if channels_last else None
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    compiled = None
+    if compile:
+        from .compiled import compiled_unet
+
+        compiled = compiled_unet(model, device, purpose="sample", precision=precision, channels_last=channels_last)
+    fixed = min(batch_size, num_images)  # the one batch shape the compiled forward sees
     gen = torch.Generator(device=device).manual_seed(seed)
     out = []
     batches = range(0, num_images, batch_size)
@@ -66,13 +88,29 @@ def sample(model, diffusion: Diffusion, num_images: int, shape: tuple[int, int, 
         from tqdm.auto import tqdm
 
         batches = tqdm(batches, desc=f"sampling ({sampler})", unit="batch")
-    for start in batches:
-        n = min(batch_size, num_images - start)
-        x = torch.randn((n, *shape), generator=gen, device=device)
-        for t in sched.timesteps:
-            eps = model(x, t.to(device)).sample
-            x = sched.step(eps, t, x, generator=gen).prev_sample if sampler == "ddpm" else \
-                sched.step(eps, t, x, eta=0.0).prev_sample
-        out.append(x.float().clamp(-1, 1).cpu())
-    model.train(was_training)
+    try:
+        with compiled.bound(model) if compiled is not None else contextlib.nullcontext(model) as net:
+            net = unet_forward(net, device, precision, channels_last)
+            for start in batches:
+                n = min(batch_size, num_images - start)
+                x = torch.randn((n, *shape), generator=gen, device=device)
+                for t in sched.timesteps:
+                    inp = x if compiled is None or n == fixed else torch.cat([x, x.new_zeros((fixed - n, *shape))])
+                    eps = net(inp, t.to(device)).sample[:n].float()
+                    x = sched.step(eps, t, x, generator=gen).prev_sample if sampler == "ddpm" else \
+                        sched.step(eps, t, x, eta=0.0).prev_sample
+                out.append(x.float().clamp(-1, 1).cpu())
+    finally:
+        if restore_format is not None:
+            model.to(memory_format=restore_format)
+        model.train(was_training)
     return torch.cat(out) if out else torch.empty((0, *shape))
+
+
+def _memory_format_of(model) -> torch.memory_format:
+    """channels_last if the model's first 4-D weight is stored so, else contiguous (what sample restores)."""
+    for p in model.parameters():
+        if p.dim() == 4:
+            return torch.channels_last if not p.is_contiguous() and p.is_contiguous(
+                memory_format=torch.channels_last) else torch.contiguous_format
+    return torch.contiguous_format

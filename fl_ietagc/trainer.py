@@ -8,10 +8,16 @@ Weights are not part of it: each round they are replaced by the global ones.
 uint8 (no DataLoader: a batch is an index into that tensor). Per step: random horizontal flip,
 uniform t, epsilon loss per sample, AGC keep mask, mean over kept samples, backward, grad-norm
 clip, Adam with linear warmup, EMA update.
+
+Speed keys (fl_ietagc/precision.py, compiled.py): `precision` = bf16 autocasts the UNet forward only (losses,
+bank and skip rule stay fp32/float64); `channels-last` stores the weights and inputs channels-last; `compile`
+runs the forward through the process's cached compiled UNet, bound to this trainer's model for the call.
+None of them adds a host synchronisation: the loop reads the device only every NONFINITE_CHECK_EVERY steps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +26,11 @@ import torch
 
 from .agc import MemoryBank, masked_mean
 from .checkpoints import load_torch, save_torch
+from .compiled import compiled_unet
 from .config import RunConfig
 from .diffusion import Diffusion
 from .pixels import to_model_range
+from .precision import check_supported, unet_forward
 from .ret import taa_strength, translate
 
 
@@ -127,10 +135,16 @@ class LocalTrainer:
                  state: TrainState, device: torch.device):
         if images.shape[0] != state.image_ids.numel():
             raise ValueError(f"shard has {images.shape[0]} images but the state tracks {state.image_ids.numel()}")
+        check_supported(device, cfg.precision)
         self.cfg = cfg
         self.device = device
         self.model = model.to(device).train()
         self.ema = ema.to(device).eval().requires_grad_(False)
+        if cfg.channels_last:  # in place, before the optimizer: Adam's moments follow the parameters' layout
+            self.model.to(memory_format=torch.channels_last)
+            self.ema.to(memory_format=torch.channels_last)
+        self.compiled = compiled_unet(self.model, device, purpose="train", precision=cfg.precision,
+                                      channels_last=cfg.channels_last) if cfg.compile else None
         self.images = images.to(device)
         self.state = state
         self.diffusion = Diffusion.for_config(cfg)
@@ -150,6 +164,13 @@ class LocalTrainer:
 
         prox_mu > 0 adds FedProx's proximal term mu/2 * ||w - w_start||^2, w_start being the weights the
         round started from (the global model)."""
+        with self.compiled.bound(self.model) if self.compiled else contextlib.nullcontext(self.model) as net:
+            return self._run(unet_forward(net, self.device, self.cfg.precision, self.cfg.channels_last), epochs,
+                             seed, max_steps, prox_mu)
+
+    def _run(self, net, epochs: int, seed: int, max_steps: int | None, prox_mu: float) -> RoundStats:
+        """The loop. `net` is the UNet forward on self.model's parameters: the model itself by default, else
+        its compiled form and/or a bf16 / channels-last wrapper (precision.unet_forward)."""
         cfg, dev = self.cfg, self.device
         torch.manual_seed(seed)  # dropout
         gen = torch.Generator(device=dev).manual_seed(seed)
@@ -182,7 +203,7 @@ class LocalTrainer:
                     x0 = translate(x0, aug[idx], cfg.taa_max_shift, gen)
                 t = torch.randint(0, cfg.diffusion_steps, (bs,), generator=gen, device=dev)
                 noise = torch.randn((bs, *shape), generator=gen, device=dev)
-                losses = self.diffusion.per_sample_loss(self.model, x0, t, noise)
+                losses = self.diffusion.per_sample_loss(net, x0, t, noise)
                 if cfg.agc:
                     if aug is not None:  # strength for the next draw, from the bank before this update
                         aug[idx] = taa_strength(losses, self.bank.threshold(t), cfg.taa_gamma)
