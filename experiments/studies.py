@@ -5,6 +5,8 @@
     fl-ietagc-study NAME --full --dry-run                            # print the plan and its GPU estimate only
 
 Studies (NAME):
+  small-data      5 variants x 3 seeds on 32 digits, <= 30 min on 2 CPU cores: does IET-AGC copy less?
+                  (experiments/small_data.py; --set KEY=VALUE varies it, --workers N runs N at once)
   paper-cifar10   the paper's protocol (K=10, R=10, E=100, lambda=2): IET-AGC vs default training with the same
                   number of optimizer steps (and IET alone)
   paper-cifar100  the same on CIFAR-100
@@ -87,7 +89,7 @@ def plan(study: str, size: str) -> list[RunSpec]:
     raise SystemExit(f"unknown study {study!r}; one of: {', '.join(STUDIES)}")
 
 
-STUDIES = ("paper-cifar10", "paper-cifar100", "paper-afhq-dog", "ablations", "strategies", "finetune")
+STUDIES = ("small-data", "paper-cifar10", "paper-cifar100", "paper-afhq-dog", "ablations", "strategies", "finetune")
 
 
 def forward_gflops(preset: str, image_size: int, channels: int) -> float:
@@ -263,6 +265,9 @@ def main(argv=None) -> int:
     p.add_argument("--pretrained", default="", help="finetune: diffusers UNet directory / hub id / checkpoint")
     p.add_argument("--eval-samples", type=int, default=None, help="override the evaluation's sample count")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the estimate only")
+    p.add_argument("--workers", type=int, default=2, help="small-data: runs trained at once (processes)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="small-data: change a study setting or run-config key (repeatable)")
     a = p.parse_args(argv)
     from fl_ietagc.config import ConfigError
 
@@ -280,6 +285,13 @@ def _run(a) -> int:
         raise ConfigError(f"--gpus-per-client = {a.gpus_per_client}: must be >= 0")
     if a.eval_samples is not None and a.eval_samples < 2:
         raise ConfigError(f"--eval-samples = {a.eval_samples}: must be >= 2")
+    if a.study == "small-data":
+        from .small_data import run_small_data
+
+        run_small_data("smoke" if a.smoke else "full", Path(a.out), workers=a.workers, settings=a.set)
+        return 0
+    if a.set:
+        raise ConfigError("--set: only the small-data study takes settings")
     run_study(a.study, "smoke" if a.smoke else "full", Path(a.out), data_root=a.data_root, fid_weights=a.fid_weights,
               gpus_per_client=a.gpus_per_client, pretrained=a.pretrained, eval_samples=a.eval_samples,
               dry_run=a.dry_run)

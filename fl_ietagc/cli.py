@@ -63,6 +63,16 @@ def main(argv=None) -> int:
     e.add_argument("--memorized-tau", type=float, default=0.2,
                    help="MQ threshold deciding 'memorized' training images for the loss-by-timestep figure")
     e.add_argument("--out", default=None, help="write results and report here instead of the run directory")
+    x = sub.add_parser("export", help="write the run's global model as a diffusers pipeline directory "
+                                      "(DDIMPipeline.from_pretrained(OUT) samples it)")
+    x.add_argument("run_dir")
+    x.add_argument("out")
+    x.add_argument("--weights", choices=("raw", "ema"), default="raw", help="raw (as evaluate) or EMA weights")
+    x.add_argument("--round", type=int, default=None, help="this round's checkpoint (default: the final one)")
+    m = sub.add_parser("metrics", help="a run's per-round metrics as JSON lines (stdout), or as TensorBoard "
+                                       "event files with --tensorboard DIR (needs the tensorboard extra)")
+    m.add_argument("run_dir")
+    m.add_argument("--tensorboard", default=None, metavar="DIR", help="write event files here")
     c = sub.add_parser("compare", help="compare evaluated runs (relative to the first)")
     c.add_argument("run_dirs", nargs="+")
     c.add_argument("--out", default=".", help="directory for comparison.md / comparison.json")
@@ -110,6 +120,20 @@ def main(argv=None) -> int:
             return _resume(args)
         if args.command == "evaluate":
             return _evaluate(args)
+        if args.command == "export":
+            from .export import export_pipeline
+
+            try:
+                out = export_pipeline(args.run_dir, args.out, args.weights, args.round)
+            except (ValueError, OSError) as e:
+                print(f"fl-ietagc export: {' '.join(str(e).split())}", file=sys.stderr)
+                return 2
+            print(f"diffusers pipeline: {out} (DDIMPipeline.from_pretrained({str(out)!r}))")
+            return 0
+        if args.command == "metrics":
+            from .metrics_export import metrics_main
+
+            return metrics_main(args.run_dir, args.tensorboard)
         if args.command == "compare":
             from .compare import compare, to_markdown, write_comparison
 

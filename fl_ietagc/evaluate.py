@@ -15,7 +15,9 @@ Works for federated and centralized runs alike (same run-directory layout). Step
 3. FID (optionally IS/KID/precision-recall) through torch-fidelity against the training set, if Inception
    weights can be had; otherwise the report says why FID is missing;
 4. the paper's figures and the run's per-round curves (fl_ietagc/report.py);
-5. `results.json` and `report.html` (figures embedded) in the run directory (or --out).
+5. `results.json`, `report.html` (figures embedded) and `samples.npz` (the generated uint8 images, their
+   nearest training images' indices and exact squared distances, and the same for the held-out null) in the
+   run directory (or --out): `load_samples` reads it back, so metrics can be recomputed without sampling.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoints import atomic_write_json, load_checkpoint, read_json
+from .checkpoints import atomic_write_bytes, atomic_write_json, load_checkpoint, read_json
 from .rundir import RunDir
 from .config import ConfigError, config_keys, parse_config
 from .data import image_size, load_splits
@@ -277,9 +279,29 @@ def evaluate_run(run_dir: str | Path, opts: EvalOptions, progress: bool = True, 
     results["figures"] = {k: str(v) for k, v in figures.items()}
     timings["report_s"] = time.perf_counter() - t0
     out_dir.mkdir(parents=True, exist_ok=True)
+    save_samples(out_dir / SAMPLES_FILE, samples, nb, nb_null)
+    results["samples_file"] = str(out_dir / SAMPLES_FILE)
     atomic_write_json(out_dir / "results.json", results)
     report.write_html(out_dir / "report.html", results, figures)
     return results
+
+
+SAMPLES_FILE = "samples.npz"
+
+
+def save_samples(path: Path, samples: torch.Tensor, nb, nb_null) -> None:
+    """The evaluation's raw material, so every metric can be recomputed without sampling again: the generated
+    uint8 images, their k nearest training images (indices into the run's training set, all shards in id order)
+    and exact squared distances (pixels in [0, 1]), and the same for the held-out real images (the null)."""
+    atomic_write_bytes(path, lambda f: np.savez(f, samples=samples.numpy(), index=nb.index.numpy(),
+                                                d2=nb.d2.numpy(), null_index=nb_null.index.numpy(),
+                                                null_d2=nb_null.d2.numpy()))
+
+
+def load_samples(path: str | Path) -> dict[str, np.ndarray]:
+    """What `save_samples` wrote (plain arrays; never unpickled)."""
+    with np.load(path, allow_pickle=False) as blob:
+        return {k: blob[k] for k in blob.files}
 
 
 def _loss_curves(model, diffusion, train, memorized_ids, opts: EvalOptions, device) -> dict | None:

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -52,6 +53,20 @@ def test_evaluate_finds_planted_copies_and_writes_results_and_report(small_run, 
     assert "unreliable" in page and "FID was not computed" in page and page.count("data:image/png;base64") >= 5
     for name in ("samples", "similar_pairs", "loss_by_timestep", "rounds", "skip_histogram"):
         assert (run.path / "report" / f"{name}.png").is_file(), name
+
+    # samples.npz: the planted copies are there as uint8, with their neighbours; the metrics recompute from it alone
+    saved = ev.load_samples(run.path / "samples.npz")
+    train = load_splits(cfg).train.images
+    assert saved["samples"].dtype == np.uint8 and saved["samples"].shape == (40, *train.shape[1:])
+    assert np.array_equal(saved["samples"][:5], train[:5].numpy())
+    assert saved["index"][:5, 0].tolist() == [0, 1, 2, 3, 4] and (saved["d2"][:5, 0] == 0).all()
+    assert saved["index"].shape == saved["d2"].shape == (40, 20)
+    from fl_ietagc.memorization import Neighbours, summarize
+
+    again = summarize(Neighbours(torch.from_numpy(saved["d2"]), torch.from_numpy(saved["index"]), train[0].numel()),
+                      len(train))
+    assert again == mem
+    assert saved["null_d2"].shape == (null["num_queries"], 20)
 
 
 def test_evaluate_with_the_real_sampler_and_a_chosen_round(small_run, tmp_path):

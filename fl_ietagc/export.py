@@ -1,0 +1,64 @@
+"""Export a run's global model as a diffusers pipeline directory.
+
+    fl-ietagc export RUN_DIR OUT [--weights raw|ema] [--round R]
+
+OUT gets `DDIMPipeline(unet, scheduler).save_pretrained(OUT)`: the UNet (safetensors + config.json), the run's
+noise schedule as a DDIMScheduler (the one `fl-ietagc evaluate` samples with: eta 0, x0 clipped, final step to
+alpha_bar = 1) and model_index.json, so that
+
+    from diffusers import DDIMPipeline
+    pipe = DDIMPipeline.from_pretrained(OUT)
+    images = pipe(batch_size=16, num_inference_steps=50).images
+
+samples the run's model with no code of this project (tested: the same images as our sampler for the same noise).
+The directory is written beside OUT and renamed into place, so OUT is either complete or absent.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+
+from .checkpoints import load_checkpoint
+from .diffusion import Diffusion
+from .models import build_for_config, load_weights
+
+
+def export_pipeline(run_dir: str | Path, out: str | Path, weights: str = "raw", server_round: int | None = None) -> Path:
+    """Write the pipeline directory; ValueError / FileExistsError with one line naming the problem."""
+    from diffusers import DDIMPipeline, DDIMScheduler
+
+    from .evaluate import load_run
+
+    if weights not in ("raw", "ema"):
+        raise ValueError(f"--weights {weights}: must be raw or ema")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out}: exists and is not an empty directory; choose a new OUT")
+    run, cfg, _ = load_run(run_dir)
+    if server_round is None:
+        path = run.final_checkpoint
+        if not path.is_file():
+            raise ValueError(f"{path}: missing; the run has not completed (export a saved round with --round R)")
+    else:
+        path = run.checkpoint(server_round)
+        if not path.is_file():
+            raise ValueError(f"--round {server_round}: no checkpoint {path}")
+    ckpt = load_checkpoint(path)
+    key = "net" if weights == "raw" else "ema"
+    if not isinstance(ckpt.get(key), dict):
+        raise ValueError(f"{path}: no {key!r} weights (--weights {weights})")
+    unet = build_for_config(cfg)
+    load_weights(unet, ckpt[key], f"{path} ({weights})")
+    scheduler = DDIMScheduler(**Diffusion.for_config(cfg).scheduler_config, set_alpha_to_one=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        DDIMPipeline(unet=unet.eval(), scheduler=scheduler).save_pretrained(tmp)
+        if out.is_dir():
+            out.rmdir()  # empty, checked above
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

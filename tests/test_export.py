@@ -1,0 +1,66 @@
+"""Reusing a run outside the project: a diffusers pipeline directory, metrics as JSON lines and TensorBoard."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fl_ietagc.baseline import run_baseline
+from fl_ietagc.cli import main as cli
+from fl_ietagc.config import parse_config
+from fl_ietagc.diffusion import Diffusion, sample
+from fl_ietagc.models import build_for_config
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    cfg = parse_config({"max-images": 64, "image-size": 8, "batch-size": 32, "num-server-rounds": 2,
+                        "local-epochs": 2, "diffusion-steps": 50, "warmup-steps": 2, "sample-count": 0,
+                        "output-dir": str(tmp_path_factory.mktemp("runs")), "run-name": "r"})
+    return run_baseline(cfg, progress=False), cfg
+
+
+def test_export_writes_a_pipeline_that_diffusers_loads_and_samples_as_we_do(run, tmp_path, capsys):
+    from diffusers import DDIMPipeline
+
+    rundir, cfg = run
+    out = tmp_path / "pipe"
+    assert cli(["export", str(rundir.path), str(out)]) == 0
+    assert "DDIMPipeline.from_pretrained" in capsys.readouterr().out
+    pipe = DDIMPipeline.from_pretrained(out)
+    final = torch.load(rundir.final_checkpoint, weights_only=True)
+    for k, v in pipe.unet.state_dict().items():
+        assert torch.equal(v, final["net"][k]), k  # raw weights by default, as evaluate
+    images = pipe(batch_size=3, num_inference_steps=4, generator=torch.Generator().manual_seed(5),
+                  output_type="np").images  # (N, H, W, C) in [0, 1]
+    model = build_for_config(cfg)
+    model.load_state_dict(final["net"])
+    ours = sample(model, Diffusion.for_config(cfg), 3, (1, 8, 8), steps=4, seed=5, batch_size=3)
+    np.testing.assert_allclose(images.transpose(0, 3, 1, 2), ((ours + 1) / 2).numpy(), atol=1e-5)
+
+    assert cli(["export", str(rundir.path), str(out)]) == 2  # never over an existing export
+    assert "exists and is not an empty directory" in capsys.readouterr().err
+    assert cli(["export", str(rundir.path), str(tmp_path / "r1"), "--round", "7"]) == 2
+    assert "--round 7: no checkpoint" in capsys.readouterr().err
+    assert cli(["export", str(rundir.path), str(tmp_path / "ema"), "--weights", "ema", "--round", "1"]) == 0
+    assert not list(tmp_path.glob(".*tmp*"))  # no half-written directory left
+
+
+def test_metrics_as_json_lines_and_tensorboard_scalars(run, tmp_path, capsys):
+    rundir, _ = run
+    assert cli(["metrics", str(rundir.path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(x) for x in lines] == rundir.read_metrics()
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert cli(["metrics", str(rundir.path), "--tensorboard", str(tmp_path / "tb")]) == 0
+    acc = EventAccumulator(str(tmp_path / "tb" / "r"))
+    acc.Reload()
+    loss = acc.Scalars("loss")
+    assert [e.step for e in loss] == [1, 2]
+    assert [e.value for e in loss] == pytest.approx([m["loss"] for m in rundir.read_metrics()], rel=1e-6)
+    assert "loss-per-client/client-0" in acc.Tags()["scalars"]
+    assert cli(["metrics", str(tmp_path / "nowhere")]) == 2
+    assert "is not a run directory" in capsys.readouterr().err
