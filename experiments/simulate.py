@@ -138,14 +138,11 @@ def resume_run_config(run_dir: str, overrides: dict, num_supernodes: int | None)
     stored = run.read_config()
     if stored.get("kind") != "federated":
         raise ConfigError(f"--resume {run_dir}: a {stored.get('kind')} run; continue it with fl-ietagc resume")
-    from fl_ietagc.config import RunConfig
+    from fl_ietagc.config import RunConfig, check_resumed_config
 
     keys = RunConfig().to_dict()
     config = {k: stored[k] for k in keys if k in stored}
-    differ = sorted(k for k, v in overrides.items() if k != "resume-from" and config.get(k) != v)
-    if differ:
-        raise ConfigError("--resume: a resumed run keeps its config; these differ: " + ", ".join(
-            f"{k} = {overrides[k]!r} (run has {config.get(k)!r})" for k in differ))
+    check_resumed_config("--resume", stored, overrides)
     k = int(stored["num_clients"])
     if num_supernodes not in (None, k):
         raise ConfigError(f"--num-supernodes = {num_supernodes}: the run has {k} clients")

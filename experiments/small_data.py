@@ -179,8 +179,6 @@ def train_and_evaluate(name: str, seed: int, cfg, federated: bool, size: Size, t
 
 def evaluate_round(run, cfg, server_round: int, size: Size) -> dict:
     """Sample round R's raw weights, match against the training set; saved to eval/round_RRRR.npz."""
-    import torch
-
     from fl_ietagc.checkpoints import load_checkpoint
     from fl_ietagc.data import load_splits
     from fl_ietagc.diffusion import Diffusion, sample

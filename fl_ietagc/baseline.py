@@ -53,9 +53,7 @@ def run_baseline(cfg: RunConfig, match_federated: int = 0, progress: bool = True
         stored = run.read_config()
         if stored.get("kind") != "centralized":
             raise ConfigError(f"resume: {run.path} is a {stored.get('kind')} run, not a centralized one")
-        differ = cfg.differing_keys({k: v for k, v in stored.items() if k in cfg.to_dict()})
-        if differ:
-            raise ConfigError(f"resume: the config differs from the run's in {', '.join(differ)}")
+        cfg.check_resumed(f"resume {run.path}", stored)
         match_federated = int(stored.get("matched_federated_clients", 0))
         blob = run.read_resume()
         start, net_sd, ema_sd = int(blob["round"]), blob["net"], blob["ema"]

@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import ConfigError, RunConfig, config_keys, load_config_file, load_overrides, parse_config
+from .config import (ConfigError, RunConfig, check_resumed_config, config_keys, load_config_file, load_overrides,
+                     parse_config)
 
 
 def load_run_config(config_file: str | None, overrides: str | None, **forced) -> RunConfig:
@@ -158,9 +159,7 @@ def resume_config(run_dir: str, overrides: dict, kind: str | None = None) -> Run
     if kind and stored.get("kind") != kind:
         raise ConfigError(f"resume: {run.path} is a {stored.get('kind')} run, not a {kind} one")
     cfg = parse_config({k: v for k, v in stored.items() if k in RunConfig().to_dict()})
-    differ = [k for k, v in overrides.items() if cfg.to_dict().get(k) != v]
-    if differ:
-        raise ConfigError(f"resume: a resumed run keeps its config; {', '.join(differ)} differ from the run's")
+    check_resumed_config("resume", stored, overrides)
     return cfg
 
 

@@ -167,9 +167,26 @@ class RunConfig:
         return sorted(k for k in set(mine) | set(other)
                       if k not in ignore and mine.get(k) != other.get(k, defaults.get(k)))
 
+    def check_resumed(self, option: str, stored: Mapping[str, Any]) -> None:
+        """This config continues a run whose config.json holds `stored`: every key must be equal."""
+        check_resumed_config(option, stored, self.to_dict())
+
     def replace(self, **overrides: Any) -> "RunConfig":
         """A copy with some keys changed (run-config names, e.g. {"agc-lambda": 3.0}), validated."""
         return parse_config({**self.to_dict(), **overrides})
+
+
+def check_resumed_config(option: str, stored: Mapping[str, Any], given: Mapping[str, Any]) -> None:
+    """A resumed run keeps the config it was started with: each run-config key in `given` must equal the run's
+    (`stored`, its config.json; a key it lacks counts as its default: a run written before the key existed).
+    The one check of every resume path (flower-simulation --resume, fl-ietagc resume, the ServerApp's
+    resume-from, the baseline); raises ConfigError naming each key with both values."""
+    defaults = RunConfig().to_dict()
+    differ = sorted(k for k, v in given.items()
+                    if k in defaults and k != "resume-from" and stored.get(k, defaults[k]) != v)
+    if differ:
+        raise ConfigError(f"{option}: a resumed run keeps its config; these differ: " + ", ".join(
+            f"{k} = {given[k]!r} (run has {stored.get(k, defaults[k])!r})" for k in differ))
 
 
 def config_keys() -> list[dataclasses.Field]:

@@ -126,10 +126,7 @@ def resolve_num_clients(cfg: RunConfig, grid: Grid) -> int:
 
 def check_resume_config(cfg: RunConfig, stored: dict) -> None:
     """A resumed run keeps the config it was started with; name every key that differs."""
-    differ = cfg.differing_keys({k: v for k, v in stored.items() if k in cfg.to_dict()})
-    if differ:
-        detail = ", ".join(f"{k} = {cfg.to_dict()[k]!r} (run has {stored.get(k)!r})" for k in differ)
-        raise ConfigError(f"resume-from = {cfg.resume_from!r}: the config differs from the run's: {detail}")
+    cfg.check_resumed(f"resume-from = {cfg.resume_from!r}", stored)
 
 
 def reopen_run(cfg: RunConfig):

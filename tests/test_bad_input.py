@@ -219,7 +219,7 @@ CASES = [
     ("resume-no-commit", sim_raw("--resume", "{t}/out/early"), r"has no resume.pt \(the run stopped before it "
                                                                r"started training\)"),
     ("resume-changed-config", sim_raw("--resume", "{t}/out/stale", "--run-config", "lr=0.5"),
-     r"--resume: a resumed run keeps its config; these differ: lr = 0.5 \(run has None\)"),
+     r"--resume: a resumed run keeps its config; these differ: lr = 0.5 \(run has 0.002\)"),
     ("resume-other-k", sim_raw("--resume", "{t}/out/stale", "--num-supernodes", "3"),
      r"--num-supernodes = 3: the run has 2 clients"),
     ("resume-centralized", sim_raw("--resume", "{t}/central"), r"a centralized run; continue it with fl-ietagc resume"),

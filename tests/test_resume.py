@@ -115,7 +115,7 @@ def test_fedadam_with_ret_killed_inside_a_round_resumes_bit_identical(tmp_path):
 def test_resume_refuses_a_different_config_naming_the_keys(tmp_path):
     cfg = {**SMALL, "num-server-rounds": 1, "sample-count": 0, "output-dir": str(tmp_path), "run-name": "r"}
     assert killed(cfg, "after-replies:1") == -signal.SIGKILL
-    with pytest.raises(ConfigError, match=r"differs from the run's: agc-lambda = 3.0 \(run has 1.2\), lr"):
+    with pytest.raises(ConfigError, match=r"keeps its config; these differ: agc-lambda = 3.0 \(run has 1.2\), lr"):
         run_server({**cfg, "agc-lambda": 3.0, "lr": 0.1, "resume-from": str(tmp_path / "r")}, 2)
 
 
