@@ -18,7 +18,6 @@ equal numbers of images: the Frechet distance of a finite sample is biased upwar
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .cache import cache_root
 from .checkpoints import load_torch, save_torch
 from .pixels import to_model_range
 
@@ -65,7 +65,7 @@ class FeatureClassifier:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("FL_IETAGC_CACHE", Path.home() / ".cache" / "fl-ietagc")) / "classifiers"
+    return cache_root("classifiers")
 
 
 def classifier_for(dataset: str, train_images: torch.Tensor, train_labels: torch.Tensor,

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .cache import cache_root
 from .config import ConfigError, RunConfig
 
 DEFAULT_IMAGE_SIZE = {"digits": 16, "fashion-mnist": 32, "cifar10": 32, "cifar100": 32, "afhq-dog": 64, "folder": 64}
@@ -183,7 +184,7 @@ def _one_line(e: BaseException) -> str:
 
 
 def _torchvision(cls, root, train, download, name):
-    root = root or os.path.join(os.path.expanduser("~"), ".cache", "fl-ietagc", "datasets")
+    root = root or str(cache_root("datasets"))
     try:
         return cls(root=root, train=train, download=download)
     except Exception as e:  # torchvision: "Dataset not found or corrupted...", a failed download, a bad file
@@ -407,8 +408,7 @@ def _folder_cache_path(root: Path, files: list[Path], size: int, data_root: str)
         except OSError as e:  # a broken symlink, a file removed meanwhile, no permission on its folder
             raise ConfigError(f"data-root = {data_root!r}: {p}: cannot be read ({_one_line(e)})") from e
         h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode())
-    cache_root = Path(os.environ.get("FL_IETAGC_CACHE", Path.home() / ".cache" / "fl-ietagc"))
-    return cache_root / "folders" / f"{h.hexdigest()[:24]}.npz"
+    return cache_root("folders") / f"{h.hexdigest()[:24]}.npz"
 
 
 def _arrays_sha256(images: np.ndarray, labels: np.ndarray) -> str:

@@ -46,6 +46,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .cache import cache_root
+
 
 class FidUnavailable(RuntimeError):
     """No Inception weights could be found or fetched; the message says how to provide them."""
@@ -67,7 +69,6 @@ class FidCacheWarning(UserWarning):
 INCEPTION_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILENAME}"
 WEIGHTS_ENV = "FL_IETAGC_INCEPTION_WEIGHTS"
-CACHE_ENV = "FL_IETAGC_CACHE"
 DOWNLOAD_TIMEOUT_S = 10.0
 
 _FEATURE_EXTRACTOR = "inception-v3-compat"
@@ -413,8 +414,7 @@ def _cache_name(reference_key: str) -> str:
 
 
 def _default_cache_root() -> Path:
-    base = os.environ.get(CACHE_ENV)
-    return Path(base) / "fid" if base else Path.home() / ".cache" / "fl-ietagc" / "fid"
+    return cache_root("fid")
 
 
 def compute_quality(generated: torch.Tensor, reference: torch.Tensor, *, reference_key: str,
