@@ -45,6 +45,15 @@ def backend() -> str:
     return os.environ.get(BACKEND_ENV, "") or DEFAULT_BACKEND
 
 
+def set_default_backend(name: str | None, device: str) -> None:
+    """For benchmarks: use `name`, else keep $FL_IETAGC_COMPILE_BACKEND, else inductor on CUDA and aot_eager
+    elsewhere (inductor's C++ build of a training step takes minutes on a small CPU)."""
+    if name:
+        os.environ[BACKEND_ENV] = name
+    elif not os.environ.get(BACKEND_ENV):
+        os.environ[BACKEND_ENV] = DEFAULT_BACKEND if str(device).startswith("cuda") else "aot_eager"
+
+
 def architecture(model: torch.nn.Module) -> str:
     """What decides the compiled code of a module: a diffusers model's config (preset, sample size, channels,
     dropout ...), else its class and parameter shapes; plus the parameters' dtype."""

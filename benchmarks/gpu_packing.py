@@ -1,0 +1,111 @@
+"""K clients packed on one GPU (fractional num_gpus) vs one client alone, through the real Flower simulation.
+
+    python benchmarks/gpu_packing.py [--clients 4] [--preset ddpm-cifar10] [--batch-size 128] [--rounds 3]
+                                     [--steps-per-client 40] [--precision bf16] [--channels-last] [--compile]
+
+Runs `flower-simulation` (experiments/simulate.py, the project's launcher) twice on the embedded digits data
+at --image-size: once with 1 client holding the whole GPU (num_gpus = 1), once with K clients sharing it
+(num_gpus = 1/K each, CPUs split evenly). Each client does about --steps-per-client optimizer steps per round
+(local-epochs is derived from its shard size). Aggregate img/s = images trained by all clients in a round / the
+round's wall time, over rounds 2+ (round 1 starts the Ray actors, loads CUDA and compiles). Also shown: the
+clients' own img/s (their training loop's time), which falls as they share the GPU.
+
+Needs a CUDA GPU: without one it prints one line saying so and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+HOLDOUT = 0.1  # digits has no test split: the run config's default holdout-fraction
+
+
+def simulate(run_config: str, clients: int, cpus: float, gpus: float, out: Path, name: str) -> tuple[list, float]:
+    """(metrics.json rounds, wall seconds) of one simulation."""
+    backend = {"client_resources": {"num_cpus": cpus, "num_gpus": gpus}}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "experiments.simulate", "--app", str(ROOT), "--num-supernodes",
+                           str(clients), "--backend-config", json.dumps(backend), "--run-config",
+                           f'{run_config} output-dir="{out}" run-name="{name}"'],
+                          cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"gpu_packing: the {clients}-client simulation failed (exit {proc.returncode}): "
+                         f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+    return json.loads((out / name / "metrics.json").read_text()), wall
+
+
+def summarize(rounds: list, batch_size: int) -> tuple[float, float, float]:
+    """(aggregate img/s over rounds 2+, mean client-own img/s, mean round seconds)."""
+    ends = [r["elapsed-s"] for r in rounds]
+    seconds = [b - a for a, b in zip([0.0] + ends[:-1], ends)]
+    later = list(zip(rounds, seconds))[1:] or list(zip(rounds, seconds))
+    images = sum(r["steps"] * batch_size for r, _ in later)
+    wall = sum(s for _, s in later)
+    own = [c["steps"] * batch_size / c["seconds"] for r, _ in later for c in r["clients"] if c["seconds"] > 0]
+    return images / wall, sum(own) / max(len(own), 1), wall / len(later)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--clients", type=int, default=4, help="K clients sharing the GPU")
+    p.add_argument("--preset", choices=("tiny", "ddpm-cifar10"), default="ddpm-cifar10")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps-per-client", type=int, default=40)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="bf16")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true")
+    a = p.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu_packing: needs a CUDA GPU (torch.cuda.is_available() is False); nothing was run", file=sys.stderr)
+        return 2
+    from fl_ietagc.config import parse_config
+    from fl_ietagc.data import load_splits
+
+    base = (f"preset={a.preset} image-size={a.image_size} batch-size={a.batch_size} num-server-rounds={a.rounds} "
+            f"precision={a.precision} channels-last={str(a.channels_last).lower()} "
+            f"compile={str(a.compile).lower()} device=cuda sample-count=0 warmup-steps=0")
+    n_train = len(load_splits(parse_config({"image-size": a.image_size})).train.images)
+    cores = os.cpu_count() or 1
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in (1, a.clients):
+            shard = n_train // k
+            if shard < a.batch_size:
+                raise SystemExit(f"gpu_packing: {k} shards of {shard} images: smaller than --batch-size "
+                                 f"{a.batch_size}")
+            epochs = math.ceil(a.steps_per_client / (shard // a.batch_size))
+            rounds, wall = simulate(f"{base} local-epochs={epochs}", k, max(1, cores // k), 1.0 / k, Path(tmp),
+                                    f"k{k}")
+            rows.append((k, epochs, *summarize(rounds, a.batch_size), wall))
+    print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}; {a.preset} at 1x{a.image_size}x{a.image_size} "
+          f"(digits), batch {a.batch_size}, {a.precision}{', channels-last' if a.channels_last else ''}"
+          f"{', compile' if a.compile else ''}; {a.rounds} rounds, ~{a.steps_per_client} steps per client per round")
+    print()
+    print("| clients on the GPU | num_gpus each | local epochs | aggregate img/s (rounds 2+) | vs 1 client "
+          "| client's own img/s | round (s) | total wall (s) |")
+    print("|---|---|---|---|---|---|---|---|")
+    alone = rows[0][2]
+    for k, epochs, rate, own, round_s, wall in rows:
+        print(f"| {k} | {1 / k:.3g} | {epochs} | {rate:,.0f} | {rate / alone:.2f}x | {own:,.0f} | {round_s:.1f} "
+              f"| {wall:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
