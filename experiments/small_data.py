@@ -150,6 +150,19 @@ def configs(size: Size, extra: dict, out: Path) -> list[tuple[str, int, object, 
     return jobs
 
 
+def _exit_with_parent(parent: int) -> None:
+    """Worker initializer: end this worker when the study process is gone (killed, even by SIGKILL), instead of
+    training on as an orphan. A run cut short this way is resumed by the next call of the study."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(143)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
 def train_and_evaluate(name: str, seed: int, cfg, federated: bool, size: Size, threads: int = 1) -> dict:
     """One run (kept if completed, resumed if cut short, else started), then every round evaluated (cached)."""
     import torch
@@ -410,17 +423,19 @@ def run_small_data(size_name: str, out: Path, *, workers: int = 2, settings: lis
           f"{workers} worker(s), in {study_dir}", flush=True)
     threads = max(1, (os.cpu_count() or 1) // workers)
     results = []
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
         futures = [pool.submit(train_and_evaluate, name, seed, cfg, fed, size, threads)
                    for name, seed, cfg, fed in jobs]
         for i, f in enumerate(futures, start=1):
             r = f.result()
             results.append(r)
             elapsed = time.time() - t0
+            done = sum(x.done() for x in futures)  # workers finish in parallel: the rate counts all of them
             if progress:
                 print(f"[{i}/{total}] {r['variant']}-s{r['seed']}: train {r['train_s']:.0f}s eval {r['eval_s']:.0f}s"
                       f"  1/3-rule {100 * np.mean(r['rounds'][-1]['flags']['one_third']):.1f}%  elapsed "
-                      f"{elapsed / 60:.1f} min, eta {elapsed / i * (total - i) / 60:.1f} min", flush=True)
+                      f"{elapsed / 60:.1f} min, eta {elapsed / done * (total - done) / 60:.1f} min", flush=True)
     null = null_and_reference(jobs[0][2], size)
     quality = quality_rows(jobs, results, size)
     summary = summarize(results, null, quality, size, time.time() - t0)

@@ -61,7 +61,8 @@ def _process_start(pid: int) -> str | None:
     """Start time of a live process (from /proc), to tell a reused pid from the original; None if gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
+            fields = f.read().rsplit(")", 1)[1].split()
+        return None if fields[0] in ("Z", "X") else fields[19]  # a zombie (dead, not yet reaped) is gone
     except (OSError, IndexError):
         try:
             os.kill(pid, 0)

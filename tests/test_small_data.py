@@ -1,6 +1,7 @@
 """The small-data memorization study (experiments/small_data.py) and its offline quality score."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -152,3 +153,38 @@ def test_a_second_study_call_keeps_trained_runs_and_cached_evaluations(smoke_stu
     assert {p: p.stat().st_mtime_ns for p in files} == before
     assert again["variants"]["iet-agc"]["final"] == json.loads((study / "results.json").read_text())[
         "variants"]["iet-agc"]["final"]
+
+
+def test_killing_the_study_ends_its_workers_and_the_next_call_resumes(tmp_path):
+    """SIGKILL to the study process: no worker trains on as an orphan; the cut runs are resumed next time."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("import sys; from pathlib import Path; from experiments.small_data import run_small_data; "
+            "run_small_data('smoke', Path(sys.argv[1]), workers=2, settings=['local-epochs=40'])")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=Path(__file__).resolve().parents[1],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    runs = tmp_path / "small-data-smoke-local-epochs40" / "runs"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(runs.glob("*/metrics.json")):
+        time.sleep(0.5)  # a first round committed: the workers are training
+    workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                              text=True).stdout.split()]
+    assert workers, "no worker processes found"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 10
+    alive = workers
+    while alive and time.time() < deadline:
+        time.sleep(0.5)
+        alive = [w for w in workers if os.path.exists(f"/proc/{w}") and
+                 "Z" not in open(f"/proc/{w}/stat").read().split(")")[1].split()[0]]
+    assert not alive, f"orphaned workers still running: {alive}"
+    states = {RunDir(p).liveness() for p in runs.iterdir()}
+    assert "running" not in states and states & {"stale", "interrupted", "failed"}
+    summary = sd.run_small_data("smoke", tmp_path, workers=2, settings=["local-epochs=40"], progress=False)
+    assert all(RunDir(p).read_status()["status"] == "completed" for p in runs.iterdir())
+    assert len(summary["runs"]) == len(sd.VARIANTS) * len(sd.SIZES["smoke"].seeds)
