@@ -61,6 +61,8 @@ def main(argv=None) -> int:
                                                       "the torch hub cache, or a download when online)")
     e.add_argument("--quality", default="fid", help="comma list of fid, isc, kid, prc")
     e.add_argument("--no-fid", action="store_true", help="skip quality metrics")
+    e.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                   help="sampling precision (default: the run's precision key; channels-last/compile follow the run)")
     e.add_argument("--memorized-tau", type=float, default=0.2,
                    help="MQ threshold deciding 'memorized' training images for the loss-by-timestep figure")
     e.add_argument("--out", default=None, help="write results and report here instead of the run directory")
@@ -223,7 +225,7 @@ def _evaluate(args) -> int:
                        round=args.round, seed=args.seed, batch_size=args.batch_size, device=args.device, k=args.k,
                        fid=not args.no_fid, fid_weights=args.fid_weights,
                        quality=tuple(q.strip() for q in args.quality.split(",") if q.strip()),
-                       memorized_tau=args.memorized_tau, out=args.out)
+                       memorized_tau=args.memorized_tau, precision=args.precision, out=args.out)
     try:  # every option and the run directory are checked before any sampling: bad input exits 2 at once
         plan = prepare(args.run_dir, opts)
     except (ValueError, OSError) as e:

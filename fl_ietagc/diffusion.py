@@ -84,10 +84,12 @@ def sample(model, diffusion: Diffusion, num_images: int, shape: tuple[int, int, 
     gen = torch.Generator(device=device).manual_seed(seed)
     out = []
     batches = range(0, num_images, batch_size)
-    if progress:
+    bar = None
+    if progress:  # one tick per denoising step of a batch: rate and ETA even when all images fit one batch
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, desc=f"sampling ({sampler})", unit="batch")
+        bar = tqdm(total=len(batches) * len(sched.timesteps), desc=f"sampling {num_images} ({sampler})",
+                   unit="step")
     try:
         with compiled.bound(model) if compiled is not None else contextlib.nullcontext(model) as net:
             net = unet_forward(net, device, precision, channels_last)
@@ -99,8 +101,12 @@ def sample(model, diffusion: Diffusion, num_images: int, shape: tuple[int, int, 
                     eps = net(inp, t.to(device)).sample[:n].float()
                     x = sched.step(eps, t, x, generator=gen).prev_sample if sampler == "ddpm" else \
                         sched.step(eps, t, x, eta=0.0).prev_sample
+                    if bar is not None:
+                        bar.update(1)
                 out.append(x.float().clamp(-1, 1).cpu())
     finally:
+        if bar is not None:
+            bar.close()
         if restore_format is not None:
             model.to(memory_format=restore_format)
         model.train(was_training)

@@ -56,6 +56,7 @@ class EvalOptions:
     fid: bool = True
     fid_weights: str | None = None
     quality: tuple[str, ...] = ("fid",)
+    precision: str | None = None  # fp32 | bf16 for sampling; None = the run's own `precision` key
     memorized_tau: float = 0.2  # a training image is "memorized" if a sample with MQ r < this has it as NN
     # (where MQ is unreliable, i.e. the training set is small, the 1/3 rule decides instead)
     loss_images: int = 64  # per group (memorized / not) for the loss-by-timestep figure
@@ -86,6 +87,8 @@ class EvalOptions:
             problems.append(f"--device {self.device}: must be auto, cpu or cuda")
         elif self.device == "cuda" and not torch.cuda.is_available():
             problems.append("--device cuda: no CUDA device is visible to this process; use --device cpu or auto")
+        if self.precision not in (None, "fp32", "bf16"):
+            problems.append(f"--precision {self.precision}: must be fp32 or bf16")
         if self.k < 2:
             problems.append(f"--k {self.k}: must be >= 2 (the 1/3 rule needs 2 neighbours)")
         bad = set(self.quality) - {"fid", "isc", "kid", "prc"}
@@ -238,7 +241,8 @@ def evaluate_run(run_dir: str | Path, opts: EvalOptions, progress: bool = True, 
     t0 = time.perf_counter()
     samples = to_uint8(sample(model, diffusion, opts.num_samples, (channels, size, size), sampler=opts.sampler,
                               steps=opts.steps, seed=opts.seed, batch_size=opts.batch_size, device=device,
-                              progress=progress))
+                              progress=progress, precision=opts.precision or cfg.precision,
+                              channels_last=cfg.channels_last, compile=cfg.compile))
     timings["sampling_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

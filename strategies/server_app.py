@@ -193,9 +193,11 @@ def run_federated(grid: Grid, cfg: RunConfig, run: RunDir, num_clients: int, sta
         record = end_round(cfg, run, strategy, state, server_round, arrays, before + time.time() - t_start)
         elapsed = time.time() - t_start
         done = server_round - start_round
-        log(INFO, "fl-ietagc: round %d/%d  loss %.4f  skip-rate %.3f (per client %s)%s  elapsed %.0fs  eta %.0fs",
+        log(INFO, "fl-ietagc: round %d/%d  loss %.4f  skip-rate %.3f (per client %s)  img/s per client %s%s  "
+            "elapsed %.0fs  eta %.0fs",
             server_round, cfg.num_server_rounds, record["loss"], record["skip-rate"],
             " ".join(f"{r:.3f}" for r in record["skip-rate-per-client"]),
+            " ".join(f"{(c['kept'] + c['skipped']) / max(c['seconds'], 1e-9):.0f}" for c in record["clients"]),
             f"  FAILED partitions {[f['partition-id'] for f in record['failed']]}" if record["failed"] else "",
             elapsed, elapsed / done * (cfg.num_server_rounds - server_round))
         fault_point("between-rounds", server_round)
