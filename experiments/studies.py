@@ -35,8 +35,19 @@ from pathlib import Path
 
 ASSUMED_TFLOPS = 50.0  # sustained fp32/TF32 UNet training per H100-class GPU; an assumption, not a measurement
 FULL_TRAIN_SIZES = {"cifar10": 50_000, "cifar100": 50_000, "afhq-dog": 4_739}
-PAPER = {"num-server-rounds": 10, "local-epochs": 100, "batch-size": 128, "lr": 2e-4, "warmup-steps": 585,
-         "agc-lambda": 2.0, "ema-decay": 0.9999, "grad-clip": 1.0, "hflip": "on", "seed": 12}
+PAPER_CONFIG = Path(__file__).resolve().parent / "configs" / "paper-cifar10.toml"  # the one copy of the protocol
+
+
+def paper_config() -> dict:
+    """The paper's CIFAR-10 protocol, read from experiments/configs/paper-cifar10.toml (strictly: an unknown or
+    invalid key there fails here, naming the file)."""
+    from fl_ietagc.config import load_config_file, parse_config
+
+    raw = load_config_file(str(PAPER_CONFIG))
+    parse_config(raw)
+    return raw
+
+
 SMOKE = {"dataset": "digits", "preset": "tiny", "max-images": 240, "batch-size": 24, "num-server-rounds": 2,
          "local-epochs": 1, "warmup-steps": 4, "diffusion-steps": 100, "sample-count": 16, "sample-steps": 10}
 
@@ -54,10 +65,10 @@ def base_config(study: str, size: str) -> dict:
     if size == "smoke":
         return dict(SMOKE)
     if study == "paper-cifar100":
-        return {**PAPER, "dataset": "cifar100", "preset": "ddpm-cifar10"}
+        return {**paper_config(), "dataset": "cifar100"}
     if study == "paper-afhq-dog":
-        return {**PAPER, "dataset": "afhq-dog", "preset": "ddpm-afhq64", "batch-size": 60}
-    return {**PAPER, "dataset": "cifar10", "preset": "ddpm-cifar10"}
+        return {**paper_config(), "dataset": "afhq-dog", "preset": "ddpm-afhq64", "batch-size": 60}
+    return paper_config()
 
 
 def plan(study: str, size: str) -> list[RunSpec]:
@@ -89,7 +100,7 @@ def plan(study: str, size: str) -> list[RunSpec]:
     raise SystemExit(f"unknown study {study!r}; one of: {', '.join(STUDIES)}")
 
 
-STUDIES = ("small-data", "paper-cifar10", "paper-cifar100", "paper-afhq-dog", "ablations", "strategies", "finetune")
+STUDIES = ("paper-cifar10", "paper-cifar100", "paper-afhq-dog", "ablations", "strategies", "finetune")
 
 
 def forward_gflops(preset: str, image_size: int, channels: int) -> float:
@@ -254,7 +265,7 @@ def _smoke_pretrained(study_dir: Path, base: dict) -> Path:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="fl-ietagc-study", description=__doc__.split("\n\n")[0])
-    p.add_argument("study", choices=STUDIES)
+    p.add_argument("study", choices=("small-data", *STUDIES))
     size = p.add_mutually_exclusive_group(required=True)
     size.add_argument("--smoke", action="store_true", help="tiny UNet on digits, minutes on a 2-core CPU")
     size.add_argument("--full", action="store_true", help="the paper's sizes (GPUs, real datasets)")
