@@ -222,7 +222,7 @@ def _evaluate(args) -> int:
     from .evaluate import EvalOptions, evaluate_run, prepare
 
     opts = EvalOptions(num_samples=args.num_samples, sampler=args.sampler, steps=args.steps, weights=args.weights,
-                       round=args.round, seed=args.seed, batch_size=args.batch_size, device=args.device, k=args.k,
+                       server_round=args.round, seed=args.seed, batch_size=args.batch_size, device=args.device, k=args.k,
                        fid=not args.no_fid, fid_weights=args.fid_weights,
                        quality=tuple(q.strip() for q in args.quality.split(",") if q.strip()),
                        memorized_tau=args.memorized_tau, precision=args.precision, out=args.out)

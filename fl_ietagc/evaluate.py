@@ -48,7 +48,7 @@ class EvalOptions:
     sampler: str = "ddim"
     steps: int = 50
     weights: str = "raw"
-    round: int | None = None
+    server_round: int | None = None  # --round
     seed: int = 0
     batch_size: int = 256
     device: str = "auto"
@@ -77,8 +77,8 @@ class EvalOptions:
             problems.append(f"--steps {self.steps}: must be >= 1")
         if self.weights not in ("raw", "ema"):
             problems.append(f"--weights {self.weights}: must be raw or ema")
-        if self.round is not None and self.round < 1:
-            problems.append(f"--round {self.round}: must be >= 1")
+        if self.server_round is not None and self.server_round < 1:
+            problems.append(f"--round {self.server_round}: must be >= 1")
         if not 0 <= self.seed < 2 ** 63:
             problems.append(f"--seed {self.seed}: must be in [0, 2**63)")
         if self.batch_size < 1:
@@ -163,7 +163,7 @@ def prepare(run_dir: str | Path, opts: EvalOptions) -> EvalPlan:
     the model, the data and (when quality is on) verifies the Inception weights."""
     opts.validate()
     run, cfg, meta = load_run(run_dir)
-    if opts.round is None:
+    if opts.server_round is None:
         state = run.read_status().get("status", "missing")
         if state != "completed":
             raise ValueError(f"{run.path}: the run is {state}, not completed; evaluate a saved round of it with "
@@ -172,9 +172,9 @@ def prepare(run_dir: str | Path, opts: EvalOptions) -> EvalPlan:
         if not ckpt_path.is_file():
             raise ValueError(f"{ckpt_path}: missing; the completed run has no final checkpoint")
     else:
-        ckpt_path = run.checkpoint(opts.round)
+        ckpt_path = run.checkpoint(opts.server_round)
         if not ckpt_path.is_file():
-            raise ValueError(f"--round {opts.round}: no checkpoint of round {opts.round} in {ckpt_path.parent} "
+            raise ValueError(f"--round {opts.server_round}: no checkpoint of round {opts.server_round} in {ckpt_path.parent} "
                              f"(saved rounds: {_saved_rounds(run)})")
     ckpt = load_checkpoint(ckpt_path)  # ValueError naming the file if empty, corrupt or refused
     key = "net" if opts.weights == "raw" else "ema"

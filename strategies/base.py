@@ -1,6 +1,6 @@
 """What every strategy of this app adds on top of Flower's own strategy classes.
 
-Mixed in front of a Flower strategy (e.g. `class IET(AppStrategyMixin, FedAvg)`), it
+Mixed in front of a Flower strategy (e.g. `class IETFedAvg(AppStrategyMixin, FedAvg)`), it
 
 - sends the run's settings to the clients with every round (run dir, run token, K, the round of each
   client's state to start from, RET shards), through `configure_train`;

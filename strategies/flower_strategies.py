@@ -32,7 +32,7 @@ def common_args(num_clients: int) -> dict:
                 min_available_nodes=num_clients, train_metrics_aggr_fn=aggregate_client_metrics)
 
 
-class PlainFedAvg(AppStrategyMixin, FedAvg):
+class FedAvgFreshOptimizer(AppStrategyMixin, FedAvg):
     """FedAvg as FL usually runs it: clients rebuild their optimizer every round (IET keeps it)."""
 
     client_flags = {"reset-optimizer": True}

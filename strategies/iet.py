@@ -13,7 +13,10 @@ from flwr.serverapp.strategy import FedAvg
 from .base import AppStrategyMixin, aggregate_client_metrics
 
 
-class IET(AppStrategyMixin, FedAvg):
+class IETFedAvg(AppStrategyMixin, FedAvg):
+    """FedAvg whose clients keep their Adam state, LR position and AGC bank across rounds (the paper's IET);
+    `FedAvgFreshOptimizer` (strategy `fedavg`) is the same average with a new optimizer every round."""
+
     def __init__(self, num_clients: int):
         super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=num_clients,
                          min_evaluate_nodes=0, min_available_nodes=num_clients,

@@ -13,12 +13,12 @@ from typing import Callable
 from fl_ietagc.config import ConfigError, RunConfig
 
 from .flower_strategies import (AppDPFixedClipping, AppFedAdam, AppFedAvgM, AppFedMedian, AppFedProx,
-                                AppFedTrimmedAvg, AppFedYogi, PlainFedAvg, common_args)
-from .iet import IET
+                                AppFedTrimmedAvg, AppFedYogi, FedAvgFreshOptimizer, common_args)
+from .iet import IETFedAvg
 
 STRATEGIES: dict[str, Callable] = {
-    "iet": lambda cfg, k: IET(k),
-    "fedavg": lambda cfg, k: PlainFedAvg(**common_args(k)),
+    "iet": lambda cfg, k: IETFedAvg(k),
+    "fedavg": lambda cfg, k: FedAvgFreshOptimizer(**common_args(k)),
     "fedavgm": lambda cfg, k: AppFedAvgM(**common_args(k), server_learning_rate=cfg.fedavgm_lr,
                                          server_momentum=cfg.fedavgm_momentum),
     "fedprox": lambda cfg, k: AppFedProx(**common_args(k), proximal_mu=cfg.fedprox_mu),

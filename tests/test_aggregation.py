@@ -7,7 +7,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from fl_ietagc.iet_loop import weighted_average
 from fl_ietagc.protocol import ClientFailure
 from strategies.base import ClientRoundError
-from strategies.iet import IET
+from strategies.iet import IETFedAvg
 
 
 def reply(pid, n, net, ema, skips=None):
@@ -21,7 +21,7 @@ def reply(pid, n, net, ema, skips=None):
 
 
 def strategy(k, policy="fail", fraction=1.0):
-    s = IET(k)
+    s = IETFedAvg(k)
     s.setup_app(k, {"run-dir": "/tmp/x", "run-token": "t", "num-clients": k}, policy, fraction)
     return s
 

@@ -72,7 +72,7 @@ def test_evaluate_finds_planted_copies_and_writes_results_and_report(small_run, 
 def test_evaluate_with_the_real_sampler_and_a_chosen_round(small_run, tmp_path):
     run, _ = small_run
     out = tmp_path / "eval"
-    results = ev.evaluate_run(run.path, ev.EvalOptions(num_samples=8, steps=2, round=1, weights="ema", fid=False,
+    results = ev.evaluate_run(run.path, ev.EvalOptions(num_samples=8, steps=2, server_round=1, weights="ema", fid=False,
                                                        loss_images=4, out=str(out)), progress=False)
     assert results["round"] == 1 and results["weights"] == "ema"
     assert results["checkpoint"].endswith("round_0001.pt")
