@@ -34,6 +34,7 @@ import numpy as np
 
 from fl_ietagc.config import ConfigError
 
+RET_ONLY = ("ret-", "taa")  # --set keys of RET's rules apply to the ret variant only
 RULES = ("one_third", "carlini", "mq_0.2", "mq_0.3")
 RULE_NAMES = {"one_third": "1/3 rule", "carlini": "Carlini", "mq_0.2": "MQ tau=0.2", "mq_0.3": "MQ tau=0.3"}
 BOOTSTRAP = 2000
@@ -56,6 +57,7 @@ class Size:
     lr: float
     agc_lambda: float
     ret_fraction: float
+    variants: tuple[str, ...] = ("default", "agc", "iet", "iet-agc", "ret")  # a subset with --set variants=a,b
 
     def run_config(self, seed: int) -> dict:
         return {"dataset": "digits", "preset": "tiny", "image-size": self.image_size,
@@ -100,14 +102,19 @@ def apply_settings(size: Size, settings: list[str]) -> tuple[Size, dict]:
         if key in fields:
             f = fields[key]
             try:
-                if f.name == "seeds":
+                if f.name == "variants":
+                    parsed = tuple(v.strip() for v in value.split(","))
+                    if len(set(parsed)) != len(parsed) or not set(parsed) <= set(VARIANTS):
+                        raise ValueError
+                elif f.name == "seeds":
                     parsed = tuple(int(v) for v in value.split(","))
                     if not parsed or len(set(parsed)) != len(parsed) or min(parsed) < 0:
                         raise ValueError
                 else:
                     parsed = float(value) if f.type == "float" else int(value)
             except ValueError:
-                what = "distinct integers >= 0, comma-separated" if f.name == "seeds" else f.type
+                what = {"seeds": "distinct integers >= 0, comma-separated",
+                        "variants": f"distinct names among {', '.join(VARIANTS)}, comma-separated"}.get(f.name, f.type)
                 raise ConfigError(f"--set {key}={value}: must be {what}") from None
             changes[f.name] = parsed
         elif key in run_keys:
@@ -137,7 +144,10 @@ def configs(size: Size, extra: dict, out: Path) -> list[tuple[str, int, object, 
     jobs = []
     for seed in size.seeds:
         for name, (overrides, federated) in VARIANTS.items():
-            conf = {**size.run_config(seed), **overrides, **extra, "output-dir": str(out / "runs"),
+            if name not in size.variants:
+                continue
+            mine = {k: v for k, v in extra.items() if not k.startswith(RET_ONLY) or "ret-every" in overrides}
+            conf = {**size.run_config(seed), **overrides, **mine, "output-dir": str(out / "runs"),
                     "run-name": f"{name}-s{seed}"}
             if "ret-every" in overrides:
                 conf["ret-fraction"] = size.ret_fraction
@@ -177,7 +187,8 @@ def train_and_evaluate(name: str, seed: int, cfg, federated: bool, size: Size, t
     state = run.liveness() if run.config_path.is_file() else "new"
     if state == "running":
         raise RuntimeError(f"[{name}-s{seed}] {run.path} is being written by another process")
-    if state != "completed":
+    kept = state == "completed"
+    if not kept:
         resume = state in ("failed", "interrupted", "stale")
         if federated:
             run_iet_loop(cfg, size.clients, torch.device("cpu"),
@@ -186,7 +197,7 @@ def train_and_evaluate(name: str, seed: int, cfg, federated: bool, size: Size, t
             run_baseline(cfg, match_federated=size.clients, progress=False, resume=str(run.path) if resume else None)
     trained = time.time() - t0
     rounds = [evaluate_round(run, cfg, r, size) for r in range(1, cfg.num_server_rounds + 1)]
-    return {"variant": name, "seed": seed, "run": str(run.path), "train_s": trained,
+    return {"variant": name, "seed": seed, "run": str(run.path), "kept": kept, "train_s": trained,
             "eval_s": time.time() - t0 - trained, "rounds": rounds}
 
 
@@ -328,8 +339,8 @@ def to_markdown(summary: dict) -> str:
         qr = q["rows"][name]
         rates = " | ".join(cell(null[r]) for r in RULES) if name == "held-out real" else \
             " | ".join("-" for _ in RULES)
-        lines.append(f"| {name} (null)" * (name == "held-out real") + f"| {name}" * (name != "held-out real") +
-                     f" | {rates} | {qr['cfd']:.1f} | {qr['precision']:.2f} | {qr['recall']:.2f} |")
+        label = f"{name} (null)" if name == "held-out real" else name
+        lines.append(f"| {label} | {rates} | {qr['cfd']:.1f} | {qr['precision']:.2f} | {qr['recall']:.2f} |")
     steps = summary["variants"][next(iter(summary["variants"]))]["curve"][-1]["steps"]
     lines += ["", f"{size['train_images']} digits at {size['image_size']}x{size['image_size']}, `tiny` UNet, "
               f"{steps:,} optimizer steps per run (batch {size['batch_size']}), K = {size['clients']} for the "
@@ -339,7 +350,9 @@ def to_markdown(summary: dict) -> str:
               f"images against the same {null['num_train']} training images. Quality: CFD and precision/recall "
               f"(k = 3) of {q['num_images']} images in the features of a small classifier trained on the digits "
               f"training split (held-out accuracy {100 * q['classifier_accuracy']:.1f}%); not FID. "
-              f"Wall time {summary['seconds'] / 60:.1f} min."]
+              f"Wall time of this call {summary['seconds'] / 60:.1f} min"
+              + (f" ({summary['kept']} of the runs were kept from an earlier call, not retrained)."
+                 if summary.get("kept") else ".")]
     return "\n".join(lines)
 
 
@@ -368,6 +381,23 @@ def make_figures(summary: dict, results: list[dict], fig_dir: Path) -> dict[str,
     out["copy_rate_vs_steps"] = fig_dir / "copy_rate_vs_steps.png"
     fig.savefig(out["copy_rate_vs_steps"], dpi=110)
     plt.close(fig)
+
+    first = min(summary["size"]["seeds"])
+    shown = [r for name in summary["variants"] for r in results if r["variant"] == name and r["seed"] == first]
+    if shown:  # what each variant generates: a low copy rate means little if the samples are not digits
+        fig, axes = plt.subplots(len(shown), 1, figsize=(8, 0.75 * len(shown) + 0.4))
+        for ax, r in zip(np.atleast_1d(axes), shown):
+            imgs = np.load(r["rounds"][-1]["eval_file"])["samples"][:16, 0]
+            ax.imshow(np.concatenate(list(np.pad(imgs, ((0, 0), (0, 0), (0, 1)), constant_values=255)), axis=1),
+                      cmap="gray", vmin=0, vmax=255)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_ylabel(r["variant"], rotation=0, ha="right", va="center", fontsize=8)
+        fig.suptitle(f"first 16 samples of each variant, last round (seed {first})", fontsize=9)
+        fig.tight_layout()
+        out["samples"] = fig_dir / "samples.png"
+        fig.savefig(out["samples"], dpi=110)
+        plt.close(fig)
 
     pairs = [r for r in results if r["variant"] in ("default", "iet-agc") and r["seed"] == min(summary["size"]["seeds"])]
     if pairs:
@@ -419,7 +449,7 @@ def run_small_data(size_name: str, out: Path, *, workers: int = 2, settings: lis
     study_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     total = len(jobs)
-    print(f"small-data study ({size_name}): {total} runs ({len(VARIANTS)} variants x {len(size.seeds)} seeds), "
+    print(f"small-data study ({size_name}): {total} runs ({len(size.variants)} variants x {len(size.seeds)} seeds), "
           f"{workers} worker(s), in {study_dir}", flush=True)
     threads = max(1, (os.cpu_count() or 1) // workers)
     results = []
@@ -439,6 +469,7 @@ def run_small_data(size_name: str, out: Path, *, workers: int = 2, settings: lis
     null = null_and_reference(jobs[0][2], size)
     quality = quality_rows(jobs, results, size)
     summary = summarize(results, null, quality, size, time.time() - t0)
+    summary["kept"] = sum(r["kept"] for r in results)
     summary["figures"] = {k: str(v) for k, v in make_figures(summary, results, study_dir / "figures").items()}
     summary["runs"] = [{k: v for k, v in r.items() if k != "rounds"} for r in results]
     from fl_ietagc.checkpoints import atomic_write_bytes, atomic_write_json

@@ -98,6 +98,11 @@ def test_settings_are_checked_before_any_work(tmp_path):
         sd.apply_settings(sd.SIZES["smoke"], ["lr=fast"])
     size, extra = sd.apply_settings(sd.SIZES["smoke"], ["train-images=24", "ema-decay=0.99", "seeds=3,4"])
     assert size.train_images == 24 and size.seeds == (3, 4) and extra == {"ema-decay": 0.99}
+    with pytest.raises(ConfigError, match=r"--set variants=iet,fedavg: must be distinct names among default"):
+        sd.apply_settings(sd.SIZES["smoke"], ["variants=iet,fedavg"])
+    size, extra = sd.apply_settings(sd.SIZES["smoke"], ["variants=default,ret", "taa-max-shift=1"])
+    jobs = sd.configs(size, extra, tmp_path)  # RET's own keys go to the ret runs only (elsewhere they are refused)
+    assert [(name, cfg.taa_max_shift) for name, _, cfg, _ in jobs] == [("default", 4), ("ret", 1)] * 2
     size, _ = sd.apply_settings(sd.SIZES["smoke"], ["batch-size=64"])
     with pytest.raises(ConfigError, match=r"^\[default-s0\] num-clients = 2: 16 training images cannot give 2 "
                                           r"shards of at least 64"):
@@ -139,7 +144,7 @@ def test_the_smoke_study_trains_every_variant_at_equal_steps_and_reports_each_ru
     assert set(q) == {*sd.VARIANTS, "held-out real", "untrained"}
     assert q["held-out real"]["cfd"] < q["untrained"]["cfd"]
     table = (study / "comparison.md").read_text()
-    assert table.count("\n| ") == len(sd.VARIANTS) + 3 and "not FID" in table
+    assert table.count("\n| ") == len(sd.VARIANTS) + 2 and "not FID" in table
     assert (study / "figures" / "copy_rate_vs_steps.png").stat().st_size > 10_000
     assert (study / "figures" / "similar_pairs.png").stat().st_size > 5_000
     assert json.loads((study / "results.json").read_text())["variants"].keys() == summary["variants"].keys()
