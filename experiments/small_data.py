@@ -286,7 +286,7 @@ def quality_rows(jobs, results: list[dict], size: Size) -> dict:
 
     cfg = jobs[0][2]
     full = load_splits(cfg.replace(**{"max-images": 0}))
-    clf = cq.classifier_for("digits", full.train.images, full.train.labels, full.heldout.images, full.heldout.labels)
+    clf = cq.classifier_for(cfg.dataset, full.train.images, full.train.labels, full.heldout.images, full.heldout.labels)
     ref = clf.features(full.train.images)
     n = min(size.samples, len(full.heldout.images))
     rows = {}
@@ -299,7 +299,7 @@ def quality_rows(jobs, results: list[dict], size: Size) -> dict:
     untrained = to_uint8(sample(model, Diffusion.for_config(cfg), n, tuple(full.train.images.shape[1:]),
                                 steps=size.sample_steps, seed=10_000, batch_size=n))
     rows["untrained"] = [cq.score(clf, untrained, ref)]
-    return {"classifier_accuracy": clf.accuracy, "classifier": clf.key, "num_images": n,
+    return {"classifier_accuracy": clf.accuracy, "classifier": clf.key, "num_images": n, "dataset": cfg.dataset,
             "rows": {k: {m: float(np.mean([x[m] for x in v])) for m in ("cfd", "precision", "recall")} |
                      {"cfd_per_seed": [x["cfd"] for x in v]} for k, v in rows.items()}}
 
@@ -318,7 +318,7 @@ def summarize(results: list[dict], null: dict, quality: dict, size: Size, second
                      for rule in ("one_third", "carlini")}} for i in range(len(runs[0]["rounds"]))]
         variants[name] = {"final": final, "curve": curve, "seeds": [r["seed"] for r in runs],
                           "train_s": [r["train_s"] for r in runs]}
-    return {"size": dataclasses.asdict(size), "variants": variants, "null": null, "quality": quality,
+    return {"size": dataclasses.asdict(size), "dataset": quality["dataset"], "variants": variants, "null": null, "quality": quality,
             "seconds": seconds}
 
 
@@ -342,14 +342,15 @@ def to_markdown(summary: dict) -> str:
         label = f"{name} (null)" if name == "held-out real" else name
         lines.append(f"| {label} | {rates} | {qr['cfd']:.1f} | {qr['precision']:.2f} | {qr['recall']:.2f} |")
     steps = summary["variants"][next(iter(summary["variants"]))]["curve"][-1]["steps"]
-    lines += ["", f"{size['train_images']} digits at {size['image_size']}x{size['image_size']}, `tiny` UNet, "
+    lines += ["", f"{size['train_images']} {summary.get('dataset', 'digits')} images at {size['image_size']}x"
+              f"{size['image_size']}, `tiny` UNet, "
               f"{steps:,} optimizer steps per run (batch {size['batch_size']}), K = {size['clients']} for the "
               f"federated variants, lambda = {size['agc_lambda']:g}; seeds {', '.join(map(str, size['seeds']))}; "
               f"{size['samples']} DDIM-{size['sample_steps']} samples per run (raw weights). Copy rates: mean over "
               f"seeds [hierarchical bootstrap 95% interval]; the null row is {null['num_heldout']} held-out real "
               f"images against the same {null['num_train']} training images. Quality: CFD and precision/recall "
-              f"(k = 3) of {q['num_images']} images in the features of a small classifier trained on the digits "
-              f"training split (held-out accuracy {100 * q['classifier_accuracy']:.1f}%); not FID. "
+              f"(k = 3) of {q['num_images']} images in the features of a small classifier trained on the "
+              f"{summary.get('dataset', 'digits')} training split (held-out accuracy {100 * q['classifier_accuracy']:.1f}%); not FID. "
               f"Wall time of this call {summary['seconds'] / 60:.1f} min"
               + (f" ({summary['kept']} of the runs were kept from an earlier call, not retrained)."
                  if summary.get("kept") else ".")]

@@ -193,3 +193,37 @@ def test_killing_the_study_ends_its_workers_and_the_next_call_resumes(tmp_path):
     summary = sd.run_small_data("smoke", tmp_path, workers=2, settings=["local-epochs=40"], progress=False)
     assert all(RunDir(p).read_status()["status"] == "completed" for p in runs.iterdir())
     assert len(summary["runs"]) == len(sd.VARIANTS) * len(sd.SIZES["smoke"].seeds)
+
+
+def test_the_quality_score_ranks_real_above_a_trained_model_above_an_untrained_one(digits8, tmp_path, monkeypatch):
+    """A real (briefly trained) diffusion model, not a stand-in: real held-out < trained < untrained in CFD."""
+    import copy
+
+    from fl_ietagc.diffusion import Diffusion, sample
+    from fl_ietagc.models import build_for_config
+    from fl_ietagc.pixels import to_uint8
+    from fl_ietagc.trainer import LocalTrainer, TrainState
+
+    monkeypatch.setenv("FL_IETAGC_CACHE", str(tmp_path))
+    sp = digits8
+    cfg = parse_config({"dataset": "digits", "image-size": 8, "batch-size": 64, "lr": 2e-3, "warmup-steps": 10,
+                        "hflip": "off", "agc": False, "diffusion-steps": 200})
+    torch.manual_seed(0)
+    model = build_for_config(cfg)
+    untrained = copy.deepcopy(model)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer = LocalTrainer(cfg, model, copy.deepcopy(model), sp.train.images,
+                               TrainState.fresh(np.arange(len(sp.train))), torch.device("cpu"))
+        trainer.run(0, seed=1, max_steps=300)
+        n = len(sp.heldout.images)
+        gen = [to_uint8(sample(m, Diffusion.for_config(cfg), n, (1, 8, 8), steps=20, seed=2, batch_size=n))
+               for m in (model, untrained)]
+    finally:
+        torch.set_num_threads(threads)
+    clf = cq.classifier_for("digits", sp.train.images, sp.train.labels, sp.heldout.images, sp.heldout.labels)
+    ref = clf.features(sp.train.images)
+    real, trained, noise = (cq.score(clf, x, ref) for x in (sp.heldout.images, *gen))
+    assert real["cfd"] < trained["cfd"] < noise["cfd"], (real["cfd"], trained["cfd"], noise["cfd"])
+    assert trained["precision"] > noise["precision"]
