@@ -42,10 +42,13 @@ class Diffusion:
         shape = (-1,) + (1,) * (x0.dim() - 1)
         return self._sqrt_abar[t].view(shape) * x0 + self._sqrt_one_minus_abar[t].view(shape) * noise
 
-    def per_sample_loss(self, model, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """(B,) float32: mean over (C, H, W) of (eps_theta(x_t, t) - eps)^2. `model` may be a
-        precision.unet_forward (bf16 autocast, channels-last): its output is cast to float32 here."""
-        pred = model(self.add_noise(x0, t, noise), t).sample
+    def per_sample_loss(self, model, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                        cond: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,) float32: mean over (C, H, W) of (eps_theta(x_t, t[, cond]) - eps)^2. `model` may be a
+        precision.unet_forward (bf16 autocast, channels-last): its output is cast to float32 here. `cond`: text
+        embeddings (B, L, D) for a UNet2DConditionModel (`encoder_hidden_states`); x0 is then a latent."""
+        x_t = self.add_noise(x0, t, noise)
+        pred = (model(x_t, t) if cond is None else model(x_t, t, encoder_hidden_states=cond)).sample
         return (pred.float() - noise).pow(2).flatten(1).mean(1)
 
 

@@ -42,9 +42,9 @@ def unet_forward(model, device: torch.device | str, precision: str = "fp32", cha
         return model
     forward_context(device, precision)  # refuses an unknown precision now, not at the first step
 
-    def forward(x: torch.Tensor, t: torch.Tensor):
+    def forward(x: torch.Tensor, t: torch.Tensor, **kwargs):
         with forward_context(device, precision):
-            return model(as_input(x, channels_last), t)
+            return model(as_input(x, channels_last), t, **kwargs)
 
     return forward
 

@@ -1,0 +1,152 @@
+"""Image-caption datasets for the text-to-image path: images resized and centre-cropped to the model's size.
+
+Accepted sources (`load_captioned(source, size)`):
+
+- a folder with `metadata.jsonl` (one {"file_name": ..., "text": ...} per line) or `metadata.csv` (columns
+  `file_name` and `text`) beside the images: Hugging Face ImageFolder's captioned layout, so a folder made for
+  diffusers' text-to-image scripts loads unchanged. `caption` is accepted for `text`;
+- a `.csv` file of paths and captions (columns `file_name`, `path` or `image`; `text` or `caption`), paths relative
+  to the file's folder;
+- a `.parquet` file with the same columns (needs pyarrow).
+
+Every row is checked before any image is decoded: a missing column, an empty caption, a path outside the
+dataset folder or a missing file fails with one line naming the file and row. Images are decoded with Pillow
+(never unpickled), converted to RGB, the shorter side resized to `size` (bicubic, antialiased) and centre-cropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import ConfigError
+
+PATH_COLUMNS = ("file_name", "path", "image")
+TEXT_COLUMNS = ("text", "caption")
+
+
+@dataclass
+class CaptionedImages:
+    images: torch.Tensor  # (N, 3, size, size) uint8
+    captions: list[str]
+    files: list[str]  # as given in the metadata, for reports
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def subset(self, index) -> "CaptionedImages":
+        index = np.asarray(index, dtype=np.int64)
+        return CaptionedImages(self.images[torch.from_numpy(index)], [self.captions[i] for i in index],
+                               [self.files[i] for i in index])
+
+
+def read_rows(source: str | Path) -> tuple[Path, list[dict], str]:
+    """(folder the paths are relative to, rows, the metadata file's name for messages)."""
+    src = Path(source)
+    if src.is_dir():
+        for name in ("metadata.jsonl", "metadata.csv"):
+            if (src / name).is_file():
+                meta = src / name
+                break
+        else:
+            raise ConfigError(f"caption data {src}: no metadata.jsonl or metadata.csv in the folder (one row per "
+                              f"image: file_name and text)")
+        return src, _read_table(meta), str(meta)
+    if src.is_file() and src.suffix.lower() in (".csv", ".parquet", ".jsonl"):
+        return src.parent, _read_table(src), str(src)
+    if not src.exists():
+        raise ConfigError(f"caption data {src}: not found")
+    raise ConfigError(f"caption data {src}: must be a folder with metadata.jsonl/.csv, or a .csv/.jsonl/.parquet file")
+
+
+def _read_table(path: Path) -> list[dict]:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".jsonl":
+            rows = []
+            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ConfigError(f"{path}: line {n}: not JSON ({e.msg})") from None
+                    if not isinstance(row, dict):
+                        raise ConfigError(f"{path}: line {n}: not a JSON object")
+                    rows.append(row)
+            return rows
+        if suffix == ".csv":
+            with open(path, newline="", encoding="utf-8") as f:
+                return list(csv.DictReader(f))
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ConfigError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or give a .csv") from None
+        return pq.read_table(path).to_pylist()
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise ConfigError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
+
+
+def _column(rows: list[dict], names: tuple[str, ...], meta: str, what: str) -> str:
+    have = set(rows[0])
+    for name in names:
+        if name in have:
+            return name
+    raise ConfigError(f"{meta}: no {what} column (one of {', '.join(names)}); columns: {', '.join(sorted(have))}")
+
+
+def check_rows(folder: Path, rows: list[dict], meta: str) -> list[tuple[Path, str, str]]:
+    """(image path, caption, path as given) per row; every problem found before decoding, naming file and row."""
+    if not rows:
+        raise ConfigError(f"{meta}: no rows")
+    pcol, tcol = _column(rows, PATH_COLUMNS, meta, "image path"), _column(rows, TEXT_COLUMNS, meta, "caption")
+    root = folder.resolve()
+    out = []
+    for n, row in enumerate(rows, start=1):
+        rel, text = row.get(pcol), row.get(tcol)
+        if not isinstance(rel, str) or not rel.strip():
+            raise ConfigError(f"{meta}: row {n}: empty {pcol}")
+        if not isinstance(text, str) or not text.strip():
+            raise ConfigError(f"{meta}: row {n} ({rel}): empty {tcol}")
+        path = (folder / rel).resolve()
+        if root not in path.parents:
+            raise ConfigError(f"{meta}: row {n}: {rel} is outside the dataset folder {folder}")
+        if not path.is_file():
+            raise ConfigError(f"{meta}: row {n}: image {rel} not found in {folder}")
+        out.append((path, " ".join(text.split()), rel))
+    return out
+
+
+def load_image(path: Path, size: int) -> np.ndarray:
+    """(3, size, size) uint8: RGB, shorter side resized to `size` (bicubic, antialiased), centre crop."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            scale = size / min(w, h)
+            im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC,
+                           reducing_gap=None)
+            w, h = im.size
+            left, top = (w - size) // 2, (h - size) // 2
+            arr = np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ConfigError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+    return arr.transpose(2, 0, 1).copy()
+
+
+def load_captioned(source: str | Path, size: int, max_images: int = 0) -> CaptionedImages:
+    """The dataset at `source` (see the module docstring), images at size x size."""
+    if size < 8:
+        raise ConfigError(f"image-size = {size}: must be >= 8 for a captioned dataset")
+    folder, rows, meta = read_rows(source)
+    checked = check_rows(folder, rows, meta)
+    if max_images:
+        checked = checked[:max_images]
+    images = np.stack([load_image(path, size) for path, _, _ in checked])
+    return CaptionedImages(torch.from_numpy(images), [c for _, c, _ in checked], [r for _, _, r in checked])
