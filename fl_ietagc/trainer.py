@@ -132,9 +132,14 @@ def warmup_lr(base_lr: float, step: int, warmup_steps: int) -> float:
 
 class LocalTrainer:
     def __init__(self, cfg: RunConfig, model: torch.nn.Module, ema: torch.nn.Module, images: torch.Tensor,
-                 state: TrainState, device: torch.device):
+                 state: TrainState, device: torch.device, cond: torch.Tensor | None = None):
+        """`images`: the shard as uint8 pixels (pixel-space UNets), or as float latents already in the model's
+        range (a latent text-to-image UNet, fl_ietagc/latent.py); `cond`: per-image text embeddings (N, L, D)
+        given to the UNet as `encoder_hidden_states`."""
         if images.shape[0] != state.image_ids.numel():
             raise ValueError(f"shard has {images.shape[0]} images but the state tracks {state.image_ids.numel()}")
+        if cond is not None and cond.shape[0] != images.shape[0]:
+            raise ValueError(f"shard has {images.shape[0]} images but {cond.shape[0]} text embeddings")
         check_supported(device, cfg.precision)
         self.cfg = cfg
         self.device = device
@@ -146,6 +151,7 @@ class LocalTrainer:
         self.compiled = compiled_unet(self.model, device, purpose="train", precision=cfg.precision,
                                       channels_last=cfg.channels_last) if cfg.compile else None
         self.images = images.to(device)
+        self.cond = cond.to(device) if cond is not None else None
         self.state = state
         self.diffusion = Diffusion.for_config(cfg)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -195,7 +201,7 @@ class LocalTrainer:
                 if steps >= total:
                     break
                 idx = perm[b * bs:(b + 1) * bs]
-                x0 = to_model_range(self.images[idx])
+                x0 = to_model_range(self.images[idx]) if self.images.dtype == torch.uint8 else self.images[idx]
                 if flip:
                     mask = torch.rand(bs, generator=gen, device=dev) < 0.5
                     x0 = torch.where(mask.view(-1, 1, 1, 1), x0.flip(3), x0)
@@ -203,7 +209,8 @@ class LocalTrainer:
                     x0 = translate(x0, aug[idx], cfg.taa_max_shift, gen)
                 t = torch.randint(0, cfg.diffusion_steps, (bs,), generator=gen, device=dev)
                 noise = torch.randn((bs, *shape), generator=gen, device=dev)
-                losses = self.diffusion.per_sample_loss(net, x0, t, noise)
+                losses = self.diffusion.per_sample_loss(net, x0, t, noise) if self.cond is None else \
+                    self.diffusion.per_sample_loss(net, x0, t, noise, cond=self.cond[idx])
                 if cfg.agc:
                     if aug is not None:  # strength for the next draw, from the bank before this update
                         aug[idx] = taa_strength(losses, self.bank.threshold(t), cfg.taa_gamma)

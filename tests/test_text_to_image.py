@@ -149,3 +149,38 @@ def test_agc_skips_conditional_latent_losses_by_the_same_rule(tiny):
     expected = ~(losses.double() < bank.values[t] / 2.0)
     keep = bank.step(losses, t)
     assert torch.equal(keep, expected) and not keep[0] and keep[2]
+
+
+def test_the_local_trainer_trains_the_conditional_latent_unet_with_agc_and_state(tiny, tmp_path, monkeypatch):
+    """Two rounds of a client on cached latents + text embeddings: AGC skips, the state (Adam, bank, step) carries
+    over, only the UNet changes, and a second identical client ends bit-identical (seeded)."""
+    import copy
+
+    from fl_ietagc.config import parse_config
+    from fl_ietagc.trainer import LocalTrainer, TrainState
+
+    monkeypatch.setenv("FL_IETAGC_CACHE", str(tmp_path))
+    parts, _ = tiny
+    data = load_captioned(write_folder(tmp_path / "d", n=8, size=(16, 16)), size=16)
+    lat, emb = latent.cached_encoding(parts, data.images, data.captions)
+    cfg = parse_config({"batch-size": 4, "diffusion-steps": 10, "agc-lambda": 1.05, "warmup-steps": 2,
+                        "hflip": "off", "lr": 1e-3})
+
+    def client():
+        unet = copy.deepcopy(parts.unet)
+        state = TrainState.fresh(np.arange(8))
+        for r in (1, 2):
+            trainer = LocalTrainer(cfg, unet, copy.deepcopy(unet), lat, state, torch.device("cpu"), cond=emb)
+            stats = trainer.run(epochs=5, seed=r)
+        return unet, state, stats
+
+    unet, state, stats = client()
+    assert state.step == 20 and state.rounds == 2 and state.bank["values"].abs().sum() > 0
+    assert int(state.skip_counts.sum()) > 0 and stats.kept + stats.skipped == 10 * 4  # AGC skipped some samples
+    changed = [k for k, v in unet.state_dict().items() if not torch.equal(v, parts.unet.state_dict()[k])]
+    assert changed  # the UNet trained; VAE and text encoder are not part of the client's model
+    again, _, _ = client()
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in unet.state_dict().items())
+    with pytest.raises(ValueError, match="shard has 8 images but 7 text embeddings"):
+        LocalTrainer(cfg, unet, copy.deepcopy(unet), lat, TrainState.fresh(np.arange(8)), torch.device("cpu"),
+                     cond=emb[:7])

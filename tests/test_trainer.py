@@ -92,8 +92,8 @@ def test_mean_loss_is_the_mean_of_every_per_sample_loss_seen(monkeypatch):
     seen = []
     real = diffusion.Diffusion.per_sample_loss
 
-    def spy(self, model, x0, t, noise):
-        losses = real(self, model, x0, t, noise)
+    def spy(self, model, x0, t, noise, cond=None):
+        losses = real(self, model, x0, t, noise, cond)
         seen.append(losses.detach().double())
         return losses
 
