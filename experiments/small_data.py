@@ -342,8 +342,8 @@ def to_markdown(summary: dict) -> str:
         label = f"{name} (null)" if name == "held-out real" else name
         lines.append(f"| {label} | {rates} | {qr['cfd']:.1f} | {qr['precision']:.2f} | {qr['recall']:.2f} |")
     steps = summary["variants"][next(iter(summary["variants"]))]["curve"][-1]["steps"]
-    lines += ["", f"{size['train_images']} {summary.get('dataset', 'digits')} images at {size['image_size']}x"
-              f"{size['image_size']}, `tiny` UNet, "
+    lines += ["", f"{size['train_images']} training images ({summary.get('dataset', 'digits')}) at "
+              f"{size['image_size']}x{size['image_size']}, `tiny` UNet, "
               f"{steps:,} optimizer steps per run (batch {size['batch_size']}), K = {size['clients']} for the "
               f"federated variants, lambda = {size['agc_lambda']:g}; seeds {', '.join(map(str, size['seeds']))}; "
               f"{size['samples']} DDIM-{size['sample_steps']} samples per run (raw weights). Copy rates: mean over "
