@@ -12,6 +12,11 @@ fused with `--run-config` (a "k=v ..." string or a .toml file) the way `flwr run
 given to the ServerApp and every ClientApp through a thin wrapper around each. The config is
 validated before Ray starts. Unlike `flwr run --stream`, a failed run (a client raising, a server
 error) ends this command with exit status 1 and the error printed.
+
+`--ray-address HOST:PORT` (or `RAY_ADDRESS` in the environment) runs the clients on an existing Ray cluster
+(`ray start --head --port PORT` on one machine, `ray start --address HOST:PORT` on the others) instead of a
+private Ray instance: the address is checked before anything starts, and `init_args` `num_cpus`/`num_gpus` are
+dropped (Ray refuses them when attaching; the cluster's nodes bring their own resources).
 """
 
 from __future__ import annotations
@@ -39,6 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue this run (killed, failed or interrupted) from its last completed round, with "
                         "the config it was started with")
+    p.add_argument("--ray-address", default=None, metavar="HOST:PORT",
+                   help="attach to this running Ray cluster (its head's `ray start --head --port`) instead of "
+                        "starting a private Ray instance; default: $RAY_ADDRESS if set")
     p.add_argument("--verbose", action="store_true", help="DEBUG logging")
     p.add_argument("--run-config-json", default=None, help=argparse.SUPPRESS)  # parent -> child: the fused config
     return p.parse_args(argv)
@@ -114,7 +122,46 @@ def with_run_config(server_app, client_app, run_config: dict):
     return server, client
 
 
-def validate_before_start(run_config: dict, num_supernodes: int, backend: dict | None = None) -> None:
+RAY_INIT_RESOURCES = ("num_cpus", "num_gpus")  # ray.init args Ray refuses when attaching to a cluster
+
+
+def check_ray_address(address: str, flag: str = "--ray-address") -> str:
+    """`address` if a Ray cluster's head (its GCS) accepts connections there; else ConfigError, one line."""
+    import socket
+
+    from fl_ietagc.config import ConfigError
+
+    if "://" in address:
+        raise ConfigError(f"{flag} {address}: give the head's HOST:PORT (the GCS address of `ray start --head "
+                          f"--port PORT`), not a {address.split('://')[0]}:// URL")
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{flag} {address}: expected HOST:PORT, e.g. 10.0.0.5:6379")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=5):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{flag} {address}: no Ray cluster answers there ({e.strerror or e}); start its head with "
+                          f"`ray start --head --port {port}` or fix the address") from None
+    return address
+
+
+def attach_backend(backend: dict, address: str | None) -> dict:
+    """The backend config for a run attached to the cluster at `address` (None: unchanged)."""
+    if not address:
+        return backend
+    init = dict(backend.get("init_args") or {})
+    dropped = sorted(k for k in RAY_INIT_RESOURCES if k in init)
+    if dropped:
+        print(f"flower-simulation: attached to the Ray cluster at {address}: init_args {', '.join(dropped)} "
+              f"ignored (the cluster's nodes bring their own resources)", file=sys.stderr)
+    for k in dropped:
+        del init[k]
+    return {**backend, "init_args": init} if "init_args" in backend else backend
+
+
+def validate_before_start(run_config: dict, num_supernodes: int, backend: dict | None = None,
+                          ray_address: str | None = None) -> None:
     """Fail fast, before Ray starts: the one validation pass (fl_ietagc/validate.py) plus the strategy."""
     from fl_ietagc.config import ConfigError, parse_config
     from fl_ietagc.validate import validate_run
@@ -124,7 +171,7 @@ def validate_before_start(run_config: dict, num_supernodes: int, backend: dict |
     check_strategy(cfg.strategy, cfg)
     if cfg.num_clients and cfg.num_clients != num_supernodes:
         raise ConfigError(f"num-clients = {cfg.num_clients} but --num-supernodes = {num_supernodes}")
-    validate_run(cfg, num_supernodes, backend)
+    validate_run(cfg, num_supernodes, backend, ray_address=ray_address)
 
 
 def resume_run_config(run_dir: str, overrides: dict, num_supernodes: int | None) -> tuple[dict, int]:
@@ -178,14 +225,15 @@ def main(argv=None) -> int:
     from fl_ietagc.config import ConfigError
 
     try:
-        app_dir, backend, components, run_config, k = prepare(args)
+        app_dir, backend, components, run_config, k, ray_address = prepare(args)
     except ConfigError as e:
         print(f"flower-simulation: invalid input: {e}", file=sys.stderr)
         return 2
-    warn_about_gpus(backend)
+    if not ray_address:
+        warn_about_gpus(backend)
     if os.environ.get(CHILD_ENV):
         return run_here(app_dir, backend, components, run_config, k, args.verbose)
-    return supervise(app_dir, backend, run_config, k, args.verbose)
+    return supervise(app_dir, backend, run_config, k, args.verbose, ray_address)
 
 
 def prepare(args):
@@ -201,6 +249,10 @@ def prepare(args):
     if str(app_dir) not in sys.path:
         sys.path.insert(0, str(app_dir))
     backend = parse_backend_config(args.backend_config)
+    ray_address = args.ray_address or os.environ.get("RAY_ADDRESS") or None
+    if ray_address and not args.run_config_json:  # (the child: its parent has checked it)
+        check_ray_address(ray_address, "--ray-address" if args.ray_address else "RAY_ADDRESS")
+    backend = attach_backend(backend, ray_address)
     overrides = json.loads(args.run_config_json) if args.run_config_json else load_overrides(args.run_config)
     if args.resume:
         overrides, k = resume_run_config(args.resume, overrides, args.num_supernodes)
@@ -208,15 +260,18 @@ def prepare(args):
         k = args.num_supernodes
     components, run_config = load_app_config(app_dir, overrides)
     if not args.run_config_json:  # the child runs the config its parent has just validated
-        validate_before_start(run_config, k, backend)
-    return app_dir, backend, components, run_config, k
+        validate_before_start(run_config, k, backend, ray_address)
+    return app_dir, backend, components, run_config, k, ray_address
 
 
-def supervise(app_dir: Path, backend: dict, run_config: dict, k: int, verbose: bool) -> int:
+def supervise(app_dir: Path, backend: dict, run_config: dict, k: int, verbose: bool,
+              ray_address: str | None = None) -> int:
     """Run the simulation in a child process group; forward SIGINT/SIGTERM, and leave no process behind.
 
     Ray's processes (GCS, raylet, workers) are started by the child and stay in its process group, so one
-    killpg ends all of them, whatever state the child is in."""
+    killpg ends all of them, whatever state the child is in. Attached to a cluster (`ray_address`), the child
+    is only a Ray driver: the cluster's processes are not ours and stay; Ray ends this job's workers when its
+    driver goes."""
     import shutil
     import signal
     import subprocess
@@ -232,6 +287,8 @@ def supervise(app_dir: Path, backend: dict, run_config: dict, k: int, verbose: b
     announce = Path(tempfile.mkdtemp(prefix="fl-ietagc-")) / "run-dir"
     env = {**os.environ, CHILD_ENV: "1", ANNOUNCE_ENV: str(announce), "PYTHONPATH": os.pathsep.join(
         [str(app_dir), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address  # Flower's ray.init() (no address) attaches to it
     child = subprocess.Popen(argv, env=env, start_new_session=True)
     stopping: list[int] = []
     deadline = threading.Timer(STOP_GRACE_S, _signal_group, (child.pid, signal.SIGKILL))

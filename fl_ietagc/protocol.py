@@ -11,13 +11,17 @@ Train instruction (`config` ConfigRecord; Flower adds `server-round`):
     reset-optimizer                   plain FedAvg: a new Adam every round
     proximal-mu                       FedProx (set by Flower's FedProx strategy)
 
-Reply: `arrays` (net.* and ema.*), `metrics` (MetricRecord) and `info` (ConfigRecord); or, when the
-client failed, only `error` (ConfigRecord: partition-id, round, step, error, traceback).
+Reply: `arrays` (net.* and ema.*), `metrics` (MetricRecord) and `info` (ConfigRecord: partition-id, image-ids,
+skip-counts, and where the round ran: pid, host, ray-node); or, when the client failed, only `error`
+(ConfigRecord: partition-id, round, step, error, traceback).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import socket
+import sys
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -35,6 +39,15 @@ def shard_key(partition_id: int) -> str:
     return f"shard-{partition_id}"
 
 
+def ray_node_id() -> str:
+    """The Ray node this process runs on ("" outside a Ray worker). Never imports Ray itself."""
+    ray = sys.modules.get("ray")
+    try:
+        return str(ray.get_runtime_context().get_node_id()) if ray is not None and ray.is_initialized() else ""
+    except Exception:  # an unusual Ray state is not worth failing a round for
+        return ""
+
+
 @dataclass
 class ClientRound:
     """One client's summary of one round (the reply's metrics and info records)."""
@@ -49,6 +62,11 @@ class ClientRound:
     client_step: int  # the client's optimizer step counter after this round (persists across rounds)
     image_ids: np.ndarray
     skip_counts: np.ndarray
+    # where the round ran: the process (a long-lived ClientApp process serves every round with one pid), the
+    # machine, and the Ray node in simulation. Not training results: nothing compares or aggregates them.
+    pid: int = field(default_factory=os.getpid)
+    host: str = field(default_factory=socket.gethostname)
+    ray_node: str = field(default_factory=ray_node_id)
 
     @property
     def skip_rate(self) -> float:
@@ -61,7 +79,8 @@ class ClientRound:
                    "skipped": self.skipped, "steps": self.steps, "seconds": self.seconds,
                    "client-step": self.client_step}
         info = {"partition-id": self.partition_id, "image-ids": self.image_ids.tolist(),
-                "skip-counts": self.skip_counts.tolist()}
+                "skip-counts": self.skip_counts.tolist(), "pid": self.pid, "host": self.host,
+                "ray-node": self.ray_node}
         return metrics, info
 
     @classmethod
@@ -70,12 +89,14 @@ class ClientRound:
                    loss=float(metrics["loss"]), kept=int(metrics["kept"]), skipped=int(metrics["skipped"]),
                    steps=int(metrics["steps"]), seconds=float(metrics["seconds"]),
                    client_step=int(metrics["client-step"]), image_ids=np.asarray(info["image-ids"], np.int64),
-                   skip_counts=np.asarray(info["skip-counts"], np.int64))
+                   skip_counts=np.asarray(info["skip-counts"], np.int64), pid=int(info.get("pid", -1)),
+                   host=str(info.get("host", "")), ray_node=str(info.get("ray-node", "")))
 
     def to_json(self) -> dict:
         return {"partition-id": self.partition_id, "num-examples": self.num_examples, "loss": self.loss,
                 "kept": self.kept, "skipped": self.skipped, "skip-rate": self.skip_rate, "steps": self.steps,
-                "client-step": self.client_step, "seconds": self.seconds}
+                "client-step": self.client_step, "seconds": self.seconds, "pid": self.pid, "host": self.host,
+                "ray-node": self.ray_node}
 
 
 @dataclass

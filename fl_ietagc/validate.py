@@ -71,8 +71,10 @@ def check_run_dir(cfg: RunConfig) -> None:
         RunDir.check_new(RunDir.new_path(cfg.output_dir, cfg.run_name, ""))
 
 
-def check_resources(backend: dict, num_clients: int) -> None:
-    """Client resources Ray can grant: asking for more than exists makes Ray wait for ever."""
+def check_resources(backend: dict, num_clients: int, ray_address: str | None = None) -> None:
+    """Client resources Ray can grant: asking for more than exists makes Ray wait for ever. Attached to a Ray
+    cluster (`ray_address`, or $RAY_ADDRESS), the cluster's resources are not this machine's: only the form is
+    checked."""
     res = backend.get("client_resources", {}) or {}
     if not isinstance(res, dict):
         raise ConfigError("--backend-config client_resources: must be a JSON object")
@@ -83,7 +85,7 @@ def check_resources(backend: dict, num_clients: int) -> None:
         value = res.get(key, 0)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != value:
             raise ConfigError(f"--backend-config client_resources.{key} = {value!r}: must be a number >= 0")
-    if os.environ.get("RAY_ADDRESS"):
+    if ray_address or os.environ.get("RAY_ADDRESS"):
         return  # attached to a cluster: its resources are not this machine's
     cpus, gpus = float(res.get("num_cpus", 1)), float(res.get("num_gpus", 0))
     if cpus > (os.cpu_count() or 1):
@@ -111,15 +113,16 @@ def check_init_checkpoint(cfg: RunConfig) -> None:
         initial_weights(cfg)  # reads (weights_only) and checks the architecture
 
 
-def validate_run(cfg: RunConfig, num_clients: int, backend: dict | None = None) -> None:
-    """Everything checkable before any work starts. `num_clients` = K (0 = not known yet)."""
+def validate_run(cfg: RunConfig, num_clients: int, backend: dict | None = None, ray_address: str | None = None) -> None:
+    """Everything checkable before any work starts. `num_clients` = K (0 = not known yet); `ray_address`: the Ray
+    cluster the clients will run on (None: a private Ray instance on this machine)."""
     from .shards import shards_for_config
 
     check_model(cfg)
     check_device(cfg)
     check_run_dir(cfg)
     if backend is not None:
-        check_resources(backend, num_clients)
+        check_resources(backend, num_clients, ray_address)
     if num_clients:
         shards_for_config(cfg, num_clients)  # the data: readable, enough images for K full batches
     check_init_checkpoint(cfg)

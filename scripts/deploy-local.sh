@@ -7,23 +7,62 @@
 # key pair per SuperNode in the work directory; the SuperLink serves TLS with SuperNode authentication on, the K
 # public keys are registered with `flwr supernode register`, and each SuperNode verifies the SuperLink with the CA
 # and signs in with its private key. INSECURE=1: plain HTTP, no authentication (the old mode).
+# ISOLATION=process (default): each SuperNode runs with `--isolation process` beside one long-lived ClientApp
+# process (experiments/warm_clientapp.py) that serves every message of the deployment, so torch, diffusers and the
+# data are loaded once; it claims tasks with a per-deployment SuperExec secret. ISOLATION=subprocess: Flower's
+# default, a new `flwr-clientapp` process (and every import) per message.
+# Ports: the SuperLink on PORT, SuperNode i's Runtime API on PORT+100+i (127.0.0.1 only).
 # WORK=DIR: use (and keep) DIR for logs, certificates and state instead of a fresh temporary directory.
+# SIGINT/SIGTERM stop the whole deployment (SuperLink, SuperNodes, ClientApp processes, Flower's SuperExecs and
+# their apps) within seconds; exit status 130/143.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
 K=${K:-2}
 PORT=${PORT:-9200}
 INSECURE=${INSECURE:-0}
+ISOLATION=${ISOLATION:-process}
+case $ISOLATION in
+  process|subprocess) ;;
+  *) echo "deploy-local: ISOLATION=$ISOLATION: must be process or subprocess" >&2; exit 2 ;;
+esac
+# K ClientApps share this machine's cores: torch threads per process = cores / K (as Ray gives each simulated client
+# its num_cpus), unless OMP_NUM_THREADS is set. More threads than cores makes OpenMP spin-wait: several times slower.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / K > 0 ? $(nproc) / K : 1 ))}
 if [ -n "${WORK:-}" ]; then mkdir -p "$WORK" && work=$(cd "$WORK" && pwd); else work=$(mktemp -d); fi
-pids=()
+pids=()    # started here: SuperLink, SuperNodes, ClientApp processes
+follow=""  # the run follower (its `flwr log` child goes with it)
+ports="$PORT"
+for i in $(seq 0 $((K - 1))); do ports="$ports|$((PORT + 100 + i))"; done
+mine() {  # this deployment's live processes: those started here, and Flower's own (SuperExecs, flwr-serverapp,
+          # flwr-clientapp), which all name one of this deployment's addresses on their command line
+  { for p in "${pids[@]+"${pids[@]}"}"; do kill -0 "$p" 2>/dev/null && echo "$p"; done
+    pgrep -u "$(id -u)" -f -- "127\.0\.0\.1:($ports)( |\$)" || true; } | sort -u
+}
 cleanup() {
+  trap - INT TERM
+  if [ -n "$follow" ]; then pkill -P "$follow" 2>/dev/null || true; kill "$follow" 2>/dev/null || true; fi
   [ ${#pids[@]} -gt 0 ] && kill "${pids[@]}" 2>/dev/null || true
+  left=$(mine)  # Flower's own processes (SuperExecs, flwr-serverapp, flwr-clientapp): told at once, not only
+  [ -n "$left" ] && kill $left 2>/dev/null || true  # through their parent-pid monitors
+  for _ in $(seq 50); do  # after 10 s: SIGKILL
+    [ -z "$(mine)" ] && break
+    sleep 0.2
+  done
+  left=$(mine)
+  [ -n "$left" ] && { echo "deploy-local: killing what did not stop: $(echo $left)" >&2; kill -9 $left 2>/dev/null || true; }
   wait 2>/dev/null || true
   echo "deploy-local: stopped; logs were in $work" >&2
 }
 trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 export FLWR_HOME=$work/cli
 mkdir -p "$FLWR_HOME"
+if [ "$ISOLATION" = process ]; then  # only holders of this secret can claim a SuperNode's ClientApp tasks
+  secret=$work/superexec-secret
+  (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$secret")
+fi
 if [ "$INSECURE" = 1 ]; then
   link_tls=(--insecure)
   printf '[superlink.local-deployment]\naddress = "127.0.0.1:%s"\ninsecure = true\n' "$PORT" >"$FLWR_HOME/config.toml"
@@ -52,14 +91,26 @@ for i in $(seq 0 $((K - 1))); do
     flwr supernode register "$certs/supernode-$i.pub" local-deployment --name "supernode-$i" >/dev/null
     node_tls=(--root-certificates "$certs/ca.crt" --auth-supernode-private-key "$certs/supernode-$i")
   fi
-  FLWR_HOME=$work/supernode$i flower-supernode "${node_tls[@]}" --superlink "127.0.0.1:$PORT" \
+  isolation=(--isolation subprocess)
+  [ "$ISOLATION" = process ] && isolation=(--isolation process --superexec-auth-secret-file "$secret")
+  FLWR_HOME=$work/supernode$i flower-supernode "${node_tls[@]}" --superlink "127.0.0.1:$PORT" "${isolation[@]}" \
     --port $((PORT + 100 + i)) --node-config "partition-id=$i num-partitions=$K state-dir='$work/state$i'" \
     >"$work/supernode$i.log" 2>&1 &
   pids+=($!)
+  if [ "$ISOLATION" = process ]; then  # its one ClientApp process; it also ends when the SuperNode ends
+    FLWR_HOME=$work/supernode$i python -m experiments.warm_clientapp --insecure \
+      --runtime-api-address "127.0.0.1:$((PORT + 100 + i))" --superexec-auth-secret-file "$secret" \
+      --parent-pid "$!" --preload torch,diffusers >"$work/clientapp$i.log" 2>&1 &
+    pids+=($!)
+  fi
 done
 mode=$([ "$INSECURE" = 1 ] && echo "insecure (no TLS, no SuperNode authentication)" \
        || echo "TLS + SuperNode authentication")
+mode="$mode, ClientApps: $([ "$ISOLATION" = process ] && echo "one long-lived process per SuperNode" \
+       || echo "a new process per message")"
 submitted=$(flwr run . local-deployment --format json -c "num-clients=$K output-dir='$PWD/runs'" "$@")
 rid=$(python -c 'import json,sys; d=json.load(sys.stdin); print(d.get("run-id") or sys.exit(str(d)))' <<<"$submitted")
 echo "deploy-local: run $rid submitted to the local SuperLink with $K SuperNodes, $mode"
-python -m experiments.follow_run "$rid" --superlink local-deployment
+python -m experiments.follow_run "$rid" --superlink local-deployment &
+follow=$!
+wait "$follow"  # (a trapped SIGINT/SIGTERM interrupts `wait`, not a foreground command)

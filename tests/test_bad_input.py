@@ -210,6 +210,12 @@ CASES = [
     ("backend-resources-list", sim("", backend='{"client_resources": []}'),
      r"client_resources: must be a JSON object"),
     # --- flower-simulation's own options ---
+    ("ray-address-unreachable", sim("", "--ray-address", "127.0.0.1:1"),
+     r"--ray-address 127.0.0.1:1: no Ray cluster answers there \(Connection refused\); start its head with "
+     r"`ray start --head --port 1`"),
+    ("ray-address-url", sim("", "--ray-address", "ray://10.0.0.5:10001"),
+     r"--ray-address ray://10.0.0.5:10001: give the head's HOST:PORT .*not a ray:// URL"),
+    ("ray-address-no-port", sim("", "--ray-address", "headnode"), r"--ray-address headnode: expected HOST:PORT"),
     ("zero-supernodes", sim("", k="0"), r"--num-supernodes = 0: must be >= 1"),
     ("no-supernodes", sim("", k=None), r"--num-supernodes is required"),
     ("app-without-pyproject", sim_raw("--app", "{t}", "--num-supernodes", "2"), r"--app .*: no pyproject.toml there"),

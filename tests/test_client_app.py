@@ -3,6 +3,8 @@ partition errors, the client state it starts from (fresh, missing, another run's
 remap), reset-optimizer, and the reply it sends."""
 
 import copy
+import os
+import socket
 
 import numpy as np
 import pytest
@@ -51,6 +53,7 @@ def test_a_round_trains_saves_its_state_version_and_replies(weights, tmp_path):
     info, metrics = reply.content.config_records["info"], reply.content.metric_records["metrics"]
     shard = shards_for_config(parse_config(RUN_CONFIG), 2)[0]
     assert info["partition-id"] == 0 and list(info["image-ids"]) == shard.tolist()
+    assert info["pid"] == os.getpid() and info["host"] == socket.gethostname() and info["ray-node"] == ""
     assert metrics["steps"] == 2 and metrics["client-step"] == 2 and metrics["num-examples"] == 64
     assert set(reply.content["arrays"].keys()) == set(weights.keys())
     state = TrainState.load(RunDir(tmp_path).client_state(0, 1), "tok", shard)

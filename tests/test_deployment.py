@@ -1,10 +1,15 @@
 """The Deployment Engine secured as on real machines (TLS + SuperNode authentication), on 127.0.0.1 only.
 
-One deployment serves every test here (it takes ~2.5 min on 2 cores): `scripts/deploy-local.sh` in its default
+One deployment serves the first three tests (it takes ~2.5 min on 2 cores): `scripts/deploy-local.sh` in its
 secure mode (certificates from scripts/make-certs.sh, a SuperLink with TLS and `--enable-supernode-auth`, 2
-registered SuperNodes) runs 2 rounds of a tiny job. While that run trains, two intruders try to join: a SuperNode
-whose key pair was never registered, and a SuperNode holding a registered key but trusting another CA. Both must be
-refused with a clear message, and the run must end completed with the weights of the in-process grid.
+registered SuperNodes) with Flower's default `ISOLATION=subprocess` (a new ClientApp process per message) runs 2
+rounds of a tiny job. While that run trains, two intruders try to join: a SuperNode whose key pair was never
+registered, and a SuperNode holding a registered key but trusting another CA. Both must be refused with a clear
+message, and the run must end completed with the weights of the in-process grid.
+
+Then the script's default `ISOLATION=process` (one long-lived ClientApp process per SuperNode,
+experiments/warm_clientapp.py): the same job, the same weights, and the same ClientApp pid in both rounds (each
+client reports its pid in its reply); and SIGTERM to the script mid-run stops everything within seconds.
 """
 
 from __future__ import annotations
@@ -58,16 +63,24 @@ def free_port_block() -> int:
     raise RuntimeError("no free port block in 9300..9503 on 127.0.0.1")
 
 
-def kill_leftovers(work: Path, ports: list[int]) -> None:
-    """Stop any process of this deployment still alive (SuperExecs run in their own sessions), by pid."""
+def leftovers(work: Path, ports: list[int]) -> list[int]:
+    """Pids of this deployment's processes still alive (SuperExecs run in their own sessions)."""
     pattern = re.compile("|".join([re.escape(str(work))] + [rf"127\.0\.0\.1:{p}\b" for p in ports]))
+    mine = []
+    # -ww: whole command lines (ps cuts them to $COLUMNS, which pytest sets to 80, without it)
+    for line in subprocess.run(["ps", "-ww", "-eo", "pid=,args="], capture_output=True,
+                               text=True).stdout.splitlines():
+        pid, _, args = line.strip().partition(" ")
+        if int(pid) != os.getpid() and pattern.search(args) and any(
+                name in args for name in ("flower-", "flwr", "warm_clientapp")):
+            mine.append(int(pid))
+    return mine
+
+
+def kill_leftovers(work: Path, ports: list[int]) -> None:
+    """Stop any process of this deployment still alive, by pid."""
     for _ in range(2):
-        mine = []
-        for line in subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout.splitlines():
-            pid, _, args = line.strip().partition(" ")
-            if int(pid) != os.getpid() and pattern.search(args) and ("flower-" in args or "flwr" in args):
-                mine.append(int(pid))
-        for pid in mine:
+        for pid in leftovers(work, ports):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -93,17 +106,67 @@ def start_supernode(log: Path, port: int, runtime_port: int, ca: Path, key: Path
         stderr=subprocess.STDOUT)
 
 
+def start_deploy(base: Path, isolation: str, config: dict = CONFIG, threads: int = 2
+                 ) -> tuple[subprocess.Popen, Path, list[int]]:
+    """scripts/deploy-local.sh (secure, K = 2) in its own session, every process computing with `threads` torch
+    threads; (process, its output file, its ports)."""
+    work, runs = base / "work", base / "runs"
+    port = free_port_block()
+    ports = [port, port + 100, port + 101, port + 102, port + 103]
+    overrides = " ".join(f"{k}={v}" for k, v in config.items()) + f" run-name='{RUN_NAME}' output-dir='{runs}'"
+    out = base / "deploy-local.out"
+    deploy = subprocess.Popen(["bash", "scripts/deploy-local.sh", "-c", overrides], cwd=ROOT,
+                              env={**ENV, "WORK": str(work), "PORT": str(port), "K": "2", "ISOLATION": isolation,
+                                   "OMP_NUM_THREADS": str(threads)},
+                              stdout=out.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    return deploy, out, ports
+
+
+def stop_deploy(deploy: subprocess.Popen, work: Path, ports: list[int]) -> None:
+    if deploy.poll() is None:
+        os.killpg(deploy.pid, signal.SIGTERM)  # deploy-local.sh's trap stops the SuperLink and SuperNodes
+        try:
+            deploy.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(deploy.pid, signal.SIGKILL)
+            deploy.wait(timeout=30)
+    kill_leftovers(work, ports)
+
+
+def reference_weights(tmp_path: Path, config: dict = CONFIG, threads: int = 2) -> dict:
+    """The same ServerApp and ClientApp without Flower's transport, in this process (tests/local_grid.py), with
+    `threads` torch threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        run_server({**config, "num-clients": 2, "output-dir": str(tmp_path), "run-name": "ref"}, 2)
+    finally:
+        torch.set_num_threads(before)
+    return load_checkpoint(tmp_path / "ref" / "checkpoints" / "final.pt")
+
+
+def assert_same_weights(ref: dict, got: dict) -> None:
+    for part in ("net", "ema"):
+        assert ref[part].keys() == got[part].keys()
+        worst = max((ref[part][k] - got[part][k]).abs().max().item() for k in ref[part])
+        assert all(torch.equal(ref[part][k], got[part][k]) for k in ref[part]), (part, worst)
+
+
+def client_pids(run: RunDir) -> dict[int, list[int]]:
+    """partition -> the pid of the ClientApp process that trained it, round by round (from the replies)."""
+    pids: dict[int, list[int]] = {}
+    for m in run.read_metrics():
+        for c in m["clients"]:
+            pids.setdefault(c["partition-id"], []).append(c["pid"])
+    return pids
+
+
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
     base = tmp_path_factory.mktemp("deployment")
     work, runs = base / "work", base / "runs"
-    port = free_port_block()
-    ports = [port, port + 100, port + 101, port + 102, port + 103]
-    overrides = " ".join(f"{k}={v}" for k, v in CONFIG.items()) + f" run-name='{RUN_NAME}' output-dir='{runs}'"
-    out = base / "deploy-local.out"
-    deploy = subprocess.Popen(["bash", "scripts/deploy-local.sh", "-c", overrides], cwd=ROOT,
-                              env={**ENV, "WORK": str(work), "PORT": str(port), "K": "2"},
-                              stdout=out.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    deploy, out, ports = start_deploy(base, "subprocess")
+    port = ports[0]
     intruders = {}
     try:
         deadline = time.time() + 180
@@ -134,20 +197,14 @@ def deployment(tmp_path_factory):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(timeout=30)
-        if deploy.poll() is None:
-            os.killpg(deploy.pid, signal.SIGTERM)  # deploy-local.sh's trap stops the SuperLink and SuperNodes
-            try:
-                deploy.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(deploy.pid, signal.SIGKILL)
-                deploy.wait(timeout=30)
-        kill_leftovers(work, ports)
+        stop_deploy(deploy, work, ports)
 
 
 def test_secured_deployment_completes_with_the_weights_of_the_in_process_grid(deployment, tmp_path):
     assert deployment["code"] == 0, deployment["out"][-4000:]
     out = deployment["out"]
-    assert "2 SuperNodes, TLS + SuperNode authentication" in out and "finished:completed" in out
+    assert "2 SuperNodes, TLS + SuperNode authentication, ClientApps: a new process per message" in out
+    assert "finished:completed" in out
     work = deployment["work"]
     superlink_log = (work / "superlink.log").read_text()
     assert "Uvicorn running on https://127.0.0.1" in superlink_log  # TLS, not plain HTTP
@@ -157,16 +214,12 @@ def test_secured_deployment_completes_with_the_weights_of_the_in_process_grid(de
     run = deployment["run"]
     assert run.read_status()["status"] == "completed"
     assert [m["round"] for m in run.read_metrics()] == [1, 2]
+    pids = client_pids(run)  # Flower's subprocess isolation: a fresh process per message
+    assert sorted(pids) == [0, 1] and all(len(set(p)) == 2 for p in pids.values()), pids
 
     # The same ServerApp and ClientApp without Flower's transport, in this process: the same weights, bit for bit
     # (same seeds, shards and client state; every process computes with 2 threads). Measured: max difference 0.0.
-    run_server({**CONFIG, "num-clients": 2, "output-dir": str(tmp_path), "run-name": "ref"}, 2)
-    ref = load_checkpoint(tmp_path / "ref" / "checkpoints" / "final.pt")
-    got = load_checkpoint(run.final_checkpoint)
-    for part in ("net", "ema"):
-        assert ref[part].keys() == got[part].keys()
-        worst = max((ref[part][k] - got[part][k]).abs().max().item() for k in ref[part])
-        assert all(torch.equal(ref[part][k], got[part][k]) for k in ref[part]), (part, worst)
+    assert_same_weights(reference_weights(tmp_path), load_checkpoint(run.final_checkpoint))
 
 
 def test_unregistered_supernode_is_refused_and_the_run_goes_on(deployment):
@@ -183,3 +236,61 @@ def test_supernode_trusting_another_ca_cannot_connect_and_the_run_goes_on(deploy
     assert deployment["codes"]["wrong-ca"] != 0 and REFUSED in log, log[-3000:]
     assert "CERTIFICATE_VERIFY_FAILED" in log and "certificate verify failed" in log, log[-3000:]
     assert deployment["refused_during_run"] and deployment["code"] == 0
+
+
+def test_process_isolation_one_long_lived_clientapp_per_supernode_same_weights(tmp_path):
+    """ISOLATION=process (the default): each SuperNode's messages are served by one ClientApp process, which
+    reports its pid in every reply; the weights are those of the in-process grid. One torch thread per ClientApp
+    (the script's default on 2 cores with K = 2; also Ray's in simulation), and in the reference."""
+    deploy, out, ports = start_deploy(tmp_path, "process", threads=1)
+    work = tmp_path / "work"
+    try:
+        code = deploy.wait(timeout=420)
+        left = leftovers(work, ports)  # what the script's own stop left behind
+    finally:
+        stop_deploy(deploy, work, ports)
+    text = out.read_text()
+    assert code == 0, text[-4000:]
+    assert "2 SuperNodes, TLS + SuperNode authentication, ClientApps: one long-lived process per SuperNode" in text
+    assert not left, left
+    run = RunDir(tmp_path / "runs" / RUN_NAME)
+    assert run.read_status()["status"] == "completed"
+    assert [m["round"] for m in run.read_metrics()] == [1, 2]
+
+    pids = client_pids(run)
+    assert sorted(pids) == [0, 1], pids
+    assert all(len(p) == 2 and len(set(p)) == 1 for p in pids.values()), pids  # the same process in both rounds
+    assert pids[0][0] != pids[1][0], pids  # one process per SuperNode
+    for i in (0, 1):  # ... and it is the warm ClientApp process the script started beside SuperNode i
+        log = (work / f"clientapp{i}.log").read_text()
+        served = re.findall(r"warm-clientapp\[(\d+)\]: task \d+ \(run \d+, train\) completed", log)
+        assert len(served) == 2 and len(set(served)) == 1, log[-3000:]
+        assert int(served[0]) in (pids[0][0], pids[1][0])
+
+    assert_same_weights(reference_weights(tmp_path / "ref", threads=1), load_checkpoint(run.final_checkpoint))
+
+
+def test_sigterm_stops_the_whole_process_isolated_deployment_within_seconds(tmp_path):
+    """SIGTERM to deploy-local.sh alone (not its group) while round 2 trains: exit 143 within seconds, and no
+    SuperLink, SuperNode, SuperExec, ServerApp or ClientApp process of the deployment is left."""
+    deploy, out, ports = start_deploy(tmp_path, "process", {**CONFIG, "num-server-rounds": 3}, threads=1)
+    work = tmp_path / "work"
+    try:
+        run = RunDir(tmp_path / "runs" / RUN_NAME)
+        deadline = time.time() + 300
+        while not (run.metrics_path.is_file() and run.read_metrics()):
+            assert deploy.poll() is None, out.read_text()[-3000:]
+            assert time.time() < deadline, "round 1 not committed within 300 s"
+            time.sleep(0.5)
+        assert leftovers(work, ports)  # (the check below can see the deployment's processes)
+        t0 = time.time()
+        deploy.send_signal(signal.SIGTERM)
+        code = deploy.wait(timeout=60)
+        seconds = time.time() - t0
+        left = leftovers(work, ports)
+    finally:
+        stop_deploy(deploy, work, ports)
+    assert code == 143 and seconds < 15, (code, seconds, out.read_text()[-3000:])
+    assert "deploy-local: stopped" in out.read_text()
+    assert "killing what did not stop" not in out.read_text()  # all went on SIGTERM, none needed SIGKILL
+    assert not left, left
