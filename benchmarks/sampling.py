@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.device_args import add_device_args, apply_device_args  # noqa: E402
 from fl_ietagc import compiled  # noqa: E402
 from fl_ietagc.diffusion import Diffusion, sample  # noqa: E402
 from fl_ietagc.memorization import nearest_neighbours, summarize  # noqa: E402
@@ -75,16 +76,9 @@ def main(argv=None) -> int:
     p.add_argument("--mem-size", type=int, default=32)
     p.add_argument("--mem-channels", type=int, default=3)
     p.add_argument("--chunk", type=int, default=1024)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    p.add_argument("--compile-backend", default=None,
-                   help="torch.compile backend; default: $FL_IETAGC_COMPILE_BACKEND, else inductor on a GPU and "
-                        "aot_eager on a CPU (inductor's C++ build of the step takes minutes on a small CPU)")
+    add_device_args(p)
     a = p.parse_args(argv)
-    compiled.set_default_backend(a.compile_backend, a.device)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    device = torch.device(a.device)
+    device = apply_device_args(a)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU ({torch.get_num_threads()} torch threads)"
     torch.manual_seed(0)

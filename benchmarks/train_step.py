@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.device_args import add_device_args, apply_device_args  # noqa: E402
 from fl_ietagc import compiled  # noqa: E402
 from fl_ietagc.agc import masked_mean  # noqa: E402
 from fl_ietagc.config import parse_config  # noqa: E402
@@ -160,18 +161,11 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compiling happens here)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--channels", type=int, default=3)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    p.add_argument("--compile-backend", default=None,
-                   help="torch.compile backend; default: $FL_IETAGC_COMPILE_BACKEND, else inductor on a GPU and "
-                        "aot_eager on a CPU (inductor's C++ build of the step takes minutes on a small CPU)")
+    add_device_args(p)
     a = p.parse_args(argv)
-    compiled.set_default_backend(a.compile_backend, a.device)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    device = torch.device(a.device)
+    device = apply_device_args(a)
     gen = torch.Generator().manual_seed(0)
     n = a.batch_size * 4
     images = torch.randint(0, 256, (n, a.channels, a.image_size, a.image_size), generator=gen, dtype=torch.uint8)
