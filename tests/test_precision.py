@@ -85,23 +85,24 @@ def test_default_forward_is_the_model_itself():
         assert torch.equal(d.per_sample_loss(model, x0, t, noise), expect)
 
 
-def test_bf16_losses_are_float32_and_close_to_fp32():
+def fp32_and_bf16_losses() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample losses of the fixed batch, fp32 and under bf16 autocast, and the batch's timesteps."""
     model, x0, t, noise = fixed_batch()
     d = Diffusion(1000)
     with torch.no_grad():
-        l32 = d.per_sample_loss(model, x0, t, noise)
-        l16 = d.per_sample_loss(unet_forward(model, "cpu", "bf16"), x0, t, noise)
+        return d.per_sample_loss(model, x0, t, noise), \
+            d.per_sample_loss(unet_forward(model, "cpu", "bf16"), x0, t, noise), t
+
+
+def test_bf16_losses_are_float32_and_close_to_fp32():
+    l32, l16, t = fp32_and_bf16_losses()
     assert l16.dtype == torch.float32 and l32.dtype == torch.float32
     assert not torch.equal(l16, l32)  # autocast did run in bfloat16
     torch.testing.assert_close(l16, l32, rtol=5e-2, atol=0)
 
 
 def test_bf16_makes_the_same_skip_decisions_when_no_loss_is_near_its_threshold():
-    model, x0, t, noise = fixed_batch()
-    d = Diffusion(1000)
-    with torch.no_grad():
-        l32 = d.per_sample_loss(model, x0, t, noise)
-        l16 = d.per_sample_loss(unet_forward(model, "cpu", "bf16"), x0, t, noise)
+    l32, l16, t = fp32_and_bf16_losses()
     lam = 2.0
     # thresholds M[t]/lambda at half (kept) or twice (skipped) each sample's fp32 loss: 50% away from any tie,
     # far beyond bf16's error
