@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from fl_ietagc.config import ConfigError
+from fl_ietagc.evaluate import load_samples, save_samples
 
 RET_ONLY = ("ret-", "taa")  # --set keys of RET's rules apply to the ret variant only
 RULES = ("one_third", "carlini", "mq_0.2", "mq_0.3")
@@ -220,20 +221,12 @@ def evaluate_round(run, cfg, server_round: int, size: Size) -> dict:
         samples = to_uint8(sample(model, Diffusion.for_config(cfg), n, tuple(train.shape[1:]),
                                   steps=size.sample_steps, seed=10_000 + server_round, batch_size=n))
         nb = nearest_neighbours(samples, train, min(50, len(train)))
-        save_eval(path, samples.numpy(), nb.index.numpy(), nb.d2.numpy())
-    blob = np.load(path)
+        save_samples(path, samples, nb)
+    blob = load_samples(path)
     metrics = run.read_metrics()
-    steps = int(sum(m.get("steps", 0) for m in metrics[:server_round])) if "steps" in metrics[0] else \
-        int(sum(c["steps"] for m in metrics[:server_round] for c in m["clients"]))
+    steps = int(sum(m["steps"] for m in metrics[:server_round]))  # all clients' steps (federated) or the run's
     return {"round": server_round, "steps": steps, "flags": {k: v.tolist() for k, v in flags(blob["d2"]).items()},
             "eval_file": str(path)}
-
-
-def save_eval(path: Path, samples: np.ndarray, index: np.ndarray, d2: np.ndarray) -> None:
-    """Atomic .npz: generated uint8 samples, their k nearest training indices and exact squared distances."""
-    from fl_ietagc.checkpoints import atomic_write_bytes
-
-    atomic_write_bytes(path, lambda f: np.savez(f, samples=samples, index=index, d2=d2))
 
 
 def flags(d2: np.ndarray) -> dict[str, np.ndarray]:
@@ -291,7 +284,7 @@ def quality_rows(jobs, results: list[dict], size: Size) -> dict:
     n = min(size.samples, len(full.heldout.images))
     rows = {}
     for r in results:
-        blob = np.load(r["rounds"][-1]["eval_file"])
+        blob = load_samples(r["rounds"][-1]["eval_file"])
         rows.setdefault(r["variant"], []).append(cq.score(clf, torch.from_numpy(blob["samples"][:n]), ref))
     rows["held-out real"] = [cq.score(clf, full.heldout.images[:n], ref)]
     model = build_for_config(cfg)
@@ -388,7 +381,7 @@ def make_figures(summary: dict, results: list[dict], fig_dir: Path) -> dict[str,
     if shown:  # what each variant generates: a low copy rate means little if the samples are not digits
         fig, axes = plt.subplots(len(shown), 1, figsize=(8, 0.75 * len(shown) + 0.4))
         for ax, r in zip(np.atleast_1d(axes), shown):
-            imgs = np.load(r["rounds"][-1]["eval_file"])["samples"][:16, 0]
+            imgs = load_samples(r["rounds"][-1]["eval_file"])["samples"][:16, 0]
             ax.imshow(np.concatenate(list(np.pad(imgs, ((0, 0), (0, 0), (0, 1)), constant_values=255)), axis=1),
                       cmap="gray", vmin=0, vmax=255)
             ax.set_xticks([])
@@ -408,7 +401,7 @@ def make_figures(summary: dict, results: list[dict], fig_dir: Path) -> dict[str,
         fig, axes = plt.subplots(2 * len(pairs), 8, figsize=(8, 2.2 * len(pairs)))
         axes = np.atleast_2d(axes)
         for j, r in enumerate(sorted(pairs, key=lambda r: r["variant"] != "default")):
-            blob = np.load(r["rounds"][-1]["eval_file"])
+            blob = load_samples(r["rounds"][-1]["eval_file"])
             from fl_ietagc.config import parse_config
 
             train = load_splits(parse_config({k: v for k, v in RunDir(r["run"]).read_config().items()

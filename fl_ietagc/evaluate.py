@@ -174,8 +174,8 @@ def prepare(run_dir: str | Path, opts: EvalOptions) -> EvalPlan:
     else:
         ckpt_path = run.checkpoint(opts.server_round)
         if not ckpt_path.is_file():
-            raise ValueError(f"--round {opts.server_round}: no checkpoint of round {opts.server_round} in {ckpt_path.parent} "
-                             f"(saved rounds: {_saved_rounds(run)})")
+            raise ValueError(f"--round {opts.server_round}: no checkpoint of round {opts.server_round} in "
+                             f"{ckpt_path.parent} (saved rounds: {_saved_rounds(run)})")
     ckpt = load_checkpoint(ckpt_path)  # ValueError naming the file if empty, corrupt or refused
     key = "net" if opts.weights == "raw" else "ema"
     if not isinstance(ckpt.get(key), dict):
@@ -293,13 +293,14 @@ def evaluate_run(run_dir: str | Path, opts: EvalOptions, progress: bool = True, 
 SAMPLES_FILE = "samples.npz"
 
 
-def save_samples(path: Path, samples: torch.Tensor, nb, nb_null) -> None:
+def save_samples(path: Path, samples: torch.Tensor, nb, nb_null=None) -> None:
     """The evaluation's raw material, so every metric can be recomputed without sampling again: the generated
     uint8 images, their k nearest training images (indices into the run's training set, all shards in id order)
     and exact squared distances (pixels in [0, 1]), and the same for the held-out real images (the null)."""
-    atomic_write_bytes(path, lambda f: np.savez(f, samples=samples.numpy(), index=nb.index.numpy(),
-                                                d2=nb.d2.numpy(), null_index=nb_null.index.numpy(),
-                                                null_d2=nb_null.d2.numpy()))
+    arrays = {"samples": samples.numpy(), "index": nb.index.numpy(), "d2": nb.d2.numpy()}
+    if nb_null is not None:
+        arrays.update(null_index=nb_null.index.numpy(), null_d2=nb_null.d2.numpy())
+    atomic_write_bytes(path, lambda f: np.savez(f, **arrays))
 
 
 def load_samples(path: str | Path) -> dict[str, np.ndarray]:
