@@ -160,13 +160,6 @@ class RunConfig:
         """Flat {run-config key: value}, the inverse of `parse_config`."""
         return {f.metadata["key"]: getattr(self, f.name) for f in dataclasses.fields(self)}
 
-    def differing_keys(self, other: Mapping[str, Any], ignore: tuple = ("resume-from",)) -> list[str]:
-        """Keys whose value in `other` (a flat run-config mapping) differs from this config's. A key of this
-        version that `other` lacks counts as its default (a run directory written before the key existed)."""
-        mine, defaults = self.to_dict(), RunConfig().to_dict()
-        return sorted(k for k in set(mine) | set(other)
-                      if k not in ignore and mine.get(k) != other.get(k, defaults.get(k)))
-
     def check_resumed(self, option: str, stored: Mapping[str, Any]) -> None:
         """This config continues a run whose config.json holds `stored`: every key must be equal."""
         check_resumed_config(option, stored, self.to_dict())

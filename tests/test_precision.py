@@ -67,8 +67,10 @@ def test_bad_speed_keys_are_refused_in_one_line_naming_the_key(raw, key, allowed
 
 def test_a_run_directory_from_before_the_speed_keys_still_matches_its_config():
     old = {k: v for k, v in RunConfig().to_dict().items() if k not in ("precision", "channels-last", "compile")}
-    assert RunConfig().differing_keys(old) == []
-    assert RunConfig().replace(precision="bf16").differing_keys(old) == ["precision"]
+    RunConfig().check_resumed("resume", old)  # a key the old run lacks counts as its default: no difference
+    with pytest.raises(ConfigError, match=r"^resume: a resumed run keeps its config; these differ: "
+                                          r"precision = 'bf16' \(run has 'fp32'\)$"):
+        RunConfig().replace(precision="bf16").check_resumed("resume", old)
 
 
 # --- bf16 autocast -----------------------------------------------------------------------------------------
