@@ -259,6 +259,8 @@ def prepare(args):
     else:
         k = args.num_supernodes
     components, run_config = load_app_config(app_dir, overrides)
+    if not args.resume and not run_config.get("num-clients"):
+        run_config["num-clients"] = k  # K is known here: the ServerApp need not count SuperNodes as they register
     if not args.run_config_json:  # the child runs the config its parent has just validated
         validate_before_start(run_config, k, backend, ray_address)
     return app_dir, backend, components, run_config, k, ray_address

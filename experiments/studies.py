@@ -178,7 +178,7 @@ def run_study(study: str, size: str, out: Path, *, data_root: str = "", fid_weig
     validate_study(runs, study_dir, base, backend)
     if fid_weights:
         from fl_ietagc.config import ConfigError
-        from fl_ietagc.fid import InceptionWeightsError, preflight_weights
+        from fl_ietagc.inception_quality import InceptionWeightsError, preflight_weights
 
         try:
             preflight_weights(fid_weights)

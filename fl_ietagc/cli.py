@@ -3,7 +3,8 @@
     fl-ietagc baseline [--config FILE.toml] [--run-config "k=v ..."] [--match-federated K] [--agc]
     fl-ietagc evaluate RUN_DIR [options]   # samples -> memorization (MQ, 1/3, Carlini, null) + FID -> report
     fl-ietagc compare RUN_DIR ...          # one table of the evaluated runs, relative to the first
-    fl-ietagc resume RUN_DIR [--backend-config JSON]  # continue a killed / failed / interrupted run
+    fl-ietagc resume RUN_DIR [--backend-config JSON] [--ray-address HOST:PORT]
+                                           # continue a killed / failed / interrupted run
     fl-ietagc config                       # print every run-config key, default and meaning
 
 Run-config values use the same names and syntax as the Flower app (`flwr run -c`); `baseline`
@@ -43,6 +44,8 @@ def main(argv=None) -> int:
     r.add_argument("run_dir")
     r.add_argument("--backend-config", default=None, help="federated runs: Ray client resources (JSON, as for "
                                                           "flower-simulation); default: the run's own")
+    r.add_argument("--ray-address", default=None, help="federated runs: attach to this Ray cluster (HOST:PORT), "
+                                                        "as flower-simulation --ray-address; default: $RAY_ADDRESS")
     r.add_argument("--print-config", action="store_true", help="only print the run config that continues the run "
                                                                "(TOML, with resume-from), for `flwr run -c FILE`")
     e = sub.add_parser("evaluate", help="memorization and quality of a run's global model; writes results.json "
@@ -189,7 +192,8 @@ def _resume(args) -> int:
     backend = args.backend_config or json.dumps(run.read_config().get("backend_config") or
                                                 {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
     return simulate.main(["--app", str(Path(__file__).resolve().parents[1]), "--resume", str(run.path),
-                          "--backend-config", backend])
+                          "--backend-config", backend, *(["--ray-address", args.ray_address] if args.ray_address
+                                                         else [])])
 
 
 def _finish(work, what: str) -> int:

@@ -130,6 +130,8 @@ class RunConfig:
                                       _non_negative)
     round_timeout_s: float = _key("round-timeout-s", 7 * 24 * 3600.0, "how long the server waits for a round's "
                                   "replies", _positive)
+    node_wait_s: float = _key("node-wait-s", 600.0, "deployment: how long a round waits for the K SuperNodes to be "
+                              "connected; then the missing ones fall under client-failures", _positive)
     client_failures: str = _key("client-failures", "fail", "a client that fails (error, NaN, no reply): fail = the "
                                 "run fails; tolerate = the round aggregates the clients that replied",
                                 choices=CLIENT_FAILURES)

@@ -191,7 +191,7 @@ def prepare(run_dir: str | Path, opts: EvalOptions) -> EvalPlan:
     report.read_round_metrics(run)  # a corrupt metrics.json fails now, not after sampling
     fid_weights = None
     if opts.fid:
-        from .fid import FidUnavailable, preflight_weights
+        from .inception_quality import FidUnavailable, preflight_weights
 
         try:
             fid_weights = preflight_weights(opts.fid_weights)
@@ -331,7 +331,7 @@ def compute_quality_or_reason(samples, train, cfg, opts: EvalOptions, device, we
     `weights_path` (the weights `prepare` verified) overrides opts.fid_weights."""
     if not opts.fid:
         return {"computed": False, "reason": "disabled (--no-fid)"}
-    from .fid import FidUnavailable, compute_quality
+    from .inception_quality import FidUnavailable, compute_quality
 
     key = f"{cfg.dataset}-{image_size(cfg)}-n{len(train)}-{_tensor_digest(train)}"
     try:

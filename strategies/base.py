@@ -2,6 +2,9 @@
 
 Mixed in front of a Flower strategy (e.g. `class IETFedAvg(AppStrategyMixin, FedAvg)`), it
 
+- waits at most `node-wait-s` at the start of a round for the K SuperNodes to be connected (Flower's own
+  sampling would wait forever for a SuperNode that is gone); the missing ones then fall under the failure
+  policy below;
 - sends the run's settings to the clients with every round (run dir, run token, K, the round of each
   client's state to start from, RET shards), through `configure_train`;
 - sorts out the replies before Flower aggregates them: a client that reported an error, a Flower error
@@ -17,10 +20,13 @@ Mixed in front of a Flower strategy (e.g. `class IETFedAvg(AppStrategyMixin, Fed
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable
+from logging import INFO, WARNING
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fl_ietagc import protocol as P
@@ -59,27 +65,71 @@ class AppStrategyMixin:
     client_flags: dict = {}  # extra round config for the clients, e.g. {"reset-optimizer": True}
 
     def setup_app(self, num_clients: int, round_config: dict, failure_policy: str = "fail",
-                  min_clients_fraction: float = 1.0) -> None:
+                  min_clients_fraction: float = 1.0, node_wait_s: float = 600.0) -> None:
         self.num_clients = num_clients
         self.round_config = dict(round_config)
         self.failure_policy = failure_policy
         self.min_clients = max(1, math.ceil(min_clients_fraction * num_clients - 1e-9))
+        self.node_wait_s = node_wait_s
         self.last_round: list[ClientRound] = []
         self.last_failures: list[ClientFailure] = []
+        self.sent: list[Message] = []  # this round's train messages
+        self.absent: list[ClientFailure] = []  # partitions whose SuperNode was not connected at the round's start
         self.node_partitions: dict[int, int] = {}  # Flower node id -> partition, learnt from replies
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         for key, value in {**self.round_config, **self.client_flags}.items():
             config[key] = value
-        return super().configure_train(server_round, arrays, config, grid)
+        nodes = self.connected_nodes(server_round, grid)
+        if nodes is None:
+            self.sent = list(super().configure_train(server_round, arrays, config, grid))
+            return self.sent
+        # Flower samples fraction_train = 1.0 of the connected nodes, waiting for min_available_nodes: this round,
+        # the nodes just found (K, or fewer when the failure policy tolerates the missing ones)
+        before = self.min_available_nodes, self.min_train_nodes
+        self.min_available_nodes = self.min_train_nodes = len(nodes)
+        try:
+            # kept: the grid gives each its message id when it pushes it, which a Flower error reply names
+            self.sent = list(super().configure_train(server_round, arrays, config, grid))
+        finally:
+            self.min_available_nodes, self.min_train_nodes = before
+        return self.sent
+
+    def connected_nodes(self, server_round: int, grid: Grid, poll_s: float = 1.0) -> list[int] | None:
+        """The connected SuperNodes once all K are, or after `node-wait-s` the ones that are, when the failure
+        policy allows the round without the others (else ClientRoundError naming the missing partitions)."""
+        self.absent = []
+        deadline, said = time.time() + self.node_wait_s, 0.0
+        while len(nodes := list(grid.get_node_ids())) < self.num_clients and time.time() < deadline:
+            if time.time() - said >= 30:
+                log(INFO, "fl-ietagc: round %d waits for SuperNodes: %d of %d connected (node-wait-s = %g)",
+                    server_round, len(nodes), self.num_clients, self.node_wait_s)
+                said = time.time()
+            time.sleep(poll_s)
+        if len(nodes) >= self.num_clients:
+            return nodes
+        gone = sorted({p for n, p in self.node_partitions.items() if n not in nodes})
+        why = f"SuperNode not connected at the start of the round (waited node-wait-s = {self.node_wait_s:g} s)"
+        self.absent = [ClientFailure(p, server_round, why) for p in gone] or \
+            [ClientFailure(-1, server_round, f"{self.num_clients - len(nodes)} SuperNode(s) missing: {why}")]
+        summary = f"; only {len(nodes)} of {self.num_clients} SuperNodes connected"
+        if self.failure_policy == "fail" or len(nodes) < self.min_clients:
+            self.last_failures = self.absent
+            raise ClientRoundError(self.absent, summary + ("" if self.failure_policy == "fail" else
+                                                           f", min-clients-fraction needs {self.min_clients}"))
+        log(WARNING, "fl-ietagc: round %d goes on without %s%s (client-failures = tolerate)", server_round,
+            ", ".join(f"partition {f.partition_id}" for f in self.absent if f.partition_id >= 0) or "them", summary)
+        return nodes
 
     def sort_replies(self, server_round: int, replies: list[Message]) -> tuple[list[Message], list[ClientFailure]]:
         """(good replies in partition order, failures)."""
         good, failures = [], []
+        sent_to = {s.metadata.message_id: s.metadata.dst_node_id for s in self.sent if s.metadata.message_id}
         for m in replies:
-            if m.has_error():  # Flower's own error: the ClientApp process or actor died, or a timeout
-                node = m.metadata.src_node_id
+            if m.has_error():  # Flower's own error: the ClientApp process or actor died, a lost SuperNode (the
+                # SuperLink answers for it: src_node_id is then the SuperLink's), or a timeout
+                node = sent_to.get(m.metadata.reply_to_message_id, m.metadata.src_node_id)
                 failures.append(ClientFailure(self.node_partitions.get(node, -1), server_round,
                                               f"Flower error on node {node}: {one_line(m.error.reason)}",
                                               traceback=str(m.error.reason)))
@@ -93,6 +143,7 @@ class AppStrategyMixin:
                                                   f"returned non-finite weights ({len(bad)} arrays, e.g. {bad[0]})"))
                 else:
                     good.append(m)
+        failures += [f for f in self.absent if f.partition_id not in {partition_of(m) for m in good}]
         seen = {partition_of(m) for m in good} | {f.partition_id for f in failures}
         for pid in sorted(set(range(self.num_clients)) - seen):
             if not any(f.partition_id < 0 for f in failures):

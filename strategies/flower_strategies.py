@@ -71,8 +71,11 @@ class AppDPFixedClipping(AppStrategyMixin, DifferentialPrivacyServerSideFixedCli
     """
 
     def setup_app(self, num_clients: int, round_config: dict, failure_policy: str = "fail",
-                  min_clients_fraction: float = 1.0) -> None:
-        super().setup_app(num_clients, round_config, failure_policy, min_clients_fraction)
-        self.strategy.setup_app(num_clients, round_config, failure_policy, min_clients_fraction)
+                  min_clients_fraction: float = 1.0, node_wait_s: float = 600.0) -> None:
+        super().setup_app(num_clients, round_config, failure_policy, min_clients_fraction, node_wait_s)
+        self.strategy.setup_app(num_clients, round_config, failure_policy, min_clients_fraction, node_wait_s)
         self.strategy.round_config = self.round_config  # one dict: what the ServerApp updates, both send
         self.client_flags = getattr(self.strategy, "client_flags", {})
+
+    def connected_nodes(self, server_round: int, grid, poll_s: float = 1.0) -> None:
+        return None  # the wrapped strategy waits for the SuperNodes (in its configure_train, which Flower calls)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -48,7 +50,8 @@ from fl_ietagc.validate import check_device, check_model, check_run_dir
 from .registry import build_strategy, check_strategy
 from .state import export_state, import_state
 
-NODE_WAIT_S = 120
+NODE_WAIT_S = 120  # num-clients = 0: how long to wait for the first SuperNode
+NODE_SETTLE_S = 5.0  # ... and for the count of connected SuperNodes to stop changing
 
 app = ServerApp()
 
@@ -94,34 +97,67 @@ def main(grid: Grid, context: Context) -> None:
         start_round, saved = 0, None
     log(INFO, "fl-ietagc: run directory %s%s", run.path, f" (resumed after round {start_round})" if saved else "")
     register_active(run)
+    restore = mark_interrupted_on_signals()
     try:
         if saved is None:
             saved = begin_run(cfg, run, num_clients, shards, net, ema)
         run_federated(grid, cfg, run, num_clients, start_round, net, ema, saved)
     except BaseException as exc:
-        if isinstance(exc, KeyboardInterrupt):
-            run.mark_interrupted("KeyboardInterrupt")
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):  # (SystemExit: Flower's exit on SIGTERM/SIGINT)
+            if run.read_status().get("status") != "interrupted":
+                run.mark_interrupted(type(exc).__name__)
         else:
             run.mark_failed(exc)
             log(ERROR, "fl-ietagc: run failed: %s | status, tracebacks: %s, %s", run.read_status()["error"],
                 run.status_path, run.logs_dir)
         raise
     finally:
+        restore()
         ACTIVE_RUNS.discard(run)
 
 
-def resolve_num_clients(cfg: RunConfig, grid: Grid) -> int:
+def mark_interrupted_on_signals():
+    """In a process where the ServerApp runs on the main thread (Flower's flwr-serverapp in deployment), SIGTERM
+    and SIGINT first mark the active run interrupted (resumable), then do what they did before (Flower's graceful
+    exit). Returns the function that puts the previous handlers back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None  # (simulation: flower-simulation's own process marks the run and ends Ray)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum, frame):
+        for run in list(ACTIVE_RUNS):
+            run.mark_interrupted(signal.Signals(signum).name)
+        before = previous[signum]
+        if callable(before):
+            before(signum, frame)
+        elif before == signal.SIG_IGN:
+            return
+        else:
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for s in previous:
+        signal.signal(s, handler)
+    return lambda: [signal.signal(s, h) for s, h in previous.items()]
+
+
+def resolve_num_clients(cfg: RunConfig, grid: Grid, settle_s: float = NODE_SETTLE_S, poll_s: float = 0.5) -> int:
+    """K: num-clients when set, else every SuperNode connected once their count has not changed for `settle_s`
+    (SuperNodes register one by one: taking the count at the first node would start a run with too few)."""
     if cfg.num_clients:
         return cfg.num_clients
     deadline = time.time() + NODE_WAIT_S
+    count, since = 0, time.time()
     while True:
-        nodes = list(grid.get_node_ids())
-        if nodes:
-            return len(nodes)
-        if time.time() > deadline:
+        now_count = len(list(grid.get_node_ids()))
+        if now_count != count:
+            count, since = now_count, time.time()
+        elif count and time.time() - since >= settle_s:
+            log(INFO, "fl-ietagc: num-clients = 0: %d SuperNode(s) connected, running with K = %d", count, count)
+            return count
+        if not count and time.time() > deadline:
             raise ConfigError(f"num-clients = 0: no SuperNode connected within {NODE_WAIT_S} s; "
                               f"start SuperNodes or set num-clients")
-        time.sleep(1.0)
+        time.sleep(poll_s)
 
 
 def check_resume_config(cfg: RunConfig, stored: dict) -> None:
@@ -164,7 +200,7 @@ def run_federated(grid: Grid, cfg: RunConfig, run: RunDir, num_clients: int, sta
     import_state(strategy, saved["strategy"])
     strategy.setup_app(num_clients, {P.RUN_DIR: str(run.path), P.RUN_TOKEN: state.token,
                                      P.NUM_CLIENTS: num_clients},
-                       cfg.client_failures, cfg.min_clients_fraction)
+                       cfg.client_failures, cfg.min_clients_fraction, cfg.node_wait_s)
     if state.ret_events:
         strategy.round_config.update({P.shard_key(i): s.tolist() for i, s in enumerate(state.shards)})
     run.write_shards(state.shards)

@@ -73,6 +73,24 @@ def test_a_failed_client_fails_the_round(flower_identity):
         strategy(2).aggregate_train(1, [reply(0, 10, [1.0], [1.0]), failed])
 
 
+def test_a_lost_supernode_is_named_by_the_partition_it_trained_before(flower_identity):
+    """The SuperLink answers for a SuperNode whose heartbeat expired (its own node id as the sender): the
+    failure names the partition learnt from that node's earlier replies, through the message it answers."""
+    from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+
+    s = strategy(2, "tolerate", 0.5)
+    s.aggregate_train(1, [reply(0, 10, [1.0], [1.0]), reply(1, 10, [1.0], [1.0])])
+    sent = [Message(RecordDict(), dst_node_id=100 + pid, message_type="train") for pid in (0, 1)]
+    for i, m in enumerate(sent):
+        m.metadata.__dict__["_message_id"] = f"id-{i}"  # as the grid does when it pushes them
+    s.sent = sent
+    lost = create_message_error_unavailable_res_message(sent[1].metadata, "node_unavail")
+    assert lost.metadata.src_node_id != 101
+    s.aggregate_train(2, [reply(0, 10, [1.0], [1.0]), lost])
+    assert [f.partition_id for f in s.last_failures] == [1]
+    assert s.last_failures[0].error.startswith("Flower error on node 101: Error: Node Unavailable")
+
+
 def test_a_missing_client_fails_the_round(flower_identity):
     with pytest.raises(ClientRoundError) as e:
         strategy(3).aggregate_train(1, [reply(0, 10, [1.0], [1.0]), reply(2, 10, [1.0], [1.0])])

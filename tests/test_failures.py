@@ -140,3 +140,68 @@ def test_a_corrupt_status_or_resume_file_is_named(tmp_path):
     run.resume_path.write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(ValueError, match=f"{run.resume_path}: not a readable resume point"):
         run.read_resume()
+
+
+class LosingGrid(LocalGrid):
+    """Partition 1's SuperNode leaves after round `gone_after` (and comes back from round `back_at`, with a new
+    node id, as a restarted SuperNode does)."""
+
+    def __init__(self, k, run_config, gone_after: int, back_at: int = 10**9):
+        super().__init__(k, run_config)
+        self.gone_after, self.back_at, self.round = gone_after, back_at, 0
+
+    def get_node_ids(self):
+        ids = super().get_node_ids()
+        if self.gone_after < self.round + 1 < self.back_at:
+            return [i for i in ids if self.contexts[i].node_config["partition-id"] != 1]
+        return ids
+
+    def send_and_receive(self, messages, timeout=None):
+        messages = list(messages)
+        self.round = int(messages[0].content["config"]["server-round"])
+        return super().send_and_receive(messages, timeout)
+
+
+def test_a_supernode_gone_between_rounds_fails_the_run_naming_it_within_node_wait_s(tmp_path):
+    import time
+
+    cfg = {**SMALL, "node-wait-s": 0.5, "output-dir": str(tmp_path), "run-name": "g"}
+    grid = LosingGrid(2, cfg, gone_after=1)
+    t0 = time.time()
+    with pytest.raises(ClientRoundError) as e:
+        run_server(cfg, 2, grid)
+    assert time.time() - t0 < 60
+    assert str(e.value) == ("partition 1, round 2: SuperNode not connected at the start of the round (waited "
+                            "node-wait-s = 0.5 s); only 1 of 2 SuperNodes connected")
+    run = RunDir(tmp_path / "g")
+    assert run.committed_round() == 1 and run.read_status()["status"] == "failed"
+
+
+def test_tolerate_goes_on_without_a_gone_supernode_and_takes_it_back_when_it_returns(tmp_path):
+    cfg = {**SMALL, "node-wait-s": 0.5, "client-failures": "tolerate", "min-clients-fraction": 0.5,
+           "output-dir": str(tmp_path), "run-name": "t"}
+    run_server(cfg, 2, LosingGrid(2, cfg, gone_after=1, back_at=3))
+    run = RunDir(tmp_path / "t")
+    assert run.read_status()["status"] == "completed"
+    metrics = run.read_metrics()
+    assert [[c["partition-id"] for c in m["clients"]] for m in metrics] == [[0, 1], [0], [0, 1]]
+    assert metrics[1]["failed"] == [{"partition-id": 1, "step": -1, "error": "SuperNode not connected at the start "
+                                     "of the round (waited node-wait-s = 0.5 s)"}]
+    assert [[c["client-step"] for c in m["clients"]] for m in metrics] == [[2, 2], [4], [6, 4]]
+
+
+def test_resume_passes_the_ray_address_on(tmp_path, monkeypatch):
+    """`fl-ietagc resume RUN_DIR --ray-address H:P` continues a failed federated run on that Ray cluster."""
+    from experiments import simulate
+    from fl_ietagc import cli
+
+    monkeypatch.setenv("FL_IETAGC_FAULT", "client-train-p1:2:raise")
+    with pytest.raises(ClientRoundError):
+        run_server({**SMALL, "num-server-rounds": 2, "output-dir": str(tmp_path), "run-name": "r"}, 2)
+    monkeypatch.delenv("FL_IETAGC_FAULT")
+    seen = []
+    monkeypatch.setattr(simulate, "main", lambda argv: seen.append(argv) or 0)
+    assert cli.main(["resume", str(tmp_path / "r"), "--ray-address", "10.0.0.5:6379"]) == 0
+    argv = seen[0]
+    assert argv[argv.index("--resume") + 1] == str(tmp_path / "r")
+    assert argv[argv.index("--ray-address") + 1] == "10.0.0.5:6379"

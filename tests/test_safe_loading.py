@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from fl_ietagc import evaluate as ev
-from fl_ietagc import fid
+from fl_ietagc import inception_quality as fid
 from fl_ietagc.cli import main as cli
 from fl_ietagc.config import parse_config
-from fl_ietagc.fid import (CACHE_FORMAT, FidCacheWarning, InceptionWeightsError, UnsafeFileError, compute_quality,
+from fl_ietagc.inception_quality import (CACHE_FORMAT, FidCacheWarning, InceptionWeightsError, UnsafeFileError, compute_quality,
                            inception_state_shapes, load_inception_weights, safe_torch_load, weights_fingerprint)
 
 REFUSED_OPEN = ("refused: unpickling this {what} would run code or build objects other than tensors (Unsupported "

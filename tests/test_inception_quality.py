@@ -1,4 +1,4 @@
-"""fl_ietagc.fid against stand-in Inception weights (the real ones are not downloadable offline).
+"""fl_ietagc.inception_quality against stand-in Inception weights (the real ones are not downloadable offline).
 
 The stand-in has the exact architecture and state-dict keys of torch-fidelity's InceptionV3, so the whole
 torch-fidelity path (weights loading, feature extraction, caching, metrics) runs for real; only the features
@@ -17,8 +17,8 @@ import pytest
 import torch
 import torch_fidelity.utils
 
-from fl_ietagc import fid
-from fl_ietagc.fid import (INCEPTION_FILENAME, WEIGHTS_ENV, FidUnavailable, compute_quality,
+from fl_ietagc import inception_quality as fid
+from fl_ietagc.inception_quality import (INCEPTION_FILENAME, WEIGHTS_ENV, FidUnavailable, compute_quality,
                            resolve_inception_weights, weights_fingerprint)
 
 from tests.conftest import make_standin_weights  # noqa: E402

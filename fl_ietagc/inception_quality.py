@@ -1,4 +1,5 @@
-"""Sample quality (FID, and optionally IS, KID, precision/recall) through torch-fidelity, offline-capable.
+"""Sample quality in Inception features (FID, and optionally IS, KID, precision/recall) through torch-fidelity,
+offline-capable. (The offline stand-in without Inception weights is classifier_quality.py.)
 
 Weights. Every metric here uses torch-fidelity's "inception-v3-compat" feature extractor (the TF-compatible
 InceptionV3 of the original FID paper), whose weights are the single file ``INCEPTION_FILENAME``. It is taken
