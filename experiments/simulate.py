@@ -35,7 +35,8 @@ QUIET_FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="flower-simulation", description=__doc__.split("\n\n")[0])
-    p.add_argument("--app", default=".", help="app directory (with pyproject.toml); default: .")
+    p.add_argument("--app", default=None, help="app directory (with pyproject.toml); default: this package's app "
+                                               "(the source checkout, or fl_ietagc/app/ of an installed wheel)")
     p.add_argument("--num-supernodes", type=int, default=None,
                    help="number of SuperNodes = clients = shards (K); with --resume, the run's own")
     p.add_argument("--backend-config", default="{}",
@@ -162,13 +163,11 @@ def attach_backend(backend: dict, address: str | None) -> dict:
 
 def validate_before_start(run_config: dict, num_supernodes: int, backend: dict | None = None,
                           ray_address: str | None = None) -> None:
-    """Fail fast, before Ray starts: the one validation pass (fl_ietagc/validate.py) plus the strategy."""
+    """Fail fast, before Ray starts: the one validation pass (parse_config, then fl_ietagc/validate.py)."""
     from fl_ietagc.config import ConfigError, parse_config
     from fl_ietagc.validate import validate_run
-    from strategies.registry import check_strategy
 
     cfg = parse_config(run_config)
-    check_strategy(cfg.strategy, cfg)
     if cfg.num_clients and cfg.num_clients != num_supernodes:
         raise ConfigError(f"num-clients = {cfg.num_clients} but --num-supernodes = {num_supernodes}")
     validate_run(cfg, num_supernodes, backend, ray_address=ray_address)
@@ -239,7 +238,9 @@ def main(argv=None) -> int:
 def prepare(args):
     from fl_ietagc.config import ConfigError, load_overrides
 
-    app_dir = Path(args.app).resolve()
+    from fl_ietagc.app_dir import app_dir as default_app
+
+    app_dir = Path(args.app).resolve() if args.app else default_app()
     if not (app_dir / "pyproject.toml").is_file():
         raise ConfigError(f"--app {args.app}: no pyproject.toml there")
     if args.num_supernodes is not None and args.num_supernodes < 1:

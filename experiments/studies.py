@@ -90,7 +90,7 @@ def plan(study: str, size: str) -> list[RunSpec]:
                  for p in periods if p != base_config(study, size)["local-epochs"]]
         return runs
     if study == "strategies":
-        from strategies.registry import STRATEGIES
+        from fl_ietagc.config import STRATEGIES
 
         return [RunSpec(name, k, {"strategy": name}) for name in ["iet", *sorted(set(STRATEGIES) - {"iet"})]]
     if study == "finetune":
@@ -206,7 +206,6 @@ def validate_study(runs: list[RunSpec], study_dir: Path, base: dict, backend: di
     """Every run's config, data and resources, before the first run trains (ConfigError naming the run)."""
     from fl_ietagc.config import ConfigError, parse_config
     from fl_ietagc.validate import validate_run
-    from strategies.registry import check_strategy
 
     for r in runs:
         if (study_dir / r.name / "results.json").is_file():
@@ -215,7 +214,6 @@ def validate_study(runs: list[RunSpec], study_dir: Path, base: dict, backend: di
         conf = {**base, **r.overrides, "output-dir": str(study_dir), "run-name": "" if exists else r.name}
         try:
             cfg = parse_config({**conf, "agc": r.centralized_agc} if not r.clients else conf)
-            check_strategy(cfg.strategy, cfg)
             validate_run(cfg, r.clients or r.match_federated, backend if r.clients else None)
         except ConfigError as e:
             raise ConfigError(f"[{r.name}] {e}") from e
@@ -242,7 +240,9 @@ def train_run(r: RunSpec, study_dir: Path, base: dict, backend: dict, smoke: boo
         print(f"[{r.name}] {state} at round {run.read_status().get('round')}: resuming")
     conf = {**base, **r.overrides, "output-dir": str(study_dir), "run-name": r.name}
     if r.clients:
-        app = str(Path(__file__).resolve().parents[1])
+        from fl_ietagc.app_dir import app_dir
+
+        app = str(app_dir())
         if resume:
             args = ["--resume", str(run.path)]
         else:

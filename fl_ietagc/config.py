@@ -26,6 +26,13 @@ HFLIP_MODES = ("auto", "on", "off")
 DEVICES = ("auto", "cpu", "cuda")
 CLIENT_FAILURES = ("fail", "tolerate")
 PRECISIONS = ("fp32", "bf16")
+# server strategies by name (each built in strategies/registry.py; tests/test_strategies.py checks the two agree)
+STRATEGIES = ("iet", "fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg")
+# run-config keys that only some strategies read: set away from their default with another strategy, they would be
+# silently ignored, so that is an error
+STRATEGY_KEYS = {"fedavgm-lr": ("fedavgm",), "fedavgm-momentum": ("fedavgm",), "fedprox-mu": ("fedprox",),
+                 "fedopt-eta": ("fedadam", "fedyogi"), "fedopt-tau": ("fedadam", "fedyogi"),
+                 "trim-beta": ("fedtrimmedavg",)}
 
 
 class ConfigError(ValueError):
@@ -114,7 +121,8 @@ class RunConfig:
     # --- federation ---
     num_clients: int = _key("num-clients", 0, "K, number of shards/clients; 0 = every connected SuperNode",
                             _non_negative)
-    strategy: str = _key("strategy", "iet", "server aggregation strategy (see strategies/registry.py)")
+    strategy: str = _key("strategy", "iet", "server aggregation strategy (see strategies/registry.py)",
+                         choices=STRATEGIES)
     fedavgm_lr: float = _key("fedavgm-lr", 1.0, "fedavgm: server learning rate on the pseudo-gradient", _positive)
     fedavgm_momentum: float = _key("fedavgm-momentum", 0.9, "fedavgm: server momentum", _in_unit_open)
     fedprox_mu: float = _key("fedprox-mu", 0.01, "fedprox: proximal term mu/2 * ||w - w_global||^2 in the "
@@ -262,6 +270,11 @@ def _check_cross_keys(cfg: RunConfig) -> None:
     if cfg.client_failures == "fail" and cfg.min_clients_fraction != defaults.min_clients_fraction:
         raise ConfigError(f"min-clients-fraction = {cfg.min_clients_fraction}: only used with "
                           f"client-failures = \"tolerate\"")
+    given = cfg.to_dict()
+    for key, users in STRATEGY_KEYS.items():
+        if given[key] != defaults.to_dict()[key] and cfg.strategy not in users:
+            raise ConfigError(f"{key} = {given[key]}: only used by strategy {' / '.join(sorted(users))}, "
+                              f"not {cfg.strategy}")
     if cfg.image_size and cfg.image_size % 8:
         raise ConfigError(f"image-size = {cfg.image_size}: must be a multiple of 8 (the UNet downsamples 3 times)")
 

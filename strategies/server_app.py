@@ -47,7 +47,7 @@ from fl_ietagc.shards import shards_for_config
 from fl_ietagc.trainer import pick_device
 from fl_ietagc.validate import check_device, check_model, check_run_dir
 
-from .registry import build_strategy, check_strategy
+from .registry import build_strategy
 from .state import export_state, import_state
 
 NODE_WAIT_S = 120  # num-clients = 0: how long to wait for the first SuperNode
@@ -83,7 +83,6 @@ class ServerState:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = parse_config(context.run_config)
-    check_strategy(cfg.strategy, cfg)
     check_model(cfg)
     check_device(cfg)
     check_run_dir(cfg)

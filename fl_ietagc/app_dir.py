@@ -1,0 +1,52 @@
+"""Where the Flower app lives, and how the core reaches its launchers without claiming import names.
+
+The Flower app is a folder with `pyproject.toml` ([tool.flwr.app]) and the top-level packages its components
+name: `strategies/` (the ServerApp), `clients/` (the ClientApp) and `experiments/` (launchers, studies). Flower
+imports them with the app folder on `sys.path` (what it does with a FAB), so they keep their short names there.
+An installed wheel must not claim such generic names in site-packages, so it ships the app as data under
+`fl_ietagc/app/`; a source checkout (or an editable install) uses the checkout itself. `app_dir()` finds it;
+`app_module(name)` imports one of its modules the way Flower does.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from types import ModuleType
+
+from .config import ConfigError
+
+_PACKAGE = Path(__file__).resolve().parent
+APP_PACKAGES = ("strategies", "clients", "experiments")
+
+
+def _is_app(folder: Path) -> bool:
+    return (folder / "pyproject.toml").is_file() and all((folder / p / "__init__.py").is_file() for p in APP_PACKAGES)
+
+
+def app_dir() -> Path:
+    """The source checkout holding fl_ietagc/, or the copy an installed wheel ships in fl_ietagc/app/."""
+    for folder in (_PACKAGE.parent, _PACKAGE / "app"):
+        if _is_app(folder):
+            return folder
+    raise ConfigError(f"no Flower app next to {_PACKAGE} (neither a source checkout nor an installed wheel's "
+                      f"fl_ietagc/app/ with pyproject.toml and {', '.join(APP_PACKAGES)}): reinstall fl-ietagc")
+
+
+def app_module(name: str) -> ModuleType:
+    """Import `name` (e.g. "experiments.simulate") from the app folder, which goes first on sys.path."""
+    folder = str(app_dir())
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module(name)
+
+
+def flower_simulation() -> int:
+    """Console script `flower-simulation`."""
+    return app_module("experiments.simulate").main()
+
+
+def study() -> int:
+    """Console script `fl-ietagc-study`."""
+    return app_module("experiments.studies").main()
