@@ -50,6 +50,31 @@ def after_round(cfg, shards: list[np.ndarray], skip_period: np.ndarray, server_r
     return redistribute(shards, skip_period, cfg.ret_fraction, server_round // cfg.ret_every, cfg.seed)
 
 
+class ShardAssignment:
+    """The current shards, and what each client is told of them in its train instruction.
+
+    Until RET first redistributes, nothing (every client derives its shard from the config). After that, a
+    client whose partition the server knows gets its own list only; a SuperNode whose partition the server has
+    not learnt yet (it has not replied since this server process started, e.g. the first round after a resume)
+    gets all K lists and picks its own by its node config's partition-id."""
+
+    def __init__(self, shards: list[np.ndarray], redistributed: bool = False):
+        self.shards, self.redistributed = list(shards), redistributed
+
+    def assign(self, shards: list[np.ndarray]) -> None:
+        """RET moved images: these are the shards from now on."""
+        self.shards, self.redistributed = list(shards), True
+
+    def instruction(self, partition_id: int | None) -> dict[str, list[int]]:
+        """Train-config entries for the client of `partition_id` (None: not known yet)."""
+        from .protocol import shard_key
+
+        if not self.redistributed:
+            return {}
+        parts = range(len(self.shards)) if partition_id is None else (partition_id,)
+        return {shard_key(p): self.shards[p].tolist() for p in parts}
+
+
 def moved_count(old: list[np.ndarray], new: list[np.ndarray]) -> int:
     """How many images changed shard."""
     return int(sum(len(np.setdiff1d(b, a)) for a, b in zip(old, new)))

@@ -31,6 +31,7 @@ from flwr.serverapp import Grid
 
 from fl_ietagc import protocol as P
 from fl_ietagc.protocol import ClientFailure, ClientRound, one_line, round_metrics
+from fl_ietagc.ret import ShardAssignment
 
 
 class ClientRoundError(RuntimeError):
@@ -76,6 +77,11 @@ class AppStrategyMixin:
         self.sent: list[Message] = []  # this round's train messages
         self.absent: list[ClientFailure] = []  # partitions whose SuperNode was not connected at the round's start
         self.node_partitions: dict[int, int] = {}  # Flower node id -> partition, learnt from replies
+        self.shard_assignment: ShardAssignment | None = None  # RET: the current shards (see use_shards)
+
+    def use_shards(self, assignment: ShardAssignment) -> None:
+        """RET: tell each client its shard from `assignment` (which the ServerApp updates)."""
+        self.shard_assignment = assignment
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -91,10 +97,21 @@ class AppStrategyMixin:
         self.min_available_nodes = self.min_train_nodes = len(nodes)
         try:
             # kept: the grid gives each its message id when it pushes it, which a Flower error reply names
-            self.sent = list(super().configure_train(server_round, arrays, config, grid))
+            self.sent = self.with_shards(list(super().configure_train(server_round, arrays, config, grid)))
         finally:
             self.min_available_nodes, self.min_train_nodes = before
         return self.sent
+
+    def with_shards(self, messages: list[Message]) -> list[Message]:
+        """Each message with its own copy of the train config, holding its client's shard (RET), if any."""
+        if self.shard_assignment is None or not self.shard_assignment.redistributed:
+            return messages
+        for m in messages:
+            shards = self.shard_assignment.instruction(self.node_partitions.get(m.metadata.dst_node_id))
+            content = m.content  # (Flower's strategies give every message the same RecordDict)
+            key = self.configrecord_key
+            m.content = RecordDict({**content, key: ConfigRecord({**content[key], **shards})})
+        return messages
 
     def connected_nodes(self, server_round: int, grid: Grid, poll_s: float = 1.0) -> list[int] | None:
         """The connected SuperNodes once all K are, or after `node-wait-s` the ones that are, when the failure

@@ -77,5 +77,9 @@ class AppDPFixedClipping(AppStrategyMixin, DifferentialPrivacyServerSideFixedCli
         self.strategy.round_config = self.round_config  # one dict: what the ServerApp updates, both send
         self.client_flags = getattr(self.strategy, "client_flags", {})
 
+    def use_shards(self, assignment) -> None:
+        super().use_shards(assignment)
+        self.strategy.use_shards(assignment)  # (the wrapped strategy writes the messages)
+
     def connected_nodes(self, server_round: int, grid, poll_s: float = 1.0) -> None:
         return None  # the wrapped strategy waits for the SuperNodes (in its configure_train, which Flower calls)

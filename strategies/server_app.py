@@ -200,8 +200,8 @@ def run_federated(grid: Grid, cfg: RunConfig, run: RunDir, num_clients: int, sta
     strategy.setup_app(num_clients, {P.RUN_DIR: str(run.path), P.RUN_TOKEN: state.token,
                                      P.NUM_CLIENTS: num_clients},
                        cfg.client_failures, cfg.min_clients_fraction, cfg.node_wait_s)
-    if state.ret_events:
-        strategy.round_config.update({P.shard_key(i): s.tolist() for i, s in enumerate(state.shards)})
+    shards = ret.ShardAssignment(state.shards, redistributed=state.ret_events > 0)
+    strategy.use_shards(shards)
     run.write_shards(state.shards)
     run.write_status("running", round=start_round, num_rounds=cfg.num_server_rounds)
     log(INFO, "fl-ietagc: %d clients, shard sizes %s, %s preset (%s parameters), rounds %d..%d of %d x %d local "
@@ -266,7 +266,7 @@ def end_round(cfg: RunConfig, run: RunDir, strategy, state: ServerState, server_
         state.shards = new
         state.skip_period[:] = 0
         run.write_shards(state.shards)
-        strategy.round_config.update({P.shard_key(i): s.tolist() for i, s in enumerate(state.shards)})
+        strategy.shard_assignment.assign(state.shards)
     record = {"round": server_round, "elapsed-s": elapsed, **round_metrics(clients),
               "ret-moved": moved, "clients": [c.to_json() for c in clients],
               "failed": [{"partition-id": f.partition_id, "error": f.error, "step": f.step}

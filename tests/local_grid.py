@@ -30,6 +30,7 @@ class LocalGrid:
                                            node_config={"partition-id": p, "num-partitions": k, **(node_config or {})},
                                            run_config=dict(run_config)) for p in range(k)}
         self.delivered: list = []  # (round, partition) in order, for the tests
+        self.shard_keys: list = []  # (round, partition, the shard lists its instruction holds: RET)
 
     def get_node_ids(self):
         return sorted(self.contexts)
@@ -40,7 +41,10 @@ class LocalGrid:
         replies = []
         for m in messages:
             ctx = self.contexts[m.metadata.dst_node_id]
-            self.delivered.append((int(m.content["config"]["server-round"]), ctx.node_config["partition-id"]))
+            conf = m.content["config"]
+            self.delivered.append((int(conf["server-round"]), ctx.node_config["partition-id"]))
+            self.shard_keys.append((int(conf["server-round"]), ctx.node_config["partition-id"],
+                                    sorted(k for k in conf if k.startswith("shard-"))))
             replies.append(train(m, ctx))
         return replies
 

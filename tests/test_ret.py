@@ -158,12 +158,15 @@ def test_the_flower_free_loop_runs_ret_exactly_as_the_app(tmp_path):
             "taa": True, "output-dir": str(tmp_path)}
     torch.set_num_threads(1)
     try:
-        run_server({**conf, "run-name": "app"}, 2)
+        grid = run_server({**conf, "run-name": "app"}, 2)
         loop = run_iet_loop(parse_config({**conf, "run-name": "loop"}), 2, torch.device("cpu"),
                             RunDir.create(str(tmp_path), "loop", ""))
     finally:
         torch.set_num_threads(2)
     app, mine = RunDir(tmp_path / "app"), RunDir(tmp_path / "loop")
+    # each client is told its own shard only, once RET has moved images (after rounds 1 and 2)
+    assert sorted(grid.shard_keys) == [(1, 0, []), (1, 1, []), (2, 0, ["shard-0"]), (2, 1, ["shard-1"]),
+                               (3, 0, ["shard-0"]), (3, 1, ["shard-1"])]
     assert [m["ret-moved"] for m in mine.read_metrics()] == [m["ret-moved"] for m in app.read_metrics()] == [32, 32, 0]
     assert [s.tolist() for s in mine.read_shards()] == [s.tolist() for s in app.read_shards()]
     for pid in (0, 1):
@@ -178,3 +181,13 @@ def test_the_flower_free_loop_runs_ret_exactly_as_the_app(tmp_path):
     for k in loop.net:
         assert torch.equal(final["net"][k], loop.net[k]), k
         assert torch.equal(final["ema"][k], loop.ema[k]), k
+
+
+def test_shard_assignment_tells_each_client_its_own_shard_once_redistributed():
+    from fl_ietagc.ret import ShardAssignment
+
+    a = ShardAssignment([np.array([0, 1]), np.array([2, 3])])
+    assert a.instruction(0) == {} and a.instruction(None) == {}  # from the config until RET moves images
+    a.assign([np.array([0, 3]), np.array([2, 1])])
+    assert a.instruction(1) == {"shard-1": [2, 1]}
+    assert a.instruction(None) == {"shard-0": [0, 3], "shard-1": [2, 1]}  # a node not known yet picks its own
