@@ -214,13 +214,29 @@ STOP_SIGNAL = signal.SIGUSR1  # parent -> child: "stop now" (Ray's driver handle
 
 
 def main(argv=None) -> int:
-    """Validate everything, then run the simulation in a child process (its own process group) and wait.
+    """`flower-simulation`: validate everything, then run the simulation in a child process (its own process
+    group) and wait.
 
     Exit status: 0 completed, 1 the run failed, 2 bad input (nothing started), 130 / 143 interrupted by
     SIGINT / SIGTERM (the run is marked interrupted; `fl-ietagc resume RUN_DIR` continues it)."""
+    return _launch(parse_args(argv))
+
+
+def launch(run_config: dict | None = None, num_supernodes: int | None = None, backend: dict | str | None = None, *,
+           resume: str | None = None, ray_address: str | None = None, app: str | None = None,
+           verbose: bool = False) -> int:
+    """The one Python entry point to run a federated simulation (the CLI, the studies and `fl-ietagc resume` use
+    it): `flower-simulation` with these arguments, run-config keys as a dict, the backend config as a dict or
+    its JSON text. Same validation, same exit status."""
+    backend_config = backend if isinstance(backend, str) else json.dumps(backend or {})
+    return _launch(argparse.Namespace(app=app, num_supernodes=num_supernodes, backend_config=backend_config,
+                                      run_config=None, overrides=dict(run_config or {}), resume=resume,
+                                      ray_address=ray_address, verbose=verbose, run_config_json=None))
+
+
+def _launch(args: argparse.Namespace) -> int:
     for k, v in QUIET_FLOWER_ENV.items():
         os.environ.setdefault(k, v)
-    args = parse_args(argv)
     from fl_ietagc.config import ConfigError
 
     try:
@@ -254,7 +270,12 @@ def prepare(args):
     if ray_address and not args.run_config_json:  # (the child: its parent has checked it)
         check_ray_address(ray_address, "--ray-address" if args.ray_address else "RAY_ADDRESS")
     backend = attach_backend(backend, ray_address)
-    overrides = json.loads(args.run_config_json) if args.run_config_json else load_overrides(args.run_config)
+    if args.run_config_json:
+        overrides = json.loads(args.run_config_json)
+    elif getattr(args, "overrides", None) is not None:  # launch(): a dict of run-config keys
+        overrides = dict(args.overrides)
+    else:
+        overrides = load_overrides(args.run_config)
     if args.resume:
         overrides, k = resume_run_config(args.resume, overrides, args.num_supernodes)
     else:

@@ -27,7 +27,6 @@ PyTorch's FLOP counter on the actual UNet) and GPU hours at an assumed sustained
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -223,7 +222,7 @@ def train_run(r: RunSpec, study_dir: Path, base: dict, backend: dict, smoke: boo
     """Train one run of a study: skipped when it completed before, resumed when it was killed, failed or
     interrupted, started otherwise."""
     from fl_ietagc.baseline import run_baseline
-    from fl_ietagc.config import parse_config, toml_value
+    from fl_ietagc.config import parse_config
     from fl_ietagc.rundir import RunDir
 
     from . import simulate
@@ -240,16 +239,8 @@ def train_run(r: RunSpec, study_dir: Path, base: dict, backend: dict, smoke: boo
         print(f"[{r.name}] {state} at round {run.read_status().get('round')}: resuming")
     conf = {**base, **r.overrides, "output-dir": str(study_dir), "run-name": r.name}
     if r.clients:
-        from fl_ietagc.app_dir import app_dir
-
-        app = str(app_dir())
-        if resume:
-            args = ["--resume", str(run.path)]
-        else:
-            toml = study_dir / f"{r.name}.toml"
-            toml.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in conf.items()))
-            args = ["--num-supernodes", str(r.clients), "--run-config", str(toml)]
-        code = simulate.main(["--app", app, *args, "--backend-config", json.dumps(backend)])
+        code = (simulate.launch(backend=backend, resume=str(run.path)) if resume else
+                simulate.launch(conf, r.clients, backend))
         if code:
             raise SystemExit(f"[{r.name}] federated run failed (exit {code}); run the study again to resume it")
     else:

@@ -184,16 +184,12 @@ def _resume(args) -> int:
 
         cfg = resume_config(args.run_dir, {})
         return _finish(lambda: run_baseline(cfg, resume=args.run_dir), "resume")
-    import json
+    from .app_dir import app_module
 
-    from .app_dir import app_dir, app_module
-
-    simulate = app_module("experiments.simulate")
-    backend = args.backend_config or json.dumps(run.read_config().get("backend_config") or
-                                                {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
-    return simulate.main(["--app", str(app_dir()), "--resume", str(run.path),
-                          "--backend-config", backend, *(["--ray-address", args.ray_address] if args.ray_address
-                                                         else [])])
+    backend = args.backend_config or (run.read_config().get("backend_config") or
+                                      {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    return app_module("experiments.simulate").launch(backend=backend, resume=str(run.path),
+                                                     ray_address=args.ray_address)
 
 
 def _finish(work, what: str) -> int:

@@ -200,8 +200,7 @@ def test_resume_passes_the_ray_address_on(tmp_path, monkeypatch):
         run_server({**SMALL, "num-server-rounds": 2, "output-dir": str(tmp_path), "run-name": "r"}, 2)
     monkeypatch.delenv("FL_IETAGC_FAULT")
     seen = []
-    monkeypatch.setattr(simulate, "main", lambda argv: seen.append(argv) or 0)
+    monkeypatch.setattr(simulate, "_launch", lambda args: seen.append(args) or 0)
     assert cli.main(["resume", str(tmp_path / "r"), "--ray-address", "10.0.0.5:6379"]) == 0
-    argv = seen[0]
-    assert argv[argv.index("--resume") + 1] == str(tmp_path / "r")
-    assert argv[argv.index("--ray-address") + 1] == "10.0.0.5:6379"
+    assert seen[0].resume == str(tmp_path / "r") and seen[0].ray_address == "10.0.0.5:6379"
+    assert json.loads(seen[0].backend_config) == {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}

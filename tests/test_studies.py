@@ -122,12 +122,13 @@ def test_a_study_keeps_finished_runs_and_resumes_half_finished_ones(tmp_path, mo
     assert run.status_path.stat().st_mtime_ns == before
 
     calls = []
-    monkeypatch.setattr(simulate, "main", lambda argv: calls.append(argv) or 0)
+    monkeypatch.setattr(simulate, "_launch", lambda args: calls.append(args) or 0)
     fed = RunDir(tmp_path / "fed")
     fed.path.mkdir()
     fed.write_config({"kind": "federated"})
     fed.write_status("interrupted")
     studies.train_run(studies.RunSpec("fed", 2), tmp_path, base, {"client_resources": {"num_cpus": 1}}, smoke=True)
     studies.train_run(studies.RunSpec("new", 2), tmp_path, base, {}, smoke=True)
-    assert calls[0][2:4] == ["--resume", str(fed.path)]
-    assert calls[1][2:6] == ["--num-supernodes", "2", "--run-config", str(tmp_path / "new.toml")]
+    assert calls[0].resume == str(fed.path) and calls[0].num_supernodes is None
+    assert calls[1].resume is None and calls[1].num_supernodes == 2
+    assert calls[1].overrides == {**base, "output-dir": str(tmp_path), "run-name": "new"}
