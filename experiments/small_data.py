@@ -5,7 +5,7 @@ AGC alone, IET alone, RET) copy fewer training images than default training at t
     fl-ietagc-study small-data --smoke                                   # the tests' size, about a minute
     fl-ietagc-study small-data --full --set train-images=64 --set agc-lambda=3   # a variation (own directory)
 
-Five variants x seeds; every run trains through the project's core (`run_baseline` for the centralized runs,
+Five variants x seeds; every run trains through the project's core (`run_centralized` for the centralized runs,
 `run_iet_loop` for the federated ones: the Flower-free loop that the tests prove bit-identical to the Flower app,
 RET included, chosen here because 15 Ray starts would eat a third of a CPU budget). Every run writes an ordinary
 run directory (resumable; a killed study continues where it stopped), then every round's checkpoint is sampled
@@ -178,7 +178,7 @@ def train_and_evaluate(name: str, seed: int, cfg, federated: bool, size: Size, t
     """One run (kept if completed, resumed if cut short, else started), then every round evaluated (cached)."""
     import torch
 
-    from fl_ietagc.baseline import run_baseline
+    from fl_ietagc.centralized import run_centralized
     from fl_ietagc.iet_loop import run_iet_loop
     from fl_ietagc.rundir import RunDir
 
@@ -195,7 +195,7 @@ def train_and_evaluate(name: str, seed: int, cfg, federated: bool, size: Size, t
             run_iet_loop(cfg, size.clients, torch.device("cpu"),
                          RunDir.reopen(run.path) if resume else RunDir.create(cfg.output_dir, cfg.run_name, ""))
         else:
-            run_baseline(cfg, match_federated=size.clients, progress=False, resume=str(run.path) if resume else None)
+            run_centralized(cfg, match_federated=size.clients, progress=False, resume=str(run.path) if resume else None)
     trained = time.time() - t0
     rounds = [evaluate_round(run, cfg, r, size) for r in range(1, cfg.num_server_rounds + 1)]
     return {"variant": name, "seed": seed, "run": str(run.path), "kept": kept, "train_s": trained,

@@ -17,7 +17,7 @@ Studies (NAME):
                   size first trains its own small model to start from)
 
 Every run goes through the real app: federated runs through `flower-simulation`'s entry point (Ray), the
-default-training runs through the centralized baseline. Each run is then evaluated (`fl-ietagc evaluate`) and
+default-training runs through centralized training. Each run is then evaluated (`fl-ietagc evaluate`) and
 `comparison.md` / `comparison.json` are written to the study directory, relative to the study's first run.
 Smoke sizes replace the dataset by the embedded digits and the preset by `tiny`, so they run anywhere; they test
 the pipeline, not the paper's numbers. Before a study starts, its cost is printed: optimizer steps, FLOPs (from
@@ -54,7 +54,7 @@ SMOKE = {"dataset": "digits", "preset": "tiny", "max-images": 240, "batch-size":
 @dataclass
 class RunSpec:
     name: str
-    clients: int  # K; 0 = centralized (default training)
+    clients: int  # K; 0 = centralized training (default training, or AGC alone with centralized_agc)
     overrides: dict = field(default_factory=dict)
     match_federated: int = 0  # centralized: as many steps as a K-client federated run of the same config
     centralized_agc: bool = False  # centralized with AGC ("AGC alone")
@@ -221,7 +221,7 @@ def validate_study(runs: list[RunSpec], study_dir: Path, base: dict, backend: di
 def train_run(r: RunSpec, study_dir: Path, base: dict, backend: dict, smoke: bool) -> None:
     """Train one run of a study: skipped when it completed before, resumed when it was killed, failed or
     interrupted, started otherwise."""
-    from fl_ietagc.baseline import run_baseline
+    from fl_ietagc.centralized import run_centralized
     from fl_ietagc.config import parse_config
     from fl_ietagc.rundir import RunDir
 
@@ -244,7 +244,7 @@ def train_run(r: RunSpec, study_dir: Path, base: dict, backend: dict, smoke: boo
         if code:
             raise SystemExit(f"[{r.name}] federated run failed (exit {code}); run the study again to resume it")
     else:
-        run_baseline(parse_config({**conf, "agc": r.centralized_agc}), match_federated=r.match_federated,
+        run_centralized(parse_config({**conf, "agc": r.centralized_agc}), match_federated=r.match_federated,
                      progress=not smoke, resume=str(run.path) if resume else None)
 
 

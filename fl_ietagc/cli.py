@@ -1,13 +1,13 @@
 """`fl-ietagc`: the project's commands that need no Flower.
 
-    fl-ietagc baseline [--config FILE.toml] [--run-config "k=v ..."] [--match-federated K] [--agc]
+    fl-ietagc centralized [--config FILE.toml] [--run-config "k=v ..."] [--match-federated K] [--agc]
     fl-ietagc evaluate RUN_DIR [options]   # samples -> memorization (MQ, 1/3, Carlini, null) + FID -> report
     fl-ietagc compare RUN_DIR ...          # one table of the evaluated runs, relative to the first
     fl-ietagc resume RUN_DIR [--backend-config JSON] [--ray-address HOST:PORT]
                                            # continue a killed / failed / interrupted run
     fl-ietagc config                       # print every run-config key, default and meaning
 
-Run-config values use the same names and syntax as the Flower app (`flwr run -c`); `baseline`
+Run-config values use the same names and syntax as the Flower app (`flwr run -c`); `centralized`
 turns AGC off unless `--agc` is given (the "AGC alone" ablation).
 """
 
@@ -32,7 +32,9 @@ def load_run_config(config_file: str | None, overrides: str | None, **forced) ->
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="fl-ietagc")
     sub = p.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("baseline", help="centralized default training (one model, all data, no AGC)")
+    b = sub.add_parser("centralized", aliases=["baseline"],
+                       help="centralized training: one model on all data (AGC off: default training; --agc: AGC "
+                            "alone). `baseline` is its old name")
     b.add_argument("--config", help="TOML file of run-config keys")
     b.add_argument("--run-config", help='"key=value ..." overrides')
     b.add_argument("--match-federated", type=int, default=0, metavar="K",
@@ -105,8 +107,8 @@ def main(argv=None) -> int:
             for f in config_keys():
                 print(f"{f.metadata['key']:18s} {f.default!r:12}  {f.metadata['help']}")
             return 0
-        if args.command == "baseline":
-            from .baseline import run_baseline
+        if args.command in ("centralized", "baseline"):
+            from .centralized import run_centralized
 
             if args.resume:
                 cfg = resume_config(args.resume, load_overrides(args.run_config), kind="centralized")
@@ -120,8 +122,8 @@ def main(argv=None) -> int:
             if args.match_federated < 0:
                 raise ConfigError(f"--match-federated = {args.match_federated}: must be >= 0")
             validate_run(cfg.replace(**{"resume-from": args.resume or ""}), args.match_federated)
-            return _finish(lambda: run_baseline(cfg, match_federated=args.match_federated, resume=args.resume),
-                           "baseline")
+            return _finish(lambda: run_centralized(cfg, match_federated=args.match_federated, resume=args.resume),
+                           "centralized")
         if args.command == "resume":
             return _resume(args)
         if args.command == "evaluate":
@@ -180,10 +182,10 @@ def _resume(args) -> int:
         print("".join(f"{k} = {toml_value(v)}\n" for k, v in conf.items()), end="")
         return 0
     if kind == "centralized":
-        from .baseline import run_baseline
+        from .centralized import run_centralized
 
         cfg = resume_config(args.run_dir, {})
-        return _finish(lambda: run_baseline(cfg, resume=args.run_dir), "resume")
+        return _finish(lambda: run_centralized(cfg, resume=args.run_dir), "resume")
     from .app_dir import app_module
 
     backend = args.backend_config or (run.read_config().get("backend_config") or

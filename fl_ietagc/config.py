@@ -183,7 +183,7 @@ def check_resumed_config(option: str, stored: Mapping[str, Any], given: Mapping[
     """A resumed run keeps the config it was started with: each run-config key in `given` must equal the run's
     (`stored`, its config.json; a key it lacks counts as its default: a run written before the key existed).
     The one check of every resume path (flower-simulation --resume, fl-ietagc resume, the ServerApp's
-    resume-from, the baseline); raises ConfigError naming each key with both values."""
+    resume-from, centralized training); raises ConfigError naming each key with both values."""
     defaults = RunConfig().to_dict()
     differ = sorted(k for k, v in given.items()
                     if k in defaults and k != "resume-from" and stored.get(k, defaults[k]) != v)

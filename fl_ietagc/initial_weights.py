@@ -1,6 +1,6 @@
 """The weights every kind of run starts from: fresh from the seed, or `init-checkpoint`.
 
-One function for the ServerApp, the centralized baseline and the Flower-free loop, so all three
+One function for the ServerApp, centralized training and the Flower-free loop, so all three
 start from the same raw and EMA weights for the same config (and all three honour init-checkpoint).
 """
 

@@ -1,7 +1,7 @@
 """A run directory and its life: create or reopen, record config and shards, commit each round
 atomically, mark the run completed / failed / interrupted, and resume it from its last round.
 
-The ServerApp, the centralized baseline and the Flower-free loop all write their runs through this
+The ServerApp, centralized training and the Flower-free loop all write their runs through this
 one object, so every kind of run has the same layout and the same rules:
 
     <output-dir>/<run-name>/

@@ -1,4 +1,4 @@
-"""Local training with Anti-Gradient Control: one client's (or the baseline's) training loop.
+"""Local training with Anti-Gradient Control: one client's (or centralized training's) loop.
 
 `TrainState` is everything that persists for one client across rounds: Adam's state, the step
 counter (which is also the LR-warmup position), the AGC memory bank and the per-image skip counts.

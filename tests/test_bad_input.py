@@ -1,5 +1,5 @@
 """Bad input is refused before any work starts: over 100 malformed inputs to flower-simulation, fl-ietagc
-(baseline, resume, evaluate, config) and fl-ietagc-study.
+(centralized, resume, evaluate, config) and fl-ietagc-study.
 
 Each case asserts the exit code (2: bad input), that the one-line message names the key or the file and
 what is wrong, that no simulation process (hence no Ray) was started and no run directory was created,
@@ -230,19 +230,19 @@ CASES = [
      r"--num-supernodes = 3: the run has 2 clients"),
     ("resume-centralized", sim_raw("--resume", "{t}/central"), r"a centralized run; continue it with fl-ietagc resume"),
     ("resume-corrupt-config", sim_raw("--resume", "{t}/corrupt-run"), r"corrupt-run/config.json: corrupt run config"),
-    # --- fl-ietagc baseline / resume / config / evaluate ---
-    ("baseline-empty-value", fl("baseline", "--run-config", "lr="), r"lr has no value"),
-    ("baseline-agc-without-flag", fl("baseline", "--run-config", "agc=true"), r"agc = true: use --agc"),
-    ("baseline-config-missing", fl("baseline", "--config", "{t}/missing.toml"), r"missing.toml: not found"),
-    ("baseline-config-syntax", fl("baseline", "--config", "{t}/bad.toml"), r"bad.toml: not valid TOML"),
-    ("baseline-match-negative", fl("baseline", "--match-federated", "-1", "--run-config", 'output-dir="{t}/out"'),
+    # --- fl-ietagc centralized / resume / config / evaluate ---
+    ("centralized-empty-value", fl("centralized", "--run-config", "lr="), r"lr has no value"),
+    ("centralized-agc-without-flag", fl("centralized", "--run-config", "agc=true"), r"agc = true: use --agc"),
+    ("centralized-config-missing", fl("centralized", "--config", "{t}/missing.toml"), r"missing.toml: not found"),
+    ("centralized-config-syntax", fl("centralized", "--config", "{t}/bad.toml"), r"bad.toml: not valid TOML"),
+    ("centralized-match-negative", fl("centralized", "--match-federated", "-1", "--run-config", 'output-dir="{t}/out"'),
      r"--match-federated = -1: must be >= 0"),
-    ("baseline-run-name-taken", fl("baseline", "--run-config", 'output-dir="{t}/out" run-name="taken"'),
+    ("centralized-run-name-taken", fl("centralized", "--run-config", 'output-dir="{t}/out" run-name="taken"'),
      r"holds a completed run"),
-    ("baseline-too-few-images", fl("baseline", "--run-config", 'output-dir="{t}/out" max-images=10'),
+    ("centralized-too-few-images", fl("centralized", "--run-config", 'output-dir="{t}/out" max-images=10'),
      r"batch-size = 32: .*10"),
-    ("baseline-resume-federated", fl("baseline", "--resume", "{t}/out/stale"), r"resume: .*/out/stale is a federated run, not a centralized one"),
-    ("baseline-unknown-key", fl("baseline", "--run-config", "rounds=3"), r"unknown run-config key\(s\): rounds"),
+    ("centralized-resume-federated", fl("centralized", "--resume", "{t}/out/stale"), r"resume: .*/out/stale is a federated run, not a centralized one"),
+    ("baseline-alias-unknown-key", fl("baseline", "--run-config", "rounds=3"), r"unknown run-config key\(s\): rounds"),
     ("resume-cli-missing", fl("resume", "{t}/nope"), r"resume: .*/nope is not a run directory"),
     ("resume-cli-completed", fl("resume", "{t}/out/taken"), r"holds a completed run; nothing to resume"),
     ("resume-cli-corrupt", fl("resume", "{t}/corrupt-run"), r"config.json: corrupt run config"),
@@ -268,9 +268,9 @@ def no_work(monkeypatch):
 
     monkeypatch.setattr(subprocess, "Popen", forbidden)
     monkeypatch.setattr(simulate, "run_here", forbidden)
-    import fl_ietagc.baseline
+    import fl_ietagc.centralized
 
-    monkeypatch.setattr(fl_ietagc.baseline.LocalTrainer, "run", forbidden)
+    monkeypatch.setattr(fl_ietagc.centralized.LocalTrainer, "run", forbidden)
 
 
 @pytest.mark.parametrize("name,case,message", CASES, ids=[c[0] for c in CASES])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fl_ietagc import evaluate as ev
-from fl_ietagc.baseline import run_baseline
+from fl_ietagc.centralized import run_centralized
 from fl_ietagc.cli import main as cli
 from fl_ietagc.compare import compare, relative
 from fl_ietagc.config import parse_config
@@ -20,7 +20,7 @@ CFG = {"max-images": 400, "batch-size": 50, "num-server-rounds": 2, "local-epoch
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     cfg = parse_config({**CFG, "output-dir": str(tmp_path_factory.mktemp("runs"))})
-    run = run_baseline(cfg, progress=False)
+    run = run_centralized(cfg, progress=False)
     return run, cfg
 
 
@@ -136,7 +136,7 @@ def test_evaluate_computes_fid_when_weights_are_given(weights, tmp_path, monkeyp
     monkeypatch.setenv("FL_IETAGC_CACHE", str(tmp_path / "cache"))
     cfg = parse_config({"max-images": 40, "batch-size": 20, "num-server-rounds": 1, "local-epochs": 1,
                         "sample-count": 0, "output-dir": str(tmp_path), "run-name": "fid"})
-    run = run_baseline(cfg, progress=False)
+    run = run_centralized(cfg, progress=False)
     results = ev.evaluate_run(run.path, ev.EvalOptions(num_samples=10, steps=2, fid_weights=weights, loss_images=4,
                                                        batch_size=50, k=20), progress=False)
     q = results["quality"]
@@ -155,7 +155,7 @@ def test_evaluate_computes_fid_when_weights_are_given(weights, tmp_path, monkeyp
 
 @pytest.fixture(scope="module")
 def fake_run(tmp_path_factory):
-    """A completed run directory laid out as the baseline writes it (config, status, metrics, skip counts, round 1
+    """A completed run directory laid out as centralized training writes it (config, status, metrics, skip counts, round 1
     and 2 and final checkpoints) with untrained weights: the checks need no training."""
     import numpy as np
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fl_ietagc.baseline import run_baseline
+from fl_ietagc.centralized import run_centralized
 from fl_ietagc.cli import main as cli
 from fl_ietagc.config import parse_config
 from fl_ietagc.diffusion import Diffusion, sample
@@ -18,7 +18,7 @@ def run(tmp_path_factory):
     cfg = parse_config({"max-images": 64, "image-size": 8, "batch-size": 32, "num-server-rounds": 2,
                         "local-epochs": 2, "diffusion-steps": 50, "warmup-steps": 2, "sample-count": 0,
                         "output-dir": str(tmp_path_factory.mktemp("runs")), "run-name": "r"})
-    return run_baseline(cfg, progress=False), cfg
+    return run_centralized(cfg, progress=False), cfg
 
 
 def test_export_writes_a_pipeline_that_diffusers_loads_and_samples_as_we_do(run, tmp_path, capsys):

@@ -68,11 +68,11 @@ def test_nan_after_good_rounds_keeps_the_last_good_checkpoint(tmp_path, monkeypa
     assert all(torch.isfinite(v).all() for v in good["net"].values())
 
 
-def test_baseline_with_nan_fails_with_one_line(tmp_path):
-    from fl_ietagc.baseline import run_baseline
+def test_centralized_with_nan_fails_with_one_line(tmp_path):
+    from fl_ietagc.centralized import run_centralized
 
     with pytest.raises(FloatingPointError, match=r"^round 1, step 2: loss is (NaN|Inf) \(lr 1e\+30\)$"):
-        run_baseline(parse_config({**SMALL, "agc": False, "lr": 1e30, "output-dir": str(tmp_path),
+        run_centralized(parse_config({**SMALL, "agc": False, "lr": 1e30, "output-dir": str(tmp_path),
                                    "run-name": "b"}), progress=False)
     run = RunDir(tmp_path / "b")
     assert run.read_status()["error"].startswith("FloatingPointError: round 1, step 2: loss is")

@@ -143,10 +143,10 @@ def test_a_bug_while_loading_is_not_reported_as_a_bad_checkpoint(tmp_path, monke
         load_diffusers_unet(build_unet("tiny", 16, 1), str(tmp_path))
 
 
-def test_the_baseline_starts_from_init_checkpoint(tmp_path, monkeypatch):
-    """The centralized baseline honours init-checkpoint (it used to train from scratch): its round-0 commit
+def test_centralized_training_starts_from_init_checkpoint(tmp_path, monkeypatch):
+    """Centralized training honours init-checkpoint (it used to train from scratch): its round-0 commit
     point holds the checkpoint's raw and EMA weights, not the seed's."""
-    from fl_ietagc.baseline import run_baseline
+    from fl_ietagc.centralized import run_centralized
     from fl_ietagc.rundir import RunDir
     from fl_ietagc.trainer import LocalTrainer
 
@@ -161,7 +161,7 @@ def test_the_baseline_starts_from_init_checkpoint(tmp_path, monkeypatch):
     cfg = parse_config({"agc": False, "init-checkpoint": str(tmp_path / "start.pt"), "output-dir": str(tmp_path),
                         "run-name": "b", "sample-count": 0})
     with pytest.raises(RuntimeError, match="stop after the start"):
-        run_baseline(cfg, progress=False)
+        run_centralized(cfg, progress=False)
     blob = RunDir(tmp_path / "b").read_resume()
     assert blob["round"] == 0
     assert all(torch.equal(blob["net"][k], net[k]) for k in net)

@@ -1,5 +1,5 @@
 """Runs that survive kills: SIGKILL at every stage of a run, then resume, ends bit-identical to a run
-that was never interrupted (iet with AGC; fedadam with RET and TAA; the centralized baseline).
+that was never interrupted (iet with AGC; fedadam with RET and TAA; centralized training).
 
 The federated runs use the real ServerApp and ClientApp on an in-process grid (tests/local_grid.py), in
 subprocesses that `FL_IETAGC_FAULT` kills outright (SIGKILL: no handler, no cleanup) at a named point.
@@ -119,24 +119,24 @@ def test_resume_refuses_a_different_config_naming_the_keys(tmp_path):
         run_server({**cfg, "agc-lambda": 3.0, "lr": 0.1, "resume-from": str(tmp_path / "r")}, 2)
 
 
-def baseline_cfg(tmp_path, name):
+def centralized_cfg(tmp_path, name):
     return parse_config({**SMALL, "agc": False, "output-dir": str(tmp_path), "run-name": name})
 
 
-def test_baseline_killed_and_resumed_is_bit_identical(tmp_path):
-    from fl_ietagc.baseline import run_baseline
+def test_centralized_killed_and_resumed_is_bit_identical(tmp_path):
+    from fl_ietagc.centralized import run_centralized
 
-    ref = run_baseline(baseline_cfg(tmp_path, "ref"), match_federated=2, progress=False)
+    ref = run_centralized(centralized_cfg(tmp_path, "ref"), match_federated=2, progress=False)
     code = """
 import sys, torch
-from fl_ietagc.baseline import run_baseline
+from fl_ietagc.centralized import run_centralized
 from fl_ietagc.config import parse_config
 import json
 torch.set_num_threads(2)
 cfg = parse_config(json.loads(sys.argv[1]))
-run_baseline(cfg, match_federated=2, progress=False, resume=sys.argv[2] or None)
+run_centralized(cfg, match_federated=2, progress=False, resume=sys.argv[2] or None)
 """
-    cfg = baseline_cfg(tmp_path, "killed")
+    cfg = centralized_cfg(tmp_path, "killed")
     run = RunDir(tmp_path / "killed")
 
     def go(fault, resume=""):

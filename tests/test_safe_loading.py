@@ -263,7 +263,7 @@ def test_corrupt_cache_file_is_rebuilt_with_a_warning_naming_it(tmp_path, conten
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """A completed run directory as the baseline leaves it (config, status, final checkpoint), with untrained
+    """A completed run directory as centralized training leaves it (config, status, final checkpoint), with untrained
     weights: evaluate's checks are all that run here, so no training is needed."""
     from fl_ietagc.checkpoints import save_checkpoint
     from fl_ietagc.models import build_for_config

@@ -105,13 +105,13 @@ def test_a_study_keeps_finished_runs_and_resumes_half_finished_ones(tmp_path, mo
     """train_run: completed -> kept, failed/interrupted/killed -> resumed (federated through --resume),
     never seen -> started."""
     from experiments import simulate, studies
-    from fl_ietagc.baseline import run_baseline
+    from fl_ietagc.centralized import run_centralized
     from fl_ietagc.rundir import RunDir
 
     base = {**studies.SMOKE, "max-images": 96, "num-server-rounds": 3, "sample-count": 0, "agc": False}
     monkeypatch.setenv("FL_IETAGC_FAULT", "between-rounds:2:raise")
     with pytest.raises(RuntimeError, match="injected fault at between-rounds, round 2"):
-        run_baseline(parse_config({**base, "output-dir": str(tmp_path), "run-name": "central"}), progress=False)
+        run_centralized(parse_config({**base, "output-dir": str(tmp_path), "run-name": "central"}), progress=False)
     monkeypatch.delenv("FL_IETAGC_FAULT")
     assert RunDir(tmp_path / "central").liveness() == "failed"
     studies.train_run(studies.RunSpec("central", 0), tmp_path, base, {}, smoke=True)

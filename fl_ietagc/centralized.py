@@ -1,4 +1,4 @@
-"""Centralized "default training": one model, all training images, no AGC (unless asked).
+"""Centralized training: one model, all training images (AGC off unless asked: the paper's "default training").
 
 The same `LocalTrainer` as the federated clients, on the whole training set, started from the same
 `initial_weights` (so `init-checkpoint` is honoured), and written through the same `RunDir`
@@ -7,7 +7,7 @@ kill with `fl-ietagc resume RUN_DIR`, bit-identical to an uninterrupted run.
 
 Budget: `num-server-rounds` "rounds" of `local-epochs` epochs over all data; or, with
 `match_federated=K`, exactly the total number of optimizer steps that a K-client federated run of
-the same config performs (R * E * sum_k floor(|D_k| / B)), as the paper matches the baseline's
+the same config performs (R * E * sum_k floor(|D_k| / B)), as the paper matches default training's
 400k steps to IET's 390k. Checkpoints and metrics are written after every round either way.
 """
 
@@ -40,7 +40,7 @@ def steps_per_round(cfg: RunConfig, num_train: int, match_federated: int) -> np.
     return np.diff(np.linspace(0, total, cfg.num_server_rounds + 1).round().astype(int))
 
 
-def run_baseline(cfg: RunConfig, match_federated: int = 0, progress: bool = True,
+def run_centralized(cfg: RunConfig, match_federated: int = 0, progress: bool = True,
                  resume: str | None = None) -> RunDir:
     """Train (or, with `resume` = a run directory, continue) a centralized run; returns its RunDir."""
     splits = load_splits(cfg)
@@ -78,7 +78,7 @@ def run_baseline(cfg: RunConfig, match_federated: int = 0, progress: bool = True
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=int(per_round.sum()), initial=int(per_round[:start].sum()), desc="baseline", unit="step")
+        bar = tqdm(total=int(per_round.sum()), initial=int(per_round[:start].sum()), desc="centralized", unit="step")
     before = (run.read_metrics() or [{}])[-1].get("elapsed-s", 0.0)
     t0 = time.time()
     try:
