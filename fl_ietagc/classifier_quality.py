@@ -30,7 +30,6 @@ from .checkpoints import load_torch, save_torch
 from .pixels import to_model_range
 
 RECIPE = {"version": 1, "epochs": 30, "batch_size": 64, "lr": 1e-3, "seed": 0, "width": 32, "features": 64}
-NAME = "CFD (Frechet distance in a small classifier's features; not FID)"
 
 
 class SmallClassifier(nn.Module):
