@@ -31,7 +31,7 @@ from flwr.clientapp import ClientApp
 from fl_ietagc import protocol as P
 from fl_ietagc.checkpoints import pack_weights, unpack_weights
 from fl_ietagc.config import RunConfig, parse_config
-from fl_ietagc.data import load_splits
+from fl_ietagc.data import shard_inputs
 from fl_ietagc.faults import fault_point
 from fl_ietagc.models import build_for_config, load_weights
 from fl_ietagc.protocol import ClientFailure, ClientRound, one_line
@@ -67,7 +67,7 @@ def train_round(cfg: RunConfig, instruction: RecordDict, context: Context, parti
     conf = instruction["config"]
     num_clients = int(conf[P.NUM_CLIENTS])
     shard = _shard(cfg, conf, partition_id, num_clients)
-    images = load_splits(cfg).train.images[torch.from_numpy(shard)]
+    inputs, cond = shard_inputs(cfg, shard)
     device = pick_device(cfg.device)
 
     net_sd, ema_sd = unpack_weights(instruction[P.ARRAYS].to_torch_state_dict())
@@ -84,7 +84,7 @@ def train_round(cfg: RunConfig, instruction: RecordDict, context: Context, parti
     if bool(conf.get(P.RESET_OPTIMIZER, False)):  # plain FedAvg: a new Adam every round
         state.optimizer = None
 
-    trainer = LocalTrainer(cfg, model, ema, images, state, device)
+    trainer = LocalTrainer(cfg, model, ema, inputs, state, device, cond=cond)
     stats = trainer.run(cfg.local_epochs, client_seed(cfg.seed, partition_id, server_round),
                         prox_mu=float(conf.get(P.PROXIMAL_MU, 0.0)))  # set by the fedprox strategy
     state.save(run.client_state(partition_id, server_round, state_root))

@@ -150,3 +150,21 @@ def load_captioned(source: str | Path, size: int, max_images: int = 0) -> Captio
         checked = checked[:max_images]
     images = np.stack([load_image(path, size) for path, _, _ in checked])
     return CaptionedImages(torch.from_numpy(images), [c for _, c, _ in checked], [r for _, _, r in checked])
+
+
+def captioned_splits(source: str | Path, size: int, max_images: int = 0,
+                     holdout_fraction: float = 0.1) -> tuple[CaptionedImages, CaptionedImages]:
+    """(training pairs, held-out pairs), as a run with dataset = captions splits them: the last
+    data.holdout_count(N) rows are held out (the null set of the memorization metrics, never trained on);
+    `max_images` then caps the training pairs."""
+    from .data import holdout_count
+
+    data = load_captioned(source, size)
+    n_hold = holdout_count(len(data), holdout_fraction)
+    if holdout_fraction > 0 and n_hold == 0:
+        raise ConfigError(f"caption data {source}: {len(data)} pair(s) leave none to hold out at holdout-fraction = "
+                          f"{holdout_fraction}; add pairs or use holdout-fraction = 0")
+    train = data.subset(np.arange(len(data) - n_hold))
+    if max_images:
+        train = train.subset(np.arange(min(max_images, len(train))))
+    return train, data.subset(np.arange(len(data) - n_hold, len(data)))

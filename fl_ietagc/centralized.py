@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from .config import ConfigError, RunConfig
-from .data import image_size, load_splits
+from .data import image_size, load_splits, shard_inputs
 from .faults import fault_point
 from .images import write_sample_grid
 from .initial_weights import initial_weights
@@ -72,7 +72,8 @@ def run_centralized(cfg: RunConfig, match_federated: int = 0, progress: bool = T
                   channels=splits.train.channels, num_train_images=n, matched_federated_clients=match_federated,
                   total_steps=int(per_round.sum()))
         run.write_resume(0, net_sd, ema_sd, {"trainer": state.to_dict()})
-    trainer = LocalTrainer(cfg, model, ema, splits.train.images, state, device)
+    inputs, cond = shard_inputs(cfg, np.arange(n))
+    trainer = LocalTrainer(cfg, model, ema, inputs, state, device, cond=cond)
     register_active(run)
     bar = None
     if progress:

@@ -19,7 +19,9 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-DATASETS = ("digits", "fashion-mnist", "cifar10", "cifar100", "afhq-dog", "folder")
+DATASETS = ("digits", "fashion-mnist", "cifar10", "cifar100", "afhq-dog", "folder", "captions")
+MODEL_TYPES = ("pixel", "latent-t2i")
+OPTIMIZERS = ("adam", "adam8bit")
 PRESETS = ("tiny", "ddpm-cifar10", "ddpm-afhq64")
 SHARDINGS = ("balanced", "random", "dirichlet")
 HFLIP_MODES = ("auto", "on", "off")
@@ -67,10 +69,11 @@ class RunConfig:
     data_root: str = _key(
         "data-root", "",
         "dataset location: torchvision root (cifar10/cifar100/fashion-mnist), image folder (afhq-dog/folder), "
-        "or a folder with the raw Fashion-MNIST idx files; must be empty for digits")
+        "or a folder with the raw Fashion-MNIST idx files; captions: a captioned image folder (metadata.jsonl / "
+        ".csv) or a .csv / .parquet of paths and captions; must be empty for digits")
     data_download: bool = _key("data-download", False, "let torchvision download cifar10/cifar100/fashion-mnist")
-    image_size: int = _key("image-size", 0, "model resolution; 0 = the dataset's default (digits 16, "
-                           "fashion-mnist 32, cifar 32, afhq-dog/folder 64)", _non_negative)
+    image_size: int = _key("image-size", 0, "model resolution in pixels; 0 = the dataset's default "
+                           "(digits 16, fashion-mnist 32, cifar 32, afhq-dog/folder 64, captions 512)", _non_negative)
     max_images: int = _key("max-images", 0, "use only the first N training images (0 = all)", _non_negative)
     holdout_fraction: float = _key(
         "holdout-fraction", 0.1,
@@ -78,9 +81,22 @@ class RunConfig:
         "(for evaluation's null rate)", lambda v: None if 0 <= v < 0.5 else "must be in [0, 0.5)")
     sharding: str = _key("sharding", "balanced", "how the training set is split into K shards", choices=SHARDINGS)
     dirichlet_alpha: float = _key("dirichlet-alpha", 0.5, "concentration of the dirichlet sharding", _positive)
-    hflip: str = _key("hflip", "auto", "random horizontal flip; auto = on except for digits", choices=HFLIP_MODES)
+    hflip: str = _key("hflip", "auto", "random horizontal flip; auto = on except for digits and captions",
+                      choices=HFLIP_MODES)
     # --- model and diffusion ---
-    preset: str = _key("preset", "tiny", "UNet preset", choices=PRESETS)
+    model_type: str = _key("model-type", "pixel", "pixel = an unconditional pixel-space UNet (preset); latent-t2i = "
+                           "fine-tune the text-conditional UNet of a local Stable Diffusion checkpoint (pretrained-dir) "
+                           "on image-caption pairs (dataset = captions), VAE and text encoder frozen",
+                           choices=MODEL_TYPES)
+    pretrained_dir: str = _key("pretrained-dir", "", "latent-t2i: local folder in diffusers' Stable Diffusion layout "
+                               "(unet/, vae/, text_encoder/, tokenizer/; safetensors only)")
+    frozen_dtype: str = _key("frozen-dtype", "fp32", "latent-t2i: dtype of the frozen VAE and text encoder (bf16 "
+                             "halves their memory)", choices=PRECISIONS)
+    gradient_checkpointing: bool = _key("gradient-checkpointing", False, "recompute the UNet's activations in the "
+                                        "backward pass (less activation memory; one more forward pass per step)")
+    optimizer: str = _key("optimizer", "adam", "adam, or adam8bit (bitsandbytes' 8-bit Adam: optimizer state in "
+                          "a quarter of the memory; CUDA only)", choices=OPTIMIZERS)
+    preset: str = _key("preset", "tiny", "UNet preset (model-type = pixel)", choices=PRESETS)
     diffusion_steps: int = _key("diffusion-steps", 1000, "T, number of diffusion timesteps (= memory-bank slots)",
                                 _at_least(2))
     beta_start: float = _key("beta-start", 1e-4, "first beta of the linear schedule",
@@ -162,8 +178,8 @@ class RunConfig:
 
     @property
     def resolved_hflip(self) -> bool:
-        if self.hflip == "auto":
-            return self.dataset != "digits"
+        if self.hflip == "auto":  # not digits (a flipped digit is another glyph), not captions ("left"/"right")
+            return self.dataset not in ("digits", "captions")
         return self.hflip == "on"
 
     def to_dict(self) -> dict[str, Any]:
@@ -275,7 +291,20 @@ def _check_cross_keys(cfg: RunConfig) -> None:
         if given[key] != defaults.to_dict()[key] and cfg.strategy not in users:
             raise ConfigError(f"{key} = {given[key]}: only used by strategy {' / '.join(sorted(users))}, "
                               f"not {cfg.strategy}")
-    if cfg.image_size and cfg.image_size % 8:
+    t2i = cfg.model_type == "latent-t2i"
+    if t2i != (cfg.dataset == "captions"):
+        raise ConfigError(f"model-type = {cfg.model_type!r}: " + ("needs dataset = \"captions\" (image-caption pairs)"
+                          if t2i else f"dataset = \"captions\" needs model-type = \"latent-t2i\""))
+    if t2i and not cfg.pretrained_dir:
+        raise ConfigError("pretrained-dir = '': model-type = \"latent-t2i\" fine-tunes a local Stable Diffusion "
+                          "checkpoint; give its folder")
+    for key, value in (("pretrained-dir", cfg.pretrained_dir), ("frozen-dtype", cfg.frozen_dtype)):
+        if not t2i and value != defaults.to_dict()[key]:
+            raise ConfigError(f"{key} = {value!r}: only used with model-type = \"latent-t2i\"")
+    if t2i and cfg.preset != defaults.preset:
+        raise ConfigError(f"preset = {cfg.preset!r}: model-type = \"latent-t2i\" trains pretrained-dir's UNet; "
+                          f"leave preset at its default")
+    if cfg.image_size and cfg.image_size % 8 and not t2i:  # (latent-t2i: validate.py checks its VAE and UNet)
         raise ConfigError(f"image-size = {cfg.image_size}: must be a multiple of 8 (the UNet downsamples 3 times)")
 
 

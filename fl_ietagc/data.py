@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from .cache import cache_root
 from .config import ConfigError, RunConfig
 
-DEFAULT_IMAGE_SIZE = {"digits": 16, "fashion-mnist": 32, "cifar10": 32, "cifar100": 32, "afhq-dog": 64, "folder": 64}
+DEFAULT_IMAGE_SIZE = {"digits": 16, "fashion-mnist": 32, "cifar10": 32, "cifar100": 32, "afhq-dog": 64, "folder": 64,
+                      "captions": 512}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
@@ -52,6 +53,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 class ImageSet:
     images: torch.Tensor  # (N, C, H, W) uint8
     labels: torch.Tensor  # (N,) int64
+    captions: tuple[str, ...] | None = None  # dataset = captions: one per image
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -61,8 +63,9 @@ class ImageSet:
         return self.images.shape[1]
 
     def subset(self, index) -> "ImageSet":
-        index = torch.as_tensor(np.asarray(index), dtype=torch.long)
-        return ImageSet(self.images[index], self.labels[index])
+        index = np.asarray(index, dtype=np.int64)
+        captions = None if self.captions is None else tuple(self.captions[i] for i in index)
+        return ImageSet(self.images[torch.from_numpy(index)], self.labels[torch.from_numpy(index)], captions)
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,7 @@ def load_splits(cfg: RunConfig) -> Splits:
 def _load_splits_cached(dataset, root, download, size, max_images, holdout_fraction) -> Splits:
     if root and not os.path.exists(root):
         raise ConfigError(f"data-root = {root!r}: path does not exist")
-    if root and not os.path.isdir(root):
+    if root and not os.path.isdir(root) and dataset != "captions":
         raise ConfigError(f"data-root = {root!r}: is a file, not a folder; dataset {dataset} needs a folder")
     loader = _LOADERS[dataset]
     train, test = loader(root, download, size)
@@ -102,6 +105,18 @@ def _load_splits_cached(dataset, root, download, size, max_images, holdout_fract
     if max_images:
         train = train.subset(np.arange(min(max_images, len(train))))
     return Splits(train, test)
+
+
+def shard_inputs(cfg: RunConfig, ids) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What a client (or centralized training) trains on for training-set ids `ids`: their uint8 images, or for
+    model-type = latent-t2i their cached VAE latents and text embeddings (fl_ietagc/latent.py)."""
+    index = torch.from_numpy(np.asarray(ids, dtype=np.int64))
+    if cfg.model_type == "latent-t2i":
+        from .latent import training_pairs
+
+        latents, text = training_pairs(cfg)
+        return latents[index], text[index]
+    return load_splits(cfg).train.images[index], None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,8 +185,15 @@ def _folder(root, download, size):
     return _image_folder(Path(root), size, root), None
 
 
+def _captions(root, download, size):
+    from .captions import load_captioned
+
+    data = load_captioned(root, size)
+    return ImageSet(data.images, torch.zeros(len(data), dtype=torch.long), tuple(data.captions)), None
+
+
 _LOADERS = {"digits": _digits, "fashion-mnist": _fashion_mnist, "cifar10": _cifar("CIFAR10"),
-            "cifar100": _cifar("CIFAR100"), "afhq-dog": _afhq_dog, "folder": _folder}
+            "cifar100": _cifar("CIFAR100"), "afhq-dog": _afhq_dog, "folder": _folder, "captions": _captions}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,14 +255,19 @@ def _to_imageset(images: torch.Tensor, labels, size: int) -> ImageSet:
     return ImageSet(images, torch.as_tensor(np.asarray(labels), dtype=torch.long))
 
 
+def holdout_count(n: int, fraction: float) -> int:
+    """How many of n images (of one class) are held out: ceil(fraction * n), keeping at least one to train on."""
+    return min(n - 1, int(np.ceil(fraction * n))) if fraction > 0 else 0
+
+
 def _holdout_tail(data: ImageSet, fraction: float) -> tuple[ImageSet, ImageSet]:
-    """Hold out the last ceil(fraction * n_c) images of every class c (independent of the seed)."""
+    """Hold out the last holdout_count(n_c) images of every class c (independent of the seed)."""
     labels = data.labels.numpy()
     held = np.zeros(len(labels), bool)
     if fraction > 0:
         for c in np.unique(labels):
             idx = np.flatnonzero(labels == c)
-            n_out = min(len(idx) - 1, int(np.ceil(fraction * len(idx))))
+            n_out = holdout_count(len(idx), fraction)
             held[idx[len(idx) - n_out:]] = True
     return data.subset(np.flatnonzero(~held)), data.subset(np.flatnonzero(held))
 

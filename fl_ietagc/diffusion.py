@@ -21,17 +21,27 @@ from .precision import unet_forward
 
 
 class Diffusion:
-    def __init__(self, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
+    def __init__(self, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
+                 beta_schedule: str = "linear"):
         self.num_timesteps = num_timesteps
         self.scheduler_config = dict(num_train_timesteps=num_timesteps, beta_start=beta_start, beta_end=beta_end,
-                                     beta_schedule="linear", clip_sample=True, prediction_type="epsilon")
+                                     beta_schedule=beta_schedule, clip_sample=True, prediction_type="epsilon")
         abar = DDPMScheduler(**self.scheduler_config).alphas_cumprod.double()
         self._sqrt_abar = abar.sqrt().float()
         self._sqrt_one_minus_abar = (1 - abar).sqrt().float()
 
     @classmethod
     def for_config(cls, cfg) -> "Diffusion":
-        """The run's forward process and schedule: diffusion-steps, beta-start, beta-end."""
+        """The run's forward process and schedule: diffusion-steps, beta-start, beta-end; for a latent-t2i run whose
+        pretrained-dir has scheduler/scheduler_config.json, that schedule (the one the checkpoint was trained with;
+        validate.py checks it is epsilon-prediction with diffusion-steps timesteps)."""
+        if cfg.model_type == "latent-t2i":
+            from .latent import scheduler_config
+
+            sched = scheduler_config(cfg.pretrained_dir)
+            if sched is not None:
+                return cls(int(sched["num_train_timesteps"]), float(sched["beta_start"]), float(sched["beta_end"]),
+                           str(sched.get("beta_schedule", "linear")))
         return cls(cfg.diffusion_steps, cfg.beta_start, cfg.beta_end)
 
     def add_noise(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

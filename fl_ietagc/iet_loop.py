@@ -18,7 +18,7 @@ import torch
 
 from .checkpoints import pack_weights, unpack_weights
 from .config import RunConfig
-from .data import load_splits
+from .data import load_splits, shard_inputs
 from .initial_weights import initial_weights
 from . import ret
 from .protocol import ClientRound, round_metrics
@@ -57,17 +57,17 @@ def run_iet_loop(cfg: RunConfig, num_clients: int, device: torch.device | None =
     ServerApp commits them, and a run directory that holds a resume point (`RunDir.reopen`) continues from it.
     `progress(round, record)` is called after every round."""
     device = device or pick_device(cfg.device)
-    images = load_splits(cfg).train.images
+    n_train = len(load_splits(cfg).train)
     start = 0
     if run is not None and run.resume_path.is_file():
         blob = run.read_resume()
         start, g_net, g_ema = int(blob["round"]), blob["net"], blob["ema"]
         states = [TrainState.from_dict(d) for d in blob["state"]["clients"]]
-        skip_period = blob["state"].get("skip-period", torch.zeros(len(images), dtype=torch.long)).numpy().copy()
+        skip_period = blob["state"].get("skip-period", torch.zeros(n_train, dtype=torch.long)).numpy().copy()
     else:
         g_net, g_ema = initial_weights(cfg)
         states = [TrainState.fresh(s) for s in shards_for_config(cfg, num_clients)]
-        skip_period = np.zeros(len(images), np.int64)
+        skip_period = np.zeros(n_train, np.int64)
         if run is not None:
             run.begin(cfg.to_dict(), [s.image_ids.numpy() for s in states], cfg.num_server_rounds, kind="federated",
                       engine="iet-loop", num_clients=num_clients)
@@ -83,7 +83,8 @@ def run_iet_loop(cfg: RunConfig, num_clients: int, device: torch.device | None =
             model.load_state_dict(g_net)
             ema = copy.deepcopy(model)
             ema.load_state_dict(g_ema)
-            trainer = LocalTrainer(cfg, model, ema, images[torch.from_numpy(shard)], states[pid], device)
+            inputs, cond = shard_inputs(cfg, shard)
+            trainer = LocalTrainer(cfg, model, ema, inputs, states[pid], device, cond=cond)
             stats.append(trainer.run(cfg.local_epochs, client_seed(cfg.seed, pid, server_round)))
             replies.append((len(shard), pack_weights(trainer.model.state_dict(), trainer.ema.state_dict())))
         g_net, g_ema = unpack_weights(weighted_average(replies))
@@ -106,7 +107,7 @@ def run_iet_loop(cfg: RunConfig, num_clients: int, device: torch.device | None =
         if run is not None:
             if new is not None:
                 run.write_shards(shards)
-            skips = np.zeros(len(images), np.int64)
+            skips = np.zeros(n_train, np.int64)
             for s in states:
                 np.add.at(skips, s.image_ids.numpy(), s.skip_counts.numpy())
             run.commit_round(server_round, record, net=g_net, ema=g_ema, state=_loop_state(states, skip_period),

@@ -27,8 +27,26 @@ def write_sample_grid(cfg, model: torch.nn.Module, path: str | Path, device) -> 
     from .data import image_size, load_splits
     from .diffusion import Diffusion, sample
 
+    if cfg.model_type == "latent-t2i":  # from the first sample-count training captions, one seed each
+        return save_grid(_t2i_samples(cfg, model, device), path)
     size, channels = image_size(cfg), load_splits(cfg).train.channels
     images = sample(model.to(device), Diffusion.for_config(cfg), cfg.sample_count,
                     (channels, size, size), sampler="ddim", steps=cfg.sample_steps, seed=cfg.seed, device=device,
                     precision=cfg.precision, channels_last=cfg.channels_last, compile=cfg.compile)
     return save_grid(images, path)
+
+
+def _t2i_samples(cfg, model: torch.nn.Module, device) -> torch.Tensor:
+    import dataclasses
+
+    from .data import load_splits
+    from .diffusion import Diffusion
+    from .latent import parts_for
+    from .pixels import to_model_range
+    from .t2i_eval import sample_from_captions
+
+    parts = dataclasses.replace(parts_for(cfg.pretrained_dir, cfg.frozen_dtype), unet=model.to(device))
+    captions = list(load_splits(cfg).train.captions[:cfg.sample_count])
+    images, _ = sample_from_captions(parts, Diffusion.for_config(cfg), captions, steps=cfg.sample_steps,
+                                     seed=cfg.seed, device=device)
+    return to_model_range(images)

@@ -9,13 +9,15 @@ and tokenizer whose outputs are computed once per dataset and cached.
   seconds without a download; `save_components` writes them in the same layout, so tests exercise the loader.
 - `encode(parts, data)`: VAE latents (the posterior mean x scaling factor, deterministic) and the text encoder's
   last hidden states for every image/caption; `cached_encoding` keeps them under `$FL_IETAGC_CACHE/latents/`,
-  keyed by the components' weights and the data, so every round of every client reuses them.
+  keyed by the frozen parts' file digests (`frozen_parts_key`, hashed once per process) and the data, so every
+  round of every client reuses them; `training_pairs(cfg)` gives them for a run's training set.
 - `Diffusion.per_sample_loss(unet, latents, t, noise, cond=text_embeddings)` is the per-sample loss on latents;
   AGC's memory bank and skip rule apply to it unchanged (`fl_ietagc/agc.py`).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,17 +88,17 @@ def check_components_dir(directory: str | Path) -> Path:
     """The checkpoint folder has every part, each with safetensors weights; one line naming what is missing."""
     d = Path(directory)
     if not d.is_dir():
-        raise ConfigError(f"pretrained = {str(d)!r}: not a directory (a local Stable Diffusion checkpoint in "
+        raise ConfigError(f"pretrained-dir = {str(d)!r}: not a directory (a local Stable Diffusion checkpoint in "
                           f"diffusers' layout: {', '.join(p + '/' for p in PARTS)})")
     for part in PARTS:
         sub = d / part
         if not sub.is_dir():
-            raise ConfigError(f"pretrained = {str(d)!r}: no {part}/ folder")
+            raise ConfigError(f"pretrained-dir = {str(d)!r}: no {part}/ folder")
         if part != "tokenizer" and not list(sub.glob("*.safetensors")):
             pickles = [p.name for p in sub.glob("*.bin")]
             hint = f" (found {', '.join(pickles)}: pickled weights are refused; convert them to safetensors)" \
                 if pickles else ""
-            raise ConfigError(f"pretrained = {str(d)!r}: {part}/ has no .safetensors weights{hint}")
+            raise ConfigError(f"pretrained-dir = {str(d)!r}: {part}/ has no .safetensors weights{hint}")
     return d
 
 
@@ -108,12 +110,14 @@ def load_components(directory: str | Path, frozen_dtype: torch.dtype = torch.flo
 
     d = check_components_dir(directory)
     try:
-        unet = UNet2DConditionModel.from_pretrained(d / "unet", use_safetensors=True, local_files_only=True)
-        vae = AutoencoderKL.from_pretrained(d / "vae", use_safetensors=True, local_files_only=True)
+        unet = UNet2DConditionModel.from_pretrained(d / "unet", use_safetensors=True, local_files_only=True,
+                                                    torch_dtype=torch.float32)
+        vae = AutoencoderKL.from_pretrained(d / "vae", use_safetensors=True, local_files_only=True,
+                                            torch_dtype=frozen_dtype)
         text = CLIPTextModel.from_pretrained(d / "text_encoder", use_safetensors=True, local_files_only=True)
         tokenizer = CLIPTokenizer.from_pretrained(d / "tokenizer", local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(f"pretrained = {str(d)!r}: cannot be loaded ({type(e).__name__}: "
+        raise ConfigError(f"pretrained-dir = {str(d)!r}: cannot be loaded ({type(e).__name__}: "
                           f"{' '.join(str(e).split())[:200]})") from None
     return _frozen(LatentParts(unet, vae, text, tokenizer), frozen_dtype)
 
@@ -145,25 +149,98 @@ def encode(parts: LatentParts, images_uint8: torch.Tensor, captions: list[str], 
     return torch.cat(lat), torch.cat(emb)
 
 
-def _digest(parts: LatentParts, images: torch.Tensor, captions: list[str]) -> str:
+def _file_digest(path: Path) -> str:
     h = hashlib.sha256()
-    for module in (parts.vae, parts.text_encoder):
-        for k, v in sorted(module.state_dict().items()):
-            h.update(k.encode())
-            h.update(v.detach().float().cpu().numpy().tobytes())
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def frozen_parts_key(directory: str | Path, frozen_dtype: str) -> str:
+    """What decides the cached encodings besides the data: the bytes of the VAE, text encoder and tokenizer files
+    (hashed once per process and file version, not the loaded weights; the tokenizer's files hold its maximum
+    length) and their dtype."""
+    h = hashlib.sha256(frozen_dtype.encode())
+    for part in ("vae", "text_encoder", "tokenizer"):
+        for path in sorted(p for p in (Path(directory) / part).rglob("*") if p.is_file()):
+            st = path.stat()
+            key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+            if key not in _DIGESTS:
+                _DIGESTS[key] = _file_digest(path)
+            h.update(f"{path.relative_to(directory)}\0{_DIGESTS[key]}\0".encode())
+    return h.hexdigest()
+
+
+def cached_encoding(images: torch.Tensor, captions: list[str], parts_key: str, load_parts,
+                    device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """`encode`, computed once per (frozen parts = `parts_key`, images, captions) and kept in
+    `$FL_IETAGC_CACHE/latents/`; `load_parts()` gives the parts, called only when the cache misses (so a client
+    whose encodings are cached never loads the VAE or the text encoder)."""
+    h = hashlib.sha256(parts_key.encode())
     h.update(images.numpy().tobytes())
     h.update("\x00".join(captions).encode())
-    h.update(repr(parts.tokenizer.model_max_length).encode())
-    return h.hexdigest()[:24]
-
-
-def cached_encoding(parts: LatentParts, images: torch.Tensor, captions: list[str],
-                    device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """`encode`, computed once per (frozen weights, images, captions) and kept in `$FL_IETAGC_CACHE/latents/`."""
-    path = cache_root("latents") / f"{_digest(parts, images, captions)}.pt"
+    path = cache_root("latents") / f"{h.hexdigest()[:24]}.pt"
     if path.is_file():
         blob = load_torch(path, "cached latents")
         return blob["latents"], blob["text"]
-    latents, text = encode(parts, images, captions, device=device)
+    latents, text = encode(load_parts(), images, captions, device=device)
     save_torch(path, {"latents": latents, "text": text})
     return latents, text
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def scheduler_config(directory: str | Path) -> dict | None:
+    """The checkpoint's noise schedule (scheduler/scheduler_config.json), or None when it has none."""
+    import json
+
+    path = Path(directory) / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as e:
+        raise ConfigError(f"pretrained-dir = {str(directory)!r}: {path} is not valid JSON ({e})") from None
+    missing = [k for k in ("num_train_timesteps", "beta_start", "beta_end") if k not in config]
+    if missing:
+        raise ConfigError(f"pretrained-dir = {str(directory)!r}: {path} lacks {', '.join(missing)}")
+    return config
+
+
+@functools.lru_cache(maxsize=2)
+def parts_for(directory: str, frozen_dtype: str) -> LatentParts:
+    """The checkpoint's parts, loaded once per process (the UNet here is the pretrained one, never trained)."""
+    return load_components(directory, DTYPES[frozen_dtype])
+
+
+def unet_for(directory: str) -> torch.nn.Module:
+    """A fresh UNet2DConditionModel with the checkpoint's pretrained weights (float32, train mode)."""
+    from diffusers import UNet2DConditionModel
+
+    check_components_dir(directory)
+    return UNet2DConditionModel.from_pretrained(Path(directory) / "unet", use_safetensors=True, local_files_only=True,
+                                                torch_dtype=torch.float32).train()
+
+
+def vae_factor(directory: str | Path) -> int:
+    """How many image pixels one latent pixel covers (2 ^ (VAE levels - 1), from vae/config.json)."""
+    import json
+
+    config = json.loads((Path(directory) / "vae" / "config.json").read_text())
+    return 2 ** (len(config["block_out_channels"]) - 1)
+
+
+@functools.lru_cache(maxsize=1)
+def training_pairs(cfg, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents, text embeddings) of every training pair of `cfg` (dataset = captions): from the disk cache,
+    kept in memory for the process's next rounds."""
+    from .data import load_splits
+
+    train = load_splits(cfg).train
+    return cached_encoding(train.images, list(train.captions), frozen_parts_key(cfg.pretrained_dir, cfg.frozen_dtype),
+                           lambda: parts_for(cfg.pretrained_dir, cfg.frozen_dtype), device=device)

@@ -55,11 +55,21 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def build_for_config(cfg) -> UNet2DModel:
-    """The UNet for a run: preset, model resolution and the dataset's channel count."""
+def build_for_config(cfg) -> torch.nn.Module:
+    """The UNet for a run: preset, model resolution and the dataset's channel count (model-type = pixel), or
+    pretrained-dir's text-conditional UNet with its pretrained weights (latent-t2i); gradient checkpointing on
+    request."""
     from .data import image_size, load_splits
 
-    return build_unet(cfg.preset, image_size(cfg), load_splits(cfg).train.channels)
+    if cfg.model_type == "latent-t2i":
+        from .latent import unet_for
+
+        model = unet_for(cfg.pretrained_dir)
+    else:
+        model = build_unet(cfg.preset, image_size(cfg), load_splits(cfg).train.channels)
+    if cfg.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    return model
 
 
 def load_weights(model: torch.nn.Module, state_dict: dict, what: str) -> None:

@@ -155,7 +155,7 @@ class LocalTrainer:
         self.state = state
         self.diffusion = Diffusion.for_config(cfg)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr, fused=device.type == "cuda")
+        self.optimizer = make_optimizer(cfg, self.params, device)
         if state.optimizer is not None:
             self.optimizer.load_state_dict(state.optimizer)
         self.bank = MemoryBank(cfg.diffusion_steps, cfg.agc_lambda, cfg.agc_bank_decay, device=device)
@@ -287,3 +287,12 @@ def pick_device(choice: str) -> torch.device:
 def client_seed(seed: int, partition_id: int, server_round: int) -> int:
     """A client's RNG seed: from the run seed, its partition id and the round, never Flower's node id."""
     return (seed * 1_000_003 + partition_id * 10_007 + server_round) % (2 ** 63)
+
+
+def make_optimizer(cfg: RunConfig, params, device: torch.device) -> torch.optim.Optimizer:
+    """Adam (fused on CUDA), or bitsandbytes' 8-bit Adam (optimizer = adam8bit; validate.py checks it is there)."""
+    if cfg.optimizer == "adam8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.Adam8bit(params, lr=cfg.lr)
+    return torch.optim.Adam(params, lr=cfg.lr, fused=device.type == "cuda")

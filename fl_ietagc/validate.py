@@ -22,10 +22,71 @@ def check_model(cfg: RunConfig) -> None:
     from .data import image_size
     from .models import downsample_factor
 
+    check_optimizer(cfg)
+    if cfg.model_type == "latent-t2i":
+        return check_latent_model(cfg)
     size, factor = image_size(cfg), downsample_factor(cfg.preset)
     if size % factor:
         raise ConfigError(f"image-size = {size}: preset {cfg.preset} downsamples by {factor}, so the image size "
                           f"must be a multiple of {factor}")
+
+
+def check_latent_model(cfg: RunConfig) -> None:
+    """pretrained-dir has every part in safetensors, and image-size fits the VAE's and the UNet's downsampling
+    (read from their config.json files; no weights are loaded here)."""
+    import json
+
+    from .data import image_size
+    from .latent import check_components_dir
+
+    d = check_components_dir(cfg.pretrained_dir)
+    try:
+        vae = json.loads((d / "vae" / "config.json").read_text())
+        unet = json.loads((d / "unet" / "config.json").read_text())
+        factor = 2 ** (len(vae["block_out_channels"]) - 1) * 2 ** (len(unet["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"pretrained-dir = {cfg.pretrained_dir!r}: vae/ or unet/ config.json unreadable "
+                          f"({type(e).__name__}: {e})") from None
+    if image_size(cfg) % factor:
+        raise ConfigError(f"image-size = {image_size(cfg)}: pretrained-dir's VAE and UNet downsample by {factor}, "
+                          f"so the image size must be a multiple of {factor}")
+    check_latent_schedule(cfg)
+
+
+def check_latent_schedule(cfg: RunConfig) -> None:
+    """With a scheduler/ folder, the schedule is the checkpoint's: epsilon-prediction (the loss this project trains
+    with), diffusion-steps = its timesteps (the memory bank's slots), beta-start/beta-end left alone."""
+    from .latent import scheduler_config
+
+    sched = scheduler_config(cfg.pretrained_dir)
+    if sched is None:
+        return
+    prediction = sched.get("prediction_type", "epsilon")
+    if prediction != "epsilon":
+        raise ConfigError(f"pretrained-dir = {cfg.pretrained_dir!r}: its scheduler predicts {prediction!r}; this "
+                          f"project trains epsilon-prediction only (e.g. SD 2.1 base, not the 768 v-model)")
+    if cfg.diffusion_steps != int(sched["num_train_timesteps"]):
+        raise ConfigError(f"diffusion-steps = {cfg.diffusion_steps}: pretrained-dir's scheduler has "
+                          f"{sched['num_train_timesteps']} timesteps; set diffusion-steps = {sched['num_train_timesteps']}")
+    defaults = RunConfig()
+    for key, value, default in (("beta-start", cfg.beta_start, defaults.beta_start),
+                                ("beta-end", cfg.beta_end, defaults.beta_end)):
+        if value != default:
+            raise ConfigError(f"{key} = {value}: the noise schedule comes from pretrained-dir's scheduler/ "
+                              f"(leave {key} at its default)")
+
+
+def check_optimizer(cfg: RunConfig) -> None:
+    if cfg.optimizer != "adam8bit":
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("optimizer = 'adam8bit': needs bitsandbytes (pip install bitsandbytes), which is not "
+                          "installed here")
+    if cfg.device == "cpu":
+        raise ConfigError("optimizer = 'adam8bit': bitsandbytes' 8-bit Adam runs on CUDA only; use device = "
+                          "'cuda' or optimizer = 'adam'")
 
 
 def check_device(cfg: RunConfig) -> None:

@@ -116,17 +116,34 @@ def test_a_checkpoint_folder_missing_a_part_or_with_pickled_weights_is_refused(t
 
 def test_encodings_are_computed_once_and_cached(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("FL_IETAGC_CACHE", str(tmp_path))
-    parts, _ = tiny
+    parts, directory = tiny
     data = load_captioned(write_folder(tmp_path / "d", n=3, size=(16, 16)), size=16)
-    lat, emb = latent.cached_encoding(parts, data.images, data.captions)
+    key = latent.frozen_parts_key(directory, "fp32")
+    lat, emb = latent.cached_encoding(data.images, data.captions, key, lambda: parts)
     assert lat.shape == (3, 4, 8, 8) and emb.shape == (3, 16, 32) and lat.dtype == emb.dtype == torch.float32
     files = list((tmp_path / "latents").glob("*.pt"))
     assert len(files) == 1
     calls = []
     monkeypatch.setattr(latent, "encode", lambda *a, **k: calls.append(1))
-    lat2, emb2 = latent.cached_encoding(parts, data.images, data.captions)
+    lat2, emb2 = latent.cached_encoding(data.images, data.captions, key, lambda: calls.append("load"))
     assert not calls and torch.equal(lat, lat2) and torch.equal(emb, emb2)
     assert not torch.equal(emb[0], emb[1])  # different captions, different embeddings
+    # the key follows the frozen parts' files and dtype (not the UNet's, which trains)
+    assert latent.frozen_parts_key(directory, "bf16") != key
+    vae_file = next((directory / "vae").glob("*.safetensors"))
+    vae_bytes = vae_file.read_bytes()
+    try:
+        vae_file.write_bytes(vae_bytes + b" ")
+        assert latent.frozen_parts_key(directory, "fp32") != key
+    finally:
+        vae_file.write_bytes(vae_bytes)
+    unet_file = next((directory / "unet").glob("*.safetensors"))
+    before = unet_file.read_bytes()
+    try:
+        unet_file.write_bytes(before + b" ")
+        assert latent.frozen_parts_key(directory, "fp32") == key
+    finally:
+        unet_file.write_bytes(before)
 
 
 def test_agc_skips_conditional_latent_losses_by_the_same_rule(tiny):
@@ -162,7 +179,7 @@ def test_the_local_trainer_trains_the_conditional_latent_unet_with_agc_and_state
     monkeypatch.setenv("FL_IETAGC_CACHE", str(tmp_path))
     parts, _ = tiny
     data = load_captioned(write_folder(tmp_path / "d", n=8, size=(16, 16)), size=16)
-    lat, emb = latent.cached_encoding(parts, data.images, data.captions)
+    lat, emb = latent.encode(parts, data.images, data.captions)
     cfg = parse_config({"batch-size": 4, "diffusion-steps": 10, "agc-lambda": 1.05, "warmup-steps": 2,
                         "hflip": "off", "lr": 1e-3})
 
