@@ -1,7 +1,9 @@
 """`fl-ietagc`: the project's commands that need no Flower.
 
     fl-ietagc centralized [--config FILE.toml] [--run-config "k=v ..."] [--match-federated K] [--agc]
-    fl-ietagc evaluate RUN_DIR [options]   # samples -> memorization (MQ, 1/3, Carlini, null) + FID -> report
+    fl-ietagc evaluate RUN_DIR [options]   # samples -> memorization (MQ, 1/3, Carlini, null) + FID -> report;
+                                           # latent-t2i runs: generations from training captions -> copy
+                                           # scores (SSCD or fallbacks, null) + CLIP score -> report
     fl-ietagc compare RUN_DIR ...          # one table of the evaluated runs, relative to the first
     fl-ietagc resume RUN_DIR [--backend-config JSON] [--ray-address HOST:PORT]
                                            # continue a killed / failed / interrupted run
@@ -50,27 +52,42 @@ def main(argv=None) -> int:
                                                         "as flower-simulation --ray-address; default: $RAY_ADDRESS")
     r.add_argument("--print-config", action="store_true", help="only print the run config that continues the run "
                                                                "(TOML, with resume-from), for `flwr run -c FILE`")
-    e = sub.add_parser("evaluate", help="memorization and quality of a run's global model; writes results.json "
-                                        "and report.html into the run directory")
+    e = sub.add_parser("evaluate", argument_default=argparse.SUPPRESS,
+                       help="memorization and quality of a run's global model; writes results.json and report.html "
+                            "into the run directory",
+                       description="Options marked (pixel) or (latent-t2i) apply to that kind of run only; giving one "
+                                   "to the other kind of run is an error.")
     e.add_argument("run_dir")
-    e.add_argument("--num-samples", type=int, default=1024, help="generated images (paper: 65536)")
-    e.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim", help="ddim (n steps) or ddpm (all T)")
-    e.add_argument("--steps", type=int, default=50, help="DDIM steps (paper: 50)")
-    e.add_argument("--weights", choices=("raw", "ema"), default="raw", help="paper evaluates raw weights")
-    e.add_argument("--round", type=int, default=None, help="evaluate this round's checkpoint (default: final)")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--batch-size", type=int, default=256)
-    e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    e.add_argument("--k", type=int, default=50, help="neighbours for MQ / Carlini")
-    e.add_argument("--fid-weights", default=None, help="Inception weights file (else $FL_IETAGC_INCEPTION_WEIGHTS, "
-                                                      "the torch hub cache, or a download when online)")
-    e.add_argument("--quality", default="fid", help="comma list of fid, isc, kid, prc")
-    e.add_argument("--no-fid", action="store_true", help="skip quality metrics")
-    e.add_argument("--precision", choices=("fp32", "bf16"), default=None,
-                   help="sampling precision (default: the run's precision key; channels-last/compile follow the run)")
-    e.add_argument("--memorized-tau", type=float, default=0.2,
-                   help="MQ threshold deciding 'memorized' training images for the loss-by-timestep figure")
-    e.add_argument("--out", default=None, help="write results and report here instead of the run directory")
+    e.add_argument("--num-samples", type=int, help="(pixel) generated images (default 1024; paper: 65536)")
+    e.add_argument("--sampler", choices=("ddim", "ddpm"), help="(pixel) ddim (n steps, default) or ddpm (all T)")
+    e.add_argument("--steps", type=int, help="DDIM steps (default 50, as the paper)")
+    e.add_argument("--weights", choices=("raw", "ema"), help="raw (default; the paper evaluates raw weights) or ema")
+    e.add_argument("--round", type=int, help="evaluate this round's checkpoint (default: final)")
+    e.add_argument("--seed", type=int, help="default 0")
+    e.add_argument("--batch-size", type=int, help="sampling batch (default 256 pixel, 8 latent-t2i)")
+    e.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto")
+    e.add_argument("--k", type=int, help="(pixel) neighbours for MQ / Carlini (default 50)")
+    e.add_argument("--fid-weights", help="(pixel) Inception weights file (else $FL_IETAGC_INCEPTION_WEIGHTS, the "
+                                         "torch hub cache, or a download when online)")
+    e.add_argument("--quality", help="(pixel) comma list of fid, isc, kid, prc (default fid)")
+    e.add_argument("--no-fid", action="store_true", help="(pixel) skip quality metrics")
+    e.add_argument("--precision", choices=("fp32", "bf16"),
+                   help="(pixel) sampling precision (default: the run's precision key; channels-last/compile follow "
+                        "the run)")
+    e.add_argument("--memorized-tau", type=float,
+                   help="(pixel) MQ threshold deciding 'memorized' training images for the loss-by-timestep figure "
+                        "(default 0.2)")
+    e.add_argument("--num-captions", type=int, help="(latent-t2i) training captions to generate from, a subset drawn "
+                                                    "with --seed (default 256; 0 = all)")
+    e.add_argument("--seeds-per-caption", type=int, help="(latent-t2i) generations per caption (default 4)")
+    e.add_argument("--guidance-scale", type=float,
+                   help="(latent-t2i) classifier-free guidance scale (default 7.5; 1 = unguided)")
+    e.add_argument("--sscd", metavar="PATH", help="(latent-t2i) local SSCD TorchScript model (e.g. "
+                                                  "sscd_disc_mixup.torchscript.pt) for the copy score; without it "
+                                                  "the score is latent-cosine (a fallback, named so)")
+    e.add_argument("--clip-dir", metavar="DIR", help="(latent-t2i) local CLIPModel + CLIPProcessor folder: CLIP score "
+                                                     "of the generations (without it: not measured)")
+    e.add_argument("--out", help="write results and report here instead of the run directory")
     x = sub.add_parser("export", help="write the run's global model as a diffusers pipeline directory "
                                       "(DDIMPipeline.from_pretrained(OUT) samples it)")
     x.add_argument("run_dir")
@@ -220,32 +237,61 @@ def _finish(work, what: str) -> int:
     return 0
 
 
-def _evaluate(args) -> int:
-    from .evaluate import EvalOptions, evaluate_run, prepare
+PIXEL_ONLY = ("num_samples", "sampler", "k", "fid_weights", "quality", "no_fid", "precision", "memorized_tau")
+T2I_ONLY = ("num_captions", "seeds_per_caption", "guidance_scale", "sscd", "clip_dir")
 
-    opts = EvalOptions(num_samples=args.num_samples, sampler=args.sampler, steps=args.steps, weights=args.weights,
-                       server_round=args.round, seed=args.seed, batch_size=args.batch_size, device=args.device, k=args.k,
-                       fid=not args.no_fid, fid_weights=args.fid_weights,
-                       quality=tuple(q.strip() for q in args.quality.split(",") if q.strip()),
-                       memorized_tau=args.memorized_tau, precision=args.precision, out=args.out)
-    try:  # every option and the run directory are checked before any sampling: bad input exits 2 at once
+
+def _evaluate(args) -> int:
+    """Dispatch on the run's model-type (pixel: evaluate.py, latent-t2i: t2i_evaluate.py); options are checked
+    against the kind of run first, then every check of that kind runs before any sampling: bad input exits 2."""
+    from .t2i_evaluate import MODEL_TYPE, run_model_type
+
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "run_dir")}
+    try:
+        t2i = run_model_type(args.run_dir) == MODEL_TYPE
+        wrong = [k for k in (PIXEL_ONLY if t2i else T2I_ONLY) if k in given]
+        if wrong:
+            raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in wrong)}: only for "
+                             f"{'pixel' if t2i else MODEL_TYPE} runs; {args.run_dir} is a "
+                             f"{MODEL_TYPE if t2i else 'pixel'} run")
+        options = {("server_round" if k == "round" else k): v for k, v in given.items()}
+        if t2i:
+            from .t2i_evaluate import T2IOptions, evaluate_t2i, prepare_t2i
+
+            opts, prepare, evaluate = T2IOptions(**options), prepare_t2i, evaluate_t2i
+        else:
+            from .evaluate import EvalOptions, evaluate_run, prepare
+
+            if "no_fid" in options:
+                options["fid"] = not options.pop("no_fid")
+            if "quality" in options:
+                options["quality"] = tuple(q.strip() for q in options["quality"].split(",") if q.strip())
+            opts, evaluate = EvalOptions(**options), evaluate_run
         plan = prepare(args.run_dir, opts)
     except (ValueError, OSError) as e:
         print(f"fl-ietagc evaluate: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     try:
-        results = evaluate_run(args.run_dir, opts, plan=plan)
+        results = evaluate(args.run_dir, opts, plan=plan)
     except (ValueError, OSError) as e:
         print(f"fl-ietagc evaluate: FAILED: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
-    mem, null = results["memorization"], results["null"]
-    print(f"MQ r<0.2: {mem['mq']['0.2']['count']}/{mem['num_queries']} (null {100 * null['mq']['0.2']['fraction']:.2f}%)"
-          f" | 1/3 rule: {mem['one_third_rule']['count']} (null {100 * null['one_third_rule']['fraction']:.2f}%)"
-          f" | FID: {results['quality'].get('fid', 'not computed')}")
-    out = args.out or results["run"]
+    if t2i:
+        mem, null, clip = results["memorization"], results["null"], results["clip_score"]
+        null_mean = f"{null['mean_top1']:.3f}" if "mean_top1" in null else "not measured"
+        print(f"{mem['embedder']}: mean top-1 similarity {mem['mean_top1']:.3f} (null {null_mean}) | "
+              f"> {mem['threshold']}: {mem['count_above']}/{mem['num_generations']} | nearest is its caption's "
+              f"image: {100 * mem['fraction_nearest_own_caption']:.1f}% | CLIP score: "
+              f"{f'{clip:.2f}' if isinstance(clip, float) else clip}")
+    else:
+        mem, null = results["memorization"], results["null"]
+        print(f"MQ r<0.2: {mem['mq']['0.2']['count']}/{mem['num_queries']} (null "
+              f"{100 * null['mq']['0.2']['fraction']:.2f}%) | 1/3 rule: {mem['one_third_rule']['count']} (null "
+              f"{100 * null['one_third_rule']['fraction']:.2f}%) | FID: "
+              f"{results['quality'].get('fid', 'not computed')}")
+    out = given.get("out") or results["run"]
     print(f"results: {out}/results.json | report: {out}/report.html")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,7 +4,8 @@
                                [--round R] [--seed S] [--batch-size B] [--device auto|cpu|cuda] [--k 50]
                                [--fid-weights PATH] [--quality fid,kid] [--no-fid] [--out DIR]
 
-Works for federated and centralized runs alike (same run-directory layout). Steps:
+Works for federated and centralized runs alike (same run-directory layout); a run with model-type = latent-t2i is
+evaluated by fl_ietagc/t2i_evaluate.py instead (`fl-ietagc evaluate` dispatches on the run's config). Steps:
 0. `prepare` checks every option and the run directory first (completed run, checkpoint, metrics and skip
    counts readable, --k within the training set, Inception weights safe and of the right network, --out
    writable): bad input fails at once with one line naming the option or the file, before any sampling;
@@ -73,20 +74,7 @@ class EvalOptions:
             problems.append(f"--num-samples {self.num_samples}: quality metrics need >= 2 samples (or pass --no-fid)")
         if self.sampler not in ("ddim", "ddpm"):
             problems.append(f"--sampler {self.sampler}: must be ddim or ddpm")
-        if self.steps < 1:
-            problems.append(f"--steps {self.steps}: must be >= 1")
-        if self.weights not in ("raw", "ema"):
-            problems.append(f"--weights {self.weights}: must be raw or ema")
-        if self.server_round is not None and self.server_round < 1:
-            problems.append(f"--round {self.server_round}: must be >= 1")
-        if not 0 <= self.seed < 2 ** 63:
-            problems.append(f"--seed {self.seed}: must be in [0, 2**63)")
-        if self.batch_size < 1:
-            problems.append(f"--batch-size {self.batch_size}: must be >= 1")
-        if self.device not in ("auto", "cpu", "cuda"):
-            problems.append(f"--device {self.device}: must be auto, cpu or cuda")
-        elif self.device == "cuda" and not torch.cuda.is_available():
-            problems.append("--device cuda: no CUDA device is visible to this process; use --device cpu or auto")
+        problems += shared_problems(self)
         if self.precision not in (None, "fp32", "bf16"):
             problems.append(f"--precision {self.precision}: must be fp32 or bf16")
         if self.k < 2:
@@ -102,6 +90,26 @@ class EvalOptions:
             problems.append(f"loss_images {self.loss_images}: must be >= 1")
         if problems:
             raise ValueError("; ".join(problems))
+
+
+def shared_problems(opts) -> list[str]:
+    """Problems with the options every kind of run shares (steps, weights, round, seed, batch size, device)."""
+    problems = []
+    if opts.steps < 1:
+        problems.append(f"--steps {opts.steps}: must be >= 1")
+    if opts.weights not in ("raw", "ema"):
+        problems.append(f"--weights {opts.weights}: must be raw or ema")
+    if opts.server_round is not None and opts.server_round < 1:
+        problems.append(f"--round {opts.server_round}: must be >= 1")
+    if not 0 <= opts.seed < 2 ** 63:
+        problems.append(f"--seed {opts.seed}: must be in [0, 2**63)")
+    if opts.batch_size < 1:
+        problems.append(f"--batch-size {opts.batch_size}: must be >= 1")
+    if opts.device not in ("auto", "cpu", "cuda"):
+        problems.append(f"--device {opts.device}: must be auto, cpu or cuda")
+    elif opts.device == "cuda" and not torch.cuda.is_available():
+        problems.append("--device cuda: no CUDA device is visible to this process; use --device cpu or auto")
+    return problems
 
 
 def load_run(run_dir: str | Path):
@@ -157,13 +165,10 @@ def _check_writable(out: Path, what: str) -> None:
         raise ValueError(f"{what}: {probe} is not writable")
 
 
-def prepare(run_dir: str | Path, opts: EvalOptions) -> EvalPlan:
-    """Check every option and the run directory before any work: raises ValueError / FileNotFoundError with one
-    line naming the option (and its allowed range) or the file (and what is wrong with it). Loads the checkpoint,
-    the model, the data and (when quality is on) verifies the Inception weights."""
-    opts.validate()
-    run, cfg, meta = load_run(run_dir)
-    if opts.server_round is None:
+def select_checkpoint(run: RunDir, server_round: int | None, weights: str) -> tuple[Path, dict, dict]:
+    """(path, checkpoint, its raw or EMA state dict): the final checkpoint of a completed run, or round R's; an
+    unfinished run, a missing round, a corrupt file or absent weights raise ValueError naming the file or option."""
+    if server_round is None:
         state = run.read_status().get("status", "missing")
         if state != "completed":
             raise ValueError(f"{run.path}: the run is {state}, not completed; evaluate a saved round of it with "
@@ -172,20 +177,36 @@ def prepare(run_dir: str | Path, opts: EvalOptions) -> EvalPlan:
         if not ckpt_path.is_file():
             raise ValueError(f"{ckpt_path}: missing; the completed run has no final checkpoint")
     else:
-        ckpt_path = run.checkpoint(opts.server_round)
+        ckpt_path = run.checkpoint(server_round)
         if not ckpt_path.is_file():
-            raise ValueError(f"--round {opts.server_round}: no checkpoint of round {opts.server_round} in "
+            raise ValueError(f"--round {server_round}: no checkpoint of round {server_round} in "
                              f"{ckpt_path.parent} (saved rounds: {_saved_rounds(run)})")
     ckpt = load_checkpoint(ckpt_path)  # ValueError naming the file if empty, corrupt or refused
-    key = "net" if opts.weights == "raw" else "ema"
+    key = "net" if weights == "raw" else "ema"
     if not isinstance(ckpt.get(key), dict):
-        raise ValueError(f"{ckpt_path}: no {key!r} weights (--weights {opts.weights})")
+        raise ValueError(f"{ckpt_path}: no {key!r} weights (--weights {weights})")
+    return ckpt_path, ckpt, ckpt[key]
+
+
+def output_dir(run: RunDir, out: str | None) -> Path:
+    """Where results go (--out, else the run directory), checked to be writable."""
+    out_dir = Path(out) if out else run.path
+    _check_writable(out_dir, f"--out {out}" if out else f"{run.path} (use --out DIR to write elsewhere)")
+    return out_dir
+
+
+def prepare(run_dir: str | Path, opts: EvalOptions) -> EvalPlan:
+    """Check every option and the run directory before any work: raises ValueError / FileNotFoundError with one
+    line naming the option (and its allowed range) or the file (and what is wrong with it). Loads the checkpoint,
+    the model, the data and (when quality is on) verifies the Inception weights."""
+    opts.validate()
+    run, cfg, meta = load_run(run_dir)
+    ckpt_path, ckpt, state = select_checkpoint(run, opts.server_round, opts.weights)
     model = build_for_config(cfg)
-    load_weights(model, ckpt[key], f"{ckpt_path} ({opts.weights})")
+    load_weights(model, state, f"{ckpt_path} ({opts.weights})")
     if opts.sampler == "ddim" and opts.steps > cfg.diffusion_steps:
         raise ValueError(f"--steps {opts.steps}: must be <= {cfg.diffusion_steps} (the run's diffusion-steps)")
-    out_dir = Path(opts.out) if opts.out else run.path
-    _check_writable(out_dir, f"--out {opts.out}" if opts.out else f"{run.path} (use --out DIR to write elsewhere)")
+    out_dir = output_dir(run, opts.out)
     from . import report
 
     report.read_round_metrics(run)  # a corrupt metrics.json fails now, not after sampling

@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
+from .checkpoints import atomic_write_bytes  # noqa: E402
 from .pixels import uint8_to_unit_range  # noqa: E402
 
 PAIRS = 24
@@ -169,8 +170,6 @@ def metrics_rows(results: dict) -> list[tuple[str, str, str]]:
 
 def write_html(path: Path, results: dict, figures: dict[str, Path]) -> Path:
     mem = results["memorization"]
-    table = "".join(f"<tr><td>{html.escape(a)}</td><td>{html.escape(b)}</td><td>{html.escape(c)}</td></tr>"
-                    for a, b, c in metrics_rows(results))
     notes = []
     if not mem["mq_reliable"]:
         notes.append(f"The training set ({mem['num_train']} images) is not much larger than k = {mem['k']}: the 50 "
@@ -182,6 +181,15 @@ def write_html(path: Path, results: dict, figures: dict[str, Path]) -> Path:
             f"{results['weights']} weights of round {results['round']} ({results['checkpoint']}), seed "
             f"{results['seed']}; {results['num_train']} training images, {results['num_heldout']} held-out; k = {mem['k']}; "
             f"memorized training images ({results.get('memorized_rule', 'n/a')}): {results.get('memorized_train_images', 'n/a')}")
+    return write_page(path, results, info, notes, metrics_rows(results), figures)
+
+
+def write_page(path: Path, results: dict, info: str, notes: list[str], rows: list[tuple[str, str, str]],
+               figures: dict[str, Path]) -> Path:
+    """The self-contained report.html (written atomically): title from results' run and kind, the `info` line,
+    `notes` highlighted, a (metric, generated, held-out real = null rate) table, the figures embedded."""
+    table = "".join(f"<tr><td>{html.escape(a)}</td><td>{html.escape(b)}</td><td>{html.escape(c)}</td></tr>"
+                    for a, b, c in rows)
     imgs = "".join(
         f"<h3>{html.escape(name.replace('_', ' '))}</h3><img src='data:image/png;base64,"
         f"{base64.b64encode(Path(p).read_bytes()).decode()}' style='max-width:100%'>" for name, p in figures.items())
@@ -192,5 +200,5 @@ def write_html(path: Path, results: dict, figures: dict[str, Path]) -> Path:
 <p>{html.escape(info)}</p>{''.join(f"<p class='note'>{html.escape(n)}</p>" for n in notes)}
 <table><tr><th>metric</th><th>generated</th><th>held-out real (null rate)</th></tr>{table}</table>
 {imgs}</body></html>"""
-    path.write_text(page)
+    atomic_write_bytes(path, lambda f: f.write(page.encode()))
     return path

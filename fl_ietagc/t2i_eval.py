@@ -5,8 +5,9 @@
 - `memorization_scores`: each generation's nearest training image by cosine similarity of embeddings, from
   `SSCDEmbedder` (a local TorchScript SSCD model), or the fallbacks `PixelEmbedder` and `LatentEmbedder`. Every
   result names its embedder ("sscd", "pixel-cosine", "latent-cosine"), so a fallback is never reported as SSCD.
-- `clip_score`: CLIP score of images against their captions, from a local CLIP folder.
-- `similar_pairs_grid`: the most similar (generation, nearest training image) pairs as one PNG.
+- `ClipScorer` / `clip_score`: CLIP score of images against their captions, from a local CLIP folder.
+- `similar_pairs_grid`: the most similar (generation, nearest training image) pairs as one PNG (written
+  atomically).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler
 
+from .checkpoints import atomic_write_bytes
 from .config import ConfigError
 from .diffusion import Diffusion
 from .latent import LatentParts
@@ -59,13 +61,14 @@ def text_embeddings(parts: LatentParts, captions: list[str], device) -> torch.Te
 @torch.no_grad()
 def sample_from_captions(parts: LatentParts, schedule: Diffusion | Mapping, captions: list[str],
                          seeds_per_caption: int = 1, *, steps: int = 50, guidance_scale: float = 1.0,
-                         seed: int = 0, device: str | torch.device = "cpu",
-                         batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+                         seed: int = 0, device: str | torch.device = "cpu", batch_size: int = 16,
+                         latent_size: int | None = None, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(images uint8 (N, 3, H, W), caption index (N,) int64), N = len(captions) x seeds_per_caption, caption-major.
 
     Image (i, j) starts from noise seeded by `image_seed(seed, i, j)` (drawn on the CPU), so it is the same whatever
     the batch. `guidance_scale` g != 1: eps = eps(empty) + g (eps(caption) - eps(empty)); at 1 the empty caption is
-    not run.
+    not run. `latent_size`: side of the latents (a run's image-size / the VAE's factor; default the UNet's
+    sample_size). `progress`: a tqdm bar, one tick per denoising step of a batch.
     """
     if not captions or seeds_per_caption < 1:
         raise ValueError(f"nothing to sample: {len(captions)} captions x {seeds_per_caption} seeds")
@@ -77,14 +80,21 @@ def sample_from_captions(parts: LatentParts, schedule: Diffusion | Mapping, capt
     guided = guidance_scale != 1.0
     empty = text_embeddings(parts, [""], device) if guided else None
     jobs = [(i, j) for i in range(len(captions)) for j in range(seeds_per_caption)]
+    shape = parts.latent_shape if latent_size is None else (parts.latent_shape[0], latent_size, latent_size)
     out = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=-(-len(jobs) // batch_size) * len(sched.timesteps), unit="step",
+                   desc=f"sampling {len(jobs)} ({len(captions)} captions x {seeds_per_caption})")
     try:
         for s in range(0, len(jobs), batch_size):
             batch = jobs[s:s + batch_size]
             cond = text_embeddings(parts, [captions[i] for i, _ in batch], device)
             if guided:
                 cond = torch.cat([empty.expand_as(cond), cond])
-            x = torch.stack([torch.randn(parts.latent_shape, generator=torch.Generator().manual_seed(
+            x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(
                 image_seed(seed, i, j))) for i, j in batch]).to(device)
             for t in sched.timesteps:
                 eps = unet(torch.cat([x, x]) if guided else x, t.to(device), encoder_hidden_states=cond).sample
@@ -92,8 +102,12 @@ def sample_from_captions(parts: LatentParts, schedule: Diffusion | Mapping, capt
                     uncond, conditional = eps.float().chunk(2)
                     eps = uncond + guidance_scale * (conditional - uncond)
                 x = sched.step(eps.float(), t, x, eta=0.0).prev_sample
+                if bar is not None:
+                    bar.update(1)
             out.append(decode(parts, x))
     finally:
+        if bar is not None:
+            bar.close()
         unet.train(was_training)
     index = torch.tensor([i for i, _ in jobs], dtype=torch.long)
     return torch.cat(out), index
@@ -226,32 +240,43 @@ def clip_score_from_embeddings(image_embeds: torch.Tensor, text_embeds: torch.Te
     return 100 * cos.clamp(min=0)
 
 
-@torch.no_grad()
+class ClipScorer:
+    """CLIP score of images against their captions, with the CLIPModel + CLIPProcessor in `clip_dir` (local files
+    only, safetensors only); a missing or unloadable folder raises ConfigError naming it."""
+
+    def __init__(self, clip_dir: str | Path, device: str | torch.device = "cpu"):
+        from transformers import CLIPModel, CLIPProcessor
+
+        d = Path(clip_dir)
+        if not d.is_dir() or not list(d.glob("*.safetensors")):
+            raise ConfigError(f"CLIP directory {str(d)!r}: "
+                              f"{'no .safetensors weights' if d.is_dir() else 'not a directory'} (a local CLIPModel "
+                              f"and CLIPProcessor saved with save_pretrained)")
+        try:
+            self.model = CLIPModel.from_pretrained(d, use_safetensors=True, local_files_only=True).to(device).eval()
+            self.processor = CLIPProcessor.from_pretrained(d, local_files_only=True)
+        except (OSError, ValueError, KeyError) as e:
+            raise ConfigError(f"CLIP directory {str(d)!r}: cannot be loaded ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:200]})") from None
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, images_uint8: torch.Tensor, captions: list[str], batch_size: int = 32) -> torch.Tensor:
+        """(N,) CLIP score of image k against caption k."""
+        out = []
+        for s in range(0, len(captions), batch_size):
+            images = [im.permute(1, 2, 0).numpy() for im in images_uint8[s:s + batch_size]]
+            inputs = self.processor(text=captions[s:s + batch_size], images=images, return_tensors="pt",
+                                    padding=True, truncation=True).to(self.device)
+            res = self.model(**inputs)
+            out.append(clip_score_from_embeddings(res.image_embeds, res.text_embeds).cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
+
 def clip_score(images_uint8: torch.Tensor, captions: list[str], clip_dir: str | Path,
                device: str | torch.device = "cpu", batch_size: int = 32) -> torch.Tensor:
-    """(N,) CLIP score of each image against its caption, with the CLIPModel + CLIPProcessor in `clip_dir`
-    (local files only, safetensors only)."""
-    from transformers import CLIPModel, CLIPProcessor
-
-    d = Path(clip_dir)
-    if not d.is_dir() or not list(d.glob("*.safetensors")):
-        raise ConfigError(f"CLIP directory {str(d)!r}: "
-                          f"{'no .safetensors weights' if d.is_dir() else 'not a directory'} (a local CLIPModel "
-                          f"and CLIPProcessor saved with save_pretrained)")
-    try:
-        model = CLIPModel.from_pretrained(d, use_safetensors=True, local_files_only=True).to(device).eval()
-        processor = CLIPProcessor.from_pretrained(d, local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(f"CLIP directory {str(d)!r}: cannot be loaded ({type(e).__name__}: "
-                          f"{' '.join(str(e).split())[:200]})") from None
-    out = []
-    for s in range(0, len(captions), batch_size):
-        images = [im.permute(1, 2, 0).numpy() for im in images_uint8[s:s + batch_size]]
-        inputs = processor(text=captions[s:s + batch_size], images=images, return_tensors="pt", padding=True,
-                           truncation=True).to(device)
-        res = model(**inputs)
-        out.append(clip_score_from_embeddings(res.image_embeds, res.text_embeds).cpu())
-    return torch.cat(out) if out else torch.zeros(0)
+    """(N,) CLIP score of each image against its caption, with the CLIP in `clip_dir` (see `ClipScorer`)."""
+    return ClipScorer(clip_dir, device)(images_uint8, captions, batch_size)
 
 
 def similar_pairs_grid(generated: torch.Tensor, train: torch.Tensor, nearest_idx, scores, path: str | Path,
@@ -275,7 +300,6 @@ def similar_pairs_grid(generated: torch.Tensor, train: torch.Tensor, nearest_idx
     for ax in axes.flat:
         ax.axis("off")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    atomic_write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"))
     plt.close(fig)
     return path
