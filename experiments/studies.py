@@ -13,6 +13,8 @@ Studies (NAME):
   paper-afhq-dog  the same on AFHQ-dog at 64x64 (ddpm-afhq64 preset, batch 60)
   ablations       IET alone, AGC alone, K in {2, 5, 10}, lambda in {1.5, 2, 3}, aggregation period
   strategies      the same clients under every aggregation strategy
+  sd-finetune     a latent text-to-image model (Stable Diffusion layout) fine-tuned on image-caption pairs:
+                  plain fine-tuning vs IET-AGC vs RET (experiments/sd_finetune.py)
   finetune        a pretrained model fine-tuned with IET-AGC for a few rounds (--pretrained DIR; the smoke
                   size first trains its own small model to start from)
 
@@ -256,7 +258,7 @@ def _smoke_pretrained(study_dir: Path, base: dict) -> Path:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="fl-ietagc-study", description=__doc__.split("\n\n")[0])
-    p.add_argument("study", choices=("small-data", *STUDIES))
+    p.add_argument("study", choices=("small-data", "sd-finetune", *STUDIES))
     size = p.add_mutually_exclusive_group(required=True)
     size.add_argument("--smoke", action="store_true", help="tiny UNet on digits, minutes on a 2-core CPU")
     size.add_argument("--full", action="store_true", help="the paper's sizes (GPUs, real datasets)")
@@ -264,7 +266,13 @@ def main(argv=None) -> int:
     p.add_argument("--data-root", default="", help="dataset location for --full")
     p.add_argument("--fid-weights", default=None, help="Inception weights (FID); smoke runs skip FID without it")
     p.add_argument("--gpus-per-client", type=float, default=0.5, help="--full: GPU share per client (Ray)")
-    p.add_argument("--pretrained", default="", help="finetune: diffusers UNet directory / hub id / checkpoint")
+    p.add_argument("--pretrained", default="", help="finetune: diffusers UNet directory / hub id / checkpoint; "
+                                                    "sd-finetune: a local Stable Diffusion checkpoint folder")
+    p.add_argument("--data", default="", help="sd-finetune --full: image-caption pairs (a captioned folder or a "
+                                              ".csv / .parquet of paths and captions)")
+    p.add_argument("--sscd", default=None, help="sd-finetune: SSCD TorchScript file for the memorization score "
+                                                "(else the latent-cosine fallback, named as such)")
+    p.add_argument("--clip-dir", default=None, help="sd-finetune: local CLIP folder for the CLIP score")
     p.add_argument("--eval-samples", type=int, default=None, help="override the evaluation's sample count")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the estimate only")
     p.add_argument("--workers", type=int, default=2, help="small-data: runs trained at once (processes)")
@@ -294,6 +302,16 @@ def _run(a) -> int:
         return 0
     if a.set:
         raise ConfigError("--set: only the small-data study takes settings")
+    if a.study == "sd-finetune":
+        from .sd_finetune import run_sd_finetune
+
+        extra = (*(["--sscd", a.sscd] if a.sscd else []), *(["--clip-dir", a.clip_dir] if a.clip_dir else []))
+        run_sd_finetune("smoke" if a.smoke else "full", Path(a.out), pretrained=a.pretrained, data=a.data,
+                        gpus_per_client=a.gpus_per_client, dry_run=a.dry_run, eval_args=extra)
+        return 0
+    for option, value in (("--data", a.data), ("--sscd", a.sscd), ("--clip-dir", a.clip_dir)):
+        if value:
+            raise ConfigError(f"{option}: only the sd-finetune study takes it")
     run_study(a.study, "smoke" if a.smoke else "full", Path(a.out), data_root=a.data_root, fid_weights=a.fid_weights,
               gpus_per_client=a.gpus_per_client, pretrained=a.pretrained, eval_samples=a.eval_samples,
               dry_run=a.dry_run)

@@ -41,12 +41,14 @@ def _t2i_samples(cfg, model: torch.nn.Module, device) -> torch.Tensor:
 
     from .data import load_splits
     from .diffusion import Diffusion
-    from .latent import parts_for
+    from .data import image_size
+    from .latent import parts_for, vae_factor
     from .pixels import to_model_range
     from .t2i_eval import sample_from_captions
 
     parts = dataclasses.replace(parts_for(cfg.pretrained_dir, cfg.frozen_dtype), unet=model.to(device))
     captions = list(load_splits(cfg).train.captions[:cfg.sample_count])
     images, _ = sample_from_captions(parts, Diffusion.for_config(cfg), captions, steps=cfg.sample_steps,
-                                     seed=cfg.seed, device=device)
+                                     seed=cfg.seed, device=device,
+                                     latent_size=image_size(cfg) // vae_factor(cfg.pretrained_dir))
     return to_model_range(images)

@@ -1,0 +1,182 @@
+"""`fl-ietagc-study sd-finetune`: fine-tuning a latent text-to-image model (Stable Diffusion layout) on image-caption
+pairs, plain fine-tuning vs IET-AGC vs RET at the same number of optimizer steps, then the memorization score of
+generations from the training captions (fl-ietagc evaluate on each run).
+
+    fl-ietagc-study sd-finetune --smoke                                    # tiny random parts, digits as captions
+    fl-ietagc-study sd-finetune --full --pretrained SD_DIR --data PAIRS    # e.g. SD 2.1 base, a LAION-10k folder
+    fl-ietagc-study sd-finetune --full --pretrained SD_DIR --data PAIRS --dry-run   # the estimate only
+
+Runs: `plain-finetune` (centralized training, AGC off, as many steps as the K-client runs), `iet-agc` (K clients),
+`ret` (IET-AGC with RET's redistribution every round and threshold-aware augmentation by up to 1 latent pixel).
+`--full` follows the reference SD setup where this project can (method.md: 256 px, K = 4, 25 rounds, batch 8,
+lr 2.5e-6, lambda 1.25, warmup 5000, grad clip 1.0) with bf16 frozen parts and forward, gradient checkpointing;
+it uses Adam, not AdamW with weight decay 1e-2, and keeps an EMA. The estimate printed first counts FLOPs on the
+checkpoint's own UNet (torch.utils.flop_counter) and converts them at an assumed sustained rate: an estimate, not a
+measurement; the per-client memory line counts weights and optimizer state only (activations unmeasured).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .studies import ASSUMED_TFLOPS, RunSpec, train_run
+
+K_FULL, K_SMOKE = 4, 2
+FULL = {"model-type": "latent-t2i", "dataset": "captions", "image-size": 256, "num-server-rounds": 25,
+        "local-epochs": 6, "batch-size": 8, "lr": 2.5e-6, "warmup-steps": 5000, "grad-clip": 1.0, "agc-lambda": 1.25,
+        "frozen-dtype": "bf16", "precision": "bf16", "gradient-checkpointing": True, "sample-count": 16,
+        "holdout-fraction": 0.05}
+SMOKE = {"model-type": "latent-t2i", "dataset": "captions", "image-size": 16, "num-server-rounds": 2,
+         "local-epochs": 2, "batch-size": 4, "lr": 1e-3, "warmup-steps": 2, "agc-lambda": 1.25, "diffusion-steps": 20,
+         "sample-count": 4, "sample-steps": 5}
+RET = {"ret-every": 1, "ret-fraction": 0.1, "taa": True, "taa-max-shift": 1}
+
+
+def plan(k: int) -> list[RunSpec]:
+    return [RunSpec("plain-finetune", 0, {"agc": False}, match_federated=k), RunSpec("iet-agc", k),
+            RunSpec("ret", k, RET)]
+
+
+def smoke_inputs(study_dir: Path) -> tuple[Path, Path]:
+    """(tiny random Stable Diffusion parts, 48 embedded digits as 16 px RGB images captioned with their digit):
+    everything the smoke size needs, made here without a download."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from fl_ietagc.latent import save_components, tiny_components
+
+    parts_dir, pairs = study_dir / "tiny-sd", study_dir / "digit-pairs"
+    if not (parts_dir / "unet").is_dir():
+        save_components(tiny_components(seed=0, image_size=16), parts_dir)
+    if not (pairs / "metadata.jsonl").is_file():
+        pairs.mkdir(parents=True, exist_ok=True)
+        digits = load_digits()
+        rows = []
+        for i in range(48):
+            grey = (255 - digits.images[i] * (255 / 16)).astype(np.uint8)
+            Image.fromarray(np.stack([grey] * 3, -1)).resize((16, 16), Image.NEAREST).save(pairs / f"{i}.png")
+            rows.append({"file_name": f"{i}.png", "text": f"digit {digits.target[i]} number {i}"})
+        (pairs / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return parts_dir, pairs
+
+
+def estimate(cfg, runs: list[RunSpec], n_train: int, generations: int, eval_steps: int) -> dict:
+    """FLOPs of training (3 x forward per image) and sampling (2 forwards per step: classifier-free guidance) on
+    the checkpoint's UNet; GPU hours at ASSUMED_TFLOPS; weights + optimizer memory per client."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fl_ietagc.latent import unet_for, vae_factor
+
+    unet = unet_for(cfg.pretrained_dir).eval()
+    c = unet.config
+    side = cfg.image_size // vae_factor(cfg.pretrained_dir)
+    latent = torch.zeros(1, c.in_channels, side, side)
+    text = torch.zeros(1, 77, c.cross_attention_dim if isinstance(c.cross_attention_dim, int)
+                       else c.cross_attention_dim[0])
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        unet(latent, torch.tensor([1]), encoder_hidden_states=text)
+    fwd = counter.get_total_flops()
+    params = sum(p.numel() for p in unet.parameters())
+    rows, total = [], 0.0
+    for r in runs:
+        k = r.clients or r.match_federated
+        steps = cfg.num_server_rounds * cfg.local_epochs * k * ((n_train // k) // cfg.batch_size)
+        flops = steps * cfg.batch_size * 3 * fwd + generations * eval_steps * 2 * fwd
+        rows.append({"run": r.name, "optimizer_steps": steps, "pflop": flops / 1e15})
+        total += flops
+    state_bytes = params * (4 + 4 + 4 + (2 if cfg.optimizer == "adam8bit" else 8))  # weights, grads, EMA, Adam
+    return {"rows": rows, "total_pflop": total / 1e15, "gpu_hours": total / (ASSUMED_TFLOPS * 1e12) / 3600,
+            "forward_gflop": fwd / 1e9, "unet_parameters": params, "state_gib_per_client": state_bytes / 2 ** 30}
+
+
+def print_estimate(est: dict) -> None:
+    print(f"{'run':20s} {'optimizer steps':>16s} {'PFLOP':>10s}")
+    for row in est["rows"]:
+        print(f"{row['run']:20s} {row['optimizer_steps']:16,d} {row['pflop']:10.3f}")
+    print(f"total {est['total_pflop']:.2f} PFLOP ~ {est['gpu_hours']:.2f} GPU hours at an assumed {ASSUMED_TFLOPS:.0f} "
+          f"TFLOP/s sustained (UNet forward {est['forward_gflop']:.2f} GFLOP per image; an estimate, not a "
+          f"measurement)")
+    print(f"per client: UNet {est['unet_parameters']:,} parameters -> {est['state_gib_per_client']:.1f} GiB of "
+          f"weights, gradients, EMA and Adam state, plus the frozen VAE and text encoder and the activations "
+          f"(unmeasured)", flush=True)
+
+
+def run_sd_finetune(size: str, out: Path, *, pretrained: str = "", data: str = "", gpus_per_client: float = 0.5,
+                    dry_run: bool = False, eval_args: tuple[str, ...] = ()) -> Path | None:
+    from fl_ietagc.config import ConfigError, parse_config
+    from fl_ietagc.data import load_splits
+    from fl_ietagc.validate import validate_run
+
+    smoke = size == "smoke"
+    k = K_SMOKE if smoke else K_FULL
+    study_dir = out / f"sd-finetune-{size}"
+    if smoke:
+        if pretrained or data:
+            raise ConfigError("--pretrained / --data: the smoke size makes its own tiny parts and pairs")
+        study_dir.mkdir(parents=True, exist_ok=True)
+        parts_dir, pairs = smoke_inputs(study_dir)
+        base = {**SMOKE, "pretrained-dir": str(parts_dir), "data-root": str(pairs)}
+    else:
+        if not pretrained or not data:
+            raise ConfigError("sd-finetune --full needs --pretrained DIR (a local Stable Diffusion checkpoint) and "
+                              "--data SOURCE (image-caption pairs)")
+        base = {**FULL, "pretrained-dir": pretrained, "data-root": data}
+    runs = plan(k)
+    backend = {"client_resources": {"num_cpus": 1}} if smoke else \
+        {"client_resources": {"num_cpus": 2, "num_gpus": gpus_per_client}}
+    for r in runs:  # every run's config, data and resources before anything trains
+        conf = {**base, **r.overrides, "output-dir": str(study_dir), "run-name": r.name}
+        try:
+            if not (study_dir / r.name / "config.json").is_file():
+                validate_run(parse_config(conf), r.clients or r.match_federated, backend if r.clients else None)
+        except ConfigError as e:
+            raise ConfigError(f"[{r.name}] {e}") from e
+    cfg = parse_config(base)
+    generations = 8 if smoke else 4000
+    print(f"study sd-finetune ({size}): {len(runs)} runs: {', '.join(r.name for r in runs)}")
+    print_estimate(estimate(cfg, runs, len(load_splits(cfg).train), generations, 5 if smoke else 50))
+    if dry_run:
+        return None
+    study_dir.mkdir(parents=True, exist_ok=True)
+    for r in runs:
+        train_run(r, study_dir, base, backend, smoke)
+    return evaluate_and_compare(study_dir, runs, smoke, eval_args)
+
+
+def evaluate_and_compare(study_dir: Path, runs: list[RunSpec], smoke: bool, eval_args: tuple[str, ...]) -> Path:
+    """`fl-ietagc evaluate` on every run (kept when done), then one table: comparison.md / comparison.json."""
+    from fl_ietagc.cli import main as fl_ietagc
+
+    size = ["--num-captions", "8", "--seeds-per-caption", "1", "--steps", "5"] if smoke else \
+        ["--num-captions", "1000", "--seeds-per-caption", "4"]  # 4000 generations, as the reference
+    rows = []
+    for r in runs:
+        results = study_dir / r.name / "results.json"
+        if not results.is_file():
+            code = fl_ietagc(["evaluate", str(study_dir / r.name), *size, *eval_args])
+            if code:
+                raise SystemExit(f"[{r.name}] evaluation failed (exit {code})")
+        rows.append({**json.loads(results.read_text()), "run": r.name})
+    (study_dir / "comparison.json").write_text(json.dumps(rows, indent=1))
+    path = study_dir / "comparison.md"
+    path.write_text(comparison_markdown(rows))
+    print(path.read_text())
+    return path
+
+
+def comparison_markdown(rows: list[dict]) -> str:
+    """One row per run: the memorization score (its embedder named), the held-out null, CLIP score if measured."""
+    head = "| run | embedder | mean top-1 similarity | 95th pct | fraction > threshold | null (held-out) mean | CLIP score |"
+    lines = [head, "|---" * 7 + "|"]
+    for row in rows:
+        m = row.get("memorization", {})
+        null = row.get("null", {}).get("mean_top1")
+        clip = row.get("clip_score")
+        lines.append(f"| {row['run']} | {m.get('embedder', '-')} | {m.get('mean_top1', float('nan')):.3f} | "
+                     f"{m.get('q95_top1', float('nan')):.3f} | {m.get('fraction_above', float('nan')):.3f} | "
+                     f"{'-' if null is None else f'{null:.3f}'} | "
+                     f"{'not measured' if not isinstance(clip, (int, float)) else f'{clip:.2f}'} |")
+    return "\n".join(lines) + "\n"
