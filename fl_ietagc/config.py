@@ -95,7 +95,7 @@ class RunConfig:
     gradient_checkpointing: bool = _key("gradient-checkpointing", False, "recompute the UNet's activations in the "
                                         "backward pass (less activation memory; one more forward pass per step)")
     optimizer: str = _key("optimizer", "adam", "adam, or adam8bit (bitsandbytes' 8-bit Adam: optimizer state in "
-                          "a quarter of the memory; CUDA only)", choices=OPTIMIZERS)
+                          "a quarter of the memory; the `memory` extra)", choices=OPTIMIZERS)
     preset: str = _key("preset", "tiny", "UNet preset (model-type = pixel)", choices=PRESETS)
     diffusion_steps: int = _key("diffusion-steps", 1000, "T, number of diffusion timesteps (= memory-bank slots)",
                                 _at_least(2))

@@ -82,11 +82,8 @@ def check_optimizer(cfg: RunConfig) -> None:
     import importlib.util
 
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError("optimizer = 'adam8bit': needs bitsandbytes (pip install bitsandbytes), which is not "
-                          "installed here")
-    if cfg.device == "cpu":
-        raise ConfigError("optimizer = 'adam8bit': bitsandbytes' 8-bit Adam runs on CUDA only; use device = "
-                          "'cuda' or optimizer = 'adam'")
+        raise ConfigError("optimizer = 'adam8bit': needs bitsandbytes (pip install 'fl-ietagc[memory]'), which is "
+                          "not installed here")
 
 
 def check_device(cfg: RunConfig) -> None:

@@ -85,14 +85,21 @@ def test_text_to_image_keys_are_checked_together(t2i_setup, change, message):
         parse_config({**t2i_setup, **change})
 
 
-def test_frozen_dtype_without_a_latent_model_and_8bit_adam_on_cpu_are_refused(t2i_setup, tmp_path):
+def test_frozen_dtype_without_a_latent_model_8bit_adam_without_bitsandbytes_and_bad_sizes_are_refused(
+        t2i_setup, tmp_path, monkeypatch):
     from fl_ietagc.validate import validate_run
 
     with pytest.raises(ConfigError, match=r"^frozen-dtype = 'bf16': only used with model-type = \"latent-t2i\""):
         parse_config({"frozen-dtype": "bf16"})
-    with pytest.raises(ConfigError, match=r"^optimizer = 'adam8bit': (needs bitsandbytes|bitsandbytes' 8-bit Adam "
-                                          r"runs on CUDA only)"):
-        validate_run(parse_config({"optimizer": "adam8bit", "device": "cpu", "output-dir": str(tmp_path)}), 2)
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes"
+                        else real_find_spec(name, *a))
+    with pytest.raises(ConfigError, match=r"^optimizer = 'adam8bit': needs bitsandbytes \(pip install "
+                                          r"'fl-ietagc\[memory\]'\)"):
+        validate_run(parse_config({"optimizer": "adam8bit", "output-dir": str(tmp_path)}), 2)
+    monkeypatch.undo()
     with pytest.raises(ConfigError, match=r"^image-size = 18: pretrained-dir's VAE and UNet downsample by 4"):
         validate_run(parse_config({**t2i_setup, "image-size": 18, "output-dir": str(tmp_path)}), 2)
     with pytest.raises(ConfigError, match=r"^pretrained-dir = '/nowhere': not a directory"):
@@ -148,3 +155,39 @@ def test_the_checkpoints_own_noise_schedule_is_used_and_checked(t2i_setup, tmp_p
     with pytest.raises(ConfigError, match=r"its scheduler predicts 'v_prediction'; this project trains "
                                           r"epsilon-prediction only"):
         validate_run(parse_config(conf), 2)
+
+
+def test_8bit_adam_keeps_a_quantized_state_that_survives_the_client_state_file(t2i_setup, tmp_path, monkeypatch):
+    """optimizer = adam8bit (bitsandbytes): the optimizer state of large tensors is 8-bit, and a client whose state
+    went through its state file between rounds ends exactly where one that kept it in memory does."""
+    pytest.importorskip("bitsandbytes")
+    import copy
+
+    from fl_ietagc.data import shard_inputs
+    from fl_ietagc.models import build_for_config
+    from fl_ietagc.trainer import LocalTrainer, TrainState
+
+    monkeypatch.setenv("FL_IETAGC_CACHE", str(tmp_path / "cache"))
+    cfg = parse_config({**t2i_setup, "optimizer": "adam8bit"})
+    inputs, cond = shard_inputs(cfg, np.arange(8))
+
+    def two_rounds(through_file: bool):
+        torch.manual_seed(0)
+        model = build_for_config(cfg)
+        ema = copy.deepcopy(model)
+        state = TrainState.fresh(np.arange(8))
+        for r in (1, 2):
+            trainer = LocalTrainer(cfg, model, ema, inputs, state, torch.device("cpu"), cond=cond)
+            trainer.run(epochs=1, seed=r)
+            if through_file:
+                state.save(tmp_path / f"state{r}.pt")
+                state = TrainState.load(tmp_path / f"state{r}.pt", state.token, np.arange(8))
+        return model.state_dict(), trainer.optimizer
+
+    kept, optimizer = two_rounds(False)
+    assert type(optimizer).__name__ == "Adam8bit"
+    quantized = [v for st in optimizer.state.values() for v in st.values()
+                 if torch.is_tensor(v) and v.dtype == torch.uint8]
+    assert quantized  # 8-bit moments for the large weight tensors
+    reloaded, _ = two_rounds(True)
+    assert all(torch.equal(kept[k], reloaded[k]) for k in kept)
