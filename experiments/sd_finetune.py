@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 
 from .studies import ASSUMED_TFLOPS, RunSpec, train_run
+from .studies import print_estimate as print_runs
 
 K_FULL, K_SMOKE = 4, 2
 FULL = {"model-type": "latent-t2i", "dataset": "captions", "image-size": 256, "num-server-rounds": 25,
@@ -89,16 +90,12 @@ def estimate(cfg, runs: list[RunSpec], n_train: int, generations: int, eval_step
         total += flops
     state_bytes = params * (4 + 4 + 4 + (2 if cfg.optimizer == "adam8bit" else 8))  # weights, grads, EMA, Adam
     return {"rows": rows, "total_pflop": total / 1e15, "gpu_hours": total / (ASSUMED_TFLOPS * 1e12) / 3600,
-            "forward_gflop": fwd / 1e9, "unet_parameters": params, "state_gib_per_client": state_bytes / 2 ** 30}
+            "assumed_tflops": ASSUMED_TFLOPS, "forward_gflop_per_image": fwd / 1e9, "unet_parameters": params,
+            "state_gib_per_client": state_bytes / 2 ** 30}
 
 
 def print_estimate(est: dict) -> None:
-    print(f"{'run':20s} {'optimizer steps':>16s} {'PFLOP':>10s}")
-    for row in est["rows"]:
-        print(f"{row['run']:20s} {row['optimizer_steps']:16,d} {row['pflop']:10.3f}")
-    print(f"total {est['total_pflop']:.2f} PFLOP ~ {est['gpu_hours']:.2f} GPU hours at an assumed {ASSUMED_TFLOPS:.0f} "
-          f"TFLOP/s sustained (UNet forward {est['forward_gflop']:.2f} GFLOP per image; an estimate, not a "
-          f"measurement)")
+    print_runs(est)
     print(f"per client: UNet {est['unet_parameters']:,} parameters -> {est['state_gib_per_client']:.1f} GiB of "
           f"weights, gradients, EMA and Adam state, plus the frozen VAE and text encoder and the activations "
           f"(unmeasured)", flush=True)

@@ -166,22 +166,11 @@ def test_the_clip_score_formula_on_known_vectors():
 
 @pytest.fixture(scope="module")
 def tiny_clip(parts, tmp_path_factory):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+    from tests.t2i_fixtures import save_tiny_clip
 
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(parts.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16)
     d = tmp_path_factory.mktemp("clip") / "tiny-clip"
-    model = CLIPModel(config)
-    model.save_pretrained(d, safe_serialization=True)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=image_processor, tokenizer=parts.tokenizer).save_pretrained(d)
-    return model.eval(), image_processor, d
+    model, image_processor = save_tiny_clip(d, parts.tokenizer)
+    return model, image_processor, d
 
 
 @torch.no_grad()

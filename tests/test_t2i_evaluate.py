@@ -7,7 +7,6 @@ import re
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from fl_ietagc import latent
 from fl_ietagc import t2i_evaluate as t2e
@@ -23,15 +22,11 @@ N, HELD_OUT = 10, 2  # holdout-fraction 0.2 of 10 pairs
 
 def caption_folder(root):
     """N noise images with distinct captions; the last (held out) is a duplicate of the first (trained on)."""
-    root.mkdir(parents=True)
+    from tests.t2i_fixtures import write_pairs
+
     rng = np.random.default_rng(0)
     arrays = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(N - 1)]
-    rows = []
-    for i, arr in enumerate(arrays + [arrays[0]]):
-        Image.fromarray(arr).save(root / f"{i}.png")
-        rows.append({"file_name": f"{i}.png", "text": f"photo of item {i}"})
-    (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    return root
+    return write_pairs(root, arrays + [arrays[0]], [f"photo of item {i}" for i in range(N)])
 
 
 @pytest.fixture(scope="module")
@@ -166,21 +161,10 @@ def test_the_same_seed_gives_the_same_results(t2i_run, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+    from tests.t2i_fixtures import save_tiny_clip
 
-    tokenizer = latent.tiny_components(seed=0, image_size=16).tokenizer
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16)
     d = tmp_path_factory.mktemp("clip") / "tiny-clip"
-    CLIPModel(config).save_pretrained(d, safe_serialization=True)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(d)
+    save_tiny_clip(d, latent.tiny_components(seed=0, image_size=16).tokenizer)
     return d
 
 

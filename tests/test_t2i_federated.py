@@ -2,12 +2,9 @@
 local checkpoint) fine-tuned by IET-AGC on image-caption pairs, by the real ServerApp and ClientApp (in-process grid).
 """
 
-import json
-
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from fl_ietagc import latent
 from fl_ietagc.checkpoints import load_checkpoint
@@ -18,18 +15,17 @@ from tests.local_grid import run_server
 
 def caption_folder(root, n=24, size=16):
     """n images: a coloured square at a position that depends on i, captions naming colour and position."""
-    root.mkdir(parents=True)
+    from tests.t2i_fixtures import write_pairs
+
     rng = np.random.default_rng(0)
-    rows = []
+    arrays, captions = [], []
     for i in range(n):
         arr = np.full((size, size, 3), 255, np.uint8)
-        colour = rng.integers(0, 200, 3)
         x, y = (i * 3) % (size - 6), (i * 5) % (size - 6)
-        arr[y:y + 6, x:x + 6] = colour
-        Image.fromarray(arr).save(root / f"{i}.png")
-        rows.append({"file_name": f"{i}.png", "text": f"square {i % 7} at {x} {y}"})
-    (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    return root
+        arr[y:y + 6, x:x + 6] = rng.integers(0, 200, 3)
+        arrays.append(arr)
+        captions.append(f"square {i % 7} at {x} {y}")
+    return write_pairs(root, arrays, captions)
 
 
 @pytest.fixture(scope="module")

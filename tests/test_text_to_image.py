@@ -1,12 +1,9 @@
 """Text-to-image path, first slice: captioned data, the latent model's parts (tiny, no download), cached encodings,
 and AGC's skip rule on conditional latent losses."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from fl_ietagc.agc import MemoryBank
 from fl_ietagc.captions import load_captioned
@@ -17,15 +14,14 @@ from fl_ietagc import latent
 
 def write_folder(root, n=4, size=(20, 12)):
     """n RGB images whose left half is colour i and right half white, captions 'image i'."""
-    root.mkdir(parents=True, exist_ok=True)
-    rows = []
+    from tests.t2i_fixtures import write_pairs
+
+    arrays = []
     for i in range(n):
         arr = np.full((size[1], size[0], 3), 255, np.uint8)
         arr[:, : size[0] // 2] = (10 * i, 20 * i, 30 * i)
-        Image.fromarray(arr).save(root / f"img{i}.png")
-        rows.append({"file_name": f"img{i}.png", "text": f"  image   {i} "})
-    (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    return root
+        arrays.append(arr)
+    return write_pairs(root, arrays, [f"  image   {i} " for i in range(n)], prefix="img")
 
 
 def test_a_captioned_folder_loads_resized_and_centre_cropped(tmp_path):
