@@ -144,36 +144,19 @@ def run_sd_finetune(size: str, out: Path, *, pretrained: str = "", data: str = "
 
 
 def evaluate_and_compare(study_dir: Path, runs: list[RunSpec], smoke: bool, eval_args: tuple[str, ...]) -> Path:
-    """`fl-ietagc evaluate` on every run (kept when done), then one table: comparison.md / comparison.json."""
+    """`fl-ietagc evaluate` on every run (kept when done), then `fl-ietagc compare`'s table of them, relative to
+    plain fine-tuning: comparison.md / comparison.json in the study directory."""
     from fl_ietagc.cli import main as fl_ietagc
+    from fl_ietagc.compare import compare, to_markdown, write_comparison
 
     size = ["--num-captions", "8", "--seeds-per-caption", "1", "--steps", "5"] if smoke else \
         ["--num-captions", "1000", "--seeds-per-caption", "4"]  # 4000 generations, as the reference
-    rows = []
     for r in runs:
-        results = study_dir / r.name / "results.json"
-        if not results.is_file():
+        if not (study_dir / r.name / "results.json").is_file():
             code = fl_ietagc(["evaluate", str(study_dir / r.name), *size, *eval_args])
             if code:
                 raise SystemExit(f"[{r.name}] evaluation failed (exit {code})")
-        rows.append({**json.loads(results.read_text()), "run": r.name})
-    (study_dir / "comparison.json").write_text(json.dumps(rows, indent=1))
-    path = study_dir / "comparison.md"
-    path.write_text(comparison_markdown(rows))
-    print(path.read_text())
+    table = compare([str(study_dir / r.name) for r in runs])
+    path = write_comparison(table, study_dir)
+    print(to_markdown(table))
     return path
-
-
-def comparison_markdown(rows: list[dict]) -> str:
-    """One row per run: the memorization score (its embedder named), the held-out null, CLIP score if measured."""
-    head = "| run | embedder | mean top-1 similarity | 95th pct | fraction > threshold | null (held-out) mean | CLIP score |"
-    lines = [head, "|---" * 7 + "|"]
-    for row in rows:
-        m = row.get("memorization", {})
-        null = row.get("null", {}).get("mean_top1")
-        clip = row.get("clip_score")
-        lines.append(f"| {row['run']} | {m.get('embedder', '-')} | {m.get('mean_top1', float('nan')):.3f} | "
-                     f"{m.get('q95_top1', float('nan')):.3f} | {m.get('fraction_above', float('nan')):.3f} | "
-                     f"{'-' if null is None else f'{null:.3f}'} | "
-                     f"{'not measured' if not isinstance(clip, (int, float)) else f'{clip:.2f}'} |")
-    return "\n".join(lines) + "\n"

@@ -162,7 +162,11 @@ def main(argv=None) -> int:
         if args.command == "compare":
             from .compare import compare, to_markdown, write_comparison
 
-            table = compare(args.run_dirs)
+            try:
+                table = compare(args.run_dirs)
+            except (ValueError, OSError) as e:  # a missing, corrupt or incomplete results.json, named
+                print(f"fl-ietagc compare: {' '.join(str(e).split())}", file=sys.stderr)
+                return 2
             print(to_markdown(table))
             print(f"written: {write_comparison(table, args.out)}")
             return 0

@@ -2,8 +2,10 @@
 
     fl-ietagc compare RUN_A RUN_B ... [--out DIR]      (each run evaluated first with `fl-ietagc evaluate`)
 
-Rows are fractions of generated images flagged by each memorization rule (MQ at every tau, the 1/3 rule,
+Pixel runs: fractions of generated images flagged by each memorization rule (MQ at every tau, the 1/3 rule,
 Carlini, exact copies), the held-out null rate of MQ at 0.2 and of the 1/3 rule, and FID when computed.
+Text-to-image runs: the copy scores under the evaluation's embedder (named in each row), the held-out null and the
+CLIP score when measured. Runs evaluated with different metrics are refused.
 Writes comparison.md and comparison.json to --out (default: the current directory) and prints the table.
 """
 
@@ -16,6 +18,8 @@ from .evaluate import read_results
 
 
 def metric_values(r: dict) -> dict[str, float | None]:
+    if r.get("model-type") == "latent-t2i":
+        return t2i_metric_values(r)
     mem, null = r["memorization"], r["null"]
     values: dict[str, float | None] = {f"MQ r<{tau}": mem["mq"][tau]["fraction"] for tau in mem["mq"]}
     values["1/3 rule"] = mem["one_third_rule"]["fraction"]
@@ -25,6 +29,18 @@ def metric_values(r: dict) -> dict[str, float | None]:
     values["null: 1/3 rule"] = null["one_third_rule"]["fraction"]
     values["FID"] = r["quality"].get("fid") if r["quality"].get("computed") else None
     return values
+
+
+def t2i_metric_values(r: dict) -> dict[str, float | None]:
+    """A text-to-image run: copy scores under its main embedder (named in every row), the held-out null, CLIP."""
+    mem, null = r["memorization"], r["null"]
+    e = mem["embedder"]
+    clip = r.get("clip_score")
+    return {f"{e}: mean top-1 similarity": mem["mean_top1"], f"{e}: 95th pct top-1": mem["q95_top1"],
+            f"{e}: fraction > {mem['threshold']:g}": mem["fraction_above"],
+            "nearest is its caption's image": mem["fraction_nearest_own_caption"],
+            f"null: {e} mean top-1": null.get("mean_top1"),
+            "CLIP score": clip if isinstance(clip, (int, float)) else None}
 
 
 def relative(v: float | None, base: float | None) -> str:
@@ -42,11 +58,15 @@ def compare(run_dirs: list[str]) -> dict:
         try:
             names.append(Path(r["run"]).name)
             values.append(metric_values(r))
-            settings.append({k: r[k] for k in ("kind", "num_samples", "sampler", "steps", "weights", "round")})
+            settings.append({"kind": r["kind"], "num_samples": r.get("num_samples", r.get("num_generations")),
+                             **{k: r[k] for k in ("sampler", "steps", "weights", "round")}})
         except (KeyError, TypeError, AttributeError) as e:
             path = Path(d) / "results.json" if Path(d).is_dir() else Path(d)
             raise BadFileError(f"{path}: corrupt evaluation results ({type(e).__name__}: {e}); evaluate the run "
                              f"again") from e
+    if len({tuple(v) for v in values}) > 1:
+        raise BadFileError(f"{', '.join(run_dirs)}: these runs were evaluated with different metrics (pixel vs "
+                           f"text-to-image, or another embedder); compare like with like")
     metrics = list(values[0])
     return {"runs": names, "paths": [r["run"] for r in results], "settings": settings,
             "metrics": {m: [v.get(m) for v in values] for m in metrics},

@@ -379,7 +379,8 @@ def read_results(run_dir: str | Path) -> dict:
     results = read_json(path, "evaluation results")
     if not isinstance(results, dict):
         raise ValueError(f"{path}: corrupt evaluation results (expected a JSON object, got {type(results).__name__})")
-    missing = [k for k in RESULTS_KEYS if k not in results]
+    needed = RESULTS_KEYS if results.get("model-type") != "latent-t2i" else RESULTS_KEYS[:-1]  # (no pixel quality)
+    missing = [k for k in needed if k not in results]
     if missing:
         raise ValueError(f"{path}: incomplete evaluation results (no {', '.join(missing)}); evaluate the run again")
     return results

@@ -15,7 +15,7 @@ def test_sd_finetune_smoke_trains_evaluates_and_compares_three_runs(tmp_path, ca
     monkeypatch.setenv("FL_IETAGC_CACHE", str(tmp_path / "cache"))
     assert study(["sd-finetune", "--smoke", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert out.index("GPU hours at an assumed") < out.index("| run |")  # the estimate comes first
+    assert out.index("GPU hours at an assumed") < out.index("| metric |")  # the estimate comes first
     assert "per client: UNet 792,964 parameters" in out
     d = tmp_path / "sd-finetune-smoke"
     steps = {}
@@ -31,8 +31,10 @@ def test_sd_finetune_smoke_trains_evaluates_and_compares_three_runs(tmp_path, ca
         assert results["clip_score"].startswith("not measured")
     assert steps["plain-finetune"] == steps["iet-agc"] == steps["ret"]  # equal optimizer steps
     assert RunDir(d / "ret").read_metrics()[0]["ret-moved"] > 0 and RunDir(d / "iet-agc").read_config()["num_clients"] == 2
-    table = (d / "comparison.md").read_text().splitlines()
-    assert [row.split("|")[1].strip() for row in table[2:]] == ["plain-finetune", "iet-agc", "ret"]
+    table = json.loads((d / "comparison.json").read_text())  # fl-ietagc compare's, relative to plain fine-tuning
+    assert table["runs"] == ["plain-finetune", "iet-agc", "ret"]
+    assert table["metrics"]["null: latent-cosine mean top-1"][0] == table["metrics"]["null: latent-cosine mean top-1"][1]
+    assert table["metrics"]["CLIP score"] == [None, None, None]
 
 
 def test_sd_finetune_full_needs_a_checkpoint_and_pairs(tmp_path, capsys):

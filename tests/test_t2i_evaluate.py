@@ -242,3 +242,36 @@ def test_fl_ietagc_evaluate_dispatches_a_text_to_image_run(t2i_run, tmp_path, ca
     assert results["num_generations"] == 2 and results["kind"] == "centralized"
     for name in ("results.json", "samples.npz", "report.html", "report/similar_pairs.png"):
         assert (out / name).is_file(), name
+
+
+def t2i_results(run: str, mean: float, clip) -> dict:
+    return {"model-type": "latent-t2i", "run": run, "kind": "federated", "num_generations": 8, "sampler": "ddim",
+            "steps": 5, "weights": "raw", "round": 2, "clip_score": clip,
+            "memorization": {"embedder": "sscd", "threshold": 0.5, "mean_top1": mean, "q95_top1": mean + 0.1,
+                             "fraction_above": 0.25, "fraction_nearest_own_caption": 0.5},
+            "null": {"embedder": "sscd", "mean_top1": 0.3}}
+
+
+def test_compare_tables_text_to_image_runs_and_refuses_mixing_them_with_pixel_runs(tmp_path, capsys):
+    from fl_ietagc.cli import main
+    from fl_ietagc.compare import compare
+
+    for name, mean, clip in (("plain", 0.5, 30.0), ("iet", 0.4, "not measured (no --clip-dir)")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(t2i_results(str(tmp_path / name), mean, clip)))
+    table = compare([str(tmp_path / "plain"), str(tmp_path / "iet")])
+    assert table["metrics"]["sscd: mean top-1 similarity"] == [0.5, 0.4]
+    assert table["relative_to_first"]["sscd: mean top-1 similarity"][1] == "-20.0%"
+    assert table["metrics"]["CLIP score"] == [30.0, None]  # "not measured" is not a number
+    (tmp_path / "pixel").mkdir()
+    (tmp_path / "pixel" / "results.json").write_text(json.dumps({"run": "p", "kind": "federated"}))
+    assert main(["compare", str(tmp_path / "plain"), str(tmp_path / "pixel"), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fl-ietagc compare: ") and "incomplete evaluation results (no memorization, null" in err
+    assert len(err.strip().splitlines()) == 1
+    other = t2i_results(str(tmp_path / "latent"), 0.4, None)
+    other["memorization"]["embedder"] = "latent-cosine"
+    (tmp_path / "latent").mkdir()
+    (tmp_path / "latent" / "results.json").write_text(json.dumps(other))
+    assert main(["compare", str(tmp_path / "plain"), str(tmp_path / "latent"), "--out", str(tmp_path)]) == 2
+    assert "evaluated with different metrics" in capsys.readouterr().err
