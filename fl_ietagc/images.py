@@ -39,9 +39,8 @@ def write_sample_grid(cfg, model: torch.nn.Module, path: str | Path, device) -> 
 def _t2i_samples(cfg, model: torch.nn.Module, device) -> torch.Tensor:
     import dataclasses
 
-    from .data import load_splits
+    from .data import image_size, load_splits
     from .diffusion import Diffusion
-    from .data import image_size
     from .latent import parts_for, vae_factor
     from .pixels import to_model_range
     from .t2i_eval import sample_from_captions

@@ -37,13 +37,12 @@ def check_latent_model(cfg: RunConfig) -> None:
     import json
 
     from .data import image_size
-    from .latent import check_components_dir
+    from .latent import check_components_dir, vae_factor
 
     d = check_components_dir(cfg.pretrained_dir)
     try:
-        vae = json.loads((d / "vae" / "config.json").read_text())
         unet = json.loads((d / "unet" / "config.json").read_text())
-        factor = 2 ** (len(vae["block_out_channels"]) - 1) * 2 ** (len(unet["block_out_channels"]) - 1)
+        factor = vae_factor(d) * 2 ** (len(unet["block_out_channels"]) - 1)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"pretrained-dir = {cfg.pretrained_dir!r}: vae/ or unet/ config.json unreadable "
                           f"({type(e).__name__}: {e})") from None
