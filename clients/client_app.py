@@ -21,11 +21,12 @@ so the server can name the partition instead of a Flower node id.
 from __future__ import annotations
 
 import copy
+import time
 import traceback
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fl_ietagc import protocol as P
@@ -38,12 +39,14 @@ from fl_ietagc.protocol import ClientFailure, ClientRound, one_line
 from fl_ietagc.rundir import RunDir
 from fl_ietagc.shards import shards_for_config
 from fl_ietagc.trainer import LocalTrainer, NonFiniteError, TrainState, client_seed, pick_device
+from fl_ietagc.wire import Layout, decode, encode, flatten, unflatten
 
 app = ClientApp()
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    received_at = time.time()
     conf = msg.content["config"]
     server_round = int(conf.get(P.ROUND, -1))
     partition_id = -1
@@ -52,6 +55,8 @@ def train(msg: Message, context: Context) -> Message:
         partition_id = _partition(context, int(conf[P.NUM_CLIENTS]))
         fault_point(f"client-train-p{partition_id}", server_round)
         content = train_round(cfg, msg.content, context, partition_id, server_round)
+        content[P.INFO][P.RECEIVED_AT] = received_at
+        content[P.INFO][P.REPLIED_AT] = time.time()
     except Exception as e:  # reported to the server by partition; the traceback goes to the run's logs
         if isinstance(e, NonFiniteError):
             error, step = f"{e.what} (lr {e.lr:g})", e.step
@@ -70,7 +75,9 @@ def train_round(cfg: RunConfig, instruction: RecordDict, context: Context, parti
     inputs, cond = shard_inputs(cfg, shard)
     device = pick_device(cfg.device)
 
-    net_sd, ema_sd = unpack_weights(instruction[P.ARRAYS].to_torch_state_dict())
+    layout = Layout.from_record(instruction[P.LAYOUT])
+    received = {k: a.numpy() for k, a in instruction[P.ARRAYS].items()}
+    net_sd, ema_sd = unpack_weights(unflatten(decode(received, layout), layout))
     model = build_for_config(cfg)
     load_weights(model, net_sd, "global raw weights")
     ema = copy.deepcopy(model)
@@ -94,7 +101,9 @@ def train_round(cfg: RunConfig, instruction: RecordDict, context: Context, parti
                           kept=stats.kept, skipped=stats.skipped, steps=stats.steps, seconds=stats.seconds,
                           client_step=state.step, image_ids=shard, skip_counts=stats.skip_counts.numpy())
     metrics, info = summary.to_records()
-    content = RecordDict({P.ARRAYS: ArrayRecord(pack_weights(trainer.model.state_dict(), trainer.ema.state_dict())),
+    info[P.LAYOUT_DIGEST] = layout.digest()
+    flat = encode(flatten(pack_weights(trainer.model.state_dict(), trainer.ema.state_dict()), layout), layout)
+    content = RecordDict({P.ARRAYS: ArrayRecord({k: Array(a) for k, a in flat.items()}),
                           P.METRICS: MetricRecord(metrics), P.INFO: ConfigRecord(info)})
     del trainer, model, ema
     if device.type == "cuda":

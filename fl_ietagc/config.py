@@ -28,6 +28,7 @@ HFLIP_MODES = ("auto", "on", "off")
 DEVICES = ("auto", "cpu", "cuda")
 CLIENT_FAILURES = ("fail", "tolerate")
 PRECISIONS = ("fp32", "bf16")
+TRANSPORT_DTYPES = ("fp32", "bf16")  # how weights travel in messages (fl_ietagc/wire.py)
 # server strategies by name (each built in strategies/registry.py; tests/test_strategies.py checks the two agree)
 STRATEGIES = ("iet", "fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg")
 # run-config keys that only some strategies read: set away from their default with another strategy, they would be
@@ -156,6 +157,10 @@ class RunConfig:
                                   "replies", _positive)
     node_wait_s: float = _key("node-wait-s", 600.0, "deployment: how long a round waits for the K SuperNodes to be "
                               "connected; then the missing ones fall under client-failures", _positive)
+    transport_dtype: str = _key("transport-dtype", "fp32", "dtype of the weights in messages: bf16 halves the bytes "
+                                "and rounds every weight a client or the server receives to bfloat16 (the average "
+                                "is then of rounded weights); optimizer state and checkpoints stay fp32",
+                                choices=TRANSPORT_DTYPES)
     client_failures: str = _key("client-failures", "fail", "a client that fails (error, NaN, no reply): fail = the "
                                 "run fails; tolerate = the round aggregates the clients that replied",
                                 choices=CLIENT_FAILURES)

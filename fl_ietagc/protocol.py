@@ -11,9 +11,12 @@ Train instruction (`config` ConfigRecord; Flower adds `server-round`):
     reset-optimizer                   plain FedAvg: a new Adam every round
     proximal-mu                       FedProx (set by Flower's FedProx strategy)
 
-Reply: `arrays` (net.* and ema.*), `metrics` (MetricRecord) and `info` (ConfigRecord: partition-id, image-ids,
-skip-counts, and where the round ran: pid, host, ray-node); or, when the client failed, only `error`
-(ConfigRecord: partition-id, round, step, error, traceback).
+Train instruction weights: `arrays` holds a few flat arrays (`net`, `ema`: raw and EMA weights, fl_ietagc/wire.py)
+and `layout` (ConfigRecord) their tensors' names, shapes, dtypes and the transport dtype.
+
+Reply: `arrays` (the same flat groups), `metrics` (MetricRecord) and `info` (ConfigRecord: partition-id,
+image-ids, skip-counts, layout-digest, received-at / replied-at, and where the round ran: pid, host, ray-node);
+or, when the client failed, only `error` (ConfigRecord: partition-id, round, step, error, traceback).
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ STATE_ROUNDS = "state-rounds"
 RESET_OPTIMIZER = "reset-optimizer"
 PROXIMAL_MU = "proximal-mu"
 ARRAYS, METRICS, INFO, ERROR = "arrays", "metrics", "info", "error"
+LAYOUT = "layout"  # the weights' layout (fl_ietagc/wire.Layout.to_record), beside the flat arrays
+LAYOUT_DIGEST = "layout-digest"  # in a reply's info: the layout of the weights it returns
+RECEIVED_AT, REPLIED_AT = "received-at", "replied-at"  # in a reply's info: the client's wall clock when its
+# handler started and when the reply was ready (the server splits a round's time into transport and training)
 
 
 def shard_key(partition_id: int) -> str:

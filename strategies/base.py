@@ -25,13 +25,14 @@ from collections.abc import Iterable
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fl_ietagc import protocol as P
 from fl_ietagc.protocol import ClientFailure, ClientRound, one_line, round_metrics
 from fl_ietagc.ret import ShardAssignment
+from fl_ietagc.wire import Layout, decode, encode
 
 
 class ClientRoundError(RuntimeError):
@@ -56,8 +57,22 @@ def partition_of(reply: Message) -> int:
     return int(reply.content.config_records[P.INFO]["partition-id"])
 
 
-def nonfinite_keys(arrays: ArrayRecord) -> list[str]:
-    return [k for k, a in arrays.items() if not np.isfinite(a.numpy()).all()]
+def nonfinite_keys(arrays: ArrayRecord, layout: Layout | None = None) -> list[str]:
+    """Arrays with a NaN or Inf; with a flat layout, named by the tensor (and element) of the first one."""
+    bad = []
+    for k, a in arrays.items():
+        finite = np.isfinite(a.numpy())
+        if not finite.all():
+            bad.append(layout.where(k, int(np.argmin(finite))) if layout is not None and k in layout.groups() else k)
+    return bad
+
+
+def as_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(a) for k, a in arrays.items()})
+
+
+def numpy_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: a.numpy() for k, a in record.items()}
 
 
 class AppStrategyMixin:
@@ -66,7 +81,8 @@ class AppStrategyMixin:
     client_flags: dict = {}  # extra round config for the clients, e.g. {"reset-optimizer": True}
 
     def setup_app(self, num_clients: int, round_config: dict, failure_policy: str = "fail",
-                  min_clients_fraction: float = 1.0, node_wait_s: float = 600.0) -> None:
+                  min_clients_fraction: float = 1.0, node_wait_s: float = 600.0,
+                  layout: Layout | None = None) -> None:
         self.num_clients = num_clients
         self.round_config = dict(round_config)
         self.failure_policy = failure_policy
@@ -78,6 +94,10 @@ class AppStrategyMixin:
         self.absent: list[ClientFailure] = []  # partitions whose SuperNode was not connected at the round's start
         self.node_partitions: dict[int, int] = {}  # Flower node id -> partition, learnt from replies
         self.shard_assignment: ShardAssignment | None = None  # RET: the current shards (see use_shards)
+        # the flat weights' layout (fl_ietagc/wire.py): sent with every instruction; replies must match it and are
+        # decoded (bf16 transport) before anything is averaged. None: arrays travel and average as they are given.
+        self.layout = layout
+        self.decodes_replies = True  # False for a strategy wrapped by another that already decoded them (DP)
 
     def use_shards(self, assignment: ShardAssignment) -> None:
         """RET: tell each client its shard from `assignment` (which the ServerApp updates)."""
@@ -89,7 +109,7 @@ class AppStrategyMixin:
             config[key] = value
         nodes = self.connected_nodes(server_round, grid)
         if nodes is None:
-            self.sent = list(super().configure_train(server_round, arrays, config, grid))
+            self.sent = self.with_layout(list(super().configure_train(server_round, arrays, config, grid)))
             return self.sent
         # Flower samples fraction_train = 1.0 of the connected nodes, waiting for min_available_nodes: this round,
         # the nodes just found (K, or fewer when the failure policy tolerates the missing ones)
@@ -97,10 +117,33 @@ class AppStrategyMixin:
         self.min_available_nodes = self.min_train_nodes = len(nodes)
         try:
             # kept: the grid gives each its message id when it pushes it, which a Flower error reply names
-            self.sent = self.with_shards(list(super().configure_train(server_round, arrays, config, grid)))
+            self.sent = self.with_layout(self.with_shards(
+                list(super().configure_train(server_round, arrays, config, grid))))
         finally:
             self.min_available_nodes, self.min_train_nodes = before
         return self.sent
+
+    def with_layout(self, messages: list[Message]) -> list[Message]:
+        """Each message with the weights' layout, and its arrays in the transport dtype (encoded once: Flower's
+        strategies give the messages one RecordDict, or, with RET shards, RecordDicts sharing the arrays)."""
+        if self.layout is None or not messages:
+            return messages
+        layout, encoded = ConfigRecord(self.layout.to_record()), {}
+        for m in messages:
+            if P.LAYOUT in m.content:  # written by a strategy this one wraps
+                continue
+            arrays = m.content[P.ARRAYS]
+            if id(arrays) not in encoded:  # (already in the wire dtypes: sent as it is, not serialized again)
+                encoded[id(arrays)] = arrays if self.in_wire_dtypes(arrays) else \
+                    as_record(encode(numpy_arrays(arrays), self.layout))
+            m.content = RecordDict({**m.content, P.ARRAYS: encoded[id(arrays)], P.LAYOUT: layout})
+        return messages
+
+    def in_wire_dtypes(self, arrays: ArrayRecord) -> bool:
+        groups = self.layout.groups()
+        wire = {g: ("int16" if self.layout.transport == "bf16" and self.layout.dtypes[i[0]] == "float32"
+                    else self.layout.dtypes[i[0]]) for g, i in groups.items()}
+        return all(a.dtype == wire.get(k) for k, a in arrays.items())
 
     def with_shards(self, messages: list[Message]) -> list[Message]:
         """Each message with its own copy of the train config, holding its client's shard (RET), if any."""
@@ -154,8 +197,11 @@ class AppStrategyMixin:
                 failures.append(ClientFailure.from_record(m.content.config_records[P.ERROR]))
             else:
                 self.node_partitions[m.metadata.src_node_id] = partition_of(m)
-                bad = nonfinite_keys(m.content[P.ARRAYS])
-                if bad:
+                problem = self.decode_reply(m)
+                bad = [] if problem else nonfinite_keys(m.content[P.ARRAYS], self.layout)
+                if problem:
+                    failures.append(ClientFailure(partition_of(m), server_round, problem))
+                elif bad:
                     failures.append(ClientFailure(partition_of(m), server_round,
                                                   f"returned non-finite weights ({len(bad)} arrays, e.g. {bad[0]})"))
                 else:
@@ -168,6 +214,23 @@ class AppStrategyMixin:
                                                                  "misconfigured)"))
         good.sort(key=partition_of)
         return good, sorted(failures, key=lambda f: f.partition_id)
+
+    def decode_reply(self, reply: Message) -> str:
+        """Check a reply's weights against the layout sent and turn them into what is averaged (float32 flat
+        arrays); returns "" or what is wrong, in one line."""
+        if self.layout is None or not self.decodes_replies:
+            return ""
+        digest = reply.content.config_records[P.INFO].get(P.LAYOUT_DIGEST, "")
+        if digest != self.layout.digest():
+            return (f"returned weights of another layout (digest {digest or 'missing'}, sent "
+                    f"{self.layout.digest()}): a different model or app version on that node")
+        try:
+            arrays = decode(numpy_arrays(reply.content[P.ARRAYS]), self.layout)
+        except ValueError as e:
+            return f"returned unreadable weights: {e}"
+        if self.layout.transport != "fp32":
+            reply.content = RecordDict({**reply.content, P.ARRAYS: as_record(arrays)})
+        return ""
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         good, failures = self.sort_replies(server_round, list(replies))

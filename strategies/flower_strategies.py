@@ -1,7 +1,8 @@
 """Flower's own strategies with this app's mixin in front: the swappable aggregation rules.
 
-Every client reply carries raw (`net.*`) and EMA (`ema.*`) weights in one ArrayRecord, and each rule below
-treats both alike, key by key, so the global EMA always follows the same aggregation as the raw weights:
+Every client reply carries raw and EMA weights in one ArrayRecord (two flat arrays, `net` and `ema`:
+fl_ietagc/wire.py), and each rule below treats both alike, element by element, so the global EMA always
+follows the same aggregation as the raw weights:
 
 | name            | Flower class                              | what the server does with each key (raw and EMA)           |
 |-----------------|-------------------------------------------|------------------------------------------------------------|
@@ -71,9 +72,10 @@ class AppDPFixedClipping(AppStrategyMixin, DifferentialPrivacyServerSideFixedCli
     """
 
     def setup_app(self, num_clients: int, round_config: dict, failure_policy: str = "fail",
-                  min_clients_fraction: float = 1.0, node_wait_s: float = 600.0) -> None:
-        super().setup_app(num_clients, round_config, failure_policy, min_clients_fraction, node_wait_s)
-        self.strategy.setup_app(num_clients, round_config, failure_policy, min_clients_fraction, node_wait_s)
+                  min_clients_fraction: float = 1.0, node_wait_s: float = 600.0, layout=None) -> None:
+        super().setup_app(num_clients, round_config, failure_policy, min_clients_fraction, node_wait_s, layout)
+        self.strategy.setup_app(num_clients, round_config, failure_policy, min_clients_fraction, node_wait_s, layout)
+        self.strategy.decodes_replies = False  # the wrapper sorted and decoded the replies before clipping them
         self.strategy.round_config = self.round_config  # one dict: what the ServerApp updates, both send
         self.client_flags = getattr(self.strategy, "client_flags", {})
 

@@ -46,12 +46,15 @@ from fl_ietagc.rundir import ACTIVE_RUNS, RunDir, register_active
 from fl_ietagc.shards import shards_for_config
 from fl_ietagc.trainer import pick_device
 from fl_ietagc.validate import check_device, check_model, check_run_dir
+from fl_ietagc.wire import Layout, flatten, unflatten, wire_bytes
 
+from .base import as_record, numpy_arrays
 from .registry import build_strategy
 from .state import export_state, import_state
 
 NODE_WAIT_S = 120  # num-clients = 0: how long to wait for the first SuperNode
 NODE_SETTLE_S = 5.0  # ... and for the count of connected SuperNodes to stop changing
+REPLY_POLL_S = 0.1  # how often a round asks for its replies (Flower's Grid.send_and_receive: every 3 s)
 
 app = ServerApp()
 
@@ -197,9 +200,10 @@ def run_federated(grid: Grid, cfg: RunConfig, run: RunDir, num_clients: int, sta
     state = ServerState.from_saved(saved)
     strategy = build_strategy(cfg, num_clients)
     import_state(strategy, saved["strategy"])
+    layout = Layout.of(pack_weights(net, ema), cfg.transport_dtype)
     strategy.setup_app(num_clients, {P.RUN_DIR: str(run.path), P.RUN_TOKEN: state.token,
                                      P.NUM_CLIENTS: num_clients},
-                       cfg.client_failures, cfg.min_clients_fraction, cfg.node_wait_s)
+                       cfg.client_failures, cfg.min_clients_fraction, cfg.node_wait_s, layout=layout)
     shards = ret.ShardAssignment(state.shards, redistributed=state.ret_events > 0)
     strategy.use_shards(shards)
     run.write_shards(state.shards)
@@ -209,14 +213,17 @@ def run_federated(grid: Grid, cfg: RunConfig, run: RunDir, num_clients: int, sta
         f"{sum(v.numel() for v in net.values()):,}", start_round + 1, cfg.num_server_rounds, cfg.num_server_rounds,
         cfg.local_epochs)
 
-    arrays = ArrayRecord(pack_weights(net, ema))
+    log(INFO, "fl-ietagc: weights travel as %d flat arrays, %.1f MB per message (transport-dtype = %s)",
+        len(layout.groups()), wire_bytes(layout) / 1e6, layout.transport)
+    arrays = as_record(flatten(pack_weights(net, ema), layout))
     t_start = time.time()
     before = (run.read_metrics() or [{}])[-1].get("elapsed-s", 0.0)  # training time of earlier sessions
     for server_round in range(start_round + 1, cfg.num_server_rounds + 1):
         strategy.round_config[P.STATE_ROUNDS] = list(state.state_rounds)
         messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
-        replies = list(grid.send_and_receive(messages=messages, timeout=cfg.round_timeout_s))
+        replies, timing = exchange(grid, messages, cfg.round_timeout_s)
         fault_point("after-replies", server_round)
+        t_aggregate = time.time()
         try:
             new_arrays, _ = strategy.aggregate_train(server_round, replies)
         finally:
@@ -225,7 +232,9 @@ def run_federated(grid: Grid, cfg: RunConfig, run: RunDir, num_clients: int, sta
         if new_arrays is None:
             raise RuntimeError(f"round {server_round}: the strategy aggregated nothing")
         arrays = new_arrays
-        record = end_round(cfg, run, strategy, state, server_round, arrays, before + time.time() - t_start)
+        timing["aggregate-s"] = time.time() - t_aggregate
+        record = end_round(cfg, run, strategy, state, server_round, arrays, before + time.time() - t_start,
+                           layout, round_timing(replies, timing))
         elapsed = time.time() - t_start
         done = server_round - start_round
         log(INFO, "fl-ietagc: round %d/%d  loss %.4f  skip-rate %.3f (per client %s)  img/s per client %s%s  "
@@ -237,7 +246,7 @@ def run_federated(grid: Grid, cfg: RunConfig, run: RunDir, num_clients: int, sta
             elapsed, elapsed / done * (cfg.num_server_rounds - server_round))
         fault_point("between-rounds", server_round)
 
-    final_net, final_ema = unpack_weights(arrays.to_torch_state_dict())
+    final_net, final_ema = unpack_weights(unflatten(numpy_arrays(arrays), layout))
     run.finish(final_net, final_ema, cfg.num_server_rounds, cfg.to_dict())
     fault_point("final-sampling", cfg.num_server_rounds)
     if cfg.sample_count:
@@ -250,8 +259,50 @@ def run_federated(grid: Grid, cfg: RunConfig, run: RunDir, num_clients: int, sta
         run.samples_path if cfg.sample_count else "(sample-count = 0)")
 
 
+def exchange(grid: Grid, messages, timeout: float, poll_s: float = REPLY_POLL_S) -> tuple[list, dict]:
+    """Push a round's messages and pull their replies, asking every `poll_s` until all are in or `timeout` passed.
+    Also returns when each step happened: send-s (pushing the messages), and per reply the server's wall clock
+    when it arrived (reply-at, by the id of the message it answers)."""
+    messages = list(messages)
+    t0 = time.time()
+    waiting = set(grid.push_messages(messages))
+    sent_at = time.time()
+    replies, arrived = [], {}
+    while waiting and time.time() - sent_at < timeout:
+        got = list(grid.pull_messages(waiting))
+        now = time.time()
+        for m in got:
+            arrived[m.metadata.reply_to_message_id] = now
+        waiting -= set(arrived)
+        replies += got
+        if waiting:
+            time.sleep(poll_s)
+    return replies, {"send-s": sent_at - t0, "sent-at": sent_at, "reply-at": arrived}
+
+
+def round_timing(replies: list, timing: dict) -> dict:
+    """A round's wall time split per client: train-s (the client's training), receive-s (the instruction pushed
+    -> the client's handler started: the SuperNode's pull, the transfer), handler-s (the client's whole handler:
+    unpacking, state load/save, training, packing), send-s (reply ready -> the server had it: the SuperNode's push,
+    the transfer, the server's pull). Both ends read one wall clock on one machine; across machines only
+    receive-s + send-s is exact unless the clocks are synchronised."""
+    out = {"send-s": timing["send-s"], "aggregate-s": timing.get("aggregate-s", 0.0), "clients": []}
+    for m in replies:
+        info = None if m.has_error() else m.content.config_records.get(P.INFO)
+        arrived = timing["reply-at"].get(m.metadata.reply_to_message_id)
+        if info is None or P.RECEIVED_AT not in info or arrived is None:
+            continue
+        received, replied = float(info[P.RECEIVED_AT]), float(info[P.REPLIED_AT])
+        out["clients"].append({"partition-id": int(info["partition-id"]),
+                               "train-s": float(m.content.metric_records[P.METRICS]["seconds"]),
+                               "receive-s": received - timing["sent-at"], "handler-s": replied - received,
+                               "send-s": arrived - replied})
+    out["clients"].sort(key=lambda c: c["partition-id"])
+    return out
+
+
 def end_round(cfg: RunConfig, run: RunDir, strategy, state: ServerState, server_round: int,
-              arrays: ArrayRecord, elapsed: float) -> dict:
+              arrays: ArrayRecord, elapsed: float, layout: Layout, timing: dict | None = None) -> dict:
     """Fold the round's client reports into the server state (RET included) and commit the round."""
     clients = strategy.last_round
     for c in clients:
@@ -271,7 +322,9 @@ def end_round(cfg: RunConfig, run: RunDir, strategy, state: ServerState, server_
               "ret-moved": moved, "clients": [c.to_json() for c in clients],
               "failed": [{"partition-id": f.partition_id, "error": f.error, "step": f.step}
                          for f in strategy.last_failures]}
-    net, ema = unpack_weights(arrays.to_torch_state_dict())
+    if timing is not None:
+        record["timing"] = timing
+    net, ema = unpack_weights(unflatten(numpy_arrays(arrays), layout))
     last = server_round == cfg.num_server_rounds
     run.commit_round(server_round, record, net=net, ema=ema, state=state.to_saved(strategy), config=cfg.to_dict(),
                      skip_counts=state.skip_totals, keep_checkpoint=last or server_round % cfg.checkpoint_every == 0,

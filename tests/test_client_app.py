@@ -9,7 +9,7 @@ import socket
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from clients.client_app import train
 from fl_ietagc.checkpoints import pack_weights
@@ -18,6 +18,7 @@ from fl_ietagc.initial_weights import initial_weights
 from fl_ietagc.rundir import RunDir
 from fl_ietagc.shards import shards_for_config
 from fl_ietagc.trainer import TrainState
+from fl_ietagc.wire import Layout, flatten
 from tests.local_grid import set_task_identity
 
 RUN_CONFIG = {"max-images": 128, "batch-size": 32, "local-epochs": 1, "diffusion-steps": 20, "warmup-steps": 0,
@@ -34,7 +35,10 @@ def message(weights, tmp_path, server_round=1, state_rounds=(0, 0), **extra):
     set_task_identity()
     conf = {"server-round": server_round, "run-dir": str(tmp_path), "run-token": "tok", "num-clients": 2,
             "state-rounds": list(state_rounds), **extra}
-    content = RecordDict({"arrays": ArrayRecord(copy.deepcopy(weights)), "config": ConfigRecord(conf)})
+    layout = Layout.of(weights)
+    flat = flatten(copy.deepcopy(weights), layout)
+    content = RecordDict({"arrays": ArrayRecord({k: Array(a) for k, a in flat.items()}),
+                          "layout": ConfigRecord(layout.to_record()), "config": ConfigRecord(conf)})
     return Message(content, dst_node_id=1000, message_type="train")
 
 
@@ -55,7 +59,9 @@ def test_a_round_trains_saves_its_state_version_and_replies(weights, tmp_path):
     assert info["partition-id"] == 0 and list(info["image-ids"]) == shard.tolist()
     assert info["pid"] == os.getpid() and info["host"] == socket.gethostname() and info["ray-node"] == ""
     assert metrics["steps"] == 2 and metrics["client-step"] == 2 and metrics["num-examples"] == 64
-    assert set(reply.content["arrays"].keys()) == set(weights.keys())
+    # the weights travel as two flat arrays (raw, EMA), in the layout the server sent
+    assert set(reply.content["arrays"].keys()) == {"net", "ema"} and info["layout-digest"] == Layout.of(weights).digest()
+    assert sum(a.numpy().size for a in reply.content["arrays"].values()) == sum(v.numel() for v in weights.values())
     state = TrainState.load(RunDir(tmp_path).client_state(0, 1), "tok", shard)
     assert state.step == 2 and state.rounds == 1 and state.optimizer is not None
 
