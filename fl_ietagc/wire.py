@@ -13,7 +13,7 @@ on the same elements in the same order.
 
 `transport-dtype = "bf16"` halves the bytes: float32 groups travel as bfloat16 (their bits in an int16 array,
 since numpy has no bfloat16) and are turned back into float32 before anything is averaged. What changes: every
-weight a client or the server receives is rounded to bfloat16 (8 bits of mantissa, relative error <= 2^-9), so
+weight a client or the server receives is rounded to bfloat16 (8 significant bits: relative error <= 2^-8), so
 the averaged weights are averages of rounded weights. Optimizer state, AGC banks and checkpoints stay float32.
 
 Plain torch/numpy (no Flower import): the core stays usable without Flower.

@@ -13,6 +13,9 @@
 # default, a new `flwr-clientapp` process (and every import) per message.
 # Ports: the SuperLink on PORT, SuperNode i's Runtime API on PORT+100+i (127.0.0.1 only).
 # WORK=DIR: use (and keep) DIR for logs, certificates and state instead of a fresh temporary directory.
+# Across network namespaces (scripts/deploy-netns.sh sets these): LINK_NS = the SuperLink's namespace, NODE_NS_PREFIX
+# = SuperNode i's namespace is PREFIX$i, HOST = the SuperLink's address there (it then listens on 0.0.0.0 in LINK_NS);
+# the CLI (flwr run/ls/log) runs in LINK_NS too. POLL_S: the SuperNodes' idle poll (experiments/supernode.py).
 # SIGINT/SIGTERM stop the whole deployment (SuperLink, SuperNodes, ClientApp processes, Flower's SuperExecs and
 # their apps) within seconds; exit status 130/143.
 set -euo pipefail
@@ -20,6 +23,10 @@ cd "$(dirname "$0")/.."
 source scripts/setup.sh
 K=${K:-2}
 PORT=${PORT:-9200}
+HOST=${HOST:-127.0.0.1}
+link_exec=(); [ -n "${LINK_NS:-}" ] && link_exec=(ip netns exec "$LINK_NS")
+node_exec() { [ -n "${NODE_NS_PREFIX:-}" ] && echo "ip netns exec $NODE_NS_PREFIX$1"; return 0; }
+bind=$HOST; [ -n "${LINK_NS:-}" ] && bind=0.0.0.0
 INSECURE=${INSECURE:-0}
 ISOLATION=${ISOLATION:-process}
 case $ISOLATION in
@@ -37,7 +44,7 @@ for i in $(seq 0 $((K - 1))); do ports="$ports|$((PORT + 100 + i))"; done
 mine() {  # this deployment's live processes: those started here, and Flower's own (SuperExecs, flwr-serverapp,
           # flwr-clientapp), which all name one of this deployment's addresses on their command line
   { for p in "${pids[@]+"${pids[@]}"}"; do kill -0 "$p" 2>/dev/null && echo "$p"; done
-    pgrep -u "$(id -u)" -f -- "127\.0\.0\.1:($ports)( |\$)" || true; } | sort -u
+    pgrep -u "$(id -u)" -f -- "(127\.0\.0\.1|${HOST//./\\.}|0\.0\.0\.0):($ports)( |\$)" || true; } | sort -u
 }
 cleanup() {
   trap - INT TERM
@@ -65,22 +72,22 @@ if [ "$ISOLATION" = process ]; then  # only holders of this secret can claim a S
 fi
 if [ "$INSECURE" = 1 ]; then
   link_tls=(--insecure)
-  printf '[superlink.local-deployment]\naddress = "127.0.0.1:%s"\ninsecure = true\n' "$PORT" >"$FLWR_HOME/config.toml"
+  printf '[superlink.local-deployment]\naddress = "%s:%s"\ninsecure = true\n' "$HOST" "$PORT" >"$FLWR_HOME/config.toml"
 else
   certs=$work/certs
-  bash scripts/make-certs.sh "$certs" -k "$K" --host 127.0.0.1 --port "$PORT" >"$work/make-certs.txt"
+  bash scripts/make-certs.sh "$certs" -k "$K" --host "$HOST" --port "$PORT" >"$work/make-certs.txt"
   link_tls=(--ssl-ca-certfile "$certs/ca.crt" --ssl-certfile "$certs/server.pem" --ssl-keyfile "$certs/server.key"
             --enable-supernode-auth)
-  printf '[superlink.local-deployment]\naddress = "127.0.0.1:%s"\nroot-certificates = "%s"\n' \
-    "$PORT" "$certs/ca.crt" >"$FLWR_HOME/config.toml"
+  printf '[superlink.local-deployment]\naddress = "%s:%s"\nroot-certificates = "%s"\n' \
+    "$HOST" "$PORT" "$certs/ca.crt" >"$FLWR_HOME/config.toml"
 fi
-FLWR_HOME=$work/superlink flower-superlink "${link_tls[@]}" --host 127.0.0.1 --port "$PORT" \
+FLWR_HOME=$work/superlink "${link_exec[@]}" flower-superlink "${link_tls[@]}" --host "$bind" --port "$PORT" \
   --disable-runtime-dependency-installation >"$work/superlink.log" 2>&1 &
 pids+=($!)
 up=0
 for _ in $(seq 60); do  # wait for the SuperLink to accept connections
   kill -0 "${pids[0]}" 2>/dev/null || { echo "deploy-local: the SuperLink exited; see $work/superlink.log" >&2; exit 1; }
-  flwr ls local-deployment >/dev/null 2>&1 && { up=1; break; }
+  "${link_exec[@]}" flwr ls local-deployment >/dev/null 2>&1 && { up=1; break; }
   sleep 1
 done
 [ $up = 1 ] || { echo "deploy-local: the SuperLink did not answer within 60 s; see $work/superlink.log" >&2; exit 1; }
@@ -88,19 +95,21 @@ for i in $(seq 0 $((K - 1))); do
   node_tls=(--insecure)
   if [ "$INSECURE" != 1 ]; then
     # With --enable-supernode-auth a SuperNode whose public key is not registered is refused, so register first.
-    flwr supernode register "$certs/supernode-$i.pub" local-deployment --name "supernode-$i" >/dev/null
+    "${link_exec[@]}" flwr supernode register "$certs/supernode-$i.pub" local-deployment --name "supernode-$i" >/dev/null
     node_tls=(--root-certificates "$certs/ca.crt" --auth-supernode-private-key "$certs/supernode-$i")
   fi
   isolation=(--isolation subprocess)
   [ "$ISOLATION" = process ] && isolation=(--isolation process --superexec-auth-secret-file "$secret")
-  FLWR_HOME=$work/supernode$i flower-supernode "${node_tls[@]}" --superlink "127.0.0.1:$PORT" "${isolation[@]}" \
+  # experiments/supernode.py: Flower's flower-supernode, its idle poll shortened from 3 s to POLL_S (default 0.2)
+  FLWR_HOME=$work/supernode$i $(node_exec "$i") python -m experiments.supernode --poll-interval "${POLL_S:-0.2}" \
+    "${node_tls[@]}" --superlink "$HOST:$PORT" "${isolation[@]}" \
     --port $((PORT + 100 + i)) --node-config "partition-id=$i num-partitions=$K state-dir='$work/state$i'" \
     >"$work/supernode$i.log" 2>&1 &
   pids+=($!)
   if [ "$ISOLATION" = process ]; then  # its one ClientApp process; it also ends when the SuperNode ends
-    FLWR_HOME=$work/supernode$i python -m experiments.warm_clientapp --insecure \
+    FLWR_HOME=$work/supernode$i $(node_exec "$i") python -m experiments.warm_clientapp --insecure \
       --runtime-api-address "127.0.0.1:$((PORT + 100 + i))" --superexec-auth-secret-file "$secret" \
-      --parent-pid "$!" --preload torch,diffusers >"$work/clientapp$i.log" 2>&1 &
+      --parent-pid "$!" --preload torch,diffusers --poll-interval "${POLL_S:-0.2}" >"$work/clientapp$i.log" 2>&1 &
     pids+=($!)
   fi
 done
@@ -108,9 +117,9 @@ mode=$([ "$INSECURE" = 1 ] && echo "insecure (no TLS, no SuperNode authenticatio
        || echo "TLS + SuperNode authentication")
 mode="$mode, ClientApps: $([ "$ISOLATION" = process ] && echo "one long-lived process per SuperNode" \
        || echo "a new process per message")"
-submitted=$(flwr run . local-deployment --format json -c "num-clients=$K output-dir='$PWD/runs'" "$@")
+submitted=$("${link_exec[@]}" flwr run . local-deployment --format json -c "num-clients=$K output-dir='$PWD/runs'" "$@")
 rid=$(python -c 'import json,sys; d=json.load(sys.stdin); print(d.get("run-id") or sys.exit(str(d)))' <<<"$submitted")
-echo "deploy-local: run $rid submitted to the local SuperLink with $K SuperNodes, $mode"
-python -m experiments.follow_run "$rid" --superlink local-deployment &
+echo "deploy-local: run $rid submitted to the SuperLink at $HOST:$PORT with $K SuperNodes, $mode"
+"${link_exec[@]}" python -m experiments.follow_run "$rid" --superlink local-deployment &
 follow=$!
 wait "$follow"  # (a trapped SIGINT/SIGTERM interrupts `wait`, not a foreground command)

@@ -31,9 +31,24 @@ class LocalGrid:
                                            run_config=dict(run_config)) for p in range(k)}
         self.delivered: list = []  # (round, partition) in order, for the tests
         self.shard_keys: list = []  # (round, partition, the shard lists its instruction holds: RET)
+        self.pushed, self.replies = 0, {}  # message ids given so far; replies not pulled yet, by the id they answer
 
     def get_node_ids(self):
         return sorted(self.contexts)
+
+    def push_messages(self, messages):
+        """As a real Grid: give each message its id and deliver it (here: run it now); the replies wait for
+        pull_messages (the ServerApp pushes a round's messages, then pulls their replies)."""
+        messages = list(messages)
+        for m in messages:
+            self.pushed += 1
+            m.metadata.__dict__["_message_id"] = f"local-{self.pushed}"
+        for r in self.send_and_receive(messages):
+            self.replies[r.metadata.reply_to_message_id] = r
+        return [m.metadata.message_id for m in messages]
+
+    def pull_messages(self, message_ids):
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
 
     def send_and_receive(self, messages, timeout=None):
         from clients.client_app import train

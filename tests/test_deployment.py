@@ -319,7 +319,7 @@ def test_a_supernode_lost_mid_round_is_handled_by_the_client_failure_policy(tmp_
         node1 = re.compile(rf"127\.0\.0\.1:{ports[2]}\b|--port {ports[2]}\b")
         lost = [int(line.split()[0]) for line in subprocess.run(["ps", "-ww", "-eo", "pid=,args="],
                                                                 capture_output=True, text=True).stdout.splitlines()
-                if node1.search(line) and ("flower-supernode" in line or "warm_clientapp" in line)]
+                if node1.search(line) and ("flower-supernode" in line or "experiments.supernode" in line or "warm_clientapp" in line)]
         assert len(lost) == 2, lost  # the SuperNode and its long-lived ClientApp
         t_lost = time.time()
         for pid in lost:

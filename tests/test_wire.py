@@ -1,0 +1,161 @@
+"""Weights on the wire (fl_ietagc/wire.py): a few flat arrays per message, their layout, bf16 transport, and that
+averaging flat arrays is bit for bit averaging the tensors."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+from fl_ietagc.checkpoints import pack_weights
+from fl_ietagc.config import parse_config
+from fl_ietagc.initial_weights import initial_weights
+from fl_ietagc.wire import Layout, decode, encode, flatten, unflatten, wire_bytes
+from strategies.base import as_record, numpy_arrays
+from strategies.iet import IETFedAvg
+from tests.local_grid import set_task_identity
+
+
+@pytest.fixture(scope="module")
+def packed():
+    net, ema = initial_weights(parse_config({"max-images": 64}))  # the tiny UNet: 180 tensors each
+    return pack_weights(net, ema)
+
+
+def perturbed(packed, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in packed.items()}
+
+
+def test_flat_round_trip_is_exact_and_the_layout_travels_as_a_record(packed):
+    layout = Layout.of(packed)
+    flat = flatten(packed, layout)
+    assert set(flat) == {"net", "ema"} and all(a.ndim == 1 and a.dtype == np.float32 for a in flat.values())
+    assert sum(a.size for a in flat.values()) == sum(v.numel() for v in packed.values())
+    back = unflatten(flat, Layout.from_record(ConfigRecord(layout.to_record())))
+    assert list(back) == list(packed)
+    assert all(torch.equal(back[k], packed[k]) and back[k].shape == packed[k].shape for k in packed)
+    assert Layout.from_record(layout.to_record()) == layout and Layout.of(packed, "bf16").digest() == layout.digest()
+
+
+def test_a_message_is_a_few_objects_not_one_per_tensor(packed):
+    set_task_identity()
+    layout = Layout.of(packed)
+    old = RecordDict({"arrays": ArrayRecord({k: Array(v.numpy()) for k, v in packed.items()})})
+    new = RecordDict({"arrays": as_record(flatten(packed, layout)), "layout": ConfigRecord(layout.to_record())})
+    n_old = len(get_all_nested_objects(Message(old, dst_node_id=1, message_type="train")))
+    n_new = len(get_all_nested_objects(Message(new, dst_node_id=1, message_type="train")))
+    print(f"objects per message: {n_old} per tensor -> {n_new} flat")
+    assert n_old > 250 and n_new <= 8
+
+
+def test_averaging_flat_arrays_is_bit_identical_to_averaging_tensors(packed):
+    layout = Layout.of(packed)
+    clients = [perturbed(packed, s) for s in range(3)]
+    sizes = [10, 30, 17]
+
+    def reply(arrays, n):
+        return RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": n})})
+
+    per_tensor = aggregate_arrayrecords(
+        [reply(ArrayRecord({k: Array(v.numpy()) for k, v in c.items()}), n) for c, n in zip(clients, sizes)],
+        "num-examples")
+    flat = aggregate_arrayrecords([reply(as_record(flatten(c, layout)), n) for c, n in zip(clients, sizes)],
+                                  "num-examples")
+    got = unflatten(numpy_arrays(flat), layout)
+    assert all(np.array_equal(got[k].numpy(), per_tensor[k].numpy()) for k in packed)
+
+
+def test_bf16_transport_halves_the_bytes_and_stays_within_its_rounding(packed):
+    fp32, bf16 = Layout.of(packed), Layout.of(packed, "bf16")
+    assert wire_bytes(bf16) * 2 == wire_bytes(fp32) == 4 * sum(v.numel() for v in packed.values())
+    wire = encode(flatten(packed, bf16), bf16)
+    assert all(a.dtype == np.int16 for a in wire.values())
+    back = unflatten(decode(wire, bf16), bf16)
+    for k, v in packed.items():  # round to nearest bfloat16 (8 significant bits): relative error <= 2^-8
+        assert torch.equal(back[k], v.to(torch.bfloat16).float())
+        assert torch.all((back[k] - v).abs() <= v.abs() * 2.0 ** -8)
+
+
+def test_a_float64_aggregate_is_sent_and_committed_in_the_layout_dtype(packed):
+    layout = Layout.of(packed)
+    wide = {g: a.astype(np.float64) / 3 for g, a in flatten(packed, layout).items()}  # (Flower's DP noise: float64)
+    assert all(a.dtype == np.float32 for a in encode(wide, layout).values())
+    got = unflatten(wide, layout)
+    assert all(got[k].dtype == torch.float32 for k in got)
+    assert torch.equal(got["net.conv_in.weight"], torch.from_numpy(wide["net"][:got["net.conv_in.weight"].numel()])
+                       .float().view_as(got["net.conv_in.weight"]))
+
+
+@pytest.mark.parametrize("change,error", [
+    (lambda f: {"net": f["net"]}, "weights hold arrays ['net'], the layout expects ['ema', 'net']"),
+    (lambda f: {**f, "net": f["net"][:-1]}, "weights: array 'net' has shape"),
+    (lambda f: {**f, "net": f["net"].astype(np.int32)}, "weights: array 'net' is int32, the layout expects float32"),
+])
+def test_weights_that_do_not_fit_the_layout_are_refused_naming_the_array(packed, change, error):
+    layout = Layout.of(packed)
+    with pytest.raises(ValueError, match=error.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
+        unflatten(change(flatten(packed, layout)), layout)
+
+
+def _strategy(layout, k=2):
+    s = IETFedAvg(k)
+    s.setup_app(k, {"run-dir": "x", "run-token": "t", "num-clients": k}, layout=layout)
+    return s
+
+
+def _reply(arrays, partition, n, digest):
+    set_task_identity()
+    request = Message(RecordDict(), dst_node_id=1000 + partition, message_type="train")
+    info = {"partition-id": partition, "image-ids": [0], "skip-counts": [0], "layout-digest": digest}
+    metrics = {"num-examples": n, "loss": 0.1, "kept": 1, "skipped": 0, "steps": 1, "seconds": 0.1, "client-step": 1}
+    return Message(RecordDict({"arrays": as_record(arrays), "metrics": MetricRecord(metrics),
+                               "info": ConfigRecord(info)}), reply_to=request)
+
+
+def test_the_strategy_averages_bf16_replies_as_fp32_and_names_a_non_finite_tensor(packed):
+    layout = Layout.of(packed, "bf16")
+    clients = [perturbed(packed, s) for s in range(2)]
+    replies = [_reply(encode(flatten(c, layout), layout), p, n, layout.digest()) for p, (c, n) in
+               enumerate(zip(clients, [10, 30]))]
+    arrays, _ = _strategy(layout).aggregate_train(1, replies)
+    got = unflatten(numpy_arrays(arrays), layout)
+    rounded = [{k: v.to(torch.bfloat16).float() for k, v in c.items()} for c in clients]
+    expected = {k: (rounded[0][k].numpy() * 0.25 + rounded[1][k].numpy() * 0.75) for k in packed}
+    assert all(np.array_equal(got[k].numpy(), expected[k]) for k in packed)  # the mean of the rounded weights
+    # each received weight is within 2^-8 of its own value, so the mean is within 2^-8 of sum(w_i |x_i|) (+ the
+    # float32 sum's own rounding)
+    for k in packed:
+        exact = clients[0][k].double() * 0.25 + clients[1][k].double() * 0.75
+        bound = (clients[0][k].double().abs() * 0.25 + clients[1][k].double().abs() * 0.75) * (2.0 ** -8 + 2.0 ** -22)
+        assert torch.all((got[k].double() - exact).abs() <= bound)
+
+    broken = dict(clients[1])
+    broken["ema.conv_out.bias"] = broken["ema.conv_out.bias"].clone()
+    broken["ema.conv_out.bias"][0] = float("nan")
+    s = _strategy(layout)
+    first = _reply(encode(flatten(clients[0], layout), layout), 0, 10, layout.digest())
+    good, failures = s.sort_replies(1, [first, _reply(encode(flatten(broken, layout), layout), 1, 30,
+                                                      layout.digest())])
+    assert len(good) == 1 and failures[0].line() == ("partition 1, round 1: returned non-finite weights (1 arrays, "
+                                                     "e.g. ema.conv_out.bias[0])")
+
+
+def test_a_reply_of_another_layout_is_a_failure_naming_the_partition(packed):
+    layout = Layout.of(packed)
+    s = _strategy(layout)
+    good, failures = s.sort_replies(3, [_reply(flatten(packed, layout), 0, 10, layout.digest()),
+                                        _reply(flatten(packed, layout), 1, 10, "0123456789abcdef")])
+    assert len(good) == 1 and failures[0].line().startswith(
+        "partition 1, round 3: returned weights of another layout (digest 0123456789abcdef, sent ")
+
+
+def test_the_mixin_sends_the_layout_and_bf16_arrays_with_every_instruction(packed):
+    layout = Layout.of(packed, "bf16")
+    s = _strategy(layout)
+    content = RecordDict({"arrays": as_record(flatten(packed, layout)), "config": ConfigRecord({})})
+    msgs = s.with_layout([Message(content, dst_node_id=n, message_type="train") for n in (1, 2)])  # (as Flower's)
+    assert all(Layout.from_record(m.content["layout"]) == layout for m in msgs)
+    assert all(a.dtype == "int16" for m in msgs for a in m.content["arrays"].values())
+    assert msgs[0].content["arrays"] is msgs[1].content["arrays"]  # encoded once for all clients
