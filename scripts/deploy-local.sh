@@ -44,7 +44,12 @@ for i in $(seq 0 $((K - 1))); do ports="$ports|$((PORT + 100 + i))"; done
 mine() {  # this deployment's live processes: those started here, and Flower's own (SuperExecs, flwr-serverapp,
           # flwr-clientapp), which all name one of this deployment's addresses on their command line
   { for p in "${pids[@]+"${pids[@]}"}"; do kill -0 "$p" 2>/dev/null && echo "$p"; done
-    pgrep -u "$(id -u)" -f -- "(127\.0\.0\.1|${HOST//./\\.}|0\.0\.0\.0):($ports)( |\$)" || true; } | sort -u
+    if [ -n "${LINK_NS:-}" ]; then  # in namespaces: exactly the processes in them (other deployments may use
+      ip netns pids "$LINK_NS" 2>/dev/null || true                    # the same ports in theirs)
+      for i in $(seq 0 $((K - 1))); do ip netns pids "$NODE_NS_PREFIX$i" 2>/dev/null || true; done
+    else
+      pgrep -u "$(id -u)" -f -- "127\.0\.0\.1:($ports)( |\$)" || true
+    fi; } | sort -u
 }
 cleanup() {
   trap - INT TERM

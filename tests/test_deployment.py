@@ -72,7 +72,7 @@ def leftovers(work: Path, ports: list[int]) -> list[int]:
                                text=True).stdout.splitlines():
         pid, _, args = line.strip().partition(" ")
         if int(pid) != os.getpid() and pattern.search(args) and any(
-                name in args for name in ("flower-", "flwr", "warm_clientapp")):
+                name in args for name in ("flower-", "flwr", "warm_clientapp", "experiments.supernode")):
             mine.append(int(pid))
     return mine
 
@@ -344,3 +344,89 @@ def test_a_supernode_lost_mid_round_is_handled_by_the_client_failure_policy(tmp_
     # measured on 2 cores: about 60-75 s (the heartbeat expiry) plus partition 0's round
     print(f"lost SuperNode handled: round 2 committed {detected:.0f} s after the SIGKILL")
     assert detected < 200, detected
+
+
+def netns_available() -> str:
+    """'' where scripts/deploy-netns.sh can make namespaces, veth pairs and tbf qdiscs here, else why not."""
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    check = subprocess.run(["bash", "scripts/deploy-netns.sh", "--check"], cwd=ROOT, capture_output=True, text=True)
+    return "" if check.returncode == 0 else (check.stdout + check.stderr).strip()
+
+
+def our_namespaces(tag: str) -> list[str]:
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split("\n")
+    return [line.split()[0] for line in listed if line.startswith(f"{tag}-")]
+
+
+def test_deployment_across_namespaces_over_shaped_links_matches_the_in_process_grid(tmp_path):
+    """The SuperLink and each SuperNode (with its ClientApp) in their own network namespaces, joined by veth links
+    shaped to 100 Mbit/s with tc tbf, TLS + SuperNode authentication naming the namespace address: the run completes
+    with the weights of the in-process grid, the round's weights travel as 2 flat arrays, and the script leaves no
+    namespace or process behind."""
+    why = netns_available()
+    if why:
+        pytest.skip(f"cannot emulate machines here: {why}")
+    work, runs = tmp_path / "work", tmp_path / "runs"
+    port = 9750  # (free in the namespaces made for this run, whatever runs on this machine's own ports)
+    overrides = " ".join(f"{k}={v}" for k, v in CONFIG.items()) + f" run-name='{RUN_NAME}' output-dir='{runs}'"
+    out = tmp_path / "deploy-netns.out"
+    deploy = subprocess.Popen(["bash", "scripts/deploy-netns.sh", "-c", overrides], cwd=ROOT,
+                              env={**ENV, "WORK": str(work), "PORT": str(port), "K": "2", "RATE": "100mbit",
+                                   "SUBNET": "10.213.7", "OMP_NUM_THREADS": "1"},
+                              stdout=out.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    tag = f"fl{deploy.pid}"
+    try:
+        code = deploy.wait(timeout=480)
+    finally:
+        if deploy.poll() is None:
+            os.killpg(deploy.pid, signal.SIGTERM)
+            deploy.wait(timeout=60)
+    text = out.read_text()
+    assert code == 0, text[-4000:]
+    assert f"SuperLink in namespace {tag}-link at 10.213.7.1, 2 SuperNodes" in text and "links 100mbit" in text
+    assert "submitted to the SuperLink at 10.213.7.1:" in text and "TLS + SuperNode authentication" in text
+    assert "Uvicorn running on https://0.0.0.0" in (work / "superlink.log").read_text()  # TLS, in its namespace
+    deadline = time.time() + 20  # (the watcher runs the same teardown once the script is gone)
+    while our_namespaces(tag) and time.time() < deadline:
+        time.sleep(0.5)
+    assert our_namespaces(tag) == []
+    assert not leftovers(work, [])
+    run = RunDir(runs / RUN_NAME)
+    assert run.read_status()["status"] == "completed"
+    metrics = run.read_metrics()
+    assert [m["round"] for m in metrics] == [1, 2]
+    assert [c["partition-id"] for c in metrics[1]["timing"]["clients"]] == [0, 1]
+    assert_same_weights(reference_weights(tmp_path / "ref", threads=1), load_checkpoint(run.final_checkpoint))
+
+
+def test_deploy_netns_cleans_up_after_a_sigkill(tmp_path):
+    """SIGKILL to deploy-netns.sh (no trap runs): its watcher removes the namespaces and every process in them."""
+    why = netns_available()
+    if why:
+        pytest.skip(f"cannot emulate machines here: {why}")
+    work = tmp_path / "work"
+    port = 9760
+    deploy = subprocess.Popen(["bash", "scripts/deploy-netns.sh", "-c",
+                               f"num-server-rounds=50 max-images=128 output-dir='{tmp_path / 'runs'}'"], cwd=ROOT,
+                              env={**ENV, "WORK": str(work), "PORT": str(port), "K": "2", "SUBNET": "10.213.8"},
+                              stdout=(tmp_path / "out").open("w"), stderr=subprocess.STDOUT)
+    tag = f"fl{deploy.pid}"
+    try:
+        deadline = time.time() + 120
+        while not (work / "supernode1.log").exists() and time.time() < deadline:
+            time.sleep(0.5)
+        assert len(our_namespaces(tag)) == 3, (tmp_path / "out").read_text()[-3000:]
+        deploy.kill()
+        deploy.wait(timeout=10)
+        deadline = time.time() + 30
+        while our_namespaces(tag) and time.time() < deadline:
+            time.sleep(0.5)
+        assert our_namespaces(tag) == []
+    finally:
+        for ns in our_namespaces(tag):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    deadline = time.time() + 30  # deploy-local.sh, left in the root namespace, stops once its processes are gone
+    while leftovers(work, []) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not leftovers(work, [])
