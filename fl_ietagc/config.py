@@ -55,12 +55,24 @@ def _non_negative(v):
     return None if v >= 0 else "must be >= 0"
 
 
+_non_negative.low = 0  # (integer keys: the lower end of the range named when a value is out of it)
+
+
 def _in_unit_open(v):
     return None if 0 <= v < 1 else "must be in [0, 1)"
 
 
 def _at_least(n):
-    return lambda v: None if v >= n else f"must be >= {n}"
+    def check(v):
+        return None if v >= n else f"must be >= {n}"
+
+    check.low = n
+    return check
+
+
+# An integer key's largest value (seed: its own range). Beyond it a value is a typo or an overflow (1e30 rounds,
+# a batch of 2^40), never a run: refused with the range, before anything sizes a buffer or a loop from it.
+INT_MAX = 2 ** 31 - 1
 
 
 @dataclass(frozen=True)
@@ -206,6 +218,10 @@ def check_resumed_config(option: str, stored: Mapping[str, Any], given: Mapping[
     The one check of every resume path (flower-simulation --resume, fl-ietagc resume, the ServerApp's
     resume-from, centralized training); raises ConfigError naming each key with both values."""
     defaults = RunConfig().to_dict()
+    try:  # the stored config itself (an edited config.json: a removed preset, a value out of range)
+        parse_config({k: v for k, v in stored.items() if k in defaults and k != "resume-from"})
+    except ConfigError as e:
+        raise ConfigError(f"{option}: the run's config.json is not a valid run config: {e}") from None
     differ = sorted(k for k, v in given.items()
                     if k in defaults and k != "resume-from" and stored.get(k, defaults[k]) != v)
     if differ:
@@ -217,7 +233,7 @@ def config_keys() -> list[dataclasses.Field]:
     return list(dataclasses.fields(RunConfig))
 
 
-def _coerce(name: str, value: Any, default: Any) -> Any:
+def _coerce(name: str, value: Any, default: Any, check: Callable | None = None) -> Any:
     want = type(default)
     if want is bool:
         if isinstance(value, bool):
@@ -225,10 +241,15 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
         raise ConfigError(f"{name} = {value!r}: must be true or false")
     if want is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{name} = {value!r}: must be an integer")
-        return value
+            if not (isinstance(value, float) and value.is_integer()):
+                raise ConfigError(f"{name} = {value!r}: must be an integer")
+            number = int(value)
+        else:
+            number = value
+        if abs(number) > INT_MAX and name != "seed":
+            low = getattr(check, "low", -INT_MAX)
+            raise ConfigError(f"{name} = {value!r}: out of range; must be an integer in [{low}, {INT_MAX}]")
+        return number
     if want is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name} = {value!r}: must be a number")
@@ -256,7 +277,7 @@ def parse_config(raw: Mapping[str, Any]) -> RunConfig:
     values = {}
     for f in fields:
         name = f.metadata["key"]
-        value = _coerce(name, raw[name], f.default) if name in raw else f.default
+        value = _coerce(name, raw[name], f.default, f.metadata["check"]) if name in raw else f.default
         choices = f.metadata["choices"]
         if choices is not None and value not in choices:
             raise ConfigError(f"{name} = {value!r}: must be one of {', '.join(choices)}")
@@ -271,6 +292,9 @@ def parse_config(raw: Mapping[str, Any]) -> RunConfig:
 
 
 def _check_cross_keys(cfg: RunConfig) -> None:
+    if not cfg.output_dir.strip():
+        raise ConfigError("output-dir = '': must name a directory (e.g. \"runs\"); an empty one would scatter the "
+                          "run into the current directory")
     if cfg.beta_end <= cfg.beta_start:
         raise ConfigError(f"beta-end = {cfg.beta_end}: must be > beta-start ({cfg.beta_start})")
     if cfg.dataset == "digits" and cfg.data_root:
@@ -313,6 +337,32 @@ def _check_cross_keys(cfg: RunConfig) -> None:
         raise ConfigError(f"image-size = {cfg.image_size}: must be a multiple of 8 (the UNet downsamples 3 times)")
 
 
+def ineffective_keys(cfg: RunConfig) -> list[str]:
+    """One line per key set away from its default that nothing reads in this configuration (the keys whose
+    silent neglect would be harmless are warned about; those that would change a result are errors above).
+    A default run names none: the app's pyproject repeats every default, so "set" means "differs from it"."""
+    defaults = RunConfig()
+    unused = []
+
+    def note(key: str, why: str) -> None:
+        value = getattr(cfg, key.replace("-", "_"))
+        if value != getattr(defaults, key.replace("-", "_")):
+            unused.append(f"{key} = {toml_value(value)} has no effect: {why}")
+
+    if cfg.sharding != "dirichlet":
+        note("dirichlet-alpha", f"only used with sharding = \"dirichlet\" (sharding is \"{cfg.sharding}\")")
+    if not cfg.agc:
+        for key in ("agc-lambda", "agc-bank-decay"):
+            note(key, "only used with agc = true")
+    if cfg.dataset in ("cifar10", "cifar100", "fashion-mnist"):
+        note("holdout-fraction", f"{cfg.dataset} has its own test split")
+    if cfg.dataset not in ("cifar10", "cifar100", "fashion-mnist"):
+        note("data-download", f"dataset {cfg.dataset} is not downloaded")
+    if not cfg.sample_count:
+        note("sample-steps", "sample-count = 0 (no final samples)")
+    return unused
+
+
 def split_items(text: str) -> list[str]:
     """Split 'k=v k2="a b"' at whitespace outside quotes, keeping the quotes (TOML reads the values)."""
     items, current, quote, escaped = [], "", "", False
@@ -351,6 +401,8 @@ def parse_overrides(text: str | None) -> dict:
                               f"(quote values with spaces: key=\"a b\")")
         if not value:
             raise ConfigError(f"run-config item {item!r}: {key} has no value")
+        if key in out:  # 'lr=1 lr=2': which one was meant? (TOML files refuse a repeated key too)
+            raise ConfigError(f"run-config item {item!r}: {key} is given twice; give each key once")
         try:
             out[key] = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:
@@ -364,6 +416,10 @@ def parse_overrides(text: str | None) -> dict:
 
 def load_config_file(path: str) -> dict:
     """A TOML file of run-config keys (flat, or under [tool.flwr.app.config])."""
+    if os.path.exists(path) and not os.path.isfile(path):  # a pipe would block the read; a folder is no file
+        from .paths import described, kind
+
+        raise ConfigError(f"config file {path}: {described(kind(path))}, not a TOML file")
     try:
         with open(path, "rb") as f:
             raw = tomllib.load(f)

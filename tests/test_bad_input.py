@@ -76,12 +76,12 @@ def sim(overrides="", *args, k="2", backend=BACKEND):
     argv = ["--app", str(ROOT), "--backend-config", backend]
     if k is not None:
         argv += ["--num-supernodes", k]
-    return ("sim", argv + (["--run-config", f'output-dir="{{t}}/out" {overrides}'] if overrides is not None else [])
-            + list(args))
+    out = "" if overrides and "output-dir=" in overrides else 'output-dir="{t}/out" '  # (a key given twice is refused)
+    return ("sim", argv + (["--run-config", f'{out}{overrides}'] if overrides is not None else []) + list(args))
 
 
 def sim_raw(*argv):
-    return ("sim", ["--app", str(ROOT), *argv])
+    return ("sim", [*([] if "--app" in argv else ["--app", str(ROOT)]), *argv])  # (an option given twice is refused)
 
 
 def fl(*argv):
