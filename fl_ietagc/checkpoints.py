@@ -107,7 +107,13 @@ def load_torch(path: str | Path, what: str, map_location="cpu"):
     """torch.load with weights_only=True; a missing, empty or corrupt file raises an error naming it."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
+        from .paths import described, kind
+
+        found = kind(path)
+        if found == "missing":
+            raise FileNotFoundError(f"{what} not found: {path}")
+        # (a pipe is named, never opened: opening it would wait for a writer)
+        raise BadFileError(f"{path}: {described(found)}, not a {what} file")
     if path.stat().st_size == 0:
         raise BadFileError(f"{path}: empty file, not a {what}")
     try:

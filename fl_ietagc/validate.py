@@ -12,7 +12,6 @@ and its allowed range, or the file and what is wrong with it, in one line.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 from .config import ConfigError, RunConfig
@@ -25,10 +24,49 @@ def check_model(cfg: RunConfig) -> None:
     check_optimizer(cfg)
     if cfg.model_type == "latent-t2i":
         return check_latent_model(cfg)
+    from .models import PRESETS
+
+    check_memory(cfg, PRESETS[cfg.preset]["block_out_channels"][0], "the UNet's first layer")
     size, factor = image_size(cfg), downsample_factor(cfg.preset)
     if size % factor:
         raise ConfigError(f"image-size = {size}: preset {cfg.preset} downsamples by {factor}, so the image size "
                           f"must be a multiple of {factor}")
+
+
+def memory_here(device: str = "auto") -> tuple[int, str]:
+    """(bytes, what) the largest memory a training step could use here: the RAM, or the largest visible GPU's."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    best, what = ram, f"{_size(ram)} of RAM"
+    if device != "cpu":
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = max(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
+            if device == "cuda" or gpu > best:
+                best, what = gpu, f"{_size(gpu)} of GPU memory"
+    return best, what
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if n < 1024 or unit == "EiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} ZiB"
+
+
+def check_memory(cfg: RunConfig, first_channels: int, where: str) -> None:
+    """A lower bound of a training step's memory (one float32 activation of the first layer for a batch) against
+    the memory here: an image size that could never fit is refused with the estimate, before any image is
+    resized to it (the data cache alone would try to allocate it)."""
+    from .data import image_size
+
+    size = image_size(cfg)
+    need = cfg.batch_size * first_channels * size * size * 4
+    have, what = memory_here(cfg.device)
+    if need > have:
+        raise ConfigError(f"image-size = {size}: a batch of {cfg.batch_size} at {size}x{size} needs at least "
+                          f"{_size(need)} for {where} alone (float32), more than the {what} here")
 
 
 def check_latent_model(cfg: RunConfig) -> None:
@@ -46,6 +84,11 @@ def check_latent_model(cfg: RunConfig) -> None:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"pretrained-dir = {cfg.pretrained_dir!r}: vae/ or unet/ config.json unreadable "
                           f"({type(e).__name__}: {e})") from None
+    try:
+        vae_channels = int(json.loads((d / "vae" / "config.json").read_text())["block_out_channels"][0])
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        vae_channels = 3  # (vae_factor read the same file above; only a lower bound is needed here)
+    check_memory(cfg, vae_channels, "the VAE's first layer")
     if image_size(cfg) % factor:
         raise ConfigError(f"image-size = {image_size(cfg)}: pretrained-dir's VAE and UNet downsample by {factor}, "
                           f"so the image size must be a multiple of {factor}")
@@ -103,29 +146,35 @@ def check_run_name(name: str) -> None:
 
 
 def check_output_dir(output_dir: str) -> None:
-    """The output directory exists and is writable, or can be created (nothing is created here)."""
-    path = Path(output_dir).expanduser()
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ConfigError(f"output-dir = {output_dir!r}: {probe} is a file, not a directory")
-    try:
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError as e:
-        raise ConfigError(f"output-dir = {output_dir!r}: cannot write in {probe} ({e.strerror or e})") from e
+    """The output directory exists and is writable, or can be created (nothing is created here); every existing
+    part of it a folder (a file, a pipe, a dangling link or a link loop there is named)."""
+    from .paths import check_dir_to_create
+
+    check_dir_to_create("output-dir", output_dir)
 
 
 def check_run_dir(cfg: RunConfig) -> None:
+    from .paths import check_dir_to_create, check_existing, check_name_lengths, kind
     from .rundir import RunDir
 
     check_run_name(cfg.run_name)
     check_output_dir(cfg.output_dir)
+    if cfg.client_state_dir:
+        check_dir_to_create("client-state-dir", cfg.client_state_dir)
     if cfg.resume_from:
+        if os.path.lexists(os.path.expanduser(cfg.resume_from)):  # (a missing one: check_resumable says so)
+            check_existing("resume-from", cfg.resume_from, ("directory",))
         RunDir.check_resumable(cfg.resume_from)
     elif cfg.run_name:
-        RunDir.check_new(RunDir.new_path(cfg.output_dir, cfg.run_name, ""))
+        path = RunDir.new_path(cfg.output_dir, cfg.run_name, "")
+        check_name_lengths("run-name", cfg.run_name, path)
+        what = kind(path)
+        if os.path.islink(path) or what not in ("missing", "directory"):
+            # a link would put the run outside output-dir (or nowhere): the run directory is a real folder
+            target = f" to {os.readlink(path)}" if os.path.islink(path) else ""
+            raise ConfigError(f"run-name = {cfg.run_name!r}: {path} is {'a symbolic link' + target if target else what}"
+                              f"; a run directory must be a folder of its own inside output-dir")
+        RunDir.check_new(path)
 
 
 def check_resources(backend: dict, num_clients: int, ray_address: str | None = None) -> None:
@@ -170,11 +219,40 @@ def check_init_checkpoint(cfg: RunConfig) -> None:
         initial_weights(cfg)  # reads (weights_only) and checks the architecture
 
 
-def validate_run(cfg: RunConfig, num_clients: int, backend: dict | None = None, ray_address: str | None = None) -> None:
+def check_input_paths(cfg: RunConfig) -> None:
+    """Paths the run reads, for what they are, before anything opens them (a pipe would block a reader, a link
+    loop fail deep in a loader): data-root, pretrained-dir, init-checkpoint. A missing one is left to the check
+    that knows what it should hold (data.py, latent.py, initial_weights.py)."""
+    from .paths import check_existing
+
+    wants = {"data-root": ("file", "directory") if cfg.dataset == "captions" else ("directory",),
+             "pretrained-dir": ("directory",), "init-checkpoint": ("file", "directory")}
+    for key, want in wants.items():
+        value = getattr(cfg, key.replace("-", "_"))
+        if value and os.path.lexists(os.path.expanduser(value)):
+            check_existing(key, value, want)
+
+
+def warn_ineffective(cfg: RunConfig) -> list[str]:
+    """Print one warning line per key that has no effect in this configuration (config.ineffective_keys)."""
+    import sys
+
+    from .config import ineffective_keys
+
+    lines = ineffective_keys(cfg)
+    for line in lines:
+        print(f"warning: {line}", file=sys.stderr)
+    return lines
+
+
+def validate_run(cfg: RunConfig, num_clients: int, backend: dict | None = None, ray_address: str | None = None,
+                 warn: bool = True) -> None:
     """Everything checkable before any work starts. `num_clients` = K (0 = not known yet); `ray_address`: the Ray
-    cluster the clients will run on (None: a private Ray instance on this machine)."""
+    cluster the clients will run on (None: a private Ray instance on this machine). With `warn`, keys that have no
+    effect are named on stderr once every check has passed."""
     from .shards import shards_for_config
 
+    check_input_paths(cfg)
     check_model(cfg)
     check_device(cfg)
     check_run_dir(cfg)
@@ -182,4 +260,10 @@ def validate_run(cfg: RunConfig, num_clients: int, backend: dict | None = None, 
         check_resources(backend, num_clients, ray_address)
     if num_clients:
         shards_for_config(cfg, num_clients)  # the data: readable, enough images for K full batches
+    if cfg.resume_from:
+        from .resume_check import check_resume_contents
+
+        check_resume_contents(cfg, client_states=not ray_address)  # (a cluster's nodes may keep their own)
     check_init_checkpoint(cfg)
+    if warn:
+        warn_ineffective(cfg)
