@@ -50,6 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "starting a private Ray instance; default: $RAY_ADDRESS if set")
     p.add_argument("--verbose", action="store_true", help="DEBUG logging")
     p.add_argument("--run-config-json", default=None, help=argparse.SUPPRESS)  # parent -> child: the fused config
+    __import__("fl_ietagc.argcheck").argcheck.refuse_repeated(p, argv)  # --run-config a --run-config b: exit 2
     return p.parse_args(argv)
 
 
@@ -254,11 +255,12 @@ def _launch(args: argparse.Namespace) -> int:
 def prepare(args):
     from fl_ietagc.config import ConfigError, load_overrides
 
-    from fl_ietagc.app_dir import app_dir as default_app
+    from fl_ietagc.app_dir import app_dir as default_app, check_app_project
 
     app_dir = Path(args.app).resolve() if args.app else default_app()
     if not (app_dir / "pyproject.toml").is_file():
         raise ConfigError(f"--app {args.app}: no pyproject.toml there")
+    check_app_project(app_dir)  # TOML, with [tool.flwr.app] and its components: else the file is named
     if args.num_supernodes is not None and args.num_supernodes < 1:
         raise ConfigError(f"--num-supernodes = {args.num_supernodes}: must be >= 1")
     if args.num_supernodes is None and not args.resume:

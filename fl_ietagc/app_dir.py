@@ -34,6 +34,36 @@ def app_dir() -> Path:
                       f"fl_ietagc/app/ with pyproject.toml and {', '.join(APP_PACKAGES)}): reinstall fl-ietagc")
 
 
+def check_app_project(folder: Path) -> dict:
+    """The app's pyproject.toml, read strictly: TOML, with [tool.flwr.app] naming a serverapp and a clientapp
+    component; else one line naming the file (Flower's own reader raises deep inside, without naming it)."""
+    import tomllib
+
+    from .paths import described, kind
+
+    path = Path(folder) / "pyproject.toml"
+    what = kind(path)
+    if what != "file":
+        raise ConfigError(f"--app {folder}: {path} is {'missing' if what == 'missing' else described(what)}; "
+                          f"an app folder has a pyproject.toml")
+    try:
+        project = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"--app {folder}: {path} is not valid TOML ({e})") from None
+    app = project.get("tool", {}).get("flwr", {}).get("app") if isinstance(project.get("tool"), dict) else None
+    if not isinstance(app, dict):
+        raise ConfigError(f"--app {folder}: {path} has no [tool.flwr.app] table (not a Flower app)")
+    components = app.get("components")
+    missing = [c for c in ("serverapp", "clientapp")
+               if not isinstance(components, dict) or not isinstance(components.get(c), str)]
+    if missing:
+        raise ConfigError(f"--app {folder}: {path}: [tool.flwr.app.components] has no {' / '.join(missing)} "
+                          f"(module:object)")
+    if not isinstance(app.get("config", {}), dict):
+        raise ConfigError(f"--app {folder}: {path}: [tool.flwr.app.config] must be a table")
+    return project
+
+
 def app_module(name: str) -> ModuleType:
     """Import `name` (e.g. "experiments.simulate") from the app folder, which goes first on sys.path."""
     folder = str(app_dir())

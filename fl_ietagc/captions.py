@@ -80,8 +80,7 @@ def _read_table(path: Path) -> list[dict]:
                     rows.append(row)
             return rows
         if suffix == ".csv":
-            with open(path, newline="", encoding="utf-8") as f:
-                return list(csv.DictReader(f))
+            return _read_csv(path)
         try:
             import pyarrow.parquet as pq
         except ImportError:
@@ -89,6 +88,26 @@ def _read_table(path: Path) -> list[dict]:
         return pq.read_table(path).to_pylist()
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise ConfigError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
+
+
+def _read_csv(path: Path) -> list[dict]:
+    """Strict CSV: an unterminated quote (which a lenient reader runs to the end of the file, swallowing every
+    later row into one caption) or a row whose field count differs from the header's is an error naming the line."""
+    rows = []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, strict=True)
+        last = 0  # the line the previous row ended on: a bad row starts after it
+        try:
+            for row in reader:
+                if None in row or None in row.values():
+                    have = len(row) - (None in row) + len(row.get(None) or []) - sum(v is None for v in row.values())
+                    raise ConfigError(f"{path}: line {reader.line_num}: {have} field(s), the header has "
+                                      f"{len(reader.fieldnames)}")
+                rows.append(row)
+                last = reader.line_num
+        except csv.Error as e:
+            raise ConfigError(f"{path}: line {max(last, 1) + 1}: not valid CSV ({e}; an unterminated quote?)") from None
+    return rows
 
 
 def _column(rows: list[dict], names: tuple[str, ...], meta: str, what: str) -> str:
@@ -108,8 +127,12 @@ def check_rows(folder: Path, rows: list[dict], meta: str) -> list[tuple[Path, st
     out = []
     for n, row in enumerate(rows, start=1):
         rel, text = row.get(pcol), row.get(tcol)
+        if rel is not None and not isinstance(rel, str):  # (JSON lines and parquet carry types)
+            raise ConfigError(f"{meta}: row {n}: {pcol} is {type(rel).__name__} {rel!r}, not a string")
         if not isinstance(rel, str) or not rel.strip():
             raise ConfigError(f"{meta}: row {n}: empty {pcol}")
+        if text is not None and not isinstance(text, str):
+            raise ConfigError(f"{meta}: row {n} ({rel}): {tcol} is {type(text).__name__} {text!r}, not a string")
         if not isinstance(text, str) or not text.strip():
             raise ConfigError(f"{meta}: row {n} ({rel}): empty {tcol}")
         path = (folder / rel).resolve()

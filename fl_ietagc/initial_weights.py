@@ -25,8 +25,11 @@ def initial_weights(cfg: RunConfig) -> tuple[dict, dict]:
     source = cfg.init_checkpoint
     if source and not os.path.isfile(source) and (os.path.isdir(source) or looks_like_hub_id(source)):
         weights = load_diffusers_unet(net, source)  # a diffusers UNet: the same weights for raw and EMA
-        load_weights(net, weights, f"init-checkpoint {source}")
-        load_weights(ema, weights, f"init-checkpoint {source}")
+        try:
+            load_weights(net, weights, "its weights")
+            load_weights(ema, weights, "its weights")
+        except ValueError as e:
+            raise ConfigError(f"init-checkpoint = {source!r}: {e}") from None
     elif source:
         if not os.path.exists(source):
             raise ConfigError(f"init-checkpoint = {source!r}: no such file or directory "
@@ -35,8 +38,11 @@ def initial_weights(cfg: RunConfig) -> tuple[dict, dict]:
             blob = load_checkpoint(source)
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"init-checkpoint = {source!r}: {e}") from e
-        load_weights(net, blob["net"], f"init-checkpoint {source} (raw)")
-        load_weights(ema, blob["ema"], f"init-checkpoint {source} (EMA)")
+        try:
+            load_weights(net, blob["net"], "its raw weights")
+            load_weights(ema, blob["ema"], "its EMA weights")
+        except (ValueError, KeyError, TypeError) as e:  # another preset, image size or channel count
+            raise ConfigError(f"init-checkpoint = {source!r}: {e}") from None
     return net.state_dict(), ema.state_dict()
 
 

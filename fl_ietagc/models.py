@@ -72,14 +72,34 @@ def build_for_config(cfg) -> torch.nn.Module:
     return model
 
 
+def first_mismatch(expected: dict, given: dict) -> str | None:
+    """The first difference between two state dicts' layouts (name -> tensor, or name -> shape), in one phrase:
+    a missing key, an unexpected key, or a shape; None when every key and shape agree."""
+    def shape(v):
+        return tuple(v.shape) if hasattr(v, "shape") else tuple(v)
+
+    for name, value in expected.items():
+        if name not in given:
+            return f"{name} is missing"
+        if shape(given[name]) != shape(value):
+            return f"{name} has shape {list(shape(given[name]))}, the model needs {list(shape(value))}"
+    extra = [name for name in given if name not in expected]
+    if extra:
+        return f"{extra[0]} is not a weight of this model" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+    return None
+
+
 def load_weights(model: torch.nn.Module, state_dict: dict, what: str) -> None:
-    """load_state_dict with an error that says which weights do not fit which preset."""
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0]
-        raise ValueError(f"{what} do not match this model ({type(model).__name__}, "
-                         f"{count_parameters(model):,} parameters): {first}") from e
+    """load_state_dict with a one-line error naming the first weight that does not fit, and its shapes."""
+    problem = first_mismatch(model.state_dict(), state_dict)
+    if problem is None:
+        try:
+            model.load_state_dict(state_dict, strict=True)
+            return
+        except RuntimeError as e:  # (a dtype or a non-tensor entry)
+            problem = str(e).splitlines()[0]
+    raise ValueError(f"{what} do not match this model ({type(model).__name__}, {count_parameters(model):,} "
+                     f"parameters): {problem}")
 
 
 # config fields of a diffusers UNet2DModel that do not change the computation of trained weights
