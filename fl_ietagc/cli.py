@@ -107,6 +107,9 @@ def main(argv=None) -> int:
     k.add_argument("--check", metavar="RUN_CONFIG", action="append", default=None,
                    help="parse and validate a --run-config / -c argument ('k=v ...' or a .toml file) strictly; "
                         "exit 2 naming what is wrong (scripts/flwr-run.sh checks its -c arguments with this)")
+    from .argcheck import refuse_repeated
+
+    refuse_repeated(p, argv, "fl-ietagc")
     args = p.parse_args(argv)
     try:
         if args.command == "config":
@@ -134,6 +137,8 @@ def main(argv=None) -> int:
                 cfg = load_run_config(args.config, args.run_config, **forced)
                 if not args.agc and cfg.agc:
                     raise ConfigError("agc = true: use --agc for a centralized run with AGC")
+                if args.agc and not cfg.agc:  # (agc defaults to true: false here was set by the user)
+                    raise ConfigError("agc = false contradicts --agc; give one of them")
             from .validate import validate_run
 
             if args.match_federated < 0:
@@ -204,8 +209,13 @@ def _resume(args) -> int:
         return 0
     if kind == "centralized":
         from .centralized import run_centralized
+        from .validate import validate_run
 
         cfg = resume_config(args.run_dir, {})
+        for option in ("backend_config", "ray_address"):
+            if getattr(args, option):
+                raise ConfigError(f"--{option.replace('_', '-')}: {run.path} is a centralized run (no Ray)")
+        validate_run(cfg.replace(**{"resume-from": str(run.path)}), 0)  # weights and state before training
         return _finish(lambda: run_centralized(cfg, resume=args.run_dir), "resume")
     from .app_dir import app_module
 
