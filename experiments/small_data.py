@@ -87,6 +87,14 @@ VARIANTS = {  # name: (run-config overrides, federated?)
 }
 
 
+# run-config keys the study sets itself, per run: --set of one would be overwritten or would break the design
+# (one seed for every replicate, one run-name for every run); the setting to use instead, if there is one
+CONTROLLED = {"seed": "seeds (e.g. --set seeds=5,6,7)", "run-name": None, "output-dir": "--out",
+              "max-images": "train-images", "num-server-rounds": "rounds", "image-size": "image-size",
+              "agc": "variants", "ret-every": "variants", "taa": "variants", "sample-count": "samples",
+              "checkpoint-every": None, "dataset": None, "preset": None, "resume-from": None}
+
+
 def apply_settings(size: Size, settings: list[str]) -> tuple[Size, dict]:
     """`--set KEY=VALUE`: a Size field (e.g. train-images=64) or a run-config key (e.g. ema-decay=0.999).
     Raises ConfigError naming the setting."""
@@ -94,7 +102,7 @@ def apply_settings(size: Size, settings: list[str]) -> tuple[Size, dict]:
 
     fields = {f.name.replace("_", "-"): f for f in dataclasses.fields(Size)}
     run_keys = {f.metadata["key"] for f in config_keys()}
-    changes, extra = {}, {}
+    changes, extra, seen_run_keys = {}, {}, set()
     for item in settings:
         key, sep, value = item.partition("=")
         key = key.strip()
@@ -117,8 +125,18 @@ def apply_settings(size: Size, settings: list[str]) -> tuple[Size, dict]:
                 what = {"seeds": "distinct integers >= 0, comma-separated",
                         "variants": f"distinct names among {', '.join(VARIANTS)}, comma-separated"}.get(f.name, f.type)
                 raise ConfigError(f"--set {key}={value}: must be {what}") from None
+            if f.name in changes:
+                raise ConfigError(f"--set {key}: given twice; give each setting once")
             changes[f.name] = parsed
+        elif key in CONTROLLED:
+            instead = CONTROLLED[key]
+            raise ConfigError(f"--set {key}: the small-data study sets {key} for each run itself"
+                              + (f"; use {instead}" if instead and instead.startswith("--") else
+                                 f"; use --set {instead}" if instead else ""))
         elif key in run_keys:
+            if key in seen_run_keys:
+                raise ConfigError(f"--set {key}: given twice; give each key once")
+            seen_run_keys.add(key)
             try:
                 extra.update(parse_overrides(f"{key}={value}"))
             except ConfigError as e:
@@ -141,7 +159,9 @@ def configs(size: Size, extra: dict, out: Path) -> list[tuple[str, int, object, 
     """(variant, seed, RunConfig, federated) of every run, validated before any work (ConfigError names the run)."""
     from fl_ietagc.config import parse_config
     from fl_ietagc.shards import shards_for_config
+    from fl_ietagc.validate import check_device, check_input_paths, check_model, check_output_dir
 
+    check_output_dir(str(out))
     jobs = []
     for seed in size.seeds:
         for name, (overrides, federated) in VARIANTS.items():
@@ -154,11 +174,26 @@ def configs(size: Size, extra: dict, out: Path) -> list[tuple[str, int, object, 
                 conf["ret-fraction"] = size.ret_fraction
             try:
                 cfg = parse_config(conf)
+                check_input_paths(cfg)
+                check_model(cfg)  # image size: fits the UNet, and memory
+                check_device(cfg)
+                check_train_images(cfg, size)
                 shards_for_config(cfg, size.clients)  # data, K and batch size agree
             except ConfigError as e:
                 raise ConfigError(f"[{name}-s{seed}] {e}") from e
             jobs.append((name, seed, cfg, federated))
     return jobs
+
+
+def check_train_images(cfg, size: Size) -> None:
+    """train-images within the training set (max-images would cap it silently: a study of fewer images than it
+    says)."""
+    from fl_ietagc.data import load_splits
+
+    have = len(load_splits(cfg.replace(**{"max-images": 0})).train)
+    if size.train_images > have:
+        raise ConfigError(f"--set train-images={size.train_images}: the {cfg.dataset} training set has {have} "
+                          f"images (after the held-out part); must be in [1, {have}]")
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -429,7 +464,7 @@ def _run_keys() -> set[str]:
 
 
 def run_small_data(size_name: str, out: Path, *, workers: int = 2, settings: list[str] | None = None,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, dry_run: bool = False) -> dict | None:
     """The whole study; returns the summary (also written as results.json / comparison.md / figures/)."""
     from concurrent.futures import ProcessPoolExecutor
     import multiprocessing
@@ -440,6 +475,12 @@ def run_small_data(size_name: str, out: Path, *, workers: int = 2, settings: lis
     study_dir = out / ("small-data-" + size_name + ("-" + "-".join(s.replace("=", "") for s in settings)
                                                      if settings else ""))
     jobs = configs(size, extra, study_dir)
+    if dry_run:  # the plan, checked, and nothing written
+        print(f"small-data study ({size_name}), dry run: {len(jobs)} runs ({len(size.variants)} variants x "
+              f"{len(size.seeds)} seeds) into {study_dir}: {', '.join(f'{n}-s{s}' for n, s, _, _ in jobs)}; "
+              f"{size.rounds} rounds x {size.local_epochs} local epochs, {size.train_images} training images",
+              flush=True)
+        return None
     study_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     total = len(jobs)

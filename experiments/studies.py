@@ -164,19 +164,22 @@ def run_study(study: str, size: str, out: Path, *, data_root: str = "", fid_weig
     if dry_run:
         return None
     study_dir = out / f"{study}-{size}"
-    study_dir.mkdir(parents=True, exist_ok=True)
     base = base_config(study, size)
     if data_root and not smoke:
         base["data-root"] = data_root
-    if study == "finetune":
-        base["init-checkpoint"] = pretrained or (str(_smoke_pretrained(study_dir, base)) if smoke else "")
-        if not base["init-checkpoint"]:
-            from fl_ietagc.config import ConfigError
+    own_pretrained = study == "finetune" and smoke and not pretrained  # trained here, after every check
+    if study == "finetune" and not smoke and not pretrained:
+        from fl_ietagc.config import ConfigError
 
-            raise ConfigError("--pretrained: finetune --full needs a diffusers UNet directory or a checkpoint")
+        raise ConfigError("--pretrained: finetune --full needs a diffusers UNet directory or a checkpoint")
+    if study == "finetune" and pretrained:
+        base["init-checkpoint"] = pretrained
     backend = {"client_resources": {"num_cpus": 1}} if smoke else \
         {"client_resources": {"num_cpus": 2, "num_gpus": gpus_per_client}}
+    # every check before the study directory exists: refused input leaves nothing behind
     validate_study(runs, study_dir, base, backend)
+    if own_pretrained:
+        validate_study([RunSpec("pretrained", 0, {"sample-count": 0})], study_dir, base, {})
     if fid_weights:
         from fl_ietagc.config import ConfigError
         from fl_ietagc.inception_quality import InceptionWeightsError, preflight_weights
@@ -185,6 +188,9 @@ def run_study(study: str, size: str, out: Path, *, data_root: str = "", fid_weig
             preflight_weights(fid_weights)
         except InceptionWeightsError as e:
             raise ConfigError(str(e)) from e
+    study_dir.mkdir(parents=True, exist_ok=True)
+    if own_pretrained:
+        base["init-checkpoint"] = str(_smoke_pretrained(study_dir, base))
     for r in runs:
         if (study_dir / r.name / "results.json").is_file():
             print(f"[{r.name}] already evaluated, kept")
@@ -208,6 +214,7 @@ def validate_study(runs: list[RunSpec], study_dir: Path, base: dict, backend: di
     from fl_ietagc.config import ConfigError, parse_config
     from fl_ietagc.validate import validate_run
 
+    warnings: dict[str, None] = {}  # one line per ineffective key, however many runs set it
     for r in runs:
         if (study_dir / r.name / "results.json").is_file():
             continue  # evaluated before: kept as it is
@@ -215,9 +222,14 @@ def validate_study(runs: list[RunSpec], study_dir: Path, base: dict, backend: di
         conf = {**base, **r.overrides, "output-dir": str(study_dir), "run-name": "" if exists else r.name}
         try:
             cfg = parse_config({**conf, "agc": r.centralized_agc} if not r.clients else conf)
-            validate_run(cfg, r.clients or r.match_federated, backend if r.clients else None)
+            validate_run(cfg, r.clients or r.match_federated, backend if r.clients else None, warn=False)
         except ConfigError as e:
             raise ConfigError(f"[{r.name}] {e}") from e
+        from fl_ietagc.config import ineffective_keys
+
+        warnings.update(dict.fromkeys(ineffective_keys(cfg)))
+    for line in warnings:
+        print(f"warning: {line}", file=sys.stderr)
 
 
 def train_run(r: RunSpec, study_dir: Path, base: dict, backend: dict, smoke: bool) -> None:
@@ -265,7 +277,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="studies", help="parent directory of the study directory")
     p.add_argument("--data-root", default="", help="dataset location for --full")
     p.add_argument("--fid-weights", default=None, help="Inception weights (FID); smoke runs skip FID without it")
-    p.add_argument("--gpus-per-client", type=float, default=0.5, help="--full: GPU share per client (Ray)")
+    p.add_argument("--gpus-per-client", type=float, default=None, help="--full: GPU share per client (Ray; "
+                                                                       "default 0.5)")
     p.add_argument("--pretrained", default="", help="finetune: diffusers UNet directory / hub id / checkpoint; "
                                                     "sd-finetune: a local Stable Diffusion checkpoint folder")
     p.add_argument("--data", default="", help="sd-finetune --full: image-caption pairs (a captioned folder or a "
@@ -275,9 +288,13 @@ def main(argv=None) -> int:
     p.add_argument("--clip-dir", default=None, help="sd-finetune: local CLIP folder for the CLIP score")
     p.add_argument("--eval-samples", type=int, default=None, help="override the evaluation's sample count")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the estimate only")
-    p.add_argument("--workers", type=int, default=2, help="small-data: runs trained at once (processes)")
+    p.add_argument("--workers", type=int, default=None, help="small-data: runs trained at once (processes; "
+                                                             "default 2)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="small-data: change a study setting or run-config key (repeatable)")
+    from fl_ietagc.argcheck import refuse_repeated
+
+    refuse_repeated(p, argv, "fl-ietagc-study")
     a = p.parse_args(argv)
     from fl_ietagc.config import ConfigError
 
@@ -288,9 +305,41 @@ def main(argv=None) -> int:
         return 2
 
 
+# the options each study reads (besides --smoke/--full and --out); any other given is refused, never ignored
+STUDY_OPTIONS = {"small-data": ("workers", "set", "dry_run"),
+                 "sd-finetune": ("pretrained", "data", "sscd", "clip_dir", "gpus_per_client", "dry_run")}
+COMMON_OPTIONS = ("data_root", "fid_weights", "gpus_per_client", "eval_samples", "dry_run")
+OPTION_DEFAULTS = {"gpus_per_client": 0.5, "workers": 2}
+
+
+def unused_options(a) -> list[str]:
+    """The options given on the command line that study `a.study` at this size would not read."""
+    reads = set(STUDY_OPTIONS.get(a.study, COMMON_OPTIONS))
+    if a.study == "finetune":
+        reads.add("pretrained")
+    if a.smoke and a.study not in STUDY_OPTIONS:
+        reads.discard("data_root")  # smoke runs: embedded digits (a GPU share stays harmless: CPU clients)
+    given = [k for k in ("data_root", "fid_weights", "gpus_per_client", "pretrained", "data", "sscd", "clip_dir",
+                         "eval_samples", "dry_run", "workers", "set")
+             if getattr(a, k) is not None and getattr(a, k) is not False and getattr(a, k) not in ("", [])]
+    return ["--" + k.replace("_", "-") for k in given if k not in reads]
+
+
 def _run(a) -> int:
     from fl_ietagc.config import ConfigError
 
+    if a.set and a.study != "small-data":
+        raise ConfigError("--set: only the small-data study takes settings")
+    for option, value in (("--data", a.data), ("--sscd", a.sscd), ("--clip-dir", a.clip_dir)):
+        if value and a.study != "sd-finetune":
+            raise ConfigError(f"{option}: only the sd-finetune study takes it")
+    unused = unused_options(a)
+    if unused:
+        raise ConfigError(f"{', '.join(unused)}: not read by the {a.study} study"
+                          f"{' at --smoke size' if a.smoke else ''}; drop {'it' if len(unused) == 1 else 'them'}")
+    for key, value in OPTION_DEFAULTS.items():
+        if getattr(a, key) is None:
+            setattr(a, key, value)
     if a.gpus_per_client < 0 or a.gpus_per_client != a.gpus_per_client:
         raise ConfigError(f"--gpus-per-client = {a.gpus_per_client}: must be >= 0")
     if a.eval_samples is not None and a.eval_samples < 2:
@@ -298,10 +347,9 @@ def _run(a) -> int:
     if a.study == "small-data":
         from .small_data import run_small_data
 
-        run_small_data("smoke" if a.smoke else "full", Path(a.out), workers=a.workers, settings=a.set)
+        run_small_data("smoke" if a.smoke else "full", Path(a.out), workers=a.workers, settings=a.set,
+                       dry_run=a.dry_run)
         return 0
-    if a.set:
-        raise ConfigError("--set: only the small-data study takes settings")
     if a.study == "sd-finetune":
         from .sd_finetune import run_sd_finetune
 
@@ -309,9 +357,6 @@ def _run(a) -> int:
         run_sd_finetune("smoke" if a.smoke else "full", Path(a.out), pretrained=a.pretrained, data=a.data,
                         gpus_per_client=a.gpus_per_client, dry_run=a.dry_run, eval_args=extra)
         return 0
-    for option, value in (("--data", a.data), ("--sscd", a.sscd), ("--clip-dir", a.clip_dir)):
-        if value:
-            raise ConfigError(f"{option}: only the sd-finetune study takes it")
     run_study(a.study, "smoke" if a.smoke else "full", Path(a.out), data_root=a.data_root, fid_weights=a.fid_weights,
               gpus_per_client=a.gpus_per_client, pretrained=a.pretrained, eval_samples=a.eval_samples,
               dry_run=a.dry_run)
