@@ -20,7 +20,11 @@
 # their apps) within seconds; exit status 130/143.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/setup.sh
+# Settings checked before anything is installed, written or started: one line naming the setting, exit 2.
+bad() { echo "deploy-local: invalid input: $*" >&2; exit 2; }
+int_in() {  # int_in NAME VALUE LOW HIGH
+  [[ $2 =~ ^[0-9]{1,9}$ ]] && (( 10#$2 >= $3 && 10#$2 <= $4 )) || bad "$1=${2@Q}: must be an integer in [$3, $4]"
+}
 K=${K:-2}
 PORT=${PORT:-9200}
 HOST=${HOST:-127.0.0.1}
@@ -29,10 +33,21 @@ node_exec() { [ -n "${NODE_NS_PREFIX:-}" ] && echo "ip netns exec $NODE_NS_PREFI
 bind=$HOST; [ -n "${LINK_NS:-}" ] && bind=0.0.0.0
 INSECURE=${INSECURE:-0}
 ISOLATION=${ISOLATION:-process}
+int_in K "$K" 1 1000
+K=$((10#$K))
+int_in PORT "$PORT" 1 $((65535 - 100 - K))  # SuperNode i's Runtime API listens on PORT+100+i
+PORT=$((10#$PORT))
+case $INSECURE in 0|1) ;; *) bad "INSECURE=${INSECURE@Q}: must be 0 or 1" ;; esac
 case $ISOLATION in
   process|subprocess) ;;
   *) echo "deploy-local: ISOLATION=$ISOLATION: must be process or subprocess" >&2; exit 2 ;;
 esac
+if [ -n "${WORK:-}" ] && [ -e "$WORK" ] && [ ! -d "$WORK" ]; then bad "WORK=${WORK@Q}: exists and is not a directory"; fi
+if [ -n "${OMP_NUM_THREADS:-}" ]; then int_in OMP_NUM_THREADS "$OMP_NUM_THREADS" 1 4096; fi
+source scripts/setup.sh
+# The arguments for `flwr run`, through the project's strict parser (Flower's drops what it cannot read, silently):
+# every -c value, a key given twice, num-clients other than K
+python -m fl_ietagc.script_args --script deploy-local --fixed "num-clients=$K" -- "$@" || exit 2
 # K ClientApps share this machine's cores: torch threads per process = cores / K (as Ray gives each simulated client
 # its num_cpus), unless OMP_NUM_THREADS is set. More threads than cores makes OpenMP spin-wait: several times slower.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / K > 0 ? $(nproc) / K : 1 ))}

@@ -21,12 +21,10 @@ while [ $# -gt 0 ]; do
     *) args+=("$1"); shift ;;
   esac
 done
-# Flower's own -c parser silently drops what it cannot read ('lr=', 'rounds = 1'): check every -c strictly first
-prev=""
-for a in "${args[@]+"${args[@]}"}"; do
-  case "$prev" in -c|--run-config) fl-ietagc config --check "$a" || exit 2 ;; esac
-  prev=$a
-done
+# Flower's own -c parser silently drops what it cannot read ('lr=', 'rounds = 1'): check every -c strictly first,
+# and --federation-config's client resources against this machine (more GPUs per client than exist: Ray would
+# wait for ever, after the SuperLink started)
+python -m fl_ietagc.script_args --script flwr-run -- "${args[@]+"${args[@]}"}" || exit 2
 if [ -n "$resume" ]; then
   for a in "${args[@]+"${args[@]}"}"; do
     case "$a" in -c|--run-config|-c=*|--run-config=*)

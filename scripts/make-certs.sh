@@ -12,18 +12,41 @@ set -euo pipefail
 usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 [ $# -ge 1 ] || usage
 case $1 in -h|--help) usage ;; esac
+# Every argument checked before anything is written: one line naming the argument and its range, exit 2.
+bad() { echo "make-certs: invalid input: $*" >&2; exit 2; }
+int_in() {  # int_in NAME VALUE LOW HIGH
+  [[ $2 =~ ^[0-9]{1,9}$ ]] && (( 10#$2 >= $3 && 10#$2 <= $4 )) || bad "$1 ${2@Q}: must be an integer in [$3, $4]"
+}
 dir=$1; shift
-K=2; HOSTS=127.0.0.1; PORT=9200; DAYS=825
+case $dir in
+  "") bad "DIR '': empty; the first argument is the directory to write" ;;
+  -*) bad "DIR ${dir@Q}: the first argument is the directory to write, not an option" ;;
+esac
+[ ! -e "$dir" ] || [ -d "$dir" ] || bad "DIR ${dir@Q}: exists and is not a directory"
+K=2; HOSTS=127.0.0.1; PORT=9200; DAYS=825; seen=" "
 while [ $# -gt 0 ]; do
-  case $1 in
-    -k) K=$2; shift 2 ;;
-    --host) HOSTS=$2; shift 2 ;;
-    --port) PORT=$2; shift 2 ;;
-    --days) DAYS=$2; shift 2 ;;
-    *) echo "make-certs: unknown argument $1" >&2; usage ;;
+  opt=$1 value=""
+  case $opt in
+    -k|--host|--port|--days) [ $# -ge 2 ] || bad "$opt: needs a value"; value=$2; shift 2 ;;
+    -k=*|--host=*|--port=*|--days=*) value=${opt#*=}; opt=${opt%%=*}; shift ;;
+    *) bad "$opt: unknown argument (DIR [-k K] [--host HOST[,HOST...]] [--port PORT] [--days DAYS])" ;;
+  esac
+  case $seen in *" $opt "*) bad "$opt: given twice; give it once" ;; esac
+  seen="$seen$opt "
+  case $opt in
+    -k) int_in -k "$value" 1 1000; K=$((10#$value)) ;;
+    --port) int_in --port "$value" 1 65535; PORT=$((10#$value)) ;;
+    --days) int_in --days "$value" 1 36500; DAYS=$((10#$value)) ;;
+    --host)
+      [ -n "$value" ] || bad "--host '': empty; give a host name or IP address (comma-separated for several)"
+      IFS=, read -r -a hosts <<<"$value,"
+      for h in "${hosts[@]}"; do
+        [[ $h =~ ^[A-Za-z0-9]([A-Za-z0-9.:-]*[A-Za-z0-9])?$ ]] \
+          || bad "--host ${value@Q}: ${h@Q} is not a host name or IP address (letters, digits, '.', '-', ':')"
+      done
+      HOSTS=$value ;;
   esac
 done
-[[ $K =~ ^[1-9][0-9]*$ ]] || { echo "make-certs: -k must be a positive integer" >&2; exit 2; }
 if [ -e "$dir/ca.crt" ]; then
   echo "make-certs: $dir/ca.crt exists; not overwriting (use a new directory)" >&2; exit 2
 fi
