@@ -54,16 +54,17 @@ def check_resume_contents(cfg: RunConfig, client_states: bool = True) -> None:
         return
     state = blob.get("state") or {}
     rounds, token = state.get("state-rounds"), state.get("token")
+    if rounds is None:  # the Flower-free loop keeps its clients' states inside resume.pt itself
+        return
     if not isinstance(rounds, (list, tuple)):
-        raise ConfigError(f"resume: {run.resume_path}: no client state rounds (not written by this version?)")
+        raise ConfigError(f"resume: {run.resume_path}: client state rounds unreadable ({type(rounds).__name__})")
     for partition, server_round in enumerate(rounds):
         if int(server_round) > 0:
             check_client_state(run, cfg, partition, int(server_round), token)
 
 
 def check_client_state(run: RunDir, cfg: RunConfig, partition: int, server_round: int, token: str) -> None:
-    import torch
-
+    from .checkpoints import load_torch
     from .paths import kind
     from .trainer import TrainState
 
@@ -74,10 +75,9 @@ def check_client_state(run: RunDir, cfg: RunConfig, partition: int, server_round
         raise ConfigError(f"{who}: {path} is {'missing' if what == 'missing' else what} (the next round starts "
                           f"from it; its optimizer and memory bank cannot be rebuilt)")
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # unreadable, truncated, or not a torch file
-        raise ConfigError(f"{who}: {path} cannot be loaded ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
+        blob = load_torch(path, "client state")  # weights_only
+    except (OSError, ValueError) as e:  # unreadable, truncated, or not a torch file
+        raise ConfigError(f"{who}: {e}") from None
     if not isinstance(blob, dict) or set(blob) != set(TrainState.fresh([]).to_dict()):
         raise ConfigError(f"{who}: {path} is not a client state of this version")
     if blob["token"] != token:
