@@ -113,8 +113,14 @@ def run_sd_finetune(size: str, out: Path, *, pretrained: str = "", data: str = "
     if smoke:
         if pretrained or data:
             raise ConfigError("--pretrained / --data: the smoke size makes its own tiny parts and pairs")
-        study_dir.mkdir(parents=True, exist_ok=True)
-        parts_dir, pairs = smoke_inputs(study_dir)
+        if dry_run:  # the plan is checked against inputs made in a scratch folder: a dry run writes nothing
+            import tempfile
+
+            scratch = tempfile.TemporaryDirectory(prefix="sd-finetune-dry-run-")
+            parts_dir, pairs = smoke_inputs(Path(scratch.name))
+        else:
+            study_dir.mkdir(parents=True, exist_ok=True)
+            parts_dir, pairs = smoke_inputs(study_dir)
         base = {**SMOKE, "pretrained-dir": str(parts_dir), "data-root": str(pairs)}
     else:
         if not pretrained or not data:
@@ -136,6 +142,8 @@ def run_sd_finetune(size: str, out: Path, *, pretrained: str = "", data: str = "
     print(f"study sd-finetune ({size}): {len(runs)} runs: {', '.join(r.name for r in runs)}")
     print_estimate(estimate(cfg, runs, len(load_splits(cfg).train), generations, 5 if smoke else 50))
     if dry_run:
+        if smoke:
+            scratch.cleanup()
         return None
     study_dir.mkdir(parents=True, exist_ok=True)
     for r in runs:

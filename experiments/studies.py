@@ -351,7 +351,13 @@ def _run(a) -> int:
                        dry_run=a.dry_run)
         return 0
     if a.study == "sd-finetune":
+        from fl_ietagc.paths import check_existing
+
         from .sd_finetune import run_sd_finetune
+
+        for option, value, kind in (("--sscd", a.sscd, "file"), ("--clip-dir", a.clip_dir, "directory")):
+            if value is not None:  # read by the evaluation after training: checked now
+                check_existing(option, value, (kind,))
 
         extra = (*(["--sscd", a.sscd] if a.sscd else []), *(["--clip-dir", a.clip_dir] if a.clip_dir else []))
         run_sd_finetune("smoke" if a.smoke else "full", Path(a.out), pretrained=a.pretrained, data=a.data,

@@ -38,6 +38,8 @@ K=$((10#$K))
 int_in PORT "$PORT" 1 $((65535 - 100 - K))  # SuperNode i's Runtime API listens on PORT+100+i
 PORT=$((10#$PORT))
 case $INSECURE in 0|1) ;; *) bad "INSECURE=${INSECURE@Q}: must be 0 or 1" ;; esac
+[[ $HOST =~ ^[A-Za-z0-9]([A-Za-z0-9.:-]*[A-Za-z0-9])?$ ]] \
+  || bad "HOST=${HOST@Q}: must be a host name or IP address (letters, digits, '.', '-', ':')"
 case $ISOLATION in
   process|subprocess) ;;
   *) echo "deploy-local: ISOLATION=$ISOLATION: must be process or subprocess" >&2; exit 2 ;;

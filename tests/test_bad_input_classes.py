@@ -401,6 +401,8 @@ SCRIPT_CASES = [
     (["deploy-local.sh"], {"K": "2", "PORT": "65500"}, "deploy-local: invalid input: PORT='65500': must be an "
                                                        "integer in [1, 65433]"),
     (["deploy-local.sh"], {"INSECURE": "yes"}, "deploy-local: invalid input: INSECURE='yes': must be 0 or 1"),
+    (["deploy-local.sh"], {"HOST": "a b"}, "deploy-local: invalid input: HOST='a b': must be a host name or IP address "
+                                           "(letters, digits, '.', '-', ':')"),
 ]
 
 
@@ -420,3 +422,21 @@ def test_overrides_parser_refuses_a_repeated_key():
     with pytest.raises(ConfigError, match=r"^run-config item 'seed=2': seed is given twice; give each key once$"):
         parse_overrides("seed=1 seed=2")
     assert parse_config({"seed": 2 ** 32 - 1}).seed == 2 ** 32 - 1  # seed keeps its own wider range
+
+
+def test_sd_finetune_evaluation_inputs_are_checked_before_training(t, capsys, no_work):
+    refused(t, capsys, lambda: studies.main(["sd-finetune", "--smoke", "--sscd", str(t / "pipe.pt"), "--out",
+                                             str(t / "studies")]),
+            STUDY + "--sscd = '{t}/pipe.pt': a named pipe (FIFO); expected a file")
+    refused(t, capsys, lambda: studies.main(["sd-finetune", "--smoke", "--clip-dir", str(t / "a-file"), "--out",
+                                             str(t / "studies")]),
+            STUDY + "--clip-dir = '{t}/a-file': a file; expected a folder")
+
+
+@pytest.mark.slow  # (builds the tiny Stable Diffusion parts: ~40 s on 2 busy cores)
+def test_a_sd_finetune_smoke_dry_run_writes_nothing(t, capsys, no_work, monkeypatch):
+    import experiments.sd_finetune as sd
+
+    monkeypatch.setattr(sd, "train_run", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))
+    assert studies.main(["sd-finetune", "--smoke", "--dry-run", "--out", str(t / "studies")]) == 0
+    assert "study sd-finetune (smoke): 3 runs" in capsys.readouterr().out and not (t / "studies").exists()
