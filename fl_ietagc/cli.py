@@ -118,7 +118,11 @@ def main(argv=None) -> int:
             if args.check is not None:
                 raw = {}
                 for text in args.check:
-                    raw.update(load_overrides(text))
+                    items = load_overrides(text)
+                    twice = sorted(set(items) & set(raw))
+                    if twice:  # (which one was meant?)
+                        raise ConfigError(f"--check {text!r}: {', '.join(twice)} also given in an earlier --check")
+                    raw.update(items)
                 parse_config(raw)
                 return 0
             if args.toml or args.markdown:

@@ -44,7 +44,9 @@ case $ISOLATION in
   process|subprocess) ;;
   *) echo "deploy-local: ISOLATION=$ISOLATION: must be process or subprocess" >&2; exit 2 ;;
 esac
-if [ -n "${WORK:-}" ] && [ -e "$WORK" ] && [ ! -d "$WORK" ]; then bad "WORK=${WORK@Q}: exists and is not a directory"; fi
+if [ -n "${WORK:-}" ] && [ -e "$WORK" ] && [ ! -d "$WORK" ]; then
+  bad "WORK=${WORK@Q}: exists and is not a directory"
+fi
 if [ -n "${OMP_NUM_THREADS:-}" ]; then int_in OMP_NUM_THREADS "$OMP_NUM_THREADS" 1 4096; fi
 source scripts/setup.sh
 # The arguments for `flwr run`, through the project's strict parser (Flower's drops what it cannot read, silently):

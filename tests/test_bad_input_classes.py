@@ -236,6 +236,8 @@ def test_an_option_given_twice_is_refused(t, capsys, no_work):
     refused(t, capsys, lambda: simulate.main(["--app", str(ROOT), "--num-supernodes", "2", "--run-config", "lr=1",
                                               "--run-config", "lr=2"]),
             SIM + "--run-config is given twice; give it once (the first would be dropped silently)")
+    refused(t, capsys, lambda: cli.main(["config", "--check", "lr=1", "--check", "lr=2"]),
+            CLI + "--check 'lr=2': lr also given in an earlier --check")
     refused(t, capsys, lambda: cli.main(["centralized", "--run-config=lr=1", "--run-config", "lr=2"]),
             "fl-ietagc: invalid input: --run-config is given twice; give it once (the first would be dropped "
             "silently)")
