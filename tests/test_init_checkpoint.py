@@ -115,11 +115,14 @@ def test_unloadable_diffusers_directories_name_the_cause(tmp_path):
     with pytest.raises(ConfigError, match=r"\(OSError: It looks like the config file at .*badjson/config.json' is "
                                           r"not a valid JSON file\.; cause: JSONDecodeError: "):
         load_diffusers_unet(model, str(tmp_path / "badjson"))
-    # weights that do not fit their own config.json: torch's state-dict error
+    # weights that do not fit their own config.json: torch's state-dict error (diffusers < 0.42), or diffusers' own
+    # shape check naming the tensor (0.42: ValueError)
     model.save_pretrained(tmp_path / "mismatch")
     config = json.loads((tmp_path / "mismatch" / "config.json").read_text())
     (tmp_path / "mismatch" / "config.json").write_text(json.dumps({**config, "in_channels": 3}))
-    with pytest.raises(ConfigError, match=r"\(RuntimeError: Error\(s\) in loading state_dict for UNet2DModel:"):
+    with pytest.raises(ConfigError, match=r"\((RuntimeError: Error\(s\) in loading state_dict for UNet2DModel:|"
+                                          r"ValueError: Cannot load .*conv_in\.weight expected shape "
+                                          r"torch\.Size\(\[32, 3, 3, 3\]\), but got torch\.Size\(\[32, 1, 3, 3\]\))"):
         load_diffusers_unet(model, str(tmp_path / "mismatch"))
 
 
