@@ -38,7 +38,7 @@ from fl_ietagc.models import build_for_config, load_weights
 from fl_ietagc.protocol import ClientFailure, ClientRound, one_line
 from fl_ietagc.rundir import RunDir
 from fl_ietagc.shards import shards_for_config
-from fl_ietagc.trainer import LocalTrainer, NonFiniteError, TrainState, client_seed, pick_device
+from fl_ietagc.trainer import LocalTrainer, NonFiniteError, TrainState, client_seed, pick_device, ray_gpu_ids
 from fl_ietagc.wire import Layout, decode, encode, flatten, unflatten
 
 app = ClientApp()
@@ -73,7 +73,7 @@ def train_round(cfg: RunConfig, instruction: RecordDict, context: Context, parti
     num_clients = int(conf[P.NUM_CLIENTS])
     shard = _shard(cfg, conf, partition_id, num_clients)
     inputs, cond = shard_inputs(cfg, shard)
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.device, ray_gpu_ids())  # a simulated client without a GPU share: CPU
 
     layout = Layout.from_record(instruction[P.LAYOUT])
     received = {k: a.numpy() for k, a in instruction[P.ARRAYS].items()}

@@ -110,10 +110,8 @@ def load_components(directory: str | Path, frozen_dtype: torch.dtype = torch.flo
 
     d = check_components_dir(directory)
     try:
-        unet = UNet2DConditionModel.from_pretrained(d / "unet", use_safetensors=True, local_files_only=True,
-                                                    torch_dtype=torch.float32)
-        vae = AutoencoderKL.from_pretrained(d / "vae", use_safetensors=True, local_files_only=True,
-                                            torch_dtype=frozen_dtype)
+        unet = UNet2DConditionModel.from_pretrained(d / "unet", **_load_args(), torch_dtype=torch.float32)
+        vae = AutoencoderKL.from_pretrained(d / "vae", **_load_args(), torch_dtype=frozen_dtype)
         text = CLIPTextModel.from_pretrained(d / "text_encoder", use_safetensors=True, local_files_only=True)
         tokenizer = CLIPTokenizer.from_pretrained(d / "tokenizer", local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
@@ -124,9 +122,26 @@ def load_components(directory: str | Path, frozen_dtype: torch.dtype = torch.flo
 
 def _frozen(parts: LatentParts, dtype: torch.dtype) -> LatentParts:
     for m in (parts.vae, parts.text_encoder):
-        m.to(dtype).eval().requires_grad_(False)
-    parts.unet.to(torch.float32).train()
+        _cast(m, dtype).eval().requires_grad_(False)
+    _cast(parts.unet, torch.float32).train()
     return parts
+
+
+def _cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """`module.to(dtype)` only when some parameter is not in `dtype` yet: a diffusers model logs a warning about
+    float32-kept modules at every `.to(dtype)` (even with none to keep), and from_pretrained(torch_dtype=...)
+    has already cast the parts loaded from disk."""
+    if any(p.dtype != dtype for p in module.parameters()):
+        module.to(dtype)
+    return module
+
+
+def _load_args() -> dict:
+    """from_pretrained arguments: local safetensors only; without accelerate, low_cpu_mem_usage=False said
+    explicitly (diffusers' default True would fall back to it with a multi-line 'install accelerate' warning)."""
+    from diffusers.utils import is_accelerate_available
+
+    return {"use_safetensors": True, "local_files_only": True, "low_cpu_mem_usage": is_accelerate_available()}
 
 
 @torch.no_grad()
@@ -223,7 +238,7 @@ def unet_for(directory: str) -> torch.nn.Module:
     from diffusers import UNet2DConditionModel
 
     check_components_dir(directory)
-    return UNet2DConditionModel.from_pretrained(Path(directory) / "unet", use_safetensors=True, local_files_only=True,
+    return UNet2DConditionModel.from_pretrained(Path(directory) / "unet", **_load_args(),
                                                 torch_dtype=torch.float32).train()
 
 

@@ -111,7 +111,9 @@ def load_diffusers_unet(model: UNet2DModel, source: str) -> dict:
     """State dict of a diffusers UNet2DModel (a local directory, or a hub id such as google/ddpm-cifar10-32
     when online) after checking that its architecture is exactly `model`'s."""
     try:
-        pretrained = UNet2DModel.from_pretrained(source)
+        from diffusers.utils import is_accelerate_available  # without it, say False (no 'install accelerate' block)
+
+        pretrained = UNet2DModel.from_pretrained(source, low_cpu_mem_usage=is_accelerate_available())
     except (OSError, ValueError) as e:  # missing directory/file, no network for a hub id, bad JSON, bad weights
         raise ConfigError(f"init-checkpoint = {source!r}: cannot load a diffusers UNet2DModel from it "
                           f"({_describe(e)})") from e

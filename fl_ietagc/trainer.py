@@ -273,15 +273,32 @@ def proximal_term(params: list[torch.Tensor], anchor: list[torch.Tensor]) -> tor
     return torch.stack([(p - a).pow(2).sum() for p, a in zip(params, anchor)]).sum()
 
 
-def pick_device(choice: str) -> torch.device:
+def pick_device(choice: str, ray_gpus: list | None = None) -> torch.device:
+    """`ray_gpus`: the GPU ids Ray gave this process (ray_gpu_ids()), None outside a Ray worker. A Ray worker
+    without a GPU share counts as seeing no CUDA device, whatever CUDA_VISIBLE_DEVICES says (Ray no longer hides
+    GPUs from such workers when RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0, see fl_ietagc/__init__.py)."""
+    cuda = torch.cuda.is_available() and ray_gpus != []
     if choice == "cpu":
         return torch.device("cpu")
     if choice == "cuda":
-        if not torch.cuda.is_available():
+        if not cuda:
             raise RuntimeError("device = 'cuda' but no CUDA device is visible to this process "
                                "(in simulation, give clients a GPU share: client-resources-num-gpus > 0)")
         return torch.device("cuda")
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device("cuda" if cuda else "cpu")
+
+
+def ray_gpu_ids() -> list | None:
+    """The GPU ids Ray assigned to this process if it is a Ray worker (a simulated client's actor), else None."""
+    import sys
+
+    ray = sys.modules.get("ray")  # a process that never imported Ray is no Ray worker
+    if ray is None or not ray.is_initialized():
+        return None
+    context = ray.get_runtime_context()
+    if context.worker.mode != ray.WORKER_MODE:
+        return None
+    return list(context.get_accelerator_ids().get("GPU", []))
 
 
 def client_seed(seed: int, partition_id: int, server_round: int) -> int:

@@ -28,9 +28,18 @@ from .base import AppStrategyMixin, aggregate_client_metrics
 
 
 def common_args(num_clients: int) -> dict:
-    """Every client trains every round; no federated evaluation; our round metrics."""
-    return dict(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=num_clients, min_evaluate_nodes=0,
-                min_available_nodes=num_clients, train_metrics_aggr_fn=aggregate_client_metrics)
+    """Every client trains every round; our round metrics. No federated evaluation: see no_evaluation."""
+    return dict(fraction_train=1.0, min_train_nodes=num_clients, min_available_nodes=num_clients,
+                train_metrics_aggr_fn=aggregate_client_metrics)
+
+
+def no_evaluation(strategy):
+    """Switch Flower's federated evaluation off (configure_evaluate then sends nothing). Set after construction:
+    fraction_evaluate=0.0 in the constructor makes Flower log 'Federated evaluation will be skipped.' as a
+    WARNING every time a strategy is built (twice per run), for what is this app's design (models are evaluated
+    by fl-ietagc evaluate)."""
+    strategy.fraction_evaluate, strategy.min_evaluate_nodes = 0.0, 0
+    return strategy
 
 
 class FedAvgFreshOptimizer(AppStrategyMixin, FedAvg):

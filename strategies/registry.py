@@ -14,7 +14,7 @@ from typing import Callable
 from fl_ietagc.config import RunConfig
 
 from .flower_strategies import (AppDPFixedClipping, AppFedAdam, AppFedAvgM, AppFedMedian, AppFedProx,
-                                AppFedTrimmedAvg, AppFedYogi, FedAvgFreshOptimizer, common_args)
+                                AppFedTrimmedAvg, AppFedYogi, FedAvgFreshOptimizer, common_args, no_evaluation)
 from .iet import IETFedAvg
 
 STRATEGIES: dict[str, Callable] = {
@@ -31,7 +31,7 @@ STRATEGIES: dict[str, Callable] = {
 
 def build_strategy(cfg: RunConfig, num_clients: int):
     """The strategy `cfg.strategy` names (parse_config has checked the name and its keys)."""
-    strategy = STRATEGIES[cfg.strategy](cfg, num_clients)
+    strategy = no_evaluation(STRATEGIES[cfg.strategy](cfg, num_clients))
     if cfg.dp_clip_norm > 0:
         strategy = AppDPFixedClipping(strategy, noise_multiplier=cfg.dp_noise_multiplier,
                                       clipping_norm=cfg.dp_clip_norm, num_sampled_clients=num_clients)
