@@ -74,9 +74,13 @@ def app_module(name: str) -> ModuleType:
 
 def flower_simulation() -> int:
     """Console script `flower-simulation`."""
-    return app_module("experiments.simulate").main()
+    from .cli import closed_stdout_is_quiet
+
+    return closed_stdout_is_quiet(lambda: app_module("experiments.simulate").main())
 
 
 def study() -> int:
     """Console script `fl-ietagc-study`."""
-    return app_module("experiments.studies").main()
+    from .cli import closed_stdout_is_quiet
+
+    return closed_stdout_is_quiet(lambda: app_module("experiments.studies").main())

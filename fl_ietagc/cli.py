@@ -16,6 +16,7 @@ turns AGC off unless `--agc` is given (the "AGC alone" ablation).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .config import (ConfigError, RunConfig, check_resumed_config, config_keys, load_config_file, load_overrides,
@@ -32,6 +33,25 @@ def load_run_config(config_file: str | None, overrides: str | None, **forced) ->
 
 
 def main(argv=None) -> int:
+    """Console script `fl-ietagc`."""
+    return closed_stdout_is_quiet(_main, argv)
+
+
+def closed_stdout_is_quiet(command, *args) -> int:
+    """Run a command that prints; when its reader stops early (`fl-ietagc metrics RUN | head`), end quietly with
+    exit 141, as a command killed by SIGPIPE does, instead of a BrokenPipeError traceback (Python ignores SIGPIPE).
+    stdout then points at /dev/null so that the interpreter's final flush does not fail again."""
+    try:
+        code = command(*args)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+
+
+def _main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="fl-ietagc")
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("centralized", aliases=["baseline"],
@@ -185,6 +205,13 @@ def main(argv=None) -> int:
     return 1
 
 
+def _fid_text(quality: dict) -> str:
+    """FID's value, or 'not computed (why)': the reason the report gives, in one line."""
+    if quality.get("computed", True) and "fid" in quality:
+        return f"{quality['fid']}"
+    return f"not computed ({' '.join(str(quality.get('reason', 'no reason recorded')).split())})"
+
+
 def resume_config(run_dir: str, overrides: dict, kind: str | None = None) -> RunConfig:
     """The config a run was started with (from its config.json); `overrides` may only repeat it."""
     from .rundir import RunDir
@@ -305,8 +332,7 @@ def _evaluate(args) -> int:
         mem, null = results["memorization"], results["null"]
         print(f"MQ r<0.2: {mem['mq']['0.2']['count']}/{mem['num_queries']} (null "
               f"{100 * null['mq']['0.2']['fraction']:.2f}%) | 1/3 rule: {mem['one_third_rule']['count']} (null "
-              f"{100 * null['one_third_rule']['fraction']:.2f}%) | FID: "
-              f"{results['quality'].get('fid', 'not computed')}")
+              f"{100 * null['one_third_rule']['fraction']:.2f}%) | FID: {_fid_text(results['quality'])}")
     out = given.get("out") or results["run"]
     print(f"results: {out}/results.json | report: {out}/report.html")
     return 0

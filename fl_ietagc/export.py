@@ -16,6 +16,7 @@ The directory is written beside OUT and renamed into place, so OUT is either com
 
 from __future__ import annotations
 
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -56,9 +57,31 @@ def export_pipeline(run_dir: str | Path, out: str | Path, weights: str = "raw", 
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         DDIMPipeline(unet=unet.eval(), scheduler=scheduler).save_pretrained(tmp)
+        _usual_modes(tmp)
         if out.is_dir():
             out.rmdir()  # empty, checked above
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _usual_modes(folder: Path) -> None:
+    """Give the export the modes a normal new file and folder get under this umask (0644 / 0755 under 022): the
+    weights file comes out of save_pretrained as 0600 (written through a private temporary file), and the
+    directory itself is ours to share."""
+    umask = _umask()
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    current = os.umask(0o022)
+    os.umask(current)
+    return current

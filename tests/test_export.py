@@ -1,6 +1,9 @@
 """Reusing a run outside the project: a diffusers pipeline directory, metrics as JSON lines and TensorBoard."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -26,7 +29,11 @@ def test_export_writes_a_pipeline_that_diffusers_loads_and_samples_as_we_do(run,
 
     rundir, cfg = run
     out = tmp_path / "pipe"
-    assert cli(["export", str(rundir.path), str(out)]) == 0
+    umask = os.umask(0o022)
+    try:
+        assert cli(["export", str(rundir.path), str(out)]) == 0
+    finally:
+        os.umask(umask)
     assert "DDIMPipeline.from_pretrained" in capsys.readouterr().out
     pipe = DDIMPipeline.from_pretrained(out)
     final = torch.load(rundir.final_checkpoint, weights_only=True)
@@ -38,6 +45,11 @@ def test_export_writes_a_pipeline_that_diffusers_loads_and_samples_as_we_do(run,
     model.load_state_dict(final["net"])
     ours = sample(model, Diffusion.for_config(cfg), 3, (1, 8, 8), steps=4, seed=5, batch_size=3)
     np.testing.assert_allclose(images.transpose(0, 3, 1, 2), ((ours + 1) / 2).numpy(), atol=1e-5)
+
+    modes = {p.relative_to(out).as_posix(): p.stat().st_mode & 0o777 for p in [out, *out.rglob("*")]}
+    assert modes == {".": 0o755, "model_index.json": 0o644, "scheduler": 0o755,
+                     "scheduler/scheduler_config.json": 0o644, "unet": 0o755, "unet/config.json": 0o644,
+                     "unet/diffusion_pytorch_model.safetensors": 0o644}  # readable like any new file (umask 022)
 
     assert cli(["export", str(rundir.path), str(out)]) == 2  # never over an existing export
     assert "exists and is not an empty directory" in capsys.readouterr().err
@@ -64,3 +76,15 @@ def test_metrics_as_json_lines_and_tensorboard_scalars(run, tmp_path, capsys):
     assert "loss-per-client/client-0" in acc.Tags()["scalars"]
     assert cli(["metrics", str(tmp_path / "nowhere")]) == 2
     assert "is not a run directory" in capsys.readouterr().err
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(run):
+    """`fl-ietagc metrics RUN | head`: no BrokenPipeError traceback, exit 141 as a command ended by SIGPIPE."""
+    rundir, _ = run
+    p = subprocess.Popen([sys.executable, "-c", "import sys; from fl_ietagc.cli import main; sys.exit(main())",
+                          "metrics", str(rundir.path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    p.stdout.close()  # the reader is gone before the first line
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141
+    assert err == ""
