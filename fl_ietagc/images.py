@@ -11,15 +11,34 @@ from torchvision.utils import make_grid, save_image
 from .pixels import to_unit_range
 
 
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
-    """Save images in [-1, 1] (N, C, H, W) as one PNG grid, about square."""
+MIN_GRID_WIDTH = 512  # px: small images (8-32 px) are enlarged so the grid can be looked at without zooming
+PADDING = 2
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None,
+              min_width: int = MIN_GRID_WIDTH) -> Path:
+    """Save images in [-1, 1] (N, C, H, W) as one PNG grid, about square, at least `min_width` px wide: each
+    image is enlarged by the smallest whole factor that gets there, by pixel repetition (nearest), so the grid
+    shows the generated pixels themselves, not an interpolation of them."""
     from .checkpoints import atomic_write_bytes
 
     path = Path(path)
     nrow = nrow or max(1, int(math.ceil(math.sqrt(images.shape[0]))))
-    grid = make_grid(to_unit_range(images), nrow=nrow, padding=2, pad_value=1.0)
+    images = upscale_for_width(images, min(nrow, images.shape[0]), min_width)
+    grid = make_grid(to_unit_range(images), nrow=nrow, padding=PADDING, pad_value=1.0)
     atomic_write_bytes(path, lambda f: save_image(grid, f, format="png"))
     return path
+
+
+def upscale_for_width(images: torch.Tensor, columns: int, min_width: int) -> torch.Tensor:
+    """`images` (N, C, H, W) repeated factor x factor per pixel, the smallest whole factor for which `columns` of
+    them side by side (with the grid's padding) are at least `min_width` px wide; unchanged when already so."""
+    if images.shape[0] == 0:
+        return images
+    factor = max(1, math.ceil((min_width - PADDING * (columns + 1)) / (columns * images.shape[-1])))
+    if factor == 1:
+        return images
+    return images.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
 
 
 def write_sample_grid(cfg, model: torch.nn.Module, path: str | Path, device) -> Path:

@@ -1,0 +1,32 @@
+"""What a user reads and looks at: sample grids large enough to see, FID's reason, the skip histogram's bins."""
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fl_ietagc.cli import _fid_text
+from fl_ietagc.images import save_grid
+
+
+def test_sample_grids_are_enlarged_by_pixel_repetition_to_at_least_512_px(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    digits = torch.rand(64, 1, 16, 16, generator=gen) * 2 - 1  # the main job's 64 samples of 16 px: was 146 px
+    with Image.open(save_grid(digits, tmp_path / "a.png")) as im:
+        assert im.size == (530, 530)  # 8 columns of 16 x 4 px + 9 x 2 px padding
+        grid = np.asarray(im.convert("L"))
+    first = grid[2:66, 2:66]  # the first image, 4 x 4 blocks of one value each (nearest, not interpolated)
+    expected = ((digits[0, 0].clamp(-1, 1) + 1) / 2 * 255 + 0.5).clamp(0, 255).to(torch.uint8).numpy()
+    np.testing.assert_array_equal(first, np.kron(expected, np.ones((4, 4), np.uint8)))
+    sd = torch.rand(4, 3, 16, 16, generator=gen) * 2 - 1  # sd-finetune --smoke's 4 samples: was 38 px
+    with Image.open(save_grid(sd, tmp_path / "b.png")) as im:
+        assert im.size == (518, 518)  # 2 columns of 16 x 16 px
+    big = torch.zeros(4, 3, 256, 256)
+    with Image.open(save_grid(big, tmp_path / "c.png")) as im:
+        assert im.size == (518, 518)  # already wide enough: unchanged
+
+
+def test_evaluate_prints_why_fid_was_not_computed():
+    assert _fid_text({"computed": False, "reason": "disabled (--no-fid)"}) == "not computed (disabled (--no-fid))"
+    assert _fid_text({"computed": False, "reason": "no Inception\n weights at /x"}) == \
+        "not computed (no Inception weights at /x)"
+    assert _fid_text({"computed": True, "fid": 12.5}) == "12.5"
