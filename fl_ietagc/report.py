@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 from pathlib import Path
 
 import matplotlib
@@ -109,8 +110,9 @@ def make_figures(out: Path, *, run, samples: torch.Tensor, train: torch.Tensor, 
                          f"least skipped ({counts[least[0]]}..{counts[least[-1]]} skips)")
             figs["skipped"] = _save(fig, out / "skipped.png")
         fig, ax = plt.subplots(figsize=(5, 3))
-        ax.hist(counts, bins=min(50, max(int(counts.max()) + 1, 1)), color="tab:blue")
-        ax.set_xlabel("times skipped by AGC over the run")
+        ax.hist(counts, bins=skip_bins(int(counts.max())), color="tab:blue")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_xlabel("times skipped by AGC over the run (bins of whole counts; a gap: no image skipped so often)")
         ax.set_ylabel("training images")
         ax.set_title(f"skip counts: mean {counts.mean():.2f}, max {counts.max()}", fontsize=9)
         figs["skip_histogram"] = _save(fig, out / "skip_histogram.png")
@@ -202,3 +204,11 @@ def write_page(path: Path, results: dict, info: str, notes: list[str], rows: lis
 {imgs}</body></html>"""
     atomic_write_bytes(path, lambda f: f.write(page.encode()))
     return path
+
+
+def skip_bins(max_count: int, most: int = 50) -> np.ndarray:
+    """Histogram edges for integer skip counts 0..max_count: at most `most` bins, each holding the same whole number
+    of counts and centred on them (edges at half-integers). Evenly spaced edges from 0 to max would put some bins
+    between two integers, drawn empty though no count is missing."""
+    width = max(1, math.ceil((max_count + 1) / most))
+    return np.arange(0, max_count + width + 1, width) - 0.5

@@ -30,3 +30,16 @@ def test_evaluate_prints_why_fid_was_not_computed():
     assert _fid_text({"computed": False, "reason": "no Inception\n weights at /x"}) == \
         "not computed (no Inception weights at /x)"
     assert _fid_text({"computed": True, "fid": 12.5}) == "12.5"
+
+
+def test_skip_histogram_bins_hold_whole_counts_so_no_bin_is_falsely_empty():
+    from fl_ietagc.report import skip_bins
+
+    np.testing.assert_array_equal(skip_bins(3), [-0.5, 0.5, 1.5, 2.5, 3.5])
+    np.testing.assert_array_equal(skip_bins(0), [-0.5, 0.5])
+    for top in (49, 50, 60, 99, 100, 137, 1000):
+        edges = skip_bins(top)
+        assert len(edges) - 1 <= 50 and edges[0] == -0.5 and edges[-1] >= top + 0.5
+        counts, _ = np.histogram(np.arange(top + 1), bins=edges)  # every count 0..top once
+        assert set(counts[:-1]) == {counts[0]}, top  # the same number of integers in every bin but the last
+        assert counts.min() > 0, top  # (the old even split of 0..60 into 50 bins held 1 or 2 counts per bin)
