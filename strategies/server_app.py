@@ -208,8 +208,8 @@ def run_federated(grid: Grid, cfg: RunConfig, run: RunDir, num_clients: int, sta
     strategy.use_shards(shards)
     run.write_shards(state.shards)
     run.write_status("running", round=start_round, num_rounds=cfg.num_server_rounds)
-    log(INFO, "fl-ietagc: %d clients, shard sizes %s, %s preset (%s parameters), rounds %d..%d of %d x %d local "
-        "epochs", num_clients, [len(s) for s in state.shards], cfg.preset,
+    log(INFO, "fl-ietagc: %d clients, shard sizes %s, %s (%s parameters), rounds %d..%d of %d x %d local "
+        "epochs", num_clients, [len(s) for s in state.shards], model_description(cfg),
         f"{sum(v.numel() for v in net.values()):,}", start_round + 1, cfg.num_server_rounds, cfg.num_server_rounds,
         cfg.local_epochs)
 
@@ -330,3 +330,10 @@ def end_round(cfg: RunConfig, run: RunDir, strategy, state: ServerState, server_
                      skip_counts=state.skip_totals, keep_checkpoint=last or server_round % cfg.checkpoint_every == 0,
                      num_rounds=cfg.num_server_rounds)
     return record
+
+
+def model_description(cfg: RunConfig) -> str:
+    """What trains, for the log: `preset` only picks pixel-space UNets; a latent-t2i run trains pretrained-dir's."""
+    if cfg.model_type == "latent-t2i":
+        return f"text-to-image UNet from {cfg.pretrained_dir}"
+    return f"{cfg.preset} preset"

@@ -43,3 +43,12 @@ def test_skip_histogram_bins_hold_whole_counts_so_no_bin_is_falsely_empty():
         counts, _ = np.histogram(np.arange(top + 1), bins=edges)  # every count 0..top once
         assert set(counts[:-1]) == {counts[0]}, top  # the same number of integers in every bin but the last
         assert counts.min() > 0, top  # (the old even split of 0..60 into 50 bins held 1 or 2 counts per bin)
+
+
+def test_the_server_log_names_the_text_to_image_unet_not_a_preset():
+    from fl_ietagc.config import parse_config
+    from strategies.server_app import model_description
+
+    assert model_description(parse_config({})) == "tiny preset"
+    t2i = parse_config({"model-type": "latent-t2i", "dataset": "captions", "pretrained-dir": "/m/sd"})
+    assert model_description(t2i) == "text-to-image UNet from /m/sd"
