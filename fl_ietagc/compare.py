@@ -5,7 +5,8 @@
 Pixel runs: fractions of generated images flagged by each memorization rule (MQ at every tau, the 1/3 rule,
 Carlini, exact copies), the held-out null rate of MQ at 0.2 and of the 1/3 rule, and FID when computed.
 Text-to-image runs: the copy scores under the evaluation's embedder (named in each row), the held-out null and the
-CLIP score when measured. Runs evaluated with different metrics are refused.
+CLIP score when measured. Runs evaluated with different metrics, or with different numbers of samples, are refused.
+MQ values of a run whose evaluation flagged MQ as unreliable (small training set) are marked "unreliable".
 Writes comparison.md and comparison.json to --out (default: the current directory) and prints the table.
 """
 
@@ -59,7 +60,8 @@ def compare(run_dirs: list[str]) -> dict:
             names.append(Path(r["run"]).name)
             values.append(metric_values(r))
             settings.append({"kind": r["kind"], "num_samples": r.get("num_samples", r.get("num_generations")),
-                             **{k: r[k] for k in ("sampler", "steps", "weights", "round")}})
+                             **{k: r[k] for k in ("sampler", "steps", "weights", "round")},
+                             "mq_reliable": r["memorization"].get("mq_reliable")})
         except (KeyError, TypeError, AttributeError) as e:
             path = Path(d) / "results.json" if Path(d).is_dir() else Path(d)
             raise BadFileError(f"{path}: corrupt evaluation results ({type(e).__name__}: {e}); evaluate the run "
@@ -67,6 +69,11 @@ def compare(run_dirs: list[str]) -> dict:
     if len({tuple(v) for v in values}) > 1:
         raise BadFileError(f"{', '.join(run_dirs)}: these runs were evaluated with different metrics (pixel vs "
                            f"text-to-image, or another embedder); compare like with like")
+    counts = [s["num_samples"] for s in settings]
+    if len(set(counts)) > 1:  # a rate over 64 samples and one over 1000 differ by noise alone
+        raise ValueError(f"these runs were evaluated with different numbers of samples "
+                         f"({', '.join(f'{n}: {c}' for n, c in zip(names, counts))}); evaluate them again with the "
+                         f"same --num-samples (text-to-image: --num-captions x --seeds-per-caption) and compare")
     metrics = list(values[0])
     return {"runs": names, "paths": [r["run"] for r in results], "settings": settings,
             "metrics": {m: [v.get(m) for v in values] for m in metrics},
@@ -80,14 +87,21 @@ def to_markdown(table: dict) -> str:
         return "n/a" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
 
     head = "| metric | " + " | ".join(runs) + " |\n|---|" + "---|" * len(runs) + "\n"
+    unreliable = [s.get("mq_reliable") is False for s in table["settings"]]
     rows = []
     for m, vals in table["metrics"].items():
         rel = table["relative_to_first"][m]
         cells = [fmt(vals[0])] + [f"{fmt(v)} ({r})" for v, r in zip(vals[1:], rel[1:])]
+        if "MQ" in m:  # evaluate's own flag: too few training images per neighbour for MQ ratios to mean much
+            cells = [f"{c} unreliable" if u else c for c, u in zip(cells, unreliable)]
         rows.append(f"| {m} | " + " | ".join(cells) + " |")
     settings = "; ".join(f"{n}: {s['kind']}, {s['num_samples']} {s['sampler']}-{s['steps']} samples, {s['weights']} "
                          f"weights, round {s['round']}" for n, s in zip(runs, table["settings"]))
-    return head + "\n".join(rows) + f"\n\nRelative change against {runs[0]} in parentheses. {settings}\n"
+    note = ""
+    if any(unreliable):
+        note = (f" MQ is marked unreliable for {', '.join(n for n, u in zip(runs, unreliable) if u)}: the training "
+                f"set is small for its k nearest neighbours (fl-ietagc evaluate's flag); lean on the 1/3 rule.")
+    return head + "\n".join(rows) + f"\n\nRelative change against {runs[0]} in parentheses. {settings}{note}\n"
 
 
 def write_comparison(table: dict, out: str | Path) -> Path:

@@ -52,3 +52,49 @@ def test_the_server_log_names_the_text_to_image_unet_not_a_preset():
     assert model_description(parse_config({})) == "tiny preset"
     t2i = parse_config({"model-type": "latent-t2i", "dataset": "captions", "pretrained-dir": "/m/sd"})
     assert model_description(t2i) == "text-to-image UNet from /m/sd"
+
+
+def _write_results(tmp_path, name, fraction, **changes):
+    import json
+
+    from tests.test_evaluate import results_with
+
+    d = tmp_path / name
+    d.mkdir()
+    r = {**results_with(fraction, 10.0), "run": str(d), **changes}
+    (d / "results.json").write_text(json.dumps(r))
+    return str(d)
+
+
+def test_compare_refuses_runs_evaluated_with_different_sample_counts(tmp_path, capsys):
+    from fl_ietagc.cli import main as cli
+
+    a = _write_results(tmp_path, "a", 0.2)
+    b = _write_results(tmp_path, "b", 0.1, num_samples=64)
+    assert cli(["compare", a, b, "--out", str(tmp_path / "cmp")]) == 2
+    assert capsys.readouterr().err == (
+        "fl-ietagc compare: these runs were evaluated with different numbers of samples (a: 100, b: 64); evaluate "
+        "them again with the same --num-samples (text-to-image: --num-captions x --seeds-per-caption) and compare\n")
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_compare_keeps_evaluates_unreliable_flag_on_mq(tmp_path):
+    from fl_ietagc.compare import compare, to_markdown
+
+    a = _write_results(tmp_path, "a", 0.2)
+    b = _write_results(tmp_path, "b", 0.1)
+    for d, reliable in ((a, True), (b, False)):
+        import json
+        from pathlib import Path
+
+        r = json.loads((Path(d) / "results.json").read_text())
+        r["memorization"]["mq_reliable"] = reliable
+        (Path(d) / "results.json").write_text(json.dumps(r))
+    table = compare([a, b])
+    assert [s["mq_reliable"] for s in table["settings"]] == [True, False]
+    md = to_markdown(table).splitlines()
+    assert "| MQ r<0.2 | 0.2 | 0.1 (-50.0%) unreliable |" in md
+    assert "| 1/3 rule | 0.2 | 0.1 (-50.0%) |" in md  # other rules unmarked
+    assert "| null: MQ r<0.2 | 0.01 | 0.01 (+0.0%) unreliable |" in md
+    assert md[-1].endswith("MQ is marked unreliable for b: the training set is small for its k nearest neighbours "
+                           "(fl-ietagc evaluate's flag); lean on the 1/3 rule.")
