@@ -23,11 +23,13 @@ from __future__ import annotations
 import copy
 import time
 import traceback
+from logging import INFO
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import log
 
 from fl_ietagc import protocol as P
 from fl_ietagc.checkpoints import pack_weights, unpack_weights
@@ -35,6 +37,7 @@ from fl_ietagc.config import RunConfig, parse_config
 from fl_ietagc.data import shard_inputs
 from fl_ietagc.faults import fault_point
 from fl_ietagc.models import build_for_config, load_weights
+from fl_ietagc.progress import StepProgress
 from fl_ietagc.protocol import ClientFailure, ClientRound, one_line
 from fl_ietagc.rundir import RunDir
 from fl_ietagc.shards import shards_for_config
@@ -93,7 +96,9 @@ def train_round(cfg: RunConfig, instruction: RecordDict, context: Context, parti
 
     trainer = LocalTrainer(cfg, model, ema, inputs, state, device, cond=cond)
     stats = trainer.run(cfg.local_epochs, client_seed(cfg.seed, partition_id, server_round),
-                        prox_mu=float(conf.get(P.PROXIMAL_MU, 0.0)))  # set by the fedprox strategy
+                        prox_mu=float(conf.get(P.PROXIMAL_MU, 0.0)),  # set by the fedprox strategy
+                        progress=lambda total: StepProgress(f"client p{partition_id} round {server_round}", total,
+                                                            cfg.batch_size, write=_log_info))
     state.save(run.client_state(partition_id, server_round, state_root))
     _prune_states(run, partition_id, start_round, state_root)
 
@@ -109,6 +114,12 @@ def train_round(cfg: RunConfig, instruction: RecordDict, context: Context, parti
     if device.type == "cuda":
         torch.cuda.empty_cache()  # long-lived Ray actors would otherwise keep the cached VRAM
     return content
+
+
+def _log_info(line: str) -> None:
+    """Through Flower's logger: in simulation Ray forwards it to the driver's output (prefixed with the actor),
+    in deployment it is in the SuperNode's log."""
+    log(INFO, "%s", line)
 
 
 def _partition(context: Context, num_clients: int) -> int:

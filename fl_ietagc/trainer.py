@@ -21,6 +21,7 @@ import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -31,6 +32,7 @@ from .config import RunConfig
 from .diffusion import Diffusion
 from .pixels import to_model_range
 from .precision import check_supported, unet_forward
+from .progress import StepProgress
 from .ret import taa_strength, translate
 
 
@@ -165,16 +167,19 @@ class LocalTrainer:
     def steps_per_epoch(self) -> int:
         return self.images.shape[0] // self.cfg.batch_size  # drop_last, as the paper
 
-    def run(self, epochs: int, seed: int, max_steps: int | None = None, prox_mu: float = 0.0) -> RoundStats:
+    def run(self, epochs: int, seed: int, max_steps: int | None = None, prox_mu: float = 0.0,
+            progress: Callable[[int], StepProgress] | None = None) -> RoundStats:
         """Train `epochs` passes over the shard (or stop after `max_steps` steps); update the state.
 
         prox_mu > 0 adds FedProx's proximal term mu/2 * ||w - w_start||^2, w_start being the weights the
-        round started from (the global model)."""
+        round started from (the global model). `progress(total_steps)` makes the StepProgress that reports the
+        loop's steps (a line every PROGRESS_EVERY_S; it does not touch the device)."""
         with self.compiled.bound(self.model) if self.compiled else contextlib.nullcontext(self.model) as net:
             return self._run(unet_forward(net, self.device, self.cfg.precision, self.cfg.channels_last), epochs,
-                             seed, max_steps, prox_mu)
+                             seed, max_steps, prox_mu, progress)
 
-    def _run(self, net, epochs: int, seed: int, max_steps: int | None, prox_mu: float) -> RoundStats:
+    def _run(self, net, epochs: int, seed: int, max_steps: int | None, prox_mu: float,
+             progress: Callable[[int], StepProgress] | None = None) -> RoundStats:
         """The loop. `net` is the UNet forward on self.model's parameters: the model itself by default, else
         its compiled form and/or a bf16 / channels-last wrapper (precision.unet_forward)."""
         cfg, dev = self.cfg, self.device
@@ -195,6 +200,7 @@ class LocalTrainer:
         total = self.steps_per_epoch() * epochs if max_steps is None else max_steps
         if self.steps_per_epoch() == 0 and (epochs > 0 or max_steps):
             raise ValueError(f"batch-size = {bs}: larger than this shard's {n} images (no full batch)")
+        report = progress(total) if progress is not None else None
         while steps < total:
             perm = torch.randperm(n, generator=gen, device=dev)
             for b in range(self.steps_per_epoch()):
@@ -242,6 +248,8 @@ class LocalTrainer:
                 steps += 1
                 if steps % NONFINITE_CHECK_EVERY == 0:
                     self._raise_if_nonfinite(first_bad, bad_loss)
+                if report is not None:
+                    report.update(steps)  # a host clock read; a line every PROGRESS_EVERY_S
         self._raise_if_nonfinite(first_bad, bad_loss)
         samples = steps * bs
         kept = int(kept_sum)
