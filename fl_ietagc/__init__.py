@@ -13,3 +13,6 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 # under both Ray behaviours. Set here so every process of ours (and the Ray processes it starts) inherits it; an
 # explicit value in the environment wins.
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+# Ray folds log lines of different actors that differ only in numbers into one ("[repeated 2x across cluster]"),
+# which hides every client's progress line but one ("client p1 round 3: step ..."). Read when Ray is imported.
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")

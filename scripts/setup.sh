@@ -24,3 +24,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
 fi
 # No run-time downloads, telemetry or update checks from Flower.
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+# What fl_ietagc sets on import (fl_ietagc/__init__.py), also for the processes `flwr run` starts without importing
+# it (the local SuperLink and its simulation): Ray's future accelerator behaviour (no FutureWarning) and every
+# client's progress line (no folding of lines that differ only in numbers).
+export RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=${RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO:-0} RAY_DEDUP_LOGS=${RAY_DEDUP_LOGS:-0}

@@ -62,3 +62,28 @@ def captured_features(monkeypatch) -> list:
 
     monkeypatch.setattr(torch_fidelity.utils, "get_featuresdict_from_dataset", spy)
     return features
+
+
+def pytest_runtest_logstart(nodeid, location):
+    """Name each slow test (Ray, deployments, studies: minutes each) as it starts, with the time, so a quiet
+    `pytest -q` says what it is waiting for; fast tests stay dots."""
+    session = _SESSION.get("session")
+    if session is None:
+        return
+    item = _SESSION["items"].get(nodeid)
+    if item is not None and item.get_closest_marker("slow") is not None:
+        import time
+
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            if getattr(getattr(reporter, "_tw", None), "width_of_current_line", 0):  # after -q's dots
+                reporter.write("\n")
+            reporter.write_line(f"slow test started {time.strftime('%H:%M:%S')}: {nodeid}")
+
+
+_SESSION: dict = {}
+
+
+def pytest_collection_finish(session):
+    _SESSION["session"] = session
+    _SESSION["items"] = {item.nodeid: item for item in session.items}

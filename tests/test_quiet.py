@@ -14,16 +14,18 @@ from fl_ietagc.trainer import pick_device
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_importing_the_core_opts_into_rays_accelerator_behaviour():
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"}
-    code = "import os, fl_ietagc; print(os.environ['RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO'])"
+def test_importing_the_core_opts_into_rays_accelerator_behaviour_and_unfolded_logs():
+    keys = ("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "RAY_DEDUP_LOGS")
+    env = {k: v for k, v in os.environ.items() if k not in keys}
+    code = f"import os, fl_ietagc; print([os.environ[k] for k in {keys}])"
     out = subprocess.run([sys.executable, "-c", code], env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True,
                          text=True, timeout=120)
-    assert out.stdout == "0\n"
+    assert out.stdout == "['0', '0']\n"
     out = subprocess.run([sys.executable, "-c", code], env={**env, "PYTHONPATH": str(ROOT),
-                                                            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1"},
+                                                            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1",
+                                                            "RAY_DEDUP_LOGS": "1"},
                          capture_output=True, text=True, timeout=120)
-    assert out.stdout == "1\n"  # an explicit value wins
+    assert out.stdout == "['1', '1']\n"  # an explicit value wins
 
 
 def test_a_ray_worker_without_a_gpu_share_trains_on_cpu(monkeypatch):

@@ -98,3 +98,24 @@ def test_compare_keeps_evaluates_unreliable_flag_on_mq(tmp_path):
     assert "| null: MQ r<0.2 | 0.01 | 0.01 (+0.0%) unreliable |" in md
     assert md[-1].endswith("MQ is marked unreliable for b: the training set is small for its k nearest neighbours "
                            "(fl-ietagc evaluate's flag); lean on the 1/3 rule.")
+
+
+def test_pytest_names_each_slow_test_as_it_starts_and_fast_tests_stay_dots(tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent
+    shutil.copy(root / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / "test_inner.py").write_text("import pytest\n\n\ndef test_fast():\n    pass\n\n\n"
+                                            "@pytest.mark.slow\ndef test_long():\n    pass\n")
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "markers=slow",
+                          str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    started = [x for x in lines if x.startswith("slow test started ")]
+    assert len(started) == 1 and started[0].endswith(": test_inner.py::test_long"), out.stdout
+    assert "test_fast" not in out.stdout
