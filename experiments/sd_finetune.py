@@ -165,6 +165,11 @@ def evaluate_and_compare(study_dir: Path, runs: list[RunSpec], smoke: bool, eval
             if code:
                 raise SystemExit(f"[{r.name}] evaluation failed (exit {code})")
     table = compare([str(study_dir / r.name) for r in runs])
+    if smoke:  # in the table and in every figure: smoke numbers are a pipeline check, not a finding
+        from .pipeline_check import NOTE, label_figures
+
+        table["note"] = NOTE
+        label_figures(study_dir)
     path = write_comparison(table, study_dir)
     print(to_markdown(table))
     return path

@@ -356,7 +356,9 @@ def to_markdown(summary: dict) -> str:
     def cell(x: dict) -> str:
         return f"{100 * x['rate']:.1f}% [{100 * x['lo']:.1f}, {100 * x['hi']:.1f}]"
 
-    head = ["variant", *(RULE_NAMES[r] for r in RULES), "CFD (lower is better)", "precision", "recall"]
+    check = summary.get("pipeline_check")  # smoke: said in the header and, in full, under the table
+    head = ["variant (SMOKE RUN: pipeline check, not a finding)" if check else "variant",
+            *(RULE_NAMES[r] for r in RULES), "CFD (lower is better)", "precision", "recall"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, v in summary["variants"].items():
         qr = q["rows"].get(name, {})
@@ -382,6 +384,10 @@ def to_markdown(summary: dict) -> str:
               f"Wall time of this call {summary['seconds'] / 60:.1f} min"
               + (f" ({summary['kept']} of the runs were kept from an earlier call, not retrained)."
                  if summary.get("kept") else ".")]
+    if check:
+        from .pipeline_check import NOTE
+
+        lines += ["", NOTE]
     return "\n".join(lines)
 
 
@@ -505,7 +511,12 @@ def run_small_data(size_name: str, out: Path, *, workers: int = 2, settings: lis
     quality = quality_rows(jobs, results, size)
     summary = summarize(results, null, quality, size, time.time() - t0)
     summary["kept"] = sum(r["kept"] for r in results)
+    summary["pipeline_check"] = size_name == "smoke"
     summary["figures"] = {k: str(v) for k, v in make_figures(summary, results, study_dir / "figures").items()}
+    if summary["pipeline_check"]:  # every figure of the study, the runs' own included
+        from .pipeline_check import label_figures
+
+        label_figures(study_dir)
     summary["runs"] = [{k: v for k, v in r.items() if k != "rounds"} for r in results]
     from fl_ietagc.checkpoints import atomic_write_bytes, atomic_write_json
 

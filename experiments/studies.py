@@ -203,6 +203,11 @@ def run_study(study: str, size: str, out: Path, *, data_root: str = "", fid_weig
                      progress=not smoke)
         print(f"[{r.name}] trained and evaluated in {time.time() - t0:.0f}s", flush=True)
     table = compare([str(study_dir / r.name) for r in runs])
+    if smoke:  # in the table and in every figure: smoke numbers are a pipeline check, not a finding
+        from .pipeline_check import NOTE, label_figures
+
+        table["note"] = NOTE
+        label_figures(study_dir)
     path = write_comparison(table, study_dir)
     print(to_markdown(table))
     print(f"comparison: {path}")

@@ -101,7 +101,8 @@ def to_markdown(table: dict) -> str:
     if any(unreliable):
         note = (f" MQ is marked unreliable for {', '.join(n for n, u in zip(runs, unreliable) if u)}: the training "
                 f"set is small for its k nearest neighbours (fl-ietagc evaluate's flag); lean on the 1/3 rule.")
-    return head + "\n".join(rows) + f"\n\nRelative change against {runs[0]} in parentheses. {settings}{note}\n"
+    first = f"{table['note']}\n\n" if table.get("note") else ""  # e.g. a smoke study's "pipeline check" label
+    return first + head + "\n".join(rows) + f"\n\nRelative change against {runs[0]} in parentheses. {settings}{note}\n"
 
 
 def write_comparison(table: dict, out: str | Path) -> Path:

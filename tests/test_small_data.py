@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from experiments import small_data as sd
+from experiments.pipeline_check import NOTE, is_labelled
 from fl_ietagc import classifier_quality as cq
 from fl_ietagc.config import ConfigError, parse_config
 from fl_ietagc.data import load_splits
@@ -145,6 +146,9 @@ def test_the_smoke_study_trains_every_variant_at_equal_steps_and_reports_each_ru
     assert q["held-out real"]["cfd"] < q["untrained"]["cfd"]
     table = (study / "comparison.md").read_text()
     assert table.count("\n| ") == len(sd.VARIANTS) + 2 and "not FID" in table
+    assert table.startswith("| variant (SMOKE RUN: pipeline check, not a finding) |")  # a pipeline check, so said
+    assert table.rstrip().endswith(NOTE)
+    assert all(is_labelled(p) for p in study.rglob("*.png")) and (study / "figures" / "samples.png").is_file()
     assert (study / "figures" / "copy_rate_vs_steps.png").stat().st_size > 10_000
     assert (study / "figures" / "similar_pairs.png").stat().st_size > 5_000
     assert json.loads((study / "results.json").read_text())["variants"].keys() == summary["variants"].keys()

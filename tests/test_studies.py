@@ -62,8 +62,16 @@ def test_study_compares_every_run_with_the_first(tmp_path, capsys):
     for name, values in chosen.items():
         (study_dir / name).mkdir(parents=True)
         (study_dir / name / "results.json").write_text(json.dumps(evaluated(study_dir / name, *values)))
+    from PIL import Image
+
+    from experiments.pipeline_check import BANNER, NOTE, is_labelled
+
+    Image.new("RGB", (530, 530), (0, 0, 0)).save(study_dir / "iet" / "samples.png")
     path = run_study("paper-cifar10", "smoke", tmp_path)
     assert path == study_dir / "comparison.md"
+    assert path.read_text().startswith(NOTE + "\n\n| metric |") and BANNER in NOTE  # smoke: a pipeline check
+    assert json.loads((study_dir / "comparison.json").read_text())["note"] == NOTE
+    assert is_labelled(study_dir / "iet" / "samples.png")  # and every figure of the study says so too
     table = json.loads((study_dir / "comparison.json").read_text())
     assert table["runs"] == ["default-training", "iet", "iet-agc"]
     assert table["metrics"]["MQ r<0.2"] == [0.2, 0.1, 0.05]

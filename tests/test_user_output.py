@@ -119,3 +119,20 @@ def test_pytest_names_each_slow_test_as_it_starts_and_fast_tests_stay_dots(tmp_p
     started = [x for x in lines if x.startswith("slow test started ")]
     assert len(started) == 1 and started[0].endswith(": test_inner.py::test_long"), out.stdout
     assert "test_fast" not in out.stdout
+
+
+def test_smoke_figures_carry_a_red_pipeline_check_banner_once(tmp_path):
+    from experiments.pipeline_check import is_labelled, label_figures
+
+    (tmp_path / "run" / "report").mkdir(parents=True)
+    Image.new("RGB", (530, 530), (0, 0, 255)).save(tmp_path / "run" / "samples.png")
+    Image.new("L", (200, 100), 128).save(tmp_path / "run" / "report" / "skip_histogram.png")
+    assert [p.name for p in label_figures(tmp_path)] == ["skip_histogram.png", "samples.png"]
+    with Image.open(tmp_path / "run" / "samples.png") as im:
+        assert im.size == (530, 530 + 14)  # a 14 px banner above the unchanged figure
+        px = np.asarray(im.convert("RGB"))
+    assert (px[14:, :] == (0, 0, 255)).all()
+    banner = px[:14].reshape(-1, 3)
+    assert (banner == (200, 0, 0)).all(axis=1).mean() > 0.5 and (banner.min(axis=1) > 200).sum() > 50  # text
+    assert is_labelled(tmp_path / "run" / "report" / "skip_histogram.png")
+    assert label_figures(tmp_path) == []  # stamped once: a second study call adds nothing
