@@ -26,7 +26,8 @@ STOP_WAIT_S = 15.0  # the SuperLink stops its SuperExec within ~1 s of SIGTERM; 
 
 
 def flwr_home() -> Path:
-    return Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr").resolve()
+    """As Flower's get_flwr_home(): $FLWR_HOME as given, else ~/.flwr."""
+    return Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
 
 
 def runtime_dir(home: Path) -> Path:
@@ -65,12 +66,20 @@ def _pids() -> list[int]:
     return sorted(int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit())
 
 
-def is_local_superlink(argv: list[str], home: Path) -> bool:
-    """`flower-superlink ... --log-file <home>/local-superlink/superlink.log` (the one `flwr run` starts)."""
+def is_local_superlink(argv: list[str], home: Path, cwd: str = "/") -> bool:
+    """`flower-superlink ... --log-file <home>/local-superlink/superlink.log` (the one `flwr run` starts); paths
+    compared after resolving symlinks, a relative --log-file against the process's working directory `cwd`."""
     if not any(Path(a).name == "flower-superlink" for a in argv[:2]):
         return False
-    log = str(runtime_dir(home) / "superlink.log")
-    return any(a == "--log-file" and b == log for a, b in zip(argv, argv[1:]))
+    log = os.path.realpath(runtime_dir(home) / "superlink.log")
+    return any(a == "--log-file" and os.path.realpath(os.path.join(cwd, b)) == log for a, b in zip(argv, argv[1:]))
+
+
+def _cwd(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return "/"
 
 
 def find(home: Path) -> list[tuple[int, str, str]]:
@@ -78,7 +87,7 @@ def find(home: Path) -> list[tuple[int, str, str]]:
     found = []
     pids = _pids()
     for pid in pids:
-        if is_local_superlink(_cmdline(pid), home):
+        if is_local_superlink(_cmdline(pid), home, _cwd(pid)):
             found.append((pid, _start_time(pid), "SuperLink"))
             for child in pids:
                 if _parent(child) == pid:

@@ -52,7 +52,7 @@ def fake_flower(tmp_path):
 
 def test_record_and_stop_exactly_this_flwr_home(fake_flower, tmp_path):
     bin_dir, started = fake_flower
-    home, other = (tmp_path / "home").resolve(), (tmp_path / "other").resolve()
+    home, other = tmp_path / "home", tmp_path / "other"
     ours, theirs = _start(bin_dir, home), _start(bin_dir, other)
     started += [ours, theirs]
     exec_pid = _children(ours.pid)
@@ -97,3 +97,15 @@ def test_readme_and_scripts_suggest_no_broad_kill():
     for path in [ROOT / "README.md", *(ROOT / "scripts").iterdir()]:
         text = path.read_text()
         assert "pkill -f" not in text and "killall" not in text, path
+
+
+def test_the_log_path_is_compared_after_resolving_links_and_relative_paths(tmp_path):
+    real = tmp_path / "real"
+    (real / "local-superlink").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(real)
+    argv = ["/venv/bin/python3", "/venv/bin/flower-superlink", "--insecure", "--log-file"]
+    assert L.is_local_superlink(argv + [str(real / "local-superlink" / "superlink.log")], tmp_path / "link")
+    assert L.is_local_superlink(argv + ["real/local-superlink/superlink.log"], tmp_path / "link", cwd=str(tmp_path))
+    assert not L.is_local_superlink(argv + [str(tmp_path / "other" / "local-superlink" / "superlink.log")], real)
+    assert not L.is_local_superlink(["/venv/bin/python3", "/venv/bin/flower-supernode", "--log-file",
+                                     str(real / "local-superlink" / "superlink.log")], real)
