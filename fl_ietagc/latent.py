@@ -17,6 +17,7 @@ and tokenizer whose outputs are computed once per dataset and cached.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 from dataclasses import dataclass
@@ -112,7 +113,8 @@ def load_components(directory: str | Path, frozen_dtype: torch.dtype = torch.flo
     try:
         unet = UNet2DConditionModel.from_pretrained(d / "unet", **_load_args(), torch_dtype=torch.float32)
         vae = AutoencoderKL.from_pretrained(d / "vae", **_load_args(), torch_dtype=frozen_dtype)
-        text = CLIPTextModel.from_pretrained(d / "text_encoder", use_safetensors=True, local_files_only=True)
+        with _no_transformers_bars():  # a "Loading weights" bar per load of a local file, dozens per study
+            text = CLIPTextModel.from_pretrained(d / "text_encoder", use_safetensors=True, local_files_only=True)
         tokenizer = CLIPTokenizer.from_pretrained(d / "tokenizer", local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"pretrained-dir = {str(d)!r}: cannot be loaded ({type(e).__name__}: "
@@ -134,6 +136,20 @@ def _cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     if any(p.dtype != dtype for p in module.parameters()):
         module.to(dtype)
     return module
+
+
+@contextlib.contextmanager
+def _no_transformers_bars():
+    """transformers' tqdm bars off for one call (restored after), not for the process."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def _load_args() -> dict:
