@@ -3,7 +3,8 @@
 A smoke study trains a tiny model for a few steps and evaluates a handful of samples, so its numbers are noise
 (the untrained reference may well score best). Its tables start with NOTE, and every PNG figure in its study
 directory (the study's own figures, each run's samples.png and evaluation report figures) gets a red banner saying
-so, in the image itself, so a figure copied elsewhere keeps the label.
+so, in the image itself, so a figure copied elsewhere keeps the label. Other PNGs (the smoke data's own images)
+are left alone.
 """
 
 from __future__ import annotations
@@ -16,15 +17,18 @@ NOTE = (f"**{BANNER}.** A tiny model, a few optimizer steps and a handful of sam
 _STAMP_KEY = "fl-ietagc-pipeline-check"  # PNG text chunk: a stamped figure is not stamped twice
 
 
+FIGURES = ("figures/*.png", "**/samples.png", "**/report/*.png")  # the study's, each run's grid and report figures
+
+
 def label_figures(folder: Path) -> list[Path]:
-    """Add BANNER above every PNG under `folder` (recursively) that does not carry it yet; returns those labelled.
-    Each file is replaced atomically."""
+    """Add BANNER above every figure under `folder` (FIGURES: never other PNGs, such as a smoke study's own
+    training images) that does not carry it yet; returns those labelled. Each file is replaced atomically."""
     from PIL import Image, ImageDraw, PngImagePlugin
 
     from fl_ietagc.checkpoints import atomic_write_bytes
 
     done = []
-    for path in sorted(Path(folder).rglob("*.png")):
+    for path in sorted({p for pattern in FIGURES for p in Path(folder).glob(pattern)}):
         with Image.open(path) as im:
             if im.info.get(_STAMP_KEY):
                 continue

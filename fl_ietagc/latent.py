@@ -80,7 +80,8 @@ def save_components(parts: LatentParts, directory: str | Path) -> Path:
     d = Path(directory)
     parts.unet.save_pretrained(d / "unet", safe_serialization=True)
     parts.vae.save_pretrained(d / "vae", safe_serialization=True)
-    parts.text_encoder.save_pretrained(d / "text_encoder", safe_serialization=True)
+    with _no_transformers_bars():  # a "Writing model shards" bar for a few kB
+        parts.text_encoder.save_pretrained(d / "text_encoder", safe_serialization=True)
     parts.tokenizer.save_pretrained(d / "tokenizer")
     return d
 

@@ -127,7 +127,10 @@ def test_smoke_figures_carry_a_red_pipeline_check_banner_once(tmp_path):
     (tmp_path / "run" / "report").mkdir(parents=True)
     Image.new("RGB", (530, 530), (0, 0, 255)).save(tmp_path / "run" / "samples.png")
     Image.new("L", (200, 100), 128).save(tmp_path / "run" / "report" / "skip_histogram.png")
+    (tmp_path / "digit-pairs").mkdir()
+    Image.new("RGB", (16, 16), (0, 0, 0)).save(tmp_path / "digit-pairs" / "0.png")  # training data: not a figure
     assert [p.name for p in label_figures(tmp_path)] == ["skip_histogram.png", "samples.png"]
+    assert not is_labelled(tmp_path / "digit-pairs" / "0.png")
     with Image.open(tmp_path / "run" / "samples.png") as im:
         assert im.size == (530, 530 + 14)  # a 14 px banner above the unchanged figure
         px = np.asarray(im.convert("RGB"))
