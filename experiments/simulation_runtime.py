@@ -32,8 +32,9 @@ import traceback
 # the keyword arguments of flwr.simulation.run_simulation._run_simulation this module passes
 RUNTIME_KEYWORDS = ("num_supernodes", "exit_event", "client_app", "server_app", "backend_name", "backend_config",
                     "verbose_logging")
-# Flower's modules that log the backend's crash (with its traceback) before raising it
-_CRASH_LOGGERS = ("vce_api", "run_simulation")
+# where Flower logs the backend's crash (with its traceback) before raising it: (module, function); a client's
+# error, logged by vce_api's worker, stays on the console
+_CRASH_LOGGERS = {("vce_api", "run_api"), ("run_simulation", "_main_loop")}
 
 
 class RuntimeMismatch(RuntimeError):
@@ -92,7 +93,7 @@ class _CrashLog(logging.Filter):
         self.lines: list[str] = []
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.module in _CRASH_LOGGERS and record.levelno >= logging.WARNING:
+        if (record.module, record.funcName) in _CRASH_LOGGERS and record.levelno >= logging.WARNING:
             self.lines.append(record.getMessage())
             return False
         return True

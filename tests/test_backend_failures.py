@@ -261,3 +261,18 @@ def test_an_injected_backend_failure_ends_the_run_failed_within_seconds_leaving_
     assert "Simulation Runtime crashed" not in err  # Flower's report of it went to the log, not the console
     time.sleep(1)
     assert _tagged_processes(tag) == []
+
+
+def test_only_flowers_report_of_a_backend_crash_is_held_back_from_the_console():
+    import logging
+
+    def record(path, func, level=logging.ERROR):
+        return logging.LogRecord("flwr", level, path, 1, "message", None, None, func=func)
+
+    crash_log = simulation_runtime._CrashLog()
+    site = "/venv/flwr/server/superlink/fleet/vce/vce_api.py"
+    assert not crash_log.filter(record(site, "run_api"))  # "An exception occured!!" + traceback
+    assert not crash_log.filter(record("/venv/flwr/simulation/run_simulation.py", "_main_loop"))
+    assert crash_log.filter(record(site, "worker"))  # a client's error stays on the console
+    assert crash_log.filter(record(site, "run_api", logging.INFO))
+    assert crash_log.lines == ["message", "message"]
