@@ -227,7 +227,12 @@ def ray_init_keywords() -> set[str]:
     import inspect
     import re
 
-    from ray._private.worker import init
+    try:
+        from ray._private.worker import init
+    except Exception as e:  # noqa: BLE001 - a broken Ray install: named in one line, not a traceback
+        raise ConfigError(f"--backend-config init_args: cannot be checked: Ray does not import here "
+                          f"({type(e).__name__}: {e}); reinstall it (pip install 'flwr[simulation]>=1.41,<1.42')"
+                          ) from None
 
     named = {k for k, v in inspect.signature(init).parameters.items() if v.kind is v.KEYWORD_ONLY}
     return named | set(re.findall(r"kwargs\.pop\(\s*\"(\w+)\"", inspect.getsource(init)))

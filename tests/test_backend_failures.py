@@ -143,18 +143,25 @@ def _crash(exc: BaseException):
 
 def test_a_backend_crash_under_a_living_serverapp_is_told_from_the_serverapps_own_error(monkeypatch):
     """No Ray: a stand-in runtime that starts a ServerApp thread as Flower names it, then raises."""
-    release = threading.Event()
+    started: list[tuple[threading.Thread, threading.Event]] = []
 
     def runtime_with(server_lives: bool, error: BaseException):
         def fake(**kwargs):
             assert kwargs["backend_config"] == {"client_resources": {"num_cpus": 1}}
+            release = threading.Event()
             t = threading.Thread(target=release.wait, name="Thread-9 (server_th_with_start_checks)")
             t.start()
+            started.append((t, release))
             if not server_lives:
                 release.set()
                 t.join()
             raise error
         return fake
+
+    def release_all():
+        for t, release in started:
+            release.set()
+            t.join()
 
     crash = _crash(ValueError("ActorPool is empty. Stopping Simulation. Check `num_cpus` and/or `num_gpus`"))
     monkeypatch.setattr(simulation_runtime, "check_runtime", lambda: runtime_with(True, crash))
@@ -163,13 +170,12 @@ def test_a_backend_crash_under_a_living_serverapp_is_told_from_the_serverapps_ow
         with pytest.raises(simulation_runtime.BackendFailed) as failed:
             simulation_runtime.run(None, None, 2, backend, False)
     finally:
-        release.set()
+        release_all()
     assert failed.value.line == ("simulation backend failed: ValueError: ActorPool is empty. Stopping Simulation. "
                                  "Check `num_cpus` and/or `num_gpus`")
     assert "Simulation Runtime crashed." in failed.value.details and "Traceback" in failed.value.details
     assert backend == {"client_resources": {"num_cpus": 1}}  # (Flower fills in defaults in a copy)
 
-    release.clear()
     own = ValueError("the ServerApp's own error")
     monkeypatch.setattr(simulation_runtime, "check_runtime", lambda: runtime_with(False, own))
     with pytest.raises(ValueError) as raised:
@@ -276,3 +282,48 @@ def test_only_flowers_report_of_a_backend_crash_is_held_back_from_the_console():
     assert crash_log.filter(record(site, "worker"))  # a client's error stays on the console
     assert crash_log.filter(record(site, "run_api", logging.INFO))
     assert crash_log.lines == ["message", "message"]
+
+
+@pytest.mark.parametrize("child_does", ["reports-backend-failure", "dies-killed"])
+def test_the_supervisor_ends_the_run_failed_when_its_child_reports_a_backend_failure_or_dies(child_does, tmp_path,
+                                                                                             monkeypatch, capsys):
+    """No Ray: a stand-in child announces the run as the ServerApp does, then reports or dies."""
+    import json
+    import signal
+
+    from fl_ietagc.rundir import ANNOUNCE_ENV
+
+    run = RunDir(tmp_path / "r")
+    run.path.mkdir()
+    run.write_config({"kind": "federated"})
+    run.write_status("running", round=0)
+
+    class FakeChild:
+        pid = 2 ** 22 + 13
+
+        def __init__(self, argv, env, **kwargs):
+            announce = Path(env[ANNOUNCE_ENV])
+            announce.write_text(str(run.path))
+            if child_does == "reports-backend-failure":
+                simulate.backend_failure_file(announce).write_text(json.dumps(
+                    {"error": "simulation backend failed: ValueError: ActorPool is empty.", "details": "Traceback\n"}))
+
+        def wait(self):
+            return 1 if child_does == "reports-backend-failure" else -signal.SIGKILL
+
+    monkeypatch.setattr(subprocess, "Popen", FakeChild)
+    code = simulate.supervise(ROOT, {"client_resources": {"num_cpus": 1}}, {}, 2, False)
+    status = run.read_status()
+    assert code == 1 and status["status"] == "failed"
+    assert status["error"] == {"reports-backend-failure": "simulation backend failed: ValueError: ActorPool is empty.",
+                               "dies-killed": "the simulation process died (killed by SIGKILL)"}[child_does]
+    assert capsys.readouterr().err.splitlines() == [
+        f"flower-simulation: run FAILED: {status['error']} (traceback: {run.logs_dir}/simulation-backend.log; it had "
+        f"not started training: start it again under a new run-name)"]
+
+
+def test_init_args_with_a_ray_that_does_not_import_are_refused_in_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray._private.worker", None)  # importing it raises ImportError
+    with pytest.raises(ConfigError, match=r"^--backend-config init_args: cannot be checked: Ray does not import here "
+                                          r"\(ModuleNotFoundError: .*\); reinstall it"):
+        validate.check_ray_init_args({"num_cpus": 2})
