@@ -476,7 +476,8 @@ def _gpus_here() -> int:
         return 0
 
 
-BACKEND_FAILURE_WAIT_S = 20.0  # how long a failed backend waits for the ServerApp to begin its run directory
+BACKEND_FAILURE_WAIT_S = 60.0  # at most this long a failed backend waits for the ServerApp to begin its run directory
+# (the ServerApp sets up (data, model) while Ray starts; it usually has begun well before: then the wait ends)
 
 
 def report_backend_failure(failure) -> None:
