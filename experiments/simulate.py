@@ -1,17 +1,25 @@
-"""`flower-simulation`: run a Flower app in the foreground with the Simulation Engine (Ray).
+"""`flower-simulation`: run a Flower app in the foreground with Flower's Simulation Runtime (Ray).
 
-Flower 1.27 removed the `flower-simulation` command; this one takes its flags and runs the app
-through Flower's public `flwr.simulation.run_simulation`:
+Flower 1.27 removed the `flower-simulation` command; this one takes its flags and runs the app on Flower's
+Simulation Runtime through `flwr.simulation.run_simulation._run_simulation`, the function Flower's own
+`flwr-simulation` process runs for `flwr run` (not the deprecated public `run_simulation`, which only warns and
+calls it; why not a SuperLink of our own: experiments/simulation_runtime.py):
 
     flower-simulation --app . --num-supernodes 4 \\
         --backend-config '{"client_resources": {"num_cpus": 1, "num_gpus": 0.25}}' \\
         --run-config 'num-server-rounds=5 agc-lambda=2.0'
 
-`run_simulation` does not read the app's pyproject, so the `[tool.flwr.app.config]` defaults,
-fused with `--run-config` (a "k=v ..." string or a .toml file) the way `flwr run` fuses them, are
-given to the ServerApp and every ClientApp through a thin wrapper around each. The config is
-validated before Ray starts. Unlike `flwr run --stream`, a failed run (a client raising, a server
-error) ends this command with exit status 1 and the error printed.
+The app's `[tool.flwr.app.config]` defaults, fused with `--run-config` (a "k=v ..." string or a .toml file) the
+way `flwr run` fuses them, are given to the ServerApp and every ClientApp through a thin wrapper around each. The
+config and the backend config (client resources this machine can grant, `init_args` that `ray.init` takes) are
+validated before anything starts. Unlike `flwr run --stream`, a failed run (a client raising, a server error)
+ends this command with exit status 1 and the error printed.
+
+The simulation runs in a child process group that this process supervises: Ctrl-C/SIGTERM stop it within
+seconds (the run marked interrupted); when the backend fails under a living ServerApp (Ray failing to start or
+import, an empty actor pool), the child reports the cause and ends at once instead of waiting for the ServerApp,
+and the run is marked failed with that cause in one line (the traceback in the run's
+logs/simulation-backend.log); nothing of the group is left running.
 
 `--ray-address HOST:PORT` (or `RAY_ADDRESS` in the environment) runs the clients on an existing Ray cluster
 (`ray start --head --port PORT` on one machine, `ray start --address HOST:PORT` on the others) instead of a
@@ -247,6 +255,14 @@ def _launch(args: argparse.Namespace) -> int:
         return 2
     if not ray_address:
         warn_about_gpus(backend)
+    if not os.environ.get(CHILD_ENV):
+        from experiments.simulation_runtime import RuntimeMismatch, check_runtime
+
+        try:
+            check_runtime()  # before anything starts: the installed Flower has the runtime this command runs
+        except RuntimeMismatch as e:
+            print(f"flower-simulation: cannot run: {e}", file=sys.stderr)
+            return 2
     if os.environ.get(CHILD_ENV):
         return run_here(app_dir, backend, components, run_config, k, args.verbose)
     return supervise(app_dir, backend, run_config, k, args.verbose, ray_address)
@@ -340,15 +356,53 @@ def supervise(app_dir: Path, backend: dict, run_config: dict, k: int, verbose: b
             signal.signal(s, handler)
         _signal_group(child.pid, signal.SIGKILL)  # whatever of Ray is left (its processes share the group)
     run = RunDir(announce.read_text()) if announce.is_file() else None
+    failure = read_backend_failure(backend_failure_file(announce))
     shutil.rmtree(announce.parent, ignore_errors=True)
+    if failure is not None and not stopping:  # the backend failed: the child is gone, so nothing races this
+        return report_failed(run, failure)
     if run is not None and run.liveness() in ("running", "stale"):  # the child could not say it itself
-        why = signal.Signals(stopping[0]).name if stopping else f"the simulation process died (exit {code})"
-        run.mark_interrupted(why)
-        print(f"flower-simulation: run interrupted ({why}); continue it with: fl-ietagc resume {run.path}",
-              file=sys.stderr)
+        if stopping:
+            why = signal.Signals(stopping[0]).name
+            run.mark_interrupted(why)
+            print(f"flower-simulation: run interrupted ({why}); continue it with: fl-ietagc resume {run.path}",
+                  file=sys.stderr)
+        else:  # killed from outside (the OOM killer?) or crashed (Ray ending its driver): a failure, resumable
+            died = (f"killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals()
+                    else f"exit {code}")
+            return report_failed(run, {"error": f"the simulation process died ({died})"})
     if stopping:
         return 128 + stopping[0]
     return code if code >= 0 else 1
+
+
+def read_backend_failure(path: Path) -> dict | None:
+    """The child's report of a backend failure (None: there was none)."""
+    from fl_ietagc.checkpoints import read_json
+
+    if not path.is_file():
+        return None
+    try:
+        report = read_json(path, "backend failure report")
+    except Exception:  # noqa: BLE001 - (written atomically; unreadable still means the backend failed)
+        report = None
+    if not isinstance(report, dict) or not report.get("error"):
+        return {"error": "simulation backend failed (its report could not be read)"}
+    return report
+
+
+def report_failed(run, failure: dict) -> int:
+    """The one line naming the backend's failure; the run (if the ServerApp had created it) marked failed with
+    it, the traceback in its logs/."""
+    if run is not None and run.liveness() not in ("completed", "failed"):
+        log = mark_backend_failed(run, failure)
+        then = (f"continue it with: fl-ietagc resume {run.path}" if run.resume_path.is_file() else
+                "it had not started training: start it again under a new run-name")
+        print(f"flower-simulation: run FAILED: {failure['error']} (traceback: {log}; {then})", file=sys.stderr)
+    else:
+        if failure.get("details"):
+            print(failure["details"].rstrip(), file=sys.stderr)
+        print(f"flower-simulation: run FAILED: {failure['error']}", file=sys.stderr)
+    return 1
 
 
 def _signal_group(pgid: int, sig) -> None:
@@ -360,11 +414,12 @@ def _signal_group(pgid: int, sig) -> None:
 
 def run_here(app_dir: Path, backend: dict, components: dict, run_config: dict, k: int, verbose: bool) -> int:
     """The child: run the simulation in this process. On SIGTERM/SIGINT, or when the parent dies, mark the
-    run interrupted and end the whole process group (this process and Ray's)."""
+    run interrupted and end the whole process group (this process and Ray's). When the backend fails under a
+    living ServerApp, report it to the parent (`report_backend_failure`) and end this process at once."""
     import signal
     import threading
 
-    from flwr.simulation import run_simulation
+    from experiments import simulation_runtime
 
     from fl_ietagc.rundir import ACTIVE_RUNS
 
@@ -387,22 +442,93 @@ def run_here(app_dir: Path, backend: dict, components: dict, run_config: dict, k
 
     threading.Thread(target=watch_parent, daemon=True).start()
     os.environ[BACKEND_ENV] = json.dumps(backend)
+    os.environ.update(ray_env(backend))
     server, client = with_run_config(load_object(components["serverapp"]), load_object(components["clientapp"]),
                                      run_config)
     try:
-        run_simulation(server_app=server, client_app=client, num_supernodes=k, backend_config=backend,
-                       verbose_logging=verbose)
+        simulation_runtime.run(server, client, k, backend, verbose)
+    except simulation_runtime.BackendFailed as e:
+        report_backend_failure(e)  # does not return
     except Exception as e:  # the ServerApp's exception, re-raised by Flower
         print(f"flower-simulation: run FAILED: {failure_line(e)}", file=sys.stderr)
         return 1
     return 0
 
 
+def ray_env(backend: dict) -> dict:
+    """Environment for Ray that changes nothing but silences its FutureWarning about RAY_ACCEL_ENV_VAR_OVERRIDE_ON_
+    ZERO: setting it to 0 (what the warning asks) matters only for clients given no GPU on a machine with GPUs,
+    whom Ray still hides the GPUs from by default; there the default (and its notice) is kept."""
+    if "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO" in os.environ:
+        return {}
+    gpus_per_client = float((backend.get("client_resources") or {}).get("num_gpus", 0) or 0)
+    if gpus_per_client > 0 or not _gpus_here():
+        return {"RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+    return {}
+
+
+def _gpus_here() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except ImportError:
+        return 0
+
+
+BACKEND_FAILURE_WAIT_S = 60.0  # at most this long a failed backend waits for the ServerApp to begin its run directory
+# (the ServerApp sets up (data, model) while Ray starts; it usually has begun well before: then the wait ends)
+
+
+def report_backend_failure(failure) -> None:
+    """The backend failed and the ServerApp thread waits for replies that will never come: wait (at most
+    BACKEND_FAILURE_WAIT_S) until the ServerApp has its run directory, hand the cause to the supervising parent
+    (which marks the run failed once this process group is gone) and end this process without waiting for the
+    ServerApp thread."""
+    import time
+
+    from experiments import simulation_runtime
+    from fl_ietagc.checkpoints import atomic_write_json
+    from fl_ietagc.rundir import ACTIVE_RUNS, ANNOUNCE_ENV
+
+    def begun():  # the run directory exists with its round-0 commit point (what `fl-ietagc resume` needs)
+        return ACTIVE_RUNS and all(run.resume_path.is_file() for run in list(ACTIVE_RUNS))
+
+    deadline = time.monotonic() + BACKEND_FAILURE_WAIT_S
+    while not begun() and time.monotonic() < deadline and simulation_runtime.server_threads():
+        time.sleep(0.1)
+    report = {"error": failure.line, "details": failure.details}
+    if os.environ.get(ANNOUNCE_ENV):
+        atomic_write_json(backend_failure_file(Path(os.environ[ANNOUNCE_ENV])), report)
+    else:  # not under a supervisor: mark the run here
+        for run in list(ACTIVE_RUNS):
+            mark_backend_failed(run, report)
+        print(f"flower-simulation: run FAILED: {failure.line}", file=sys.stderr)
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(1)
+
+
+def backend_failure_file(announce: Path) -> Path:
+    return announce.parent / "backend-failure.json"
+
+
+BACKEND_LOG = "simulation-backend.log"  # in the run's logs/: Flower's and Ray's report of a backend failure
+
+
+def mark_backend_failed(run, report: dict) -> Path:
+    """Status failed with the cause line; the backend's traceback in logs/simulation-backend.log."""
+    log = run.write_log(BACKEND_LOG, report.get("details") or report["error"])
+    run.write_status("failed", error=report["error"], log=str(log), round=run._committed_or_zero(),
+                     resume=f"fl-ietagc resume {run.path}")
+    return log
+
+
 def failure_line(exc: BaseException) -> str:
     """The ServerApp's own error (Flower wraps it), in one line."""
     from fl_ietagc.protocol import one_line
 
-    while exc.__cause__ is not None and "Ending simulation" in str(exc):
+    while exc.__cause__ is not None and ("Ending simulation" in str(exc) or "Simulation Runtime crashed" in str(exc)):
         exc = exc.__cause__
     return f"{type(exc).__name__}: {one_line(str(exc)) if str(exc) else ''}"
 

@@ -191,6 +191,13 @@ def check_resources(backend: dict, num_clients: int, ray_address: str | None = N
         value = res.get(key, 0)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != value:
             raise ConfigError(f"--backend-config client_resources.{key} = {value!r}: must be a number >= 0")
+    if "num_cpus" in res and res["num_cpus"] < 1:  # Ray's actor pool divides by it, and Flower asks for an int >= 1
+        raise ConfigError(f"--backend-config client_resources.num_cpus = {res['num_cpus']!r}: must be >= 1 "
+                          f"(the CPUs each client's Ray actor holds)")
+    init = backend.get("init_args", {}) or {}
+    if not isinstance(init, dict):
+        raise ConfigError("--backend-config init_args: must be a JSON object")
+    check_ray_init_args(init)
     if ray_address or os.environ.get("RAY_ADDRESS"):
         return  # attached to a cluster: its resources are not this machine's
     cpus, gpus = float(res.get("num_cpus", 1)), float(res.get("num_gpus", 0))
@@ -207,9 +214,43 @@ def check_resources(backend: dict, num_clients: int, ray_address: str | None = N
         if gpus > have:
             raise ConfigError(f"--backend-config client_resources.num_gpus = {res['num_gpus']}: must be <= {have} "
                               f"(the GPUs here)")
-    init = backend.get("init_args", {}) or {}
-    if not isinstance(init, dict):
-        raise ConfigError("--backend-config init_args: must be a JSON object")
+
+
+# ray.init keywords a backend config must not give: Flower passes runtime_env itself, and the address is
+# --ray-address's job (`ray.init(address=...)` would bypass its check)
+RAY_INIT_RESERVED = {"runtime_env": "Flower sets it", "address": "use --ray-address HOST:PORT"}
+
+
+def ray_init_keywords() -> set[str]:
+    """The keyword arguments the installed Ray's `ray.init` accepts (its named ones, and the hidden ones
+    it takes from **kwargs; any other makes it raise "Unknown keyword argument(s)" once Ray is starting)."""
+    import inspect
+    import re
+
+    try:
+        from ray._private.worker import init
+    except Exception as e:  # noqa: BLE001 - a broken Ray install: named in one line, not a traceback
+        raise ConfigError(f"--backend-config init_args: cannot be checked: Ray does not import here "
+                          f"({type(e).__name__}: {e}); reinstall it (pip install 'flwr[simulation]>=1.41,<1.42')"
+                          ) from None
+
+    named = {k for k, v in inspect.signature(init).parameters.items() if v.kind is v.KEYWORD_ONLY}
+    return named | set(re.findall(r"kwargs\.pop\(\s*\"(\w+)\"", inspect.getsource(init)))
+
+
+def check_ray_init_args(init: dict) -> None:
+    """init_args are given to ray.init as keywords: each one must be a keyword it takes."""
+    for key in init:
+        if key in RAY_INIT_RESERVED:
+            raise ConfigError(f"--backend-config init_args.{key}: not allowed here ({RAY_INIT_RESERVED[key]})")
+    if not init:
+        return
+    allowed = ray_init_keywords() - set(RAY_INIT_RESERVED)
+    unknown = sorted(set(init) - allowed)
+    if unknown:
+        raise ConfigError(f"--backend-config init_args: {', '.join(unknown)} not a keyword of ray.init; allowed: "
+                          f"{', '.join(sorted(k for k in allowed if not k.startswith('_')))} (and Ray's private "
+                          f"_temp_dir, _system_config, ...)")
 
 
 def check_init_checkpoint(cfg: RunConfig) -> None:
