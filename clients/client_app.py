@@ -44,7 +44,12 @@ from fl_ietagc.shards import shards_for_config
 from fl_ietagc.trainer import LocalTrainer, NonFiniteError, TrainState, client_seed, pick_device, ray_gpu_ids
 from fl_ietagc.wire import Layout, decode, encode, flatten, unflatten
 
-app = ClientApp()
+from .privacy import client_clipping_mod
+from .secure_aggregation import secure_aggregation_mod
+
+# Flower's SecAgg+ mod around Flower's client-side clipping mod around `train` (each passes a message on untouched
+# unless the run uses it): clipping acts on the update in the clear, then SecAgg+ masks it
+app = ClientApp(mods=[secure_aggregation_mod, client_clipping_mod])
 
 
 @app.train()

@@ -29,6 +29,12 @@ DEVICES = ("auto", "cpu", "cuda")
 CLIENT_FAILURES = ("fail", "tolerate")
 PRECISIONS = ("fp32", "bf16")
 TRANSPORT_DTYPES = ("fp32", "bf16")  # how weights travel in messages (fl_ietagc/wire.py)
+SECURE_AGGREGATION = ("off", "secaggplus")
+# strategies whose rule needs only the (size-weighted) mean of the replies, which is all SecAgg+ gives the server;
+# the others are refused with secure-aggregation (their reason in SECURE_REFUSED, else "needs each reply")
+SECURE_STRATEGIES = ("iet", "fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi")
+SECURE_REFUSED = {"fedmedian": "its coordinate-wise median needs each client's weights",
+                  "fedtrimmedavg": "its trimmed mean needs each client's weights to sort them"}
 # server strategies by name (each built in strategies/registry.py; tests/test_strategies.py checks the two agree)
 STRATEGIES = ("iet", "fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg")
 # run-config keys that only some strategies read: set away from their default with another strategy, they would be
@@ -165,6 +171,24 @@ class RunConfig:
                                "update clip norm (0 = off)", _non_negative)
     dp_noise_multiplier: float = _key("dp-noise-multiplier", 0.0, "DP wrapper: Gaussian noise multiplier",
                                       _non_negative)
+    secure_aggregation: str = _key(
+        "secure-aggregation", "off", "secaggplus = Flower's SecAgg+ protocol: the server only ever holds the masked "
+        "sum of the clients' (raw + EMA) weights, never one client's", choices=SECURE_AGGREGATION)
+    secagg_num_shares: int = _key("secagg-num-shares", 0, "SecAgg+: clients holding a share of each client's secrets "
+                                  "(0 = every client of the round)", lambda v: None if v == 0 or v >= 3 else
+                                  "must be 0 (every client) or >= 3")
+    secagg_reconstruction_threshold: int = _key(
+        "secagg-reconstruction-threshold", 0, "SecAgg+: shares needed to rebuild a secret: a round survives lost "
+        "clients while every client keeps this many connected share holders (0 = a majority of the shares, at "
+        "least 2)", lambda v: None if v == 0 or v >= 2 else "must be 0 (a majority) or >= 2")
+    secagg_clipping_range: float = _key("secagg-clipping-range", 8.0, "SecAgg+: weights are quantized on "
+                                        "[-C, C]; a client with a weight outside fails (nothing is clipped)",
+                                        _positive)
+    secagg_quantization_range: int = _key(
+        "secagg-quantization-range", 2 ** 22, "SecAgg+: quantization levels Q on [-C, C], a power of two with "
+        "num-clients * Q < 2^32; aggregate error < K * 2C/Q / (sum of shard sizes / M), M = the largest shard "
+        "rounded up to a power of two", lambda v: None if 16 <= v < 2 ** 32 and v & (v - 1) == 0 else
+        "must be a power of two in [16, 2^32)")
     round_timeout_s: float = _key("round-timeout-s", 7 * 24 * 3600.0, "how long the server waits for a round's "
                                   "replies", _positive)
     node_wait_s: float = _key("node-wait-s", 600.0, "deployment: how long a round waits for the K SuperNodes to be "
@@ -320,6 +344,7 @@ def _check_cross_keys(cfg: RunConfig) -> None:
         if given[key] != defaults.to_dict()[key] and cfg.strategy not in users:
             raise ConfigError(f"{key} = {given[key]}: only used by strategy {' / '.join(sorted(users))}, "
                               f"not {cfg.strategy}")
+    _check_secure_aggregation(cfg, defaults)
     t2i = cfg.model_type == "latent-t2i"
     if t2i != (cfg.dataset == "captions"):
         raise ConfigError(f"model-type = {cfg.model_type!r}: " + ("needs dataset = \"captions\" (image-caption pairs)"
@@ -335,6 +360,49 @@ def _check_cross_keys(cfg: RunConfig) -> None:
                           f"leave preset at its default")
     if cfg.image_size and cfg.image_size % 8 and not t2i:  # (latent-t2i: validate.py checks its VAE and UNet)
         raise ConfigError(f"image-size = {cfg.image_size}: must be a multiple of 8 (the UNet downsamples 3 times)")
+
+
+def _check_secure_aggregation(cfg: RunConfig, defaults: RunConfig) -> None:
+    """SecAgg+ gives the server only the masked sum: refuse what needs more, and settings Flower's protocol cannot
+    run with (num-clients = 0 is checked again once the server knows K: `check_secure_clients`)."""
+    keys = ("secagg-num-shares", "secagg-reconstruction-threshold", "secagg-clipping-range",
+            "secagg-quantization-range")
+    given, default = cfg.to_dict(), defaults.to_dict()
+    if cfg.secure_aggregation == "off":
+        for key in keys:
+            if given[key] != default[key]:
+                raise ConfigError(f"{key} = {given[key]}: only used with secure-aggregation = \"secaggplus\"")
+        return
+    if cfg.strategy not in SECURE_STRATEGIES:
+        why = SECURE_REFUSED.get(cfg.strategy, "its rule needs each client's reply, not their sum")
+        raise ConfigError(f"strategy = {cfg.strategy!r}: cannot run with secure-aggregation = \"secaggplus\" "
+                          f"({why}; the server only gets the masked sum); use one of {', '.join(SECURE_STRATEGIES)}")
+    if cfg.dp_clip_norm:
+        raise ConfigError(f"dp-clip-norm = {cfg.dp_clip_norm}: server-side clipping needs each client's update, which "
+                          f"secure-aggregation = \"secaggplus\" hides; clip on the clients instead")
+    shares, threshold = cfg.secagg_num_shares, cfg.secagg_reconstruction_threshold
+    if shares and threshold and threshold >= shares:
+        raise ConfigError(f"secagg-reconstruction-threshold = {threshold}: must be < secagg-num-shares ({shares})")
+    if cfg.num_clients:
+        check_secure_clients(cfg, cfg.num_clients)
+
+
+def check_secure_clients(cfg: RunConfig, num_clients: int) -> None:
+    """The SecAgg+ settings against K (the number of clients of the run)."""
+    if cfg.secure_aggregation == "off":
+        return
+    if num_clients < 2:
+        raise ConfigError(f"num-clients = {num_clients}: secure-aggregation needs at least 2 clients")
+    if num_clients * cfg.secagg_quantization_range >= 2 ** 32:
+        raise ConfigError(f"secagg-quantization-range = {cfg.secagg_quantization_range}: with {num_clients} "
+                          f"clients the masked sums would overflow the protocol's modulus 2^32; needs "
+                          f"num-clients * secagg-quantization-range < 2^32")
+    if cfg.secagg_num_shares > num_clients:
+        raise ConfigError(f"secagg-num-shares = {cfg.secagg_num_shares}: more than the {num_clients} clients")
+    shares = cfg.secagg_num_shares or num_clients
+    if cfg.secagg_reconstruction_threshold > shares:
+        raise ConfigError(f"secagg-reconstruction-threshold = {cfg.secagg_reconstruction_threshold}: more than the "
+                          f"{shares} shares")
 
 
 def ineffective_keys(cfg: RunConfig) -> list[str]:

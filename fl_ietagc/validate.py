@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, check_secure_clients
 
 
 def check_model(cfg: RunConfig) -> None:
@@ -300,7 +300,8 @@ def validate_run(cfg: RunConfig, num_clients: int, backend: dict | None = None, 
     if backend is not None:
         check_resources(backend, num_clients, ray_address)
     if num_clients:
-        shards_for_config(cfg, num_clients)  # the data: readable, enough images for K full batches
+        shards = shards_for_config(cfg, num_clients)  # the data: readable, enough images for K full batches
+        check_secure_aggregation(cfg, shards)
     if cfg.resume_from:
         from .resume_check import check_resume_contents
 
@@ -308,3 +309,16 @@ def validate_run(cfg: RunConfig, num_clients: int, backend: dict | None = None, 
     check_init_checkpoint(cfg)
     if warn:
         warn_ineffective(cfg)
+
+
+def check_secure_aggregation(cfg: RunConfig, shards) -> None:
+    """SecAgg+ settings against K and the shard sizes (exact shard-size weights need a shard <= Q images)."""
+    from .secure_sum import max_weight
+
+    if cfg.secure_aggregation == "off":
+        return
+    check_secure_clients(cfg, len(shards))
+    try:
+        max_weight([len(s) for s in shards], cfg.secagg_quantization_range)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

@@ -26,6 +26,7 @@ from logging import INFO, WARNING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app.message_type import MessageType
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
@@ -198,7 +199,8 @@ class AppStrategyMixin:
             else:
                 self.node_partitions[m.metadata.src_node_id] = partition_of(m)
                 problem = self.decode_reply(m)
-                bad = [] if problem else nonfinite_keys(m.content[P.ARRAYS], self.layout)
+                secure = P.ARRAYS not in m.content.array_records  # SecAgg+: no weights; the client checked them
+                bad = [] if problem or secure else nonfinite_keys(m.content[P.ARRAYS], self.layout)
                 if problem:
                     failures.append(ClientFailure(partition_of(m), server_round, problem))
                 elif bad:
@@ -224,6 +226,8 @@ class AppStrategyMixin:
         if digest != self.layout.digest():
             return (f"returned weights of another layout (digest {digest or 'missing'}, sent "
                     f"{self.layout.digest()}): a different model or app version on that node")
+        if P.ARRAYS not in reply.content.array_records:  # (SecAgg+)
+            return ""
         try:
             arrays = decode(numpy_arrays(reply.content[P.ARRAYS]), self.layout)
         except ValueError as e:
@@ -233,6 +237,10 @@ class AppStrategyMixin:
         return ""
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        return super().aggregate_train(server_round, self.check_replies(server_round, replies))
+
+    def check_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """The good replies in partition order, after the failure policy."""
         good, failures = self.sort_replies(server_round, list(replies))
         self.last_failures = failures
         self.last_round = [client_round(m.content) for m in good]
@@ -241,4 +249,17 @@ class AppStrategyMixin:
         if len(good) < self.min_clients:
             raise ClientRoundError(failures, f"; only {len(good)} of {self.num_clients} clients replied, "
                                              f"min-clients-fraction needs {self.min_clients}")
-        return super().aggregate_train(server_round, good)
+        return good
+
+    def aggregate_secure(self, server_round: int, replies: list[Message], mean: ArrayRecord | None, why: str):
+        """SecAgg+ (secure_aggregation.py): `replies` hold metrics but no weights, `mean` is the protocol's
+        shard-size weighted mean of the good replies' weights (None: the protocol stopped, `why`). The
+        strategy's rule runs on that mean as on one reply of weight 1 (FedAvg returns it unchanged; FedAdam,
+        FedAvgM, FedYogi take their step from it)."""
+        good = self.check_replies(server_round, replies)
+        if mean is None:
+            raise RuntimeError(f"round {server_round}: SecAgg+ could not unmask the sum: {why}")
+        one = Message(RecordDict({P.ARRAYS: mean, P.METRICS: MetricRecord({**good[0].content[P.METRICS],
+                                                                          "num-examples": 1}),
+                                  P.INFO: good[0].content[P.INFO]}), good[0].metadata.src_node_id, MessageType.TRAIN)
+        return super().aggregate_train(server_round, [one])

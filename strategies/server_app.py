@@ -45,11 +45,12 @@ from fl_ietagc import ret
 from fl_ietagc.rundir import ACTIVE_RUNS, RunDir, register_active
 from fl_ietagc.shards import shards_for_config
 from fl_ietagc.trainer import pick_device
-from fl_ietagc.validate import check_device, check_model, check_run_dir
+from fl_ietagc.validate import check_device, check_model, check_run_dir, check_secure_aggregation
 from fl_ietagc.wire import Layout, flatten, unflatten, wire_bytes
 
 from .base import as_record, numpy_arrays
 from .registry import build_strategy
+from .secure_aggregation import secure_round
 from .state import export_state, import_state
 
 NODE_WAIT_S = 120  # num-clients = 0: how long to wait for the first SuperNode
@@ -198,6 +199,7 @@ def begin_run(cfg: RunConfig, run: RunDir, num_clients: int, shards: list[np.nda
 def run_federated(grid: Grid, cfg: RunConfig, run: RunDir, num_clients: int, start_round: int, net: dict,
                   ema: dict, saved: dict) -> None:
     state = ServerState.from_saved(saved)
+    check_secure_aggregation(cfg, state.shards)  # (num-clients = 0: K is known only now)
     strategy = build_strategy(cfg, num_clients)
     import_state(strategy, saved["strategy"])
     layout = Layout.of(pack_weights(net, ema), cfg.transport_dtype)
@@ -220,12 +222,18 @@ def run_federated(grid: Grid, cfg: RunConfig, run: RunDir, num_clients: int, sta
     before = (run.read_metrics() or [{}])[-1].get("elapsed-s", 0.0)  # training time of earlier sessions
     for server_round in range(start_round + 1, cfg.num_server_rounds + 1):
         strategy.round_config[P.STATE_ROUNDS] = list(state.state_rounds)
-        messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
-        replies, timing = exchange(grid, messages, cfg.round_timeout_s)
-        fault_point("after-replies", server_round)
-        t_aggregate = time.time()
+        if cfg.secure_aggregation == "off":
+            messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
+            replies, timing = exchange(grid, messages, cfg.round_timeout_s)
+            fault_point("after-replies", server_round)
+            t_aggregate = time.time()
         try:
-            new_arrays, _ = strategy.aggregate_train(server_round, replies)
+            if cfg.secure_aggregation == "off":
+                new_arrays, _ = strategy.aggregate_train(server_round, replies)
+            else:  # no reply holds one client's weights: Flower's SecAgg+ stages give their masked sum
+                secure = secure_round(grid, strategy, cfg, server_round, arrays, state.shards, exchange)
+                new_arrays, replies, timing, t_aggregate = secure.arrays, secure.replies, secure.timing, \
+                    secure.train_done_at  # (aggregate-s: the unmask stage and the strategy's rule)
         finally:
             for f in strategy.last_failures:
                 run.write_log(f"client-p{f.partition_id}-r{server_round}.log", f.traceback or f.line())

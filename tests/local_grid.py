@@ -22,6 +22,13 @@ def set_task_identity() -> None:
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
 
 
+def wire(message):
+    """The message as the other side gets it: through Flower's serialization (each client its own copy)."""
+    from flwr.common.serde import message_from_proto, message_to_proto
+
+    return message_from_proto(message_to_proto(message))
+
+
 class LocalGrid:
     """K SuperNodes (node ids 1000 + P) whose ClientApp runs in this process, one message after another."""
 
@@ -51,16 +58,17 @@ class LocalGrid:
         return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
 
     def send_and_receive(self, messages, timeout=None):
-        from clients.client_app import train
+        from clients.client_app import app  # (with its mods, as Flower calls it)
 
         replies = []
         for m in messages:
             ctx = self.contexts[m.metadata.dst_node_id]
-            conf = m.content["config"]
-            self.delivered.append((int(conf["server-round"]), ctx.node_config["partition-id"]))
-            self.shard_keys.append((int(conf["server-round"]), ctx.node_config["partition-id"],
-                                    sorted(k for k in conf if k.startswith("shard-"))))
-            replies.append(train(m, ctx))
+            if "config" in m.content.config_records:  # (not a SecAgg+ key-exchange stage)
+                conf = m.content["config"]
+                self.delivered.append((int(conf["server-round"]), ctx.node_config["partition-id"]))
+                self.shard_keys.append((int(conf["server-round"]), ctx.node_config["partition-id"],
+                                        sorted(k for k in conf if k.startswith("shard-"))))
+            replies.append(wire(app(wire(m), ctx)))
         return replies
 
 
