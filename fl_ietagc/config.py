@@ -169,8 +169,16 @@ class RunConfig:
                             lambda v: None if 0 < v < 0.5 else "must be in (0, 0.5)")
     dp_clip_norm: float = _key("dp-clip-norm", 0.0, "server-side fixed-clipping DP wrapper around the strategy: "
                                "update clip norm (0 = off)", _non_negative)
-    dp_noise_multiplier: float = _key("dp-noise-multiplier", 0.0, "DP wrapper: Gaussian noise multiplier",
-                                      _non_negative)
+    dp_noise_multiplier: float = _key("dp-noise-multiplier", 0.0, "DP wrapper (dp-clip-norm or "
+                                      "dp-client-clip-norm): Gaussian noise multiplier z, noise std z * clip norm / K "
+                                      "on the aggregate; > 0: epsilon reported in metrics.json", _non_negative)
+    dp_client_clip_norm: float = _key(
+        "dp-client-clip-norm", 0.0, "client-side fixed clipping (Flower's fixedclipping_mod + "
+        "DifferentialPrivacyClientSideFixedClipping): each client clips its update (raw + EMA, one vector) to this "
+        "norm, the server adds noise to the aggregate; works with secure-aggregation (0 = off)", _non_negative)
+    dp_delta: float = _key("dp-delta", 1e-5, "delta of the (epsilon, delta) client-level DP reported with "
+                           "dp-noise-multiplier > 0 (Opacus' RDP accountant)",
+                           lambda v: None if 0 < v < 1 else "must be in (0, 1)")
     secure_aggregation: str = _key(
         "secure-aggregation", "off", "secaggplus = Flower's SecAgg+ protocol: the server only ever holds the masked "
         "sum of the clients' (raw + EMA) weights, never one client's", choices=SECURE_AGGREGATION)
@@ -327,8 +335,17 @@ def _check_cross_keys(cfg: RunConfig) -> None:
         raise ConfigError(f"data-root = '': dataset {cfg.dataset} needs the path of an image folder")
     if cfg.dataset in ("afhq-dog", "folder") and cfg.data_download:
         raise ConfigError(f"data-download = true: dataset {cfg.dataset} cannot be downloaded; give data-root")
-    if cfg.dp_noise_multiplier and not cfg.dp_clip_norm:
-        raise ConfigError(f"dp-noise-multiplier = {cfg.dp_noise_multiplier}: needs dp-clip-norm > 0 (the DP wrapper)")
+    if cfg.dp_noise_multiplier and not (cfg.dp_clip_norm or cfg.dp_client_clip_norm):
+        raise ConfigError(f"dp-noise-multiplier = {cfg.dp_noise_multiplier}: needs dp-clip-norm > 0 (the DP wrapper)"
+                          f" or dp-client-clip-norm > 0")
+    if cfg.dp_clip_norm and cfg.dp_client_clip_norm:
+        raise ConfigError(f"dp-client-clip-norm = {cfg.dp_client_clip_norm}: clip on the server (dp-clip-norm) or on "
+                          f"the clients, not both")
+    if cfg.dp_client_clip_norm and cfg.transport_dtype != "fp32":
+        raise ConfigError(f"dp-client-clip-norm = {cfg.dp_client_clip_norm}: Flower's clipping mod works on the "
+                          f"arrays as they travel; needs transport-dtype = \"fp32\"")
+    if not cfg.dp_noise_multiplier and cfg.dp_delta != RunConfig.dp_delta:
+        raise ConfigError(f"dp-delta = {cfg.dp_delta}: only used with dp-noise-multiplier > 0")
     if cfg.taa and not cfg.agc:
         raise ConfigError("taa = true: threshold-aware augmentation needs agc = true (it uses the memory bank)")
     defaults = RunConfig()

@@ -307,6 +307,10 @@ def validate_run(cfg: RunConfig, num_clients: int, backend: dict | None = None, 
 
         check_resume_contents(cfg, client_states=not ray_address)  # (a cluster's nodes may keep their own)
     check_init_checkpoint(cfg)
+    if cfg.dp_noise_multiplier:
+        from .privacy import rdp_accountant
+
+        rdp_accountant()  # (opacus installed, for the epsilon in metrics.json)
     if warn:
         warn_ineffective(cfg)
 

@@ -4,7 +4,7 @@ A strategy is registered with a builder `(cfg: RunConfig, num_clients: int) -> s
 Flower strategy with `AppStrategyMixin` in front (see base.py). Adding a strategy = a class, one line here,
 and its name in fl_ietagc/config.py's STRATEGIES (plus STRATEGY_KEYS for keys only it reads); the ServerApp does
 not change. `dp-clip-norm > 0` wraps whichever strategy in Flower's server-side
-fixed-clipping DP wrapper.
+fixed-clipping DP wrapper, `dp-client-clip-norm > 0` in its client-side one (strategies/privacy.py).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from fl_ietagc.config import RunConfig
 from .flower_strategies import (AppDPFixedClipping, AppFedAdam, AppFedAvgM, AppFedMedian, AppFedProx,
                                 AppFedTrimmedAvg, AppFedYogi, FedAvgFreshOptimizer, common_args, no_evaluation)
 from .iet import IETFedAvg
+from .privacy import AppDPClientClipping
 
 STRATEGIES: dict[str, Callable] = {
     "iet": lambda cfg, k: IETFedAvg(k),
@@ -35,4 +36,7 @@ def build_strategy(cfg: RunConfig, num_clients: int):
     if cfg.dp_clip_norm > 0:
         strategy = AppDPFixedClipping(strategy, noise_multiplier=cfg.dp_noise_multiplier,
                                       clipping_norm=cfg.dp_clip_norm, num_sampled_clients=num_clients)
+    elif cfg.dp_client_clip_norm > 0:
+        strategy = AppDPClientClipping(strategy, noise_multiplier=cfg.dp_noise_multiplier,
+                                       clipping_norm=cfg.dp_client_clip_norm, num_sampled_clients=num_clients)
     return strategy

@@ -40,6 +40,7 @@ from fl_ietagc.faults import fault_point
 from fl_ietagc.images import write_sample_grid
 from fl_ietagc.initial_weights import initial_weights
 from fl_ietagc.models import build_for_config, load_weights
+from fl_ietagc.privacy import rdp_accountant, round_privacy
 from fl_ietagc.protocol import round_metrics
 from fl_ietagc import ret
 from fl_ietagc.rundir import ACTIVE_RUNS, RunDir, register_active
@@ -200,6 +201,8 @@ def run_federated(grid: Grid, cfg: RunConfig, run: RunDir, num_clients: int, sta
                   ema: dict, saved: dict) -> None:
     state = ServerState.from_saved(saved)
     check_secure_aggregation(cfg, state.shards)  # (num-clients = 0: K is known only now)
+    if cfg.dp_noise_multiplier:
+        rdp_accountant()  # (opacus installed: else the run stops here, not after round 1)
     strategy = build_strategy(cfg, num_clients)
     import_state(strategy, saved["strategy"])
     layout = Layout.of(pack_weights(net, ema), cfg.transport_dtype)
@@ -332,6 +335,10 @@ def end_round(cfg: RunConfig, run: RunDir, strategy, state: ServerState, server_
                          for f in strategy.last_failures]}
     if timing is not None:
         record["timing"] = timing
+    privacy = round_privacy(cfg, strategy.num_clients, [c.num_examples for c in clients],
+                            [m for m in run.read_metrics() if m["round"] < server_round])
+    if privacy:
+        record["privacy"] = privacy
     net, ema = unpack_weights(unflatten(numpy_arrays(arrays), layout))
     last = server_round == cfg.num_server_rounds
     run.commit_round(server_round, record, net=net, ema=ema, state=state.to_saved(strategy), config=cfg.to_dict(),

@@ -98,7 +98,8 @@ def test_whole_floats_are_accepted_for_int_keys():
     ({"ret-fraction": 0.3}, "ret-fraction = 0.3: only used with ret-every > 0"),
     ({"taa-gamma": 2.0}, "taa-gamma / taa-max-shift: only used with taa = true"),
     ({"taa-max-shift": 2}, "taa-gamma / taa-max-shift: only used with taa = true"),
-    ({"dp-noise-multiplier": 1.0}, "dp-noise-multiplier = 1.0: needs dp-clip-norm > 0 (the DP wrapper)"),
+    ({"dp-noise-multiplier": 1.0}, "dp-noise-multiplier = 1.0: needs dp-clip-norm > 0 (the DP wrapper) or "
+     "dp-client-clip-norm > 0"),
     ({"beta-start": 0.02}, "beta-end = 0.02: must be > beta-start (0.02)"),
     ({"data-root": "/somewhere"}, "data-root = '/somewhere': digits is embedded (sklearn); leave data-root empty"),
     ({"image-size": 20}, "image-size = 20: must be a multiple of 8 (the UNet downsamples 3 times)"),
