@@ -16,6 +16,10 @@ from the state the server last counted, so no client's steps are applied twice.
 
 Any error is caught and sent back as an `error` record (partition, round, step, one line, traceback),
 so the server can name the partition instead of a Flower node id.
+
+Two mods wrap `train` (each passes a message on unless the run uses it): SecAgg+ (secure_aggregation.py:
+Flower's secaggplus_mod masks the reply's weights) and client-side clipping (privacy.py: Flower's
+fixedclipping_mod clips the update first).
 """
 
 from __future__ import annotations
@@ -47,8 +51,7 @@ from fl_ietagc.wire import Layout, decode, encode, flatten, unflatten
 from .privacy import client_clipping_mod
 from .secure_aggregation import secure_aggregation_mod
 
-# Flower's SecAgg+ mod around Flower's client-side clipping mod around `train` (each passes a message on untouched
-# unless the run uses it): clipping acts on the update in the clear, then SecAgg+ masks it
+# clipping acts on the update in the clear, then SecAgg+ masks it
 app = ClientApp(mods=[secure_aggregation_mod, client_clipping_mod])
 
 

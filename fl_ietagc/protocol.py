@@ -17,6 +17,10 @@ and `layout` (ConfigRecord) their tensors' names, shapes, dtypes and the transpo
 Reply: `arrays` (the same flat groups), `metrics` (MetricRecord) and `info` (ConfigRecord: partition-id,
 image-ids, skip-counts, layout-digest, received-at / replied-at, and where the round ran: pid, host, ray-node);
 or, when the client failed, only `error` (ConfigRecord: partition-id, round, step, error, traceback).
+
+Under SecAgg+ (secure-aggregation = "secaggplus") the train instruction also carries Flower's protocol record,
+and the reply holds no weights: Flower's legacy `fitres.*` records (their ArrayRecord emptied by Flower's mod),
+the masked vector in the protocol's record, and the same `metrics` and `info`.
 """
 
 from __future__ import annotations
