@@ -84,6 +84,8 @@ def test_clients_clip_their_update_and_the_server_adds_noise_of_std_z_s_over_k(t
     ({"dp-clip-norm": 1.0, "dp-client-clip-norm": 1.0}, "dp-client-clip-norm = 1.0: clip on the server "
      "(dp-clip-norm) or on the clients, not both"),
     ({"dp-delta": 1e-3}, "dp-delta = 0.001: only used with dp-noise-multiplier > 0"),
+    ({"dp-client-clip-norm": 1.0, "transport-dtype": "bf16"}, "dp-client-clip-norm = 1.0: Flower's clipping mod "
+     "works on the arrays as they travel; needs transport-dtype = \"fp32\""),
     ({"dp-delta": 1.0, "dp-client-clip-norm": 1.0, "dp-noise-multiplier": 1.0}, "dp-delta = 1.0: must be in (0, 1)"),
 ])
 def test_dp_keys_are_checked(raw, message):

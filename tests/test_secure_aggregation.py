@@ -109,6 +109,14 @@ def test_the_server_never_holds_a_clients_weights(both_runs):
     assert masked == K * (n_arrays + 1)  # K masked vectors: the weight factor + every array, nothing else
 
 
+def test_bf16_transport_the_clients_decode_before_masking(tmp_path):
+    """transport-dtype = bf16: each client masks the bfloat16-rounded weights plain aggregation would average."""
+    bf16 = {"transport-dtype": "bf16"}
+    _, secure = run(tmp_path, "secure", **SECURE, **bf16)
+    _, plain = run(tmp_path, "plain", **bf16)
+    assert_within(final(secure), final(plain), error_bound([32] * K, C, Q), K)
+
+
 def test_a_client_lost_mid_round_is_recovered_by_the_reconstruction_threshold(tmp_path, monkeypatch):
     """Partition 1 fails after the key exchange, in the train stage: its pairwise masks are rebuilt from the
     other clients' shares, and the mean is over partitions 0 and 2, as plain IET's under the same failure."""
