@@ -97,3 +97,11 @@ def test_client_clipping_combines_with_secure_aggregation_but_server_clipping_do
     parse_config({"secure-aggregation": "secaggplus", "dp-client-clip-norm": 1.0, "dp-noise-multiplier": 1.0})
     with pytest.raises(ConfigError, match="^dp-clip-norm = 1.0: server-side clipping needs each client's update"):
         parse_config({"secure-aggregation": "secaggplus", "dp-clip-norm": 1.0})
+
+
+def test_a_failing_client_is_still_named_by_partition_through_the_clipping_mod(tmp_path, monkeypatch):
+    from strategies.base import ClientRoundError
+
+    monkeypatch.setenv("FL_IETAGC_FAULT", "client-train-p1:1:raise")
+    with pytest.raises(ClientRoundError, match=r"^partition 1, round 1: InjectedFault"):
+        run_server({**SMALL, "output-dir": str(tmp_path), "run-name": "f", "dp-client-clip-norm": 0.05}, K)

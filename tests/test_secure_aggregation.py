@@ -210,3 +210,24 @@ def test_secure_aggregation_in_the_simulation_engine(tmp_path):
     run_dir = RunDir(tmp_path / "s")
     assert run_dir.read_status()["status"] == "completed"
     assert [[c["partition-id"] for c in m["clients"]] for m in run_dir.read_metrics()] == [[0, 1, 2], [0, 1, 2]]
+
+
+@pytest.mark.slow
+def test_secure_aggregation_in_a_deployment_equals_the_in_process_grid(tmp_path):
+    """scripts/deploy-local.sh (TLS, K = 2, a long-lived ClientApp process per SuperNode: the protocol's keys live in
+    each SuperNode's context between the stages) gives the in-process grid's weights, bit for bit: the stochastic
+    rounding is seeded and the masked sums are exact integers."""
+    from tests.test_deployment import (CONFIG, RUN_NAME, assert_same_weights, reference_weights, start_deploy,
+                                       stop_deploy)
+
+    deploy, out, ports = start_deploy(tmp_path, "process", {**CONFIG, "secure-aggregation": '"secaggplus"'},
+                                      threads=1)
+    try:
+        code = deploy.wait(timeout=480)
+    finally:
+        stop_deploy(deploy, tmp_path / "work", ports)
+    assert code == 0, out.read_text()[-4000:]
+    run_dir = RunDir(tmp_path / "runs" / RUN_NAME)
+    assert [[c["partition-id"] for c in m["clients"]] for m in run_dir.read_metrics()] == [[0, 1], [0, 1]]
+    reference = reference_weights(tmp_path / "ref", {**CONFIG, **SECURE}, threads=1)
+    assert_same_weights(reference, load_checkpoint(run_dir.final_checkpoint))
