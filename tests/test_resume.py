@@ -56,7 +56,7 @@ def assert_same_run(ref: RunDir, run: RunDir) -> None:
     assert_same_weights(ref.final_checkpoint, run.final_checkpoint)
     for r in (1, 2, 3):
         assert_same_weights(ref.checkpoint(r), run.checkpoint(r))
-    strip = lambda ms: [{k: v for k, v in m.items() if k not in ("elapsed-s", "client-seconds-max", "clients")}
+    strip = lambda ms: [{k: v for k, v in m.items() if k not in ("elapsed-s", "client-seconds-max", "clients", "timing")}
                         for m in ms]
     assert strip(run.read_metrics()) == strip(ref.read_metrics())
     assert np.array_equal(np.load(run.skip_counts_path), np.load(ref.skip_counts_path))
