@@ -30,12 +30,15 @@ CLIENT_FAILURES = ("fail", "tolerate")
 PRECISIONS = ("fp32", "bf16")
 TRANSPORT_DTYPES = ("fp32", "bf16")  # how weights travel in messages (fl_ietagc/wire.py)
 # server strategies by name (each built in strategies/registry.py; tests/test_strategies.py checks the two agree)
-STRATEGIES = ("iet", "fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg")
+STRATEGIES = ("iet", "fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg",
+              "krum", "multikrum", "bulyan", "qfedavg")
+DP_CLIPPINGS = ("fixed", "adaptive")
 # run-config keys that only some strategies read: set away from their default with another strategy, they would be
 # silently ignored, so that is an error
 STRATEGY_KEYS = {"fedavgm-lr": ("fedavgm",), "fedavgm-momentum": ("fedavgm",), "fedprox-mu": ("fedprox",),
-                 "fedopt-eta": ("fedadam", "fedyogi"), "fedopt-tau": ("fedadam", "fedyogi"),
-                 "trim-beta": ("fedtrimmedavg",)}
+                 "fedopt-eta": ("fedadam", "fedyogi", "fedadagrad"), "fedopt-tau": ("fedadam", "fedyogi", "fedadagrad"),
+                 "trim-beta": ("fedtrimmedavg",), "malicious-clients": ("krum", "multikrum", "bulyan"),
+                 "multikrum-select": ("multikrum",), "qfedavg-q": ("qfedavg",)}
 
 
 class ConfigError(ValueError):
@@ -161,6 +164,20 @@ class RunConfig:
     fedopt_tau: float = _key("fedopt-tau", 1e-3, "fedadam/fedyogi: adaptivity tau", _positive)
     trim_beta: float = _key("trim-beta", 0.2, "fedtrimmedavg: fraction cut at each end",
                             lambda v: None if 0 < v < 0.5 else "must be in (0, 0.5)")
+    malicious_clients: int = _key("malicious-clients", 0, "krum/multikrum/bulyan: f, the Byzantine clients the rule "
+                                  "tolerates (each update is scored by its K-f-2 nearest; krum/multikrum need "
+                                  "K >= 2f+3, bulyan K >= 4f+3)", _non_negative)
+    multikrum_select: int = _key("multikrum-select", 2, "multikrum: m, the updates with the best Krum scores that are "
+                                 "averaged (size-weighted); at most K", _at_least(1))
+    qfedavg_q: float = _key("qfedavg-q", 0.1, "qfedavg: fairness exponent q (0 = a FedAvg step); the Lipschitz "
+                            "estimate is 1/lr", _non_negative)
+    dp_clipping: str = _key("dp-clipping", "fixed", "DP wrapper: fixed = clip every update to dp-clip-norm; adaptive "
+                            "= start at dp-clip-norm and move the norm each round towards dp-target-quantile of the "
+                            "update norms (Andrew et al. 2021)", choices=DP_CLIPPINGS)
+    dp_target_quantile: float = _key("dp-target-quantile", 0.5, "adaptive DP clipping: the fraction of updates meant "
+                                     "to be clipped", lambda v: None if 0 <= v <= 1 else "must be in [0, 1]")
+    dp_clip_norm_lr: float = _key("dp-clip-norm-lr", 0.2, "adaptive DP clipping: learning rate of the geometric "
+                                  "clip-norm update", _positive)
     dp_clip_norm: float = _key("dp-clip-norm", 0.0, "server-side fixed-clipping DP wrapper around the strategy: "
                                "update clip norm (0 = off)", _non_negative)
     dp_noise_multiplier: float = _key("dp-noise-multiplier", 0.0, "DP wrapper: Gaussian noise multiplier",
@@ -292,6 +309,7 @@ def parse_config(raw: Mapping[str, Any]) -> RunConfig:
 
 
 def _check_cross_keys(cfg: RunConfig) -> None:
+    defaults = RunConfig()
     if not cfg.output_dir.strip():
         raise ConfigError("output-dir = '': must name a directory (e.g. \"runs\"); an empty one would scatter the "
                           "run into the current directory")
@@ -305,9 +323,14 @@ def _check_cross_keys(cfg: RunConfig) -> None:
         raise ConfigError(f"data-download = true: dataset {cfg.dataset} cannot be downloaded; give data-root")
     if cfg.dp_noise_multiplier and not cfg.dp_clip_norm:
         raise ConfigError(f"dp-noise-multiplier = {cfg.dp_noise_multiplier}: needs dp-clip-norm > 0 (the DP wrapper)")
+    if cfg.dp_clipping != defaults.dp_clipping and not cfg.dp_clip_norm:
+        raise ConfigError(f"dp-clipping = {cfg.dp_clipping!r}: needs dp-clip-norm > 0 (the DP wrapper; with adaptive "
+                          f"clipping it is the initial norm)")
+    for key in ("dp-target-quantile", "dp-clip-norm-lr"):
+        if cfg.to_dict()[key] != defaults.to_dict()[key] and cfg.dp_clipping != "adaptive":
+            raise ConfigError(f"{key} = {cfg.to_dict()[key]}: only used with dp-clipping = \"adaptive\"")
     if cfg.taa and not cfg.agc:
         raise ConfigError("taa = true: threshold-aware augmentation needs agc = true (it uses the memory bank)")
-    defaults = RunConfig()
     if not cfg.ret_every and cfg.ret_fraction != defaults.ret_fraction:
         raise ConfigError(f"ret-fraction = {cfg.ret_fraction}: only used with ret-every > 0")
     if not cfg.taa and (cfg.taa_gamma, cfg.taa_max_shift) != (defaults.taa_gamma, defaults.taa_max_shift):
@@ -361,6 +384,22 @@ def ineffective_keys(cfg: RunConfig) -> list[str]:
     if not cfg.sample_count:
         note("sample-steps", "sample-count = 0 (no final samples)")
     return unused
+
+
+def check_strategy_clients(cfg: RunConfig, num_clients: int) -> None:
+    """The strategy's rule against K (known once the SuperNodes are counted): raise ConfigError naming the key."""
+    k, f = num_clients, cfg.malicious_clients
+    if cfg.strategy in ("krum", "multikrum") and k < 2 * f + 3:
+        raise ConfigError(f"malicious-clients = {f}: {cfg.strategy} needs K >= 2f+3 = {2 * f + 3} clients (Krum scores "
+                          f"each update by its K-f-2 nearest), K is {k}")
+    if cfg.strategy == "bulyan" and k < 4 * f + 3:
+        raise ConfigError(f"malicious-clients = {f}: bulyan needs K >= 4f+3 = {4 * f + 3} clients, K is {k}")
+    if cfg.strategy == "multikrum" and cfg.multikrum_select > k:
+        raise ConfigError(f"multikrum-select = {cfg.multikrum_select}: must be <= K = {k}")
+    if cfg.dp_clipping == "adaptive" and cfg.dp_noise_multiplier and cfg.dp_noise_multiplier >= k / 10:
+        # Flower noises the clipped count with stddev K/20 and needs noise < 2 * that (Andrew et al.'s split)
+        raise ConfigError(f"dp-noise-multiplier = {cfg.dp_noise_multiplier}: adaptive clipping with K = {k} needs "
+                          f"it < K/10 = {k / 10:g} (Flower noises the clipped count with stddev K/20)")
 
 
 def split_items(text: str) -> list[str]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, check_strategy_clients
 
 
 def check_model(cfg: RunConfig) -> None:
@@ -300,6 +300,7 @@ def validate_run(cfg: RunConfig, num_clients: int, backend: dict | None = None, 
     if backend is not None:
         check_resources(backend, num_clients, ray_address)
     if num_clients:
+        check_strategy_clients(cfg, num_clients)  # Krum/Bulyan's K >= 2f+3 / 4f+3, multikrum-select <= K
         shards_for_config(cfg, num_clients)  # the data: readable, enough images for K full batches
     if cfg.resume_from:
         from .resume_check import check_resume_contents
