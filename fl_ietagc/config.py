@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -65,6 +66,12 @@ def _in_unit_open(v):
     return None if 0 <= v < 1 else "must be in [0, 1)"
 
 
+def _lora_targets(v):
+    names = [t.strip() for t in v.split(",")]
+    bad = [t for t in names if not re.fullmatch(r"[A-Za-z_][\w]*(\.[\w]+)*", t)]
+    return f"must be comma-separated module names such as to_q,to_out.0 ({bad[0]!r} is not one)" if bad else None
+
+
 def _at_least(n):
     def check(v):
         return None if v >= n else f"must be >= {n}"
@@ -110,6 +117,13 @@ class RunConfig:
                              "halves their memory)", choices=PRECISIONS)
     gradient_checkpointing: bool = _key("gradient-checkpointing", False, "recompute the UNet's activations in the "
                                         "backward pass (less activation memory; one more forward pass per step)")
+    lora_rank: int = _key("lora-rank", 0, "LoRA adapters (peft) of this rank in the UNet, base frozen: only the "
+                          "adapters are trained, averaged, sent and checkpointed (latent-t2i, or pixel with "
+                          "init-checkpoint as the base); 0 = train the full UNet", _non_negative)
+    lora_alpha: float = _key("lora-alpha", 0.0, "LoRA scale numerator (the update is alpha/rank * B A); 0 = lora-rank",
+                             _non_negative)
+    lora_targets: str = _key("lora-targets", "to_q,to_k,to_v,to_out.0", "comma-separated module names (suffixes) "
+                             "that get adapters; default: the attention projections", _lora_targets)
     optimizer: str = _key("optimizer", "adam", "adam, or adam8bit (bitsandbytes' 8-bit Adam: optimizer state in "
                           "a quarter of the memory; the `memory` extra)", choices=OPTIMIZERS)
     preset: str = _key("preset", "tiny", "UNet preset (model-type = pixel)", choices=PRESETS)
@@ -356,6 +370,13 @@ def _check_cross_keys(cfg: RunConfig) -> None:
     if t2i and cfg.preset != defaults.preset:
         raise ConfigError(f"preset = {cfg.preset!r}: model-type = \"latent-t2i\" trains pretrained-dir's UNet; "
                           f"leave preset at its default")
+    if not cfg.lora_rank:
+        for key in ("lora-alpha", "lora-targets"):
+            if given[key] != defaults.to_dict()[key]:
+                raise ConfigError(f"{key} = {given[key]!r}: only used with lora-rank > 0")
+    elif not t2i and not cfg.init_checkpoint:
+        raise ConfigError(f"lora-rank = {cfg.lora_rank}: LoRA adapts a pretrained UNet; a pixel run needs "
+                          f"init-checkpoint (the frozen base), or use model-type = \"latent-t2i\"")
     if cfg.image_size and cfg.image_size % 8 and not t2i:  # (latent-t2i: validate.py checks its VAE and UNet)
         raise ConfigError(f"image-size = {cfg.image_size}: must be a multiple of 8 (the UNet downsamples 3 times)")
 
