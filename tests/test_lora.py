@@ -145,3 +145,40 @@ def test_lora_keys_are_refused_where_they_cannot_apply():
         parse_config({"lora-targets": "to_q"})
     with pytest.raises(ConfigError, match=r"^lora-targets = 'to_q,,to_k': must be comma-separated module names"):
         parse_config({"lora-rank": 4, "init-checkpoint": "x.pt", "lora-targets": "to_q,,to_k"})
+
+
+def test_pixel_lora_from_init_checkpoint_trains_adapters_and_exports_a_merged_pipeline(tmp_path):
+    """A pixel run with init-checkpoint: the checkpoint's raw weights are the frozen base on every side; the
+    Flower-free loop trains the adapters; export merges them into a plain DDIM pipeline."""
+    from diffusers import DDIMPipeline
+
+    from fl_ietagc.checkpoints import save_checkpoint
+    from fl_ietagc.export import export_pipeline
+    from fl_ietagc.initial_weights import initial_weights
+    from fl_ietagc.iet_loop import run_iet_loop
+    from fl_ietagc.models import build_for_config, load_weights
+
+    small = {"max-images": 64, "batch-size": 16, "local-epochs": 1, "num-server-rounds": 1, "diffusion-steps": 20,
+             "sample-count": 0, "lr": 1e-2, "warmup-steps": 1}
+    net, ema = initial_weights(parse_config({**small, "seed": 3}))
+    save_checkpoint(tmp_path / "base.pt", net, ema, server_round=0, config={})
+    conf = {**small, "init-checkpoint": str(tmp_path / "base.pt"), "lora-rank": 2, "output-dir": str(tmp_path),
+            "run-name": "r"}
+    cfg = parse_config(conf)
+    model = build_for_config(cfg)
+    base = {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if ".lora_" not in k}
+    assert base.keys() == net.keys() and all(torch.equal(base[k], net[k]) for k in net)  # the checkpoint's raw
+    torch.set_num_threads(1)
+    try:
+        run_iet_loop(cfg, 2, torch.device("cpu"), RunDir.create(str(tmp_path), "r", ""))
+    finally:
+        torch.set_num_threads(2)
+    final = load_checkpoint(RunDir(tmp_path / "r").final_checkpoint)
+    assert set(final["net"]) == {k for k, p in model.named_parameters() if p.requires_grad}
+    assert any(".lora_B." in k and final["net"][k].abs().sum() > 0 for k in final["net"])  # trained: B A != 0
+    pipe = DDIMPipeline.from_pretrained(export_pipeline(tmp_path / "r", tmp_path / "export"))
+    load_weights(model, final["net"], "final raw adapters")
+    x, t = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 15])
+    with torch.no_grad():
+        ours, theirs = model.eval()(x, t).sample, pipe.unet.eval()(x, t).sample
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)  # merged weights vs base + B A: fp32 rounding
