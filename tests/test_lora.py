@@ -76,7 +76,7 @@ def test_lora_fine_tune_moves_only_adapters_and_equals_the_flower_free_loop(lora
     # messages: raw + EMA adapters, fp32, both directions
     want = 2 * n_adapter * 4
     print(f"\nLoRA rank 4 on the tiny UNet: {n_adapter:,} adapter parameters, {n_base:,} frozen; message "
-          f"{want:,} bytes (raw + EMA) vs {2 * (n_adapter + n_base) * 4:,} for the full UNet")
+          f"{want:,} bytes (raw + EMA) vs {2 * n_base * 4:,} for the full UNet")
     assert grid.sent_bytes == [want] * 4 and grid.reply_bytes == [want] * 4
     # client state: Adam's moments for the adapters only, nothing of the base
     state_file = app.client_state(0, 2)
