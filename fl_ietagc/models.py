@@ -70,7 +70,7 @@ def build_for_config(cfg) -> torch.nn.Module:
     if cfg.lora_rank:  # the frozen base is rebuilt here on every side; only the adapters travel
         from .lora import add_lora
 
-        if cfg.model_type == "pixel":  # (config.py: a pixel LoRA run has init-checkpoint)
+        if cfg.init_checkpoint:  # (config.py: a pixel LoRA run has one; latent-t2i: replaces pretrained-dir's UNet)
             from .initial_weights import checkpoint_weights, load_init_weights
 
             weights, what = checkpoint_weights(cfg, model)[0]  # the raw weights are the base
