@@ -40,6 +40,7 @@ from fl_ietagc.checkpoints import pack_weights, unpack_weights
 from fl_ietagc.config import RunConfig, parse_config
 from fl_ietagc.data import shard_inputs
 from fl_ietagc.faults import fault_point
+from fl_ietagc.lora import trained_state
 from fl_ietagc.models import build_for_config, load_weights
 from fl_ietagc.progress import StepProgress
 from fl_ietagc.protocol import ClientFailure, ClientRound, one_line
@@ -115,7 +116,7 @@ def train_round(cfg: RunConfig, instruction: RecordDict, context: Context, parti
                           client_step=state.step, image_ids=shard, skip_counts=stats.skip_counts.numpy())
     metrics, info = summary.to_records()
     info[P.LAYOUT_DIGEST] = layout.digest()
-    flat = encode(flatten(pack_weights(trainer.model.state_dict(), trainer.ema.state_dict()), layout), layout)
+    flat = encode(flatten(pack_weights(trained_state(trainer.model), trained_state(trainer.ema)), layout), layout)
     content = RecordDict({P.ARRAYS: ArrayRecord({k: Array(a) for k, a in flat.items()}),
                           P.METRICS: MetricRecord(metrics), P.INFO: ConfigRecord(info)})
     del trainer, model, ema

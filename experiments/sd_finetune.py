@@ -7,7 +7,10 @@ generations from the training captions (fl-ietagc evaluate on each run).
     fl-ietagc-study sd-finetune --full --pretrained SD_DIR --data PAIRS --dry-run   # the estimate only
 
 Runs: `plain-finetune` (centralized training, AGC off, as many steps as the K-client runs), `iet-agc` (K clients),
-`ret` (IET-AGC with RET's redistribution every round and threshold-aware augmentation by up to 1 latent pixel).
+`ret` (IET-AGC with RET's redistribution every round and threshold-aware augmentation by up to 1 latent pixel),
+`iet-agc-lora` (IET-AGC training LoRA adapters of rank 4 only, base frozen; lr 1e-4 at full size, as diffusers'
+LoRA text-to-image example). The estimate's second table gives each run's message (raw + EMA of what it trains,
+fp32, each direction of a round) and per-client state (trained weights, EMA, gradients, Adam; the frozen base apart).
 `--full` follows the reference SD setup where this project can (method.md: 256 px, K = 4, 25 rounds, batch 8,
 lr 2.5e-6, lambda 1.25, warmup 5000, grad clip 1.0) with bf16 frozen parts and forward, gradient checkpointing;
 it uses Adam, not AdamW with weight decay 1e-2, and keeps an EMA. The estimate printed first counts FLOPs on the
@@ -32,11 +35,13 @@ SMOKE = {"model-type": "latent-t2i", "dataset": "captions", "image-size": 16, "n
          "local-epochs": 2, "batch-size": 4, "lr": 1e-3, "warmup-steps": 2, "agc-lambda": 1.25, "diffusion-steps": 20,
          "sample-count": 4, "sample-steps": 5}
 RET = {"ret-every": 1, "ret-fraction": 0.1, "taa": True, "taa-max-shift": 1}
+LORA_RANK = 4
 
 
-def plan(k: int) -> list[RunSpec]:
+def plan(k: int, smoke: bool = True) -> list[RunSpec]:
+    lora = {"lora-rank": LORA_RANK} if smoke else {"lora-rank": LORA_RANK, "lr": 1e-4}
     return [RunSpec("plain-finetune", 0, {"agc": False}, match_federated=k), RunSpec("iet-agc", k),
-            RunSpec("ret", k, RET)]
+            RunSpec("ret", k, RET), RunSpec("iet-agc-lora", k, lora)]
 
 
 def smoke_inputs(study_dir: Path) -> tuple[Path, Path]:
@@ -85,8 +90,10 @@ def estimate(cfg, runs: list[RunSpec], n_train: int, generations: int, eval_step
     for r in runs:
         k = r.clients or r.match_federated
         steps = cfg.num_server_rounds * cfg.local_epochs * k * ((n_train // k) // cfg.batch_size)
+        # (a LoRA run's backward skips the base's weight gradients: 3 x forward overestimates it)
         flops = steps * cfg.batch_size * 3 * fwd + generations * eval_steps * 2 * fwd
-        rows.append({"run": r.name, "optimizer_steps": steps, "pflop": flops / 1e15})
+        rows.append({"run": r.name, "optimizer_steps": steps, "pflop": flops / 1e15,
+                     **run_sizes(unet, r.overrides.get("lora-rank", 0), cfg, federated=bool(r.clients))})
         total += flops
     state_bytes = params * (4 + 4 + 4 + (2 if cfg.optimizer == "adam8bit" else 8))  # weights, grads, EMA, Adam
     return {"rows": rows, "total_pflop": total / 1e15, "gpu_hours": total / (ASSUMED_TFLOPS * 1e12) / 3600,
@@ -94,8 +101,31 @@ def estimate(cfg, runs: list[RunSpec], n_train: int, generations: int, eval_step
             "state_gib_per_client": state_bytes / 2 ** 30}
 
 
+def run_sizes(unet, rank: int, cfg, federated: bool = True) -> dict:
+    """Trained and frozen parameters of one run's UNet (LoRA of `rank` on a copy, or the whole UNet), its message
+    (raw + EMA, fp32; 0 for centralized training) and its per-client trained state (weights, EMA, gradients, Adam
+    moments)."""
+    import copy
+    from types import SimpleNamespace
+
+    from fl_ietagc.lora import add_lora
+
+    if rank:
+        unet = add_lora(copy.deepcopy(unet), SimpleNamespace(lora_rank=rank, lora_alpha=0.0,
+                                                             lora_targets=cfg.lora_targets))
+    trained = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in unet.parameters() if not p.requires_grad)
+    adam = 2 if cfg.optimizer == "adam8bit" else 8
+    return {"trained_parameters": trained, "message_mb": 2 * 4 * trained / 1e6 if federated else 0.0,
+            "state_mib": trained * (4 + 4 + 4 + adam) / 2 ** 20, "frozen_base_mib": 4 * frozen / 2 ** 20}
+
+
 def print_estimate(est: dict) -> None:
     print_runs(est)
+    print(f"{'run':28s} {'trained params':>15s} {'message (raw+EMA)':>18s} {'client state':>13s} {'frozen base':>12s}")
+    for row in est["rows"]:
+        print(f"{row['run']:28s} {row['trained_parameters']:15,d} {row['message_mb']:15.2f} MB "
+              f"{row['state_mib']:9.1f} MiB {row['frozen_base_mib']:8.1f} MiB")
     print(f"per client: UNet {est['unet_parameters']:,} parameters -> {est['state_gib_per_client']:.1f} GiB of "
           f"weights, gradients, EMA and Adam state, plus the frozen VAE and text encoder and the activations "
           f"(unmeasured)", flush=True)
@@ -127,7 +157,7 @@ def run_sd_finetune(size: str, out: Path, *, pretrained: str = "", data: str = "
             raise ConfigError("sd-finetune --full needs --pretrained DIR (a local Stable Diffusion checkpoint) and "
                               "--data SOURCE (image-caption pairs)")
         base = {**FULL, "pretrained-dir": pretrained, "data-root": data}
-    runs = plan(k)
+    runs = plan(k, smoke)
     backend = {"client_resources": {"num_cpus": 1}} if smoke else \
         {"client_resources": {"num_cpus": 2, "num_gpus": gpus_per_client}}
     for r in runs:  # every run's config, data and resources before anything trains

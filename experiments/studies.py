@@ -93,6 +93,7 @@ def plan(study: str, size: str) -> list[RunSpec]:
     if study == "strategies":
         from fl_ietagc.config import STRATEGIES
 
+        k = max(k, 3)  # Krum and Bulyan (f = 0) need K >= 3: every strategy gets the same 3 clients at smoke size
         return [RunSpec(name, k, {"strategy": name}) for name in ["iet", *sorted(set(STRATEGIES) - {"iet"})]]
     if study == "finetune":
         rounds = 2 if smoke else 3

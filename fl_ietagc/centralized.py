@@ -22,6 +22,7 @@ from .data import image_size, load_splits, shard_inputs
 from .faults import fault_point
 from .images import write_sample_grid
 from .initial_weights import initial_weights
+from .lora import trained_state
 from .models import build_for_config, load_weights
 from .rundir import ACTIVE_RUNS, RunDir, register_active
 from .shards import shards_for_config
@@ -93,7 +94,7 @@ def run_centralized(cfg: RunConfig, match_federated: int = 0, progress: bool = T
                       "skip-rate": stats.skip_rate, "kept": stats.kept, "skipped": stats.skipped,
                       "steps": stats.steps, "skip-rate-per-client": [stats.skip_rate],
                       "loss-per-client": [stats.mean_loss]}
-            run.commit_round(r, record, net=model.state_dict(), ema=ema.state_dict(), state={"trainer": state.to_dict()},
+            run.commit_round(r, record, net=trained_state(model), ema=trained_state(ema), state={"trainer": state.to_dict()},
                              config=cfg.to_dict(), skip_counts=state.skip_counts.numpy(),
                              keep_checkpoint=r == len(per_round) or r % cfg.checkpoint_every == 0,
                              num_rounds=len(per_round))
@@ -101,7 +102,7 @@ def run_centralized(cfg: RunConfig, match_federated: int = 0, progress: bool = T
                 bar.update(stats.steps)
                 bar.set_postfix(loss=f"{stats.mean_loss:.4f}", skip=f"{stats.skip_rate:.3f}")
             fault_point("between-rounds", r)
-        run.finish(model.state_dict(), ema.state_dict(), len(per_round), cfg.to_dict())
+        run.finish(trained_state(model), trained_state(ema), len(per_round), cfg.to_dict())
         fault_point("final-sampling", len(per_round))
         if cfg.sample_count:
             write_sample_grid(cfg, model, run.samples_path, device)

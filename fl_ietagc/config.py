@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -36,12 +37,15 @@ SECURE_STRATEGIES = ("iet", "fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi"
 SECURE_REFUSED = {"fedmedian": "its coordinate-wise median needs each client's weights",
                   "fedtrimmedavg": "its trimmed mean needs each client's weights to sort them"}
 # server strategies by name (each built in strategies/registry.py; tests/test_strategies.py checks the two agree)
-STRATEGIES = ("iet", "fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg")
+STRATEGIES = ("iet", "fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg",
+              "krum", "multikrum", "bulyan", "qfedavg")
+DP_CLIPPINGS = ("fixed", "adaptive")
 # run-config keys that only some strategies read: set away from their default with another strategy, they would be
 # silently ignored, so that is an error
 STRATEGY_KEYS = {"fedavgm-lr": ("fedavgm",), "fedavgm-momentum": ("fedavgm",), "fedprox-mu": ("fedprox",),
-                 "fedopt-eta": ("fedadam", "fedyogi"), "fedopt-tau": ("fedadam", "fedyogi"),
-                 "trim-beta": ("fedtrimmedavg",)}
+                 "fedopt-eta": ("fedadam", "fedyogi", "fedadagrad"), "fedopt-tau": ("fedadam", "fedyogi", "fedadagrad"),
+                 "trim-beta": ("fedtrimmedavg",), "malicious-clients": ("krum", "multikrum", "bulyan"),
+                 "multikrum-select": ("multikrum",), "qfedavg-q": ("qfedavg",)}
 
 
 class ConfigError(ValueError):
@@ -66,6 +70,12 @@ _non_negative.low = 0  # (integer keys: the lower end of the range named when a 
 
 def _in_unit_open(v):
     return None if 0 <= v < 1 else "must be in [0, 1)"
+
+
+def _lora_targets(v):
+    names = [t.strip() for t in v.split(",")]
+    bad = [t for t in names if not re.fullmatch(r"[A-Za-z_][\w]*(\.[\w]+)*", t)]
+    return f"must be comma-separated module names such as to_q,to_out.0 ({bad[0]!r} is not one)" if bad else None
 
 
 def _at_least(n):
@@ -113,6 +123,13 @@ class RunConfig:
                              "halves their memory)", choices=PRECISIONS)
     gradient_checkpointing: bool = _key("gradient-checkpointing", False, "recompute the UNet's activations in the "
                                         "backward pass (less activation memory; one more forward pass per step)")
+    lora_rank: int = _key("lora-rank", 0, "LoRA adapters (peft) of this rank in the UNet, base frozen: only the "
+                          "adapters are trained, averaged, sent and checkpointed (latent-t2i, or pixel with "
+                          "init-checkpoint as the base); 0 = train the full UNet", _non_negative)
+    lora_alpha: float = _key("lora-alpha", 0.0, "LoRA scale numerator (the update is alpha/rank * B A); 0 = lora-rank",
+                             _non_negative)
+    lora_targets: str = _key("lora-targets", "to_q,to_k,to_v,to_out.0", "comma-separated module names (suffixes) "
+                             "that get adapters; default: the attention projections", _lora_targets)
     optimizer: str = _key("optimizer", "adam", "adam, or adam8bit (bitsandbytes' 8-bit Adam: optimizer state in "
                           "a quarter of the memory; the `memory` extra)", choices=OPTIMIZERS)
     preset: str = _key("preset", "tiny", "UNet preset (model-type = pixel)", choices=PRESETS)
@@ -167,6 +184,20 @@ class RunConfig:
     fedopt_tau: float = _key("fedopt-tau", 1e-3, "fedadam/fedyogi: adaptivity tau", _positive)
     trim_beta: float = _key("trim-beta", 0.2, "fedtrimmedavg: fraction cut at each end",
                             lambda v: None if 0 < v < 0.5 else "must be in (0, 0.5)")
+    malicious_clients: int = _key("malicious-clients", 0, "krum/multikrum/bulyan: f, the Byzantine clients the rule "
+                                  "tolerates (each update is scored by its K-f-2 nearest; krum/multikrum need "
+                                  "K >= 2f+3, bulyan K >= 4f+3)", _non_negative)
+    multikrum_select: int = _key("multikrum-select", 2, "multikrum: m, the updates with the best Krum scores that are "
+                                 "averaged (size-weighted); at most K", _at_least(1))
+    qfedavg_q: float = _key("qfedavg-q", 0.1, "qfedavg: fairness exponent q (0 = a FedAvg step); the Lipschitz "
+                            "estimate is 1/lr", _non_negative)
+    dp_clipping: str = _key("dp-clipping", "fixed", "DP wrapper: fixed = clip every update to dp-clip-norm; adaptive "
+                            "= start at dp-clip-norm and move the norm each round towards dp-target-quantile of the "
+                            "update norms (Andrew et al. 2021)", choices=DP_CLIPPINGS)
+    dp_target_quantile: float = _key("dp-target-quantile", 0.5, "adaptive DP clipping: the fraction of updates meant "
+                                     "to be clipped", lambda v: None if 0 <= v <= 1 else "must be in [0, 1]")
+    dp_clip_norm_lr: float = _key("dp-clip-norm-lr", 0.2, "adaptive DP clipping: learning rate of the geometric "
+                                  "clip-norm update", _positive)
     dp_clip_norm: float = _key("dp-clip-norm", 0.0, "server-side fixed-clipping DP wrapper around the strategy: "
                                "update clip norm (0 = off)", _non_negative)
     dp_noise_multiplier: float = _key("dp-noise-multiplier", 0.0, "DP wrapper (dp-clip-norm or "
@@ -324,6 +355,7 @@ def parse_config(raw: Mapping[str, Any]) -> RunConfig:
 
 
 def _check_cross_keys(cfg: RunConfig) -> None:
+    defaults = RunConfig()
     if not cfg.output_dir.strip():
         raise ConfigError("output-dir = '': must name a directory (e.g. \"runs\"); an empty one would scatter the "
                           "run into the current directory")
@@ -346,9 +378,14 @@ def _check_cross_keys(cfg: RunConfig) -> None:
                           f"arrays as they travel; needs transport-dtype = \"fp32\"")
     if not cfg.dp_noise_multiplier and cfg.dp_delta != RunConfig.dp_delta:
         raise ConfigError(f"dp-delta = {cfg.dp_delta}: only used with dp-noise-multiplier > 0")
+    if cfg.dp_clipping != defaults.dp_clipping and not cfg.dp_clip_norm:
+        raise ConfigError(f"dp-clipping = {cfg.dp_clipping!r}: needs dp-clip-norm > 0 (the DP wrapper; with adaptive "
+                          f"clipping it is the initial norm)")
+    for key in ("dp-target-quantile", "dp-clip-norm-lr"):
+        if cfg.to_dict()[key] != defaults.to_dict()[key] and cfg.dp_clipping != "adaptive":
+            raise ConfigError(f"{key} = {cfg.to_dict()[key]}: only used with dp-clipping = \"adaptive\"")
     if cfg.taa and not cfg.agc:
         raise ConfigError("taa = true: threshold-aware augmentation needs agc = true (it uses the memory bank)")
-    defaults = RunConfig()
     if not cfg.ret_every and cfg.ret_fraction != defaults.ret_fraction:
         raise ConfigError(f"ret-fraction = {cfg.ret_fraction}: only used with ret-every > 0")
     if not cfg.taa and (cfg.taa_gamma, cfg.taa_max_shift) != (defaults.taa_gamma, defaults.taa_max_shift):
@@ -375,6 +412,13 @@ def _check_cross_keys(cfg: RunConfig) -> None:
     if t2i and cfg.preset != defaults.preset:
         raise ConfigError(f"preset = {cfg.preset!r}: model-type = \"latent-t2i\" trains pretrained-dir's UNet; "
                           f"leave preset at its default")
+    if not cfg.lora_rank:
+        for key in ("lora-alpha", "lora-targets"):
+            if given[key] != defaults.to_dict()[key]:
+                raise ConfigError(f"{key} = {given[key]!r}: only used with lora-rank > 0")
+    elif not t2i and not cfg.init_checkpoint:
+        raise ConfigError(f"lora-rank = {cfg.lora_rank}: LoRA adapts a pretrained UNet; a pixel run needs "
+                          f"init-checkpoint (the frozen base), or use model-type = \"latent-t2i\"")
     if cfg.image_size and cfg.image_size % 8 and not t2i:  # (latent-t2i: validate.py checks its VAE and UNet)
         raise ConfigError(f"image-size = {cfg.image_size}: must be a multiple of 8 (the UNet downsamples 3 times)")
 
@@ -446,6 +490,22 @@ def ineffective_keys(cfg: RunConfig) -> list[str]:
     if not cfg.sample_count:
         note("sample-steps", "sample-count = 0 (no final samples)")
     return unused
+
+
+def check_strategy_clients(cfg: RunConfig, num_clients: int) -> None:
+    """The strategy's rule against K (known once the SuperNodes are counted): raise ConfigError naming the key."""
+    k, f = num_clients, cfg.malicious_clients
+    if cfg.strategy in ("krum", "multikrum") and k < 2 * f + 3:
+        raise ConfigError(f"malicious-clients = {f}: {cfg.strategy} needs K >= 2f+3 = {2 * f + 3} clients (Krum scores "
+                          f"each update by its K-f-2 nearest), K is {k}")
+    if cfg.strategy == "bulyan" and k < 4 * f + 3:
+        raise ConfigError(f"malicious-clients = {f}: bulyan needs K >= 4f+3 = {4 * f + 3} clients, K is {k}")
+    if cfg.strategy == "multikrum" and cfg.multikrum_select > k:
+        raise ConfigError(f"multikrum-select = {cfg.multikrum_select}: must be <= K = {k}")
+    if cfg.dp_clipping == "adaptive" and cfg.dp_noise_multiplier and cfg.dp_noise_multiplier >= k / 10:
+        # Flower noises the clipped count with stddev K/20 and needs noise < 2 * that (Andrew et al.'s split)
+        raise ConfigError(f"dp-noise-multiplier = {cfg.dp_noise_multiplier}: adaptive clipping with K = {k} needs "
+                          f"it < K/10 = {k / 10:g} (Flower noises the clipped count with stddev K/20)")
 
 
 def split_items(text: str) -> list[str]:

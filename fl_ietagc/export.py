@@ -11,6 +11,16 @@ alpha_bar = 1) and model_index.json, so that
     images = pipe(batch_size=16, num_inference_steps=50).images
 
 samples the run's model with no code of this project (tested: the same images as our sampler for the same noise).
+
+A LoRA run (lora-rank > 0) of a text-to-image model exports its adapters the way diffusers' LoRA loaders read them:
+OUT/pytorch_lora_weights.safetensors (`StableDiffusionPipeline.save_lora_weights`, diffusers' key names) and
+OUT/base.json naming the base checkpoint (pretrained-dir) and the adapter settings, so that
+
+    pipe = StableDiffusionPipeline.from_pretrained(BASE)   # BASE: base.json's "pretrained-dir"
+    pipe.load_lora_weights(OUT)
+
+gives the run's UNet (tested: the same outputs as our merged model). A pixel LoRA run exports the DDIM pipeline
+above with the adapters merged into the base UNet.
 The directory is written beside OUT and renamed into place, so OUT is either complete or absent.
 """
 
@@ -21,7 +31,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from .checkpoints import load_checkpoint
+from .checkpoints import atomic_write_json, load_checkpoint
 from .diffusion import Diffusion
 from .models import build_for_config, load_weights
 
@@ -52,11 +62,23 @@ def export_pipeline(run_dir: str | Path, out: str | Path, weights: str = "raw", 
         raise ValueError(f"{path}: no {key!r} weights (--weights {weights})")
     unet = build_for_config(cfg)
     load_weights(unet, ckpt[key], f"{path} ({weights})")
+    if cfg.lora_rank and cfg.model_type == "latent-t2i":
+        return _write_atomically(out, lambda tmp: _save_lora(tmp, unet, cfg, weights, path))
+    if cfg.lora_rank:  # pixel: one self-contained pipeline, adapters merged into the base
+        from .lora import merged_copy
+        from .models import build_unet
+
+        unet = merged_copy(unet, build_unet(cfg.preset, unet.config.sample_size, unet.config.in_channels))
     scheduler = DDIMScheduler(**Diffusion.for_config(cfg).scheduler_config, set_alpha_to_one=True)
+    return _write_atomically(out, lambda tmp: DDIMPipeline(unet=unet.eval(), scheduler=scheduler).save_pretrained(tmp))
+
+
+def _write_atomically(out: Path, write) -> Path:
+    """`write(tmp)` fills a directory beside OUT, which is then renamed into place."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        DDIMPipeline(unet=unet.eval(), scheduler=scheduler).save_pretrained(tmp)
+        write(tmp)
         _usual_modes(tmp)
         if out.is_dir():
             out.rmdir()  # empty, checked above
@@ -85,3 +107,19 @@ def _umask() -> int:
     current = os.umask(0o022)
     os.umask(current)
     return current
+
+
+def _save_lora(tmp: Path, unet, cfg, weights: str, checkpoint: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    from .lora import ADAPTER_NAME, diffusers_lora_state
+
+    # the adapter metadata (peft's LoraConfig: rank, alpha, targets) rides in the safetensors header; without it
+    # diffusers would assume alpha = rank
+    StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=diffusers_lora_state(unet),
+                                              unet_lora_adapter_metadata=unet.peft_config[ADAPTER_NAME].to_dict(),
+                                              safe_serialization=True)
+    atomic_write_json(tmp / "base.json", {
+        "pretrained-dir": str(Path(cfg.pretrained_dir).resolve()), "lora-rank": cfg.lora_rank,
+        "lora-alpha": cfg.lora_alpha or cfg.lora_rank, "lora-targets": cfg.lora_targets, "weights": weights,
+        "checkpoint": str(checkpoint)})

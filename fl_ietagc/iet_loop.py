@@ -23,7 +23,8 @@ from .initial_weights import initial_weights
 from . import ret
 from .protocol import ClientRound, round_metrics
 from .rundir import RunDir
-from .models import build_for_config
+from .lora import trained_state
+from .models import build_for_config, load_weights
 from .shards import shards_for_config
 from .trainer import LocalTrainer, RoundStats, TrainState, client_seed, pick_device
 
@@ -80,13 +81,13 @@ def run_iet_loop(cfg: RunConfig, num_clients: int, device: torch.device | None =
         replies, stats = [], []
         for pid, shard in enumerate(shards):
             model = build_for_config(cfg)
-            model.load_state_dict(g_net)
+            load_weights(model, g_net, "global raw weights")
             ema = copy.deepcopy(model)
-            ema.load_state_dict(g_ema)
+            load_weights(ema, g_ema, "global EMA weights")
             inputs, cond = shard_inputs(cfg, shard)
             trainer = LocalTrainer(cfg, model, ema, inputs, states[pid], device, cond=cond)
             stats.append(trainer.run(cfg.local_epochs, client_seed(cfg.seed, pid, server_round)))
-            replies.append((len(shard), pack_weights(trainer.model.state_dict(), trainer.ema.state_dict())))
+            replies.append((len(shard), pack_weights(trained_state(trainer.model), trained_state(trainer.ema))))
         g_net, g_ema = unpack_weights(weighted_average(replies))
         result.rounds.append(stats)
         result.round_seconds.append(time.perf_counter() - t_round)

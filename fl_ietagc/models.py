@@ -67,6 +67,15 @@ def build_for_config(cfg) -> torch.nn.Module:
         model = unet_for(cfg.pretrained_dir)
     else:
         model = build_unet(cfg.preset, image_size(cfg), load_splits(cfg).train.channels)
+    if cfg.lora_rank:  # the frozen base is rebuilt here on every side; only the adapters travel
+        from .lora import add_lora
+
+        if cfg.init_checkpoint:  # (config.py: a pixel LoRA run has one; latent-t2i: replaces pretrained-dir's UNet)
+            from .initial_weights import checkpoint_weights, load_init_weights
+
+            weights, what = checkpoint_weights(cfg, model)[0]  # the raw weights are the base
+            load_init_weights(cfg, model, weights, what)
+        model = add_lora(model, cfg)
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model
@@ -90,16 +99,21 @@ def first_mismatch(expected: dict, given: dict) -> str | None:
 
 
 def load_weights(model: torch.nn.Module, state_dict: dict, what: str) -> None:
-    """load_state_dict with a one-line error naming the first weight that does not fit, and its shapes."""
-    problem = first_mismatch(model.state_dict(), state_dict)
+    """load_state_dict with a one-line error naming the first weight that does not fit, and its shapes. A model
+    with LoRA adapters (fl_ietagc/lora.py) takes exactly its adapters: its base is not a run's weights."""
+    from .lora import adapter_keys
+
+    adapters = adapter_keys(model)
+    expected = {k: v for k, v in model.state_dict().items() if not adapters or k in adapters}
+    problem = first_mismatch(expected, state_dict)
     if problem is None:
         try:
-            model.load_state_dict(state_dict, strict=True)
+            model.load_state_dict(state_dict, strict=not adapters)
             return
         except RuntimeError as e:  # (a dtype or a non-tensor entry)
             problem = str(e).splitlines()[0]
-    raise ValueError(f"{what} do not match this model ({type(model).__name__}, {count_parameters(model):,} "
-                     f"parameters): {problem}")
+    kind = f"its LoRA adapters, {len(adapters)} tensors" if adapters else f"{count_parameters(model):,} parameters"
+    raise ValueError(f"{what} do not match this model ({type(model).__name__}, {kind}): {problem}")
 
 
 # config fields of a diffusers UNet2DModel that do not change the computation of trained weights

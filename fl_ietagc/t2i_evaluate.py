@@ -135,6 +135,10 @@ def prepare_t2i(run_dir: str | Path, opts: T2IOptions) -> T2IPlan:
         train, heldout = captioned_splits(cfg.data_root, size, cfg.max_images, cfg.holdout_fraction)
     except ConfigError as e:
         raise ValueError(f"{run.config_path}: {e}") from None
+    if cfg.lora_rank:  # a LoRA run's checkpoints hold its adapters: into the pretrained UNet they go
+        from .lora import add_lora
+
+        parts = dataclasses.replace(parts, unet=add_lora(parts.unet, cfg))
     load_weights(parts.unet, state, f"{ckpt_path} ({opts.weights})")
     n = len(train)
     chosen = np.arange(n) if opts.num_captions == 0 or opts.num_captions >= n else \

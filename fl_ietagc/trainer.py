@@ -190,7 +190,10 @@ class LocalTrainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
         kept_sum = torch.zeros((), dtype=torch.long, device=dev)
         round_skips = torch.zeros(n, dtype=torch.long, device=dev)
-        ema_params = list(self.ema.parameters())
+        # the EMA follows the trained parameters only (with LoRA: the adapters; the frozen base is the same in both)
+        trained = [name for name, p in self.model.named_parameters() if p.requires_grad]
+        ema_by_name = dict(self.ema.named_parameters())
+        ema_params = [ema_by_name[name] for name in trained]
         aug = self.state.aug_strength.to(dev) if cfg.taa else None
         anchor = [p.detach().clone() for p in self.params] if prox_mu > 0 else None
         steps, t0 = 0, time.perf_counter()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .config import ConfigError, RunConfig, check_secure_clients
+from .config import ConfigError, RunConfig, check_secure_clients, check_strategy_clients
 
 
 def check_model(cfg: RunConfig) -> None:
@@ -23,7 +23,8 @@ def check_model(cfg: RunConfig) -> None:
 
     check_optimizer(cfg)
     if cfg.model_type == "latent-t2i":
-        return check_latent_model(cfg)
+        check_latent_model(cfg)
+        return check_lora(cfg)
     from .models import PRESETS
 
     check_memory(cfg, PRESETS[cfg.preset]["block_out_channels"][0], "the UNet's first layer")
@@ -31,6 +32,34 @@ def check_model(cfg: RunConfig) -> None:
     if size % factor:
         raise ConfigError(f"image-size = {size}: preset {cfg.preset} downsamples by {factor}, so the image size "
                           f"must be a multiple of {factor}")
+    check_lora(cfg)
+
+
+def check_lora(cfg: RunConfig) -> None:
+    """lora-targets name modules of this UNet and peft is installed: checked on the UNet's architecture built on
+    the meta device (no weights, no memory)."""
+    if not cfg.lora_rank:
+        return
+    import json
+
+    import torch
+
+    from .lora import add_lora
+
+    with torch.device("meta"):
+        if cfg.model_type == "latent-t2i":
+            from diffusers import UNet2DConditionModel
+
+            from .latent import check_components_dir
+
+            unet_dir = check_components_dir(cfg.pretrained_dir) / "unet"
+            model = UNet2DConditionModel.from_config(json.loads((unet_dir / "config.json").read_text()))
+        else:
+            from .data import image_size, load_splits
+            from .models import build_unet
+
+            model = build_unet(cfg.preset, image_size(cfg), load_splits(cfg).train.channels)
+        add_lora(model, cfg)
 
 
 def memory_here(device: str = "auto") -> tuple[int, str]:
@@ -300,6 +329,7 @@ def validate_run(cfg: RunConfig, num_clients: int, backend: dict | None = None, 
     if backend is not None:
         check_resources(backend, num_clients, ray_address)
     if num_clients:
+        check_strategy_clients(cfg, num_clients)  # Krum/Bulyan's K >= 2f+3 / 4f+3, multikrum-select <= K
         shards = shards_for_config(cfg, num_clients)  # the data: readable, enough images for K full batches
         check_secure_aggregation(cfg, shards)
     if cfg.resume_from:

@@ -11,18 +11,33 @@ follows the same aggregation as the raw weights:
 | `fedprox`       | FedProx                                   | size-weighted mean; clients add mu/2 ||w - w_global||^2     |
 | `fedadam`       | FedAdam                                   | server Adam on the pseudo-gradient                         |
 | `fedyogi`       | FedYogi                                   | server Yogi on the pseudo-gradient                         |
+| `fedadagrad`    | FedAdagrad                                | server Adagrad on the pseudo-gradient                      |
 | `fedmedian`     | FedMedian                                 | coordinate-wise median                                     |
 | `fedtrimmedavg` | FedTrimmedAvg                             | coordinate-wise mean without the top/bottom `trim-beta`     |
+| `krum`          | Krum                                      | the one reply (raw and EMA as one vector) with the least    |
+|                 |                                           | sum of squared distances to its K-f-2 nearest, taken whole |
+| `multikrum`     | MultiKrum                                 | the `multikrum-select` best Krum scores, size-weighted mean|
+| `bulyan`        | Bulyan                                    | MultiKrum picks K-2f, then per coordinate the mean of the   |
+|                 |                                           | K-4f values nearest the median                             |
+| `qfedavg`       | QFedAvg                                   | q-FFL step: updates weighted by loss^q (the reply's `loss`),|
+|                 |                                           | Lipschitz estimate L = 1/lr                                |
 | any + dp        | DifferentialPrivacyServerSideFixedClipping| each update (raw and EMA together, one vector) clipped to   |
 |                 |                                           | `dp-clip-norm`, Gaussian noise on the aggregate             |
+| any + dp        | DifferentialPrivacyServerSideAdaptive-    | as above, the norm starting at `dp-clip-norm` and moved     |
+| (adaptive)      | Clipping                                  | each round towards `dp-target-quantile` of update norms     |
+
+Krum, MultiKrum and Bulyan see the raw and EMA weights of a reply as one vector (Flower concatenates every
+array of the ArrayRecord), so a reply is kept or dropped whole: the global EMA comes from the same clients as the
+global raw weights.
 
 (`iet`, the paper's rule, is in iet.py: size-weighted mean, clients keep their Adam state across rounds.)
 """
 
 from __future__ import annotations
 
-from flwr.serverapp.strategy import (DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg, FedAvgM,
-                                     FedMedian, FedProx, FedTrimmedAvg, FedYogi)
+from flwr.serverapp.strategy import (Bulyan, DifferentialPrivacyServerSideAdaptiveClipping,
+                                     DifferentialPrivacyServerSideFixedClipping, FedAdagrad, FedAdam, FedAvg, FedAvgM,
+                                     FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, MultiKrum, QFedAvg)
 
 from .base import AppStrategyMixin, aggregate_client_metrics
 
@@ -72,8 +87,28 @@ class AppFedTrimmedAvg(AppStrategyMixin, FedTrimmedAvg):
     pass
 
 
-class AppDPFixedClipping(AppStrategyMixin, DifferentialPrivacyServerSideFixedClipping):
-    """Server-side fixed clipping + Gaussian noise around another strategy of this app.
+class AppFedAdagrad(AppStrategyMixin, FedAdagrad):
+    pass
+
+
+class AppKrum(AppStrategyMixin, Krum):
+    pass
+
+
+class AppMultiKrum(AppStrategyMixin, MultiKrum):
+    pass
+
+
+class AppBulyan(AppStrategyMixin, Bulyan):
+    pass
+
+
+class AppQFedAvg(AppStrategyMixin, QFedAvg):
+    pass
+
+
+class AppDPWrapper(AppStrategyMixin):
+    """This app's mixin around one of Flower's DP wrappers (which hold the wrapped strategy in `.strategy`).
 
     The mixin runs first (failures, partition order), then Flower clips each update, the wrapped strategy
     aggregates, and Flower adds noise. With few clients this is a clipping-and-noise regulariser, not a
@@ -94,3 +129,12 @@ class AppDPFixedClipping(AppStrategyMixin, DifferentialPrivacyServerSideFixedCli
 
     def connected_nodes(self, server_round: int, grid, poll_s: float = 1.0) -> None:
         return None  # the wrapped strategy waits for the SuperNodes (in its configure_train, which Flower calls)
+
+
+class AppDPFixedClipping(AppDPWrapper, DifferentialPrivacyServerSideFixedClipping):
+    """Server-side fixed clipping + Gaussian noise around another strategy of this app."""
+
+
+class AppDPAdaptiveClipping(AppDPWrapper, DifferentialPrivacyServerSideAdaptiveClipping):
+    """Server-side adaptive clipping (Andrew et al. 2021) + Gaussian noise around another strategy of this app;
+    its clipping norm changes every round and is part of the strategy state a resumed run restores."""

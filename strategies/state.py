@@ -2,7 +2,8 @@
 
 Flower's server-side optimisers keep state between rounds in attributes: FedAvgM its momentum
 (`momentum_vector`) and the current global arrays; FedAdam/FedYogi their moments `m_t`, `v_t` and the
-current arrays; the DP wrapper draws its noise from numpy's global generator. `export_state` captures
+current arrays; FedAdagrad `v_t`; QFedAvg the current arrays; the adaptive-clipping DP wrapper its
+`clipping_norm` (a float); the DP wrappers draw their noise from numpy's global generator. `export_state` captures
 all of it (of a wrapped strategy too) as tensors that `torch.load(weights_only=True)` reads back, and
 `import_state` puts it back; arrays come back bit for bit with their dtypes.
 """
@@ -13,12 +14,14 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-STATE_ATTRS = ("current_arrays", "momentum_vector", "m_t", "v_t")
+STATE_ATTRS = ("current_arrays", "momentum_vector", "m_t", "v_t", "clipping_norm")
 
 
 def _to_torch(value):
     if value is None:
         return None
+    if isinstance(value, float):
+        return {"kind": "float", "items": torch.tensor(value, dtype=torch.float64)}
     if isinstance(value, ArrayRecord):
         return {"kind": "arrayrecord", "items": {k: torch.from_numpy(a.numpy().copy()) for k, a in value.items()}}
     if isinstance(value, dict):
@@ -32,6 +35,8 @@ def _from_torch(saved):
     if saved is None:
         return None
     kind, items = saved["kind"], saved["items"]
+    if kind == "float":
+        return float(items.item())
     if kind == "arrayrecord":
         return ArrayRecord({k: Array(v.numpy()) for k, v in items.items()})
     if kind == "dict":

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from experiments.studies import STUDIES, base_config, estimate, plan, run_study
-from fl_ietagc.config import parse_config
+from fl_ietagc.config import check_strategy_clients, parse_config
 from strategies.registry import STRATEGIES
 
 
@@ -16,7 +16,9 @@ def test_every_planned_run_is_a_valid_config(study, size):
         conf = {**base_config(study, size), **r.overrides}
         if size == "full":
             conf["data-root"] = "/data"
-        parse_config(conf)
+        cfg = parse_config(conf)
+        if r.clients:
+            check_strategy_clients(cfg, r.clients)  # the strategy's needs on K (Krum, Bulyan)
 
 
 def test_paper_protocol_and_matched_default_training_budget():
