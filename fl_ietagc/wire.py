@@ -56,8 +56,11 @@ class Layout:
     def of(cls, packed: dict[str, torch.Tensor], transport: str = "fp32") -> "Layout":
         if transport not in TRANSPORT_DTYPES:
             raise ValueError(f"transport-dtype = {transport!r}: must be one of {', '.join(TRANSPORT_DTYPES)}")
+        # float64 weights are a server-side optimiser's arithmetic (FedAdam, DP noise: numpy float64), never a
+        # model's: they travel, and are laid out, as the model's float32 (the server keeps its float64 values)
         return cls(names=tuple(packed), shapes=tuple(tuple(v.shape) for v in packed.values()),
-                   dtypes=tuple(_dtype_name(v.dtype) for v in packed.values()), transport=transport)
+                   dtypes=tuple(_FLOAT if v.dtype == torch.float64 else _dtype_name(v.dtype) for v in packed.values()),
+                   transport=transport)
 
     def groups(self) -> dict[str, list[int]]:
         """group name -> indices of its tensors, in layout order."""
@@ -115,14 +118,15 @@ def flatten(packed: dict[str, torch.Tensor], layout: Layout) -> dict[str, np.nda
 
 def unflatten(arrays: dict[str, np.ndarray], layout: Layout) -> dict[str, torch.Tensor]:
     """The packed tensors back from `flatten`'s arrays (CPU tensors, views into one buffer per group). A float
-    group that arrives in another float dtype (Flower's DP noise makes float64) is cast to the layout's, as
-    `load_state_dict` would cast it."""
+    group in another float dtype (a server-side optimiser or Flower's DP noise can make float64) keeps it: the
+    server commits and resumes from exactly what its strategy holds; a model's `load_state_dict` casts it."""
     groups = layout.groups()
     if set(arrays) != set(groups):
         raise ValueError(f"weights hold arrays {sorted(arrays)}, the layout expects {sorted(groups)}")
     out: dict[str, torch.Tensor] = {}
     for group, idx in groups.items():
-        flat = _as_layout_dtype(_tensor(arrays[group]), layout.dtypes[idx[0]], group)
+        flat = _tensor(arrays[group])
+        _as_layout_dtype(flat[:0], layout.dtypes[idx[0]], group)  # (only checks that it can be)
         sizes = [layout.numel(i) for i in idx]
         if flat.dim() != 1 or flat.numel() != sum(sizes):
             raise ValueError(f"weights: array {group!r} has shape {tuple(flat.shape)}, the layout expects "

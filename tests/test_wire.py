@@ -78,14 +78,14 @@ def test_bf16_transport_halves_the_bytes_and_stays_within_its_rounding(packed):
         assert torch.all((back[k] - v).abs() <= v.abs() * 2.0 ** -8)
 
 
-def test_a_float64_aggregate_is_sent_and_committed_in_the_layout_dtype(packed):
+def test_a_float64_aggregate_travels_in_the_layout_dtype_and_is_committed_as_it_is(packed):
     layout = Layout.of(packed)
-    wide = {g: a.astype(np.float64) / 3 for g, a in flatten(packed, layout).items()}  # (Flower's DP noise: float64)
-    assert all(a.dtype == np.float32 for a in encode(wide, layout).values())
-    got = unflatten(wide, layout)
-    assert all(got[k].dtype == torch.float32 for k in got)
-    assert torch.equal(got["net.conv_in.weight"], torch.from_numpy(wide["net"][:got["net.conv_in.weight"].numel()])
-                       .float().view_as(got["net.conv_in.weight"]))
+    wide = {g: a.astype(np.float64) / 3 for g, a in flatten(packed, layout).items()}  # (FedAdam, DP noise: float64)
+    sent = encode(wide, layout)
+    assert all(a.dtype == np.float32 and np.array_equal(a, wide[g].astype(np.float32)) for g, a in sent.items())
+    got = unflatten(wide, layout)  # what the server commits (and resumes from): the strategy's values, unrounded
+    w = got["net.conv_in.weight"]
+    assert w.dtype == torch.float64 and torch.equal(w.reshape(-1), torch.from_numpy(wide["net"][:w.numel()]))
 
 
 @pytest.mark.parametrize("change,error", [
