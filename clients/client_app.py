@@ -31,6 +31,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
+from fl_ietagc import phases
 from fl_ietagc import protocol as P
 from fl_ietagc.checkpoints import pack_weights, unpack_weights
 from fl_ietagc.config import RunConfig, parse_config
@@ -78,38 +79,46 @@ def train_round(cfg: RunConfig, instruction: RecordDict, context: Context, parti
     inputs, cond = shard_inputs(cfg, shard)
     device = pick_device(cfg.device, ray_gpu_ids())  # a simulated client without a GPU share: CPU
 
+    t0 = time.perf_counter()
     layout = Layout.from_record(instruction[P.LAYOUT])
     received = {k: a.numpy() for k, a in instruction[P.ARRAYS].items()}
     net_sd, ema_sd = unpack_weights(unflatten(decode(received, layout), layout))
-    model = build_for_config(cfg)
-    load_weights(model, net_sd, "global raw weights")
-    ema = copy.deepcopy(model)
-    load_weights(ema, ema_sd, "global EMA weights")
+    phases.since("client: unpack weights", t0)
+    with phases.timed("client: build model, load weights"):
+        model = build_for_config(cfg)
+        load_weights(model, net_sd, "global raw weights")
+        ema = copy.deepcopy(model)
+        load_weights(ema, ema_sd, "global EMA weights")
 
     run = RunDir(str(conf[P.RUN_DIR]))
     state_root = context.node_config.get("state-dir") or cfg.client_state_dir or None
     start_round = int(list(conf[P.STATE_ROUNDS])[partition_id])
-    state = _restore_state(run, partition_id, start_round, state_root, shard, str(conf[P.RUN_TOKEN]), device,
-                           redistributed=P.shard_key(partition_id) in conf)
+    with phases.timed("client: state load"):
+        state = _restore_state(run, partition_id, start_round, state_root, shard, str(conf[P.RUN_TOKEN]), device,
+                               redistributed=P.shard_key(partition_id) in conf)
     if bool(conf.get(P.RESET_OPTIMIZER, False)):  # plain FedAvg: a new Adam every round
         state.optimizer = None
 
-    trainer = LocalTrainer(cfg, model, ema, inputs, state, device, cond=cond)
+    with phases.timed("client: trainer set-up (to device, Adam state)"):
+        trainer = LocalTrainer(cfg, model, ema, inputs, state, device, cond=cond)
     stats = trainer.run(cfg.local_epochs, client_seed(cfg.seed, partition_id, server_round),
                         prox_mu=float(conf.get(P.PROXIMAL_MU, 0.0)),  # set by the fedprox strategy
                         progress=lambda total: StepProgress(f"client p{partition_id} round {server_round}", total,
                                                             cfg.batch_size, write=_log_info))
-    state.save(run.client_state(partition_id, server_round, state_root))
-    _prune_states(run, partition_id, start_round, state_root)
+    with phases.timed("client: state save (fsync)"):
+        state.save(run.client_state(partition_id, server_round, state_root))
+        _prune_states(run, partition_id, start_round, state_root)
 
     summary = ClientRound(partition_id=partition_id, num_examples=len(shard), loss=stats.mean_loss,
                           kept=stats.kept, skipped=stats.skipped, steps=stats.steps, seconds=stats.seconds,
                           client_step=state.step, image_ids=shard, skip_counts=stats.skip_counts.numpy())
     metrics, info = summary.to_records()
     info[P.LAYOUT_DIGEST] = layout.digest()
+    t0 = time.perf_counter()
     flat = encode(flatten(pack_weights(trainer.model.state_dict(), trainer.ema.state_dict()), layout), layout)
     content = RecordDict({P.ARRAYS: ArrayRecord({k: Array(a) for k, a in flat.items()}),
                           P.METRICS: MetricRecord(metrics), P.INFO: ConfigRecord(info)})
+    phases.since("client: reply serialization", t0)
     del trainer, model, ema
     if device.type == "cuda":
         torch.cuda.empty_cache()  # long-lived Ray actors would otherwise keep the cached VRAM
