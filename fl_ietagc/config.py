@@ -29,6 +29,8 @@ DEVICES = ("auto", "cpu", "cuda")
 CLIENT_FAILURES = ("fail", "tolerate")
 PRECISIONS = ("fp32", "bf16")
 TRANSPORT_DTYPES = ("fp32", "bf16")  # how weights travel in messages (fl_ietagc/wire.py)
+# torch.compile modes: reduce-overhead captures CUDA graphs; the max-autotune ones tune GPU kernels (CUDA only)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # server strategies by name (each built in strategies/registry.py; tests/test_strategies.py checks the two agree)
 STRATEGIES = ("iet", "fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg")
 # run-config keys that only some strategies read: set away from their default with another strategy, they would be
@@ -147,6 +149,10 @@ class RunConfig:
                                "(faster convolutions on tensor-core GPUs)")
     compile: bool = _key("compile", False, "torch.compile the UNet of the training step (compiled once per process, "
                          "reused across rounds; static batch shape)")
+    compile_mode: str = _key("compile-mode", "default", "torch.compile mode of the training step and the sampler "
+                             "(with compile = true; not default = CUDA only): reduce-overhead replays CUDA graphs "
+                             "(fewer kernel launches), max-autotune(-no-cudagraphs) tunes kernels at compile time",
+                             choices=COMPILE_MODES)
     # --- federation ---
     num_clients: int = _key("num-clients", 0, "K, number of shards/clients; 0 = every connected SuperNode",
                             _non_negative)
@@ -305,6 +311,8 @@ def _check_cross_keys(cfg: RunConfig) -> None:
         raise ConfigError(f"data-download = true: dataset {cfg.dataset} cannot be downloaded; give data-root")
     if cfg.dp_noise_multiplier and not cfg.dp_clip_norm:
         raise ConfigError(f"dp-noise-multiplier = {cfg.dp_noise_multiplier}: needs dp-clip-norm > 0 (the DP wrapper)")
+    if cfg.compile_mode != "default" and not cfg.compile:
+        raise ConfigError(f"compile-mode = {cfg.compile_mode!r}: only used with compile = true")
     if cfg.taa and not cfg.agc:
         raise ConfigError("taa = true: threshold-aware augmentation needs agc = true (it uses the memory bank)")
     defaults = RunConfig()

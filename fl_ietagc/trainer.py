@@ -151,7 +151,10 @@ class LocalTrainer:
             self.model.to(memory_format=torch.channels_last)
             self.ema.to(memory_format=torch.channels_last)
         self.compiled = compiled_unet(self.model, device, purpose="train", precision=cfg.precision,
-                                      channels_last=cfg.channels_last) if cfg.compile else None
+                                      channels_last=cfg.channels_last, mode=cfg.compile_mode) if cfg.compile else None
+        # CUDA graphs: each step's forward replays into the same output buffers; marking the step's start tells
+        # torch that the previous step's outputs are no longer read
+        self._mark_step = self.compiled is not None and self.compiled.uses_cuda_graphs
         self.images = images.to(device)
         self.cond = cond.to(device) if cond is not None else None
         self.state = state
@@ -206,6 +209,8 @@ class LocalTrainer:
             for b in range(self.steps_per_epoch()):
                 if steps >= total:
                     break
+                if self._mark_step:
+                    torch.compiler.cudagraph_mark_step_begin()
                 idx = perm[b * bs:(b + 1) * bs]
                 x0 = to_model_range(self.images[idx]) if self.images.dtype == torch.uint8 else self.images[idx]
                 if flip:
