@@ -14,13 +14,18 @@ started from, which is kept until the next round: a run killed in the middle of 
 that the server does not count (a failed client under `client-failures = "tolerate"`), starts again
 from the state the server last counted, so no client's steps are applied twice.
 
+A process that serves clients round after round keeps its UNet pair and the states it saved in memory
+(fl_ietagc/client_memory.py, bounded by `client-memory-mb`): the next round of the same partition starts from
+the in-memory copy when it is exactly the version the server names. The file is still written every round, in
+the background while the reply is built, and the reply waits for it: a round the server commits always has its
+client states on disk.
+
 Any error is caught and sent back as an `error` record (partition, round, step, one line, traceback),
 so the server can name the partition instead of a Flower node id.
 """
 
 from __future__ import annotations
 
-import copy
 import time
 import traceback
 from logging import INFO
@@ -33,7 +38,9 @@ from flwr.common.logger import log
 
 from fl_ietagc import phases
 from fl_ietagc import protocol as P
+from fl_ietagc.checkpoints import BackgroundWrite
 from fl_ietagc.checkpoints import pack_weights, unpack_weights
+from fl_ietagc.client_memory import MEMORY
 from fl_ietagc.config import RunConfig, parse_config
 from fl_ietagc.data import shard_inputs
 from fl_ietagc.faults import fault_point
@@ -46,6 +53,8 @@ from fl_ietagc.trainer import LocalTrainer, NonFiniteError, TrainState, client_s
 from fl_ietagc.wire import Layout, decode, encode, flatten, unflatten
 
 app = ClientApp()
+
+STATE_WRITE_TIMEOUT_S = 600.0  # a client-state write that takes longer fails the round, named
 
 
 @app.train()
@@ -84,18 +93,21 @@ def train_round(cfg: RunConfig, instruction: RecordDict, context: Context, parti
     received = {k: a.numpy() for k, a in instruction[P.ARRAYS].items()}
     net_sd, ema_sd = unpack_weights(unflatten(decode(received, layout), layout))
     phases.since("client: unpack weights", t0)
+    budget = cfg.client_memory_mb * 2 ** 20
     with phases.timed("client: build model, load weights"):
-        model = build_for_config(cfg)
+        model, ema = MEMORY.models(_model_key(cfg, device), lambda: build_for_config(cfg), budget)
         load_weights(model, net_sd, "global raw weights")
-        ema = copy.deepcopy(model)
         load_weights(ema, ema_sd, "global EMA weights")
+    del net_sd, ema_sd
 
     run = RunDir(str(conf[P.RUN_DIR]))
     state_root = context.node_config.get("state-dir") or cfg.client_state_dir or None
     start_round = int(list(conf[P.STATE_ROUNDS])[partition_id])
+    token = str(conf[P.RUN_TOKEN])
+    held = (token, str(run.client_state_dir(partition_id, state_root)), partition_id)
     with phases.timed("client: state load"):
-        state = _restore_state(run, partition_id, start_round, state_root, shard, str(conf[P.RUN_TOKEN]), device,
-                               redistributed=P.shard_key(partition_id) in conf)
+        state = _restore_state(run, partition_id, start_round, state_root, shard, token, device,
+                               redistributed=P.shard_key(partition_id) in conf, held=held)
     if bool(conf.get(P.RESET_OPTIMIZER, False)):  # plain FedAvg: a new Adam every round
         state.optimizer = None
 
@@ -105,9 +117,10 @@ def train_round(cfg: RunConfig, instruction: RecordDict, context: Context, parti
                         prox_mu=float(conf.get(P.PROXIMAL_MU, 0.0)),  # set by the fedprox strategy
                         progress=lambda total: StepProgress(f"client p{partition_id} round {server_round}", total,
                                                             cfg.batch_size, write=_log_info))
-    with phases.timed("client: state save (fsync)"):
-        state.save(run.client_state(partition_id, server_round, state_root))
-        _prune_states(run, partition_id, start_round, state_root)
+    # the state file is written (and fsync'ed) while the reply is built, and waited for before replying: the
+    # server commits this round only after the reply, so a committed round's client states are always durable
+    path = run.client_state(partition_id, server_round, state_root)
+    write = BackgroundWrite(lambda: state.save(path), f"client state {path}")
 
     summary = ClientRound(partition_id=partition_id, num_examples=len(shard), loss=stats.mean_loss,
                           kept=stats.kept, skipped=stats.skipped, steps=stats.steps, seconds=stats.seconds,
@@ -119,6 +132,12 @@ def train_round(cfg: RunConfig, instruction: RecordDict, context: Context, parti
     content = RecordDict({P.ARRAYS: ArrayRecord({k: Array(a) for k, a in flat.items()}),
                           P.METRICS: MetricRecord(metrics), P.INFO: ConfigRecord(info)})
     phases.since("client: reply serialization", t0)
+    with phases.timed("client: state save (fsync), after the reply was built"):
+        write.wait(STATE_WRITE_TIMEOUT_S)
+        _prune_states(run, partition_id, start_round, state_root)
+    MEMORY.keep(held, server_round, state, path, budget)
+    for p in model.parameters():
+        p.grad = None  # (the kept UNet holds no gradients between rounds)
     del trainer, model, ema
     if device.type == "cuda":
         torch.cuda.empty_cache()  # long-lived Ray actors would otherwise keep the cached VRAM
@@ -129,6 +148,12 @@ def _log_info(line: str) -> None:
     """Through Flower's logger: in simulation Ray forwards it to the driver's output (prefixed with the actor),
     in deployment it is in the SuperNode's log."""
     log(INFO, "%s", line)
+
+
+def _model_key(cfg: RunConfig, device: torch.device) -> tuple:
+    """What decides the UNet a run builds (build_for_config), and where it lives."""
+    return (cfg.model_type, cfg.pretrained_dir, cfg.preset, cfg.dataset, cfg.data_root, cfg.image_size,
+            cfg.gradient_checkpointing, cfg.channels_last, str(device))
 
 
 def _partition(context: Context, num_clients: int) -> int:
@@ -145,10 +170,15 @@ def _partition(context: Context, num_clients: int) -> int:
 
 
 def _restore_state(run: RunDir, partition_id: int, start_round: int, state_root, shard, token: str,
-                   device: torch.device, redistributed: bool) -> TrainState:
+                   device: torch.device, redistributed: bool, held: tuple | None = None) -> TrainState:
+    """The state of round `start_round`: fresh for round 0, this process's own copy when it holds exactly that
+    version (client_memory.py), else the file."""
     if start_round == 0:
         return TrainState.fresh(shard, token)
     path = run.client_state(partition_id, start_round, state_root)
+    state = MEMORY.state(held, start_round, path) if held is not None else None
+    if state is not None:
+        return state.check(path, token, shard, allow_remap=redistributed)
     if not path.exists():
         raise RuntimeError(f"client state {path} is missing; the client's optimizer, warmup position and memory "
                            f"bank would be lost. Is client-state-dir on a disk this client can reach in every round?")

@@ -192,6 +192,10 @@ class RunConfig:
     run_name: str = _key("run-name", "", "run directory name; empty = <dataset>-<preset>-<timestamp>")
     client_state_dir: str = _key("client-state-dir", "", "where clients keep optimizer/bank state between rounds; "
                                  "empty = <run dir>/client-state (a SuperNode's node-config state-dir wins)")
+    client_memory_mb: int = _key("client-memory-mb", 4096, "what a client process keeps in memory between rounds "
+                                 "(its UNet pair, the client states it saved; on the training device) instead of "
+                                 "rebuilding and re-reading them; 0 = nothing (state files are written either way)",
+                                 _non_negative)
     checkpoint_every: int = _key("checkpoint-every", 1, "save the global weights every N rounds (the last "
                                  "round is always saved)", _at_least(1))
     sample_count: int = _key("sample-count", 64, "images in the final sample grid (0 = none)", _non_negative)

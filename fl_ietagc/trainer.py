@@ -85,15 +85,20 @@ class TrainState:
         if not isinstance(blob, dict) or set(blob) != set(cls.fresh([]).to_dict()):
             raise ValueError(f"{path}: not a client state of this version")
         state = cls.from_dict(blob)
-        if state.token != token:
-            raise RuntimeError(f"client state {path} belongs to another run (token {state.token!r} != {token!r})")
         state.image_ids, state.skip_counts = state.image_ids.cpu(), state.skip_counts.cpu()
         state.aug_strength = state.aug_strength.cpu()
-        if not torch.equal(state.image_ids, torch.as_tensor(image_ids, dtype=torch.long)):
+        return state.check(path, token, image_ids, allow_remap)
+
+    def check(self, path, token: str, image_ids, allow_remap: bool = False) -> "TrainState":
+        """This state, checked to belong to run `token` and to the shard `image_ids` (remapped when allowed);
+        `path` names it in errors (the file it was, or will be, saved as)."""
+        if self.token != token:
+            raise RuntimeError(f"client state {path} belongs to another run (token {self.token!r} != {token!r})")
+        if not torch.equal(self.image_ids, torch.as_tensor(image_ids, dtype=torch.long)):
             if not allow_remap:
                 raise RuntimeError(f"client state {path} was made for a different shard")
-            state.remap(image_ids)
-        return state
+            self.remap(image_ids)
+        return self
 
 
 @dataclass
