@@ -71,6 +71,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--compile", action="store_true", help="add the bf16 + channels-last + compile variant")
+    p.add_argument("--compile-mode", action="append", default=[],
+                   help="with --compile: add the compiled variant in this compile-mode too (repeatable), e.g. "
+                        "reduce-overhead (CUDA graphs)")
     p.add_argument("--queries", type=int, default=1024, help="memorization pass: generated images (0 = skip)")
     p.add_argument("--train", type=int, default=5000, help="memorization pass: training images")
     p.add_argument("--mem-size", type=int, default=32)
@@ -86,6 +89,9 @@ def main(argv=None) -> int:
     variants = [("fp32", {}), ("bf16", {"precision": "bf16"})]
     if a.compile:
         variants.append(("bf16+channels-last+compile", {"precision": "bf16", "channels_last": True, "compile": True}))
+        variants += [(f"bf16+channels-last+compile {mode}", {"precision": "bf16", "channels_last": True,
+                                                             "compile": True, "compile_mode": mode})
+                     for mode in a.compile_mode]
     rows = [(label, *time_sampling(model, a, device, **options)) for label, options in variants]
     print(f"{name}; torch {torch.__version__}; DDIM-{a.steps}, {a.preset} at {a.channels}x{a.image_size}x"
           f"{a.image_size}, {a.num_images} images in batches of {a.batch_size}"

@@ -14,6 +14,12 @@ started from, which is kept until the next round: a run killed in the middle of 
 that the server does not count (a failed client under `client-failures = "tolerate"`), starts again
 from the state the server last counted, so no client's steps are applied twice.
 
+A process that serves clients round after round keeps its UNet pair and the states it saved in memory
+(fl_ietagc/client_memory.py, bounded by `client-memory-mb`): the next round of the same partition starts from
+the in-memory copy when it is exactly the version the server names. The file is still written every round, in
+the background while the reply is built, and the reply waits for it: a round the server commits always has its
+client states on disk.
+
 Any error is caught and sent back as an `error` record (partition, round, step, one line, traceback),
 so the server can name the partition instead of a Flower node id.
 
@@ -24,7 +30,6 @@ fixedclipping_mod clips the update first).
 
 from __future__ import annotations
 
-import copy
 import time
 import traceback
 from logging import INFO
@@ -35,8 +40,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
+from fl_ietagc import phases
 from fl_ietagc import protocol as P
+from fl_ietagc.checkpoints import BackgroundWrite
 from fl_ietagc.checkpoints import pack_weights, unpack_weights
+from fl_ietagc.client_memory import MEMORY
 from fl_ietagc.config import RunConfig, parse_config
 from fl_ietagc.data import shard_inputs
 from fl_ietagc.faults import fault_point
@@ -54,6 +62,8 @@ from .secure_aggregation import secure_aggregation_mod
 
 # clipping acts on the update in the clear, then SecAgg+ masks it
 app = ClientApp(mods=[secure_aggregation_mod, client_clipping_mod])
+
+STATE_WRITE_TIMEOUT_S = 600.0  # a client-state write that takes longer fails the round, named
 
 
 @app.train()
@@ -87,38 +97,56 @@ def train_round(cfg: RunConfig, instruction: RecordDict, context: Context, parti
     inputs, cond = shard_inputs(cfg, shard)
     device = pick_device(cfg.device, ray_gpu_ids())  # a simulated client without a GPU share: CPU
 
+    t0 = time.perf_counter()
     layout = Layout.from_record(instruction[P.LAYOUT])
     received = {k: a.numpy() for k, a in instruction[P.ARRAYS].items()}
     net_sd, ema_sd = unpack_weights(unflatten(decode(received, layout), layout))
-    model = build_for_config(cfg)
-    load_weights(model, net_sd, "global raw weights")
-    ema = copy.deepcopy(model)
-    load_weights(ema, ema_sd, "global EMA weights")
+    phases.since("client: unpack weights", t0)
+    budget = cfg.client_memory_mb * 2 ** 20
+    with phases.timed("client: build model, load weights"):
+        model, ema = MEMORY.models(_model_key(cfg, device), lambda: build_for_config(cfg), budget)
+        load_weights(model, net_sd, "global raw weights")
+        load_weights(ema, ema_sd, "global EMA weights")
+    del net_sd, ema_sd
 
     run = RunDir(str(conf[P.RUN_DIR]))
     state_root = context.node_config.get("state-dir") or cfg.client_state_dir or None
     start_round = int(list(conf[P.STATE_ROUNDS])[partition_id])
-    state = _restore_state(run, partition_id, start_round, state_root, shard, str(conf[P.RUN_TOKEN]), device,
-                           redistributed=P.shard_key(partition_id) in conf)
+    token = str(conf[P.RUN_TOKEN])
+    held = (token, str(run.client_state_dir(partition_id, state_root)), partition_id)
+    with phases.timed("client: state load"):
+        state = _restore_state(run, partition_id, start_round, state_root, shard, token, device,
+                               redistributed=P.shard_key(partition_id) in conf, held=held)
     if bool(conf.get(P.RESET_OPTIMIZER, False)):  # plain FedAvg: a new Adam every round
         state.optimizer = None
 
-    trainer = LocalTrainer(cfg, model, ema, inputs, state, device, cond=cond)
+    with phases.timed("client: trainer set-up (to device, Adam state)"):
+        trainer = LocalTrainer(cfg, model, ema, inputs, state, device, cond=cond)
     stats = trainer.run(cfg.local_epochs, client_seed(cfg.seed, partition_id, server_round),
                         prox_mu=float(conf.get(P.PROXIMAL_MU, 0.0)),  # set by the fedprox strategy
                         progress=lambda total: StepProgress(f"client p{partition_id} round {server_round}", total,
                                                             cfg.batch_size, write=_log_info))
-    state.save(run.client_state(partition_id, server_round, state_root))
-    _prune_states(run, partition_id, start_round, state_root)
+    # the state file is written (and fsync'ed) while the reply is built, and waited for before replying: the
+    # server commits this round only after the reply, so a committed round's client states are always durable
+    path = run.client_state(partition_id, server_round, state_root)
+    write = BackgroundWrite(lambda: state.save(path), f"client state {path}")
 
     summary = ClientRound(partition_id=partition_id, num_examples=len(shard), loss=stats.mean_loss,
                           kept=stats.kept, skipped=stats.skipped, steps=stats.steps, seconds=stats.seconds,
                           client_step=state.step, image_ids=shard, skip_counts=stats.skip_counts.numpy())
     metrics, info = summary.to_records()
     info[P.LAYOUT_DIGEST] = layout.digest()
+    t0 = time.perf_counter()
     flat = encode(flatten(pack_weights(trained_state(trainer.model), trained_state(trainer.ema)), layout), layout)
     content = RecordDict({P.ARRAYS: ArrayRecord({k: Array(a) for k, a in flat.items()}),
                           P.METRICS: MetricRecord(metrics), P.INFO: ConfigRecord(info)})
+    phases.since("client: reply serialization", t0)
+    with phases.timed("client: state save (fsync), after the reply was built"):
+        write.wait(STATE_WRITE_TIMEOUT_S)
+        _prune_states(run, partition_id, start_round, state_root)
+    MEMORY.keep(held, server_round, state, path, budget)
+    for p in model.parameters():
+        p.grad = None  # (the kept UNet holds no gradients between rounds)
     del trainer, model, ema
     if device.type == "cuda":
         torch.cuda.empty_cache()  # long-lived Ray actors would otherwise keep the cached VRAM
@@ -129,6 +157,12 @@ def _log_info(line: str) -> None:
     """Through Flower's logger: in simulation Ray forwards it to the driver's output (prefixed with the actor),
     in deployment it is in the SuperNode's log."""
     log(INFO, "%s", line)
+
+
+def _model_key(cfg: RunConfig, device: torch.device) -> tuple:
+    """What decides the UNet a run builds (build_for_config), and where it lives."""
+    return (cfg.model_type, cfg.pretrained_dir, cfg.preset, cfg.dataset, cfg.data_root, cfg.image_size,
+            cfg.gradient_checkpointing, cfg.channels_last, str(device))
 
 
 def _partition(context: Context, num_clients: int) -> int:
@@ -145,10 +179,15 @@ def _partition(context: Context, num_clients: int) -> int:
 
 
 def _restore_state(run: RunDir, partition_id: int, start_round: int, state_root, shard, token: str,
-                   device: torch.device, redistributed: bool) -> TrainState:
+                   device: torch.device, redistributed: bool, held: tuple | None = None) -> TrainState:
+    """The state of round `start_round`: fresh for round 0, this process's own copy when it holds exactly that
+    version (client_memory.py), else the file."""
     if start_round == 0:
         return TrainState.fresh(shard, token)
     path = run.client_state(partition_id, start_round, state_root)
+    state = MEMORY.state(held, start_round, path) if held is not None else None
+    if state is not None:
+        return state.check(path, token, shard, allow_remap=redistributed)
     if not path.exists():
         raise RuntimeError(f"client state {path} is missing; the client's optimizer, warmup position and memory "
                            f"bank would be lost. Is client-state-dir on a disk this client can reach in every round?")

@@ -15,6 +15,7 @@ import math
 import os
 import threading
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -33,7 +34,9 @@ class RunWriteError(OSError):
     """A run file could not be written; the previous version of the file is intact."""
 
 
-def atomic_write_bytes(path: Path, writer) -> None:
+def atomic_write_bytes(path: Path, writer, before_replace=None) -> None:
+    """`writer(f)` into a temporary file beside `path`, fsync'ed, then renamed over `path`; `before_replace()`, if
+    given, runs between the two (e.g. waits for another file that must be in place first)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
     try:
@@ -43,6 +46,8 @@ def atomic_write_bytes(path: Path, writer) -> None:
             f.flush()
             os.fsync(f.fileno())
         fault_point(f"write-{path.parent.name}-{path.name}", 0)  # tests: killed with the new file not yet in place
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     except BaseException as e:
         try:
@@ -99,8 +104,32 @@ def cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in state.items()}
 
 
-def save_torch(path: Path, blob) -> None:
-    atomic_write_bytes(path, lambda f: torch.save(blob, f))
+def save_torch(path: Path, blob, before_replace=None) -> None:
+    atomic_write_bytes(path, lambda f: torch.save(blob, f), before_replace)
+
+
+class BackgroundWrite:
+    """Run `write()` on a thread; `wait(timeout_s)` joins it, re-raising its error, or raises TimeoutError
+    naming `what` when it has not finished within the bound."""
+
+    def __init__(self, write: Callable[[], None], what: str):
+        self.what = what
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(write,), name=f"write {what}", daemon=True)
+        self._thread.start()
+
+    def _run(self, write) -> None:
+        try:
+            write()
+        except BaseException as e:  # handed to the waiting thread
+            self.error = e
+
+    def wait(self, timeout_s: float) -> None:
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            raise TimeoutError(f"writing {self.what} did not finish within {timeout_s:g} s (disk stalled?)")
+        if self.error is not None:
+            raise self.error
 
 
 def load_torch(path: str | Path, what: str, map_location="cpu"):

@@ -12,6 +12,11 @@ Dynamo guards on tensor shapes, dtypes and strides, not on which tensor object i
 round's fresh model reuses the compiled graphs. Shapes are static (dynamic=False): the trainer only runs full
 batches (drop_last) and the sampler pads its last partial batch; timesteps are tensor values, not shapes.
 
+`compile-mode` (run config) is torch.compile's mode: "reduce-overhead" records the step as CUDA graphs and
+replays them (one launch instead of hundreds; the cached module's bound tensors are the graphs' static inputs,
+so the trainer keeps one UNet per process across rounds), "max-autotune(-no-cudagraphs)" tunes kernels while
+compiling. They are CUDA features: on any other device `compiled_unet` refuses them in one line.
+
 Private setting for tests and benchmarks: the environment variable FL_IETAGC_COMPILE_BACKEND
 (default "inductor"; "eager" / "aot_eager" compile in seconds on a CPU).
 """
@@ -70,10 +75,17 @@ def architecture(model: torch.nn.Module) -> str:
 class CompiledUNet:
     """A weightless copy of a UNet and its torch.compile'd forward; bind a model's tensors to call it."""
 
-    def __init__(self, template: torch.nn.Module, backend_name: str):
+    def __init__(self, template: torch.nn.Module, backend_name: str, mode: str = "default"):
         self.module = copy.deepcopy(template)
         _unbind(self.module)  # the cached copy keeps no weights of its own
-        self.forward = torch.compile(self.module, backend=backend_name, dynamic=False)
+        self.mode = mode
+        # (torch.compile passes mode to inductor; "default" is inductor's default, so it is not passed at all)
+        self.forward = torch.compile(self.module, backend=backend_name, dynamic=False,
+                                     **({} if mode == "default" else {"mode": mode}))
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        return self.mode in ("reduce-overhead", "max-autotune")
 
     @contextlib.contextmanager
     def bound(self, model: torch.nn.Module) -> Iterator:
@@ -86,15 +98,24 @@ class CompiledUNet:
             _unbind(self.module)  # drop the references: the caller's model (and its grads) can be freed
 
 
+def check_mode(mode: str, device: torch.device | str) -> None:
+    """Refuse, in one line, a compile mode that needs CUDA on another device."""
+    if mode != "default" and torch.device(device).type != "cuda":
+        raise ValueError(f"compile-mode = {mode!r}: CUDA only (CUDA graphs / GPU kernel tuning), but this process "
+                         f"trains on {torch.device(device).type}; use compile-mode = \"default\"")
+
+
 def compiled_unet(model: torch.nn.Module, device: torch.device | str, *, purpose: str, precision: str = "fp32",
-                  channels_last: bool = False) -> CompiledUNet:
+                  channels_last: bool = False, mode: str = "default") -> CompiledUNet:
     """The process's compiled UNet for `model`'s architecture and these settings (built on first use).
 
-    purpose: "train" (forward + backward) or "sample" (no grad, eval mode); each gets its own graphs."""
-    key = (architecture(model), str(torch.device(device)), purpose, precision, channels_last, backend())
+    purpose: "train" (forward + backward) or "sample" (no grad, eval mode); each gets its own graphs.
+    mode: torch.compile's mode (run-config compile-mode); not "default" only on CUDA."""
+    check_mode(mode, device)
+    key = (architecture(model), str(torch.device(device)), purpose, precision, channels_last, backend(), mode)
     entry = _CACHE.get(key)
     if entry is None:
-        entry = _CACHE[key] = CompiledUNet(model, key[-1])
+        entry = _CACHE[key] = CompiledUNet(model, key[-2], mode)
         STATS.builds += 1
     else:
         STATS.hits += 1

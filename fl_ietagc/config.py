@@ -36,6 +36,8 @@ SECURE_AGGREGATION = ("off", "secaggplus")
 SECURE_STRATEGIES = ("iet", "fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi")
 SECURE_REFUSED = {"fedmedian": "its coordinate-wise median needs each client's weights",
                   "fedtrimmedavg": "its trimmed mean needs each client's weights to sort them"}
+# torch.compile modes: reduce-overhead captures CUDA graphs; the max-autotune ones tune GPU kernels (CUDA only)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # server strategies by name (each built in strategies/registry.py; tests/test_strategies.py checks the two agree)
 STRATEGIES = ("iet", "fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg",
               "krum", "multikrum", "bulyan", "qfedavg")
@@ -170,6 +172,10 @@ class RunConfig:
                                "(faster convolutions on tensor-core GPUs)")
     compile: bool = _key("compile", False, "torch.compile the UNet of the training step (compiled once per process, "
                          "reused across rounds; static batch shape)")
+    compile_mode: str = _key("compile-mode", "default", "torch.compile mode of the training step and the sampler "
+                             "(with compile = true; not default = CUDA only): reduce-overhead replays CUDA graphs "
+                             "(fewer kernel launches), max-autotune(-no-cudagraphs) tunes kernels at compile time",
+                             choices=COMPILE_MODES)
     # --- federation ---
     num_clients: int = _key("num-clients", 0, "K, number of shards/clients; 0 = every connected SuperNode",
                             _non_negative)
@@ -249,6 +255,10 @@ class RunConfig:
     run_name: str = _key("run-name", "", "run directory name; empty = <dataset>-<preset>-<timestamp>")
     client_state_dir: str = _key("client-state-dir", "", "where clients keep optimizer/bank state between rounds; "
                                  "empty = <run dir>/client-state (a SuperNode's node-config state-dir wins)")
+    client_memory_mb: int = _key("client-memory-mb", 4096, "what a client process keeps in memory between rounds "
+                                 "(its UNet pair, the client states it saved; on the training device) instead of "
+                                 "rebuilding and re-reading them; 0 = nothing (state files are written either way)",
+                                 _non_negative)
     checkpoint_every: int = _key("checkpoint-every", 1, "save the global weights every N rounds (the last "
                                  "round is always saved)", _at_least(1))
     sample_count: int = _key("sample-count", 64, "images in the final sample grid (0 = none)", _non_negative)
@@ -384,6 +394,8 @@ def _check_cross_keys(cfg: RunConfig) -> None:
     for key in ("dp-target-quantile", "dp-clip-norm-lr"):
         if cfg.to_dict()[key] != defaults.to_dict()[key] and cfg.dp_clipping != "adaptive":
             raise ConfigError(f"{key} = {cfg.to_dict()[key]}: only used with dp-clipping = \"adaptive\"")
+    if cfg.compile_mode != "default" and not cfg.compile:
+        raise ConfigError(f"compile-mode = {cfg.compile_mode!r}: only used with compile = true")
     if cfg.taa and not cfg.agc:
         raise ConfigError("taa = true: threshold-aware augmentation needs agc = true (it uses the memory bank)")
     if not cfg.ret_every and cfg.ret_fraction != defaults.ret_fraction:

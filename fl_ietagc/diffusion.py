@@ -66,7 +66,7 @@ class Diffusion:
 def sample(model, diffusion: Diffusion, num_images: int, shape: tuple[int, int, int], *, sampler: str = "ddim",
            steps: int = 50, seed: int = 0, batch_size: int = 256, device: str | torch.device = "cpu",
            progress: bool = False, precision: str = "fp32", channels_last: bool = False,
-           compile: bool = False) -> torch.Tensor:
+           compile: bool = False, compile_mode: str = "default") -> torch.Tensor:
     """Generate `num_images` images in [-1, 1] as a float32 CPU tensor (N, C, H, W).
 
     Seeded: the same (seed, num_images, batch_size) gives the same images. `sampler` is "ddim"
@@ -74,6 +74,7 @@ def sample(model, diffusion: Diffusion, num_images: int, shape: tuple[int, int, 
     `precision` / `channels_last` apply to the UNet forward; `compile` runs it through the process's
     compiled UNet (fl_ietagc/compiled.py), with the last partial batch padded so the shape never changes
     (the padding rows draw no random numbers: the real images are those of the uncompiled sampler).
+    `compile_mode` is torch.compile's mode (reduce-overhead: the forward replayed as CUDA graphs; CUDA only).
     """
     if sampler == "ddim":
         sched = DDIMScheduler(**diffusion.scheduler_config, set_alpha_to_one=True)
@@ -92,7 +93,8 @@ def sample(model, diffusion: Diffusion, num_images: int, shape: tuple[int, int, 
     if compile:
         from .compiled import compiled_unet
 
-        compiled = compiled_unet(model, device, purpose="sample", precision=precision, channels_last=channels_last)
+        compiled = compiled_unet(model, device, purpose="sample", precision=precision, channels_last=channels_last,
+                                 mode=compile_mode)
     fixed = min(batch_size, num_images)  # the one batch shape the compiled forward sees
     gen = torch.Generator(device=device).manual_seed(seed)
     out = []
@@ -110,6 +112,8 @@ def sample(model, diffusion: Diffusion, num_images: int, shape: tuple[int, int, 
                 n = min(batch_size, num_images - start)
                 x = torch.randn((n, *shape), generator=gen, device=device)
                 for t in sched.timesteps:
+                    if compiled is not None and compiled.uses_cuda_graphs:
+                        torch.compiler.cudagraph_mark_step_begin()
                     inp = x if compiled is None or n == fixed else torch.cat([x, x.new_zeros((fixed - n, *shape))])
                     eps = net(inp, t.to(device)).sample[:n].float()
                     x = sched.step(eps, t, x, generator=gen).prev_sample if sampler == "ddpm" else \

@@ -263,7 +263,8 @@ def evaluate_run(run_dir: str | Path, opts: EvalOptions, progress: bool = True, 
     samples = to_uint8(sample(model, diffusion, opts.num_samples, (channels, size, size), sampler=opts.sampler,
                               steps=opts.steps, seed=opts.seed, batch_size=opts.batch_size, device=device,
                               progress=progress, precision=opts.precision or cfg.precision,
-                              channels_last=cfg.channels_last, compile=cfg.compile))
+                              channels_last=cfg.channels_last, compile=cfg.compile,
+                              compile_mode=cfg.compile_mode))
     timings["sampling_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

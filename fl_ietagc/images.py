@@ -51,7 +51,8 @@ def write_sample_grid(cfg, model: torch.nn.Module, path: str | Path, device) -> 
     size, channels = image_size(cfg), load_splits(cfg).train.channels
     images = sample(model.to(device), Diffusion.for_config(cfg), cfg.sample_count,
                     (channels, size, size), sampler="ddim", steps=cfg.sample_steps, seed=cfg.seed, device=device,
-                    precision=cfg.precision, channels_last=cfg.channels_last, compile=cfg.compile)
+                    precision=cfg.precision, channels_last=cfg.channels_last, compile=cfg.compile,
+                    compile_mode=cfg.compile_mode)
     return save_grid(images, path)
 
 

@@ -35,11 +35,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoints import atomic_write_bytes, atomic_write_json, cpu_state, load_torch, read_json, save_checkpoint, \
-    save_torch
+from .checkpoints import BackgroundWrite, atomic_write_bytes, atomic_write_json, cpu_state, load_torch, read_json, \
+    save_checkpoint, save_torch
 from .config import ConfigError
 
 RESUME_FORMAT = "fl-ietagc-resume/1"
+WRITE_TIMEOUT_S = 600.0  # a checkpoint write that takes longer fails the commit, named
 
 # runs this process is writing now: a signal handler marks them interrupted before the process exits
 ACTIVE_RUNS: set["RunDir"] = set()
@@ -241,15 +242,25 @@ class RunDir:
         atomic_write_json(self.metrics_path, metrics)
         if skip_counts is not None:
             self.write_skip_counts(skip_counts)
-        if keep_checkpoint:
-            save_checkpoint(self.checkpoint(server_round), net, ema, server_round=server_round, config=config)
-        fault_point("mid-commit", server_round)
-        self.write_resume(server_round, net, ema, state)
+        # the checkpoint is written on a thread while resume.pt goes to its temporary file (the two overlap their
+        # serialization and fsync); resume.pt, the commit point, replaces the old one only once the checkpoint is
+        # in place, so a committed round always has its checkpoint
+        checkpoint = BackgroundWrite(
+            lambda: save_checkpoint(self.checkpoint(server_round), net, ema, server_round=server_round,
+                                    config=config), f"checkpoint {self.checkpoint(server_round)}") \
+            if keep_checkpoint else None
+
+        def checkpoint_in_place():
+            if checkpoint is not None:
+                checkpoint.wait(WRITE_TIMEOUT_S)
+            fault_point("mid-commit", server_round)
+
+        self.write_resume(server_round, net, ema, state, before_replace=checkpoint_in_place)
         self.write_status("running", round=server_round, num_rounds=num_rounds)
 
-    def write_resume(self, server_round: int, net: dict, ema: dict, state: dict) -> None:
+    def write_resume(self, server_round: int, net: dict, ema: dict, state: dict, before_replace=None) -> None:
         save_torch(self.resume_path, {"format": RESUME_FORMAT, "round": server_round, "net": cpu_state(net),
-                                      "ema": cpu_state(ema), "state": state})
+                                      "ema": cpu_state(ema), "state": state}, before_replace)
 
     def read_resume(self) -> dict:
         blob = load_torch(self.resume_path, "resume point")

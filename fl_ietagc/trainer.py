@@ -85,15 +85,20 @@ class TrainState:
         if not isinstance(blob, dict) or set(blob) != set(cls.fresh([]).to_dict()):
             raise ValueError(f"{path}: not a client state of this version")
         state = cls.from_dict(blob)
-        if state.token != token:
-            raise RuntimeError(f"client state {path} belongs to another run (token {state.token!r} != {token!r})")
         state.image_ids, state.skip_counts = state.image_ids.cpu(), state.skip_counts.cpu()
         state.aug_strength = state.aug_strength.cpu()
-        if not torch.equal(state.image_ids, torch.as_tensor(image_ids, dtype=torch.long)):
+        return state.check(path, token, image_ids, allow_remap)
+
+    def check(self, path, token: str, image_ids, allow_remap: bool = False) -> "TrainState":
+        """This state, checked to belong to run `token` and to the shard `image_ids` (remapped when allowed);
+        `path` names it in errors (the file it was, or will be, saved as)."""
+        if self.token != token:
+            raise RuntimeError(f"client state {path} belongs to another run (token {self.token!r} != {token!r})")
+        if not torch.equal(self.image_ids, torch.as_tensor(image_ids, dtype=torch.long)):
             if not allow_remap:
                 raise RuntimeError(f"client state {path} was made for a different shard")
-            state.remap(image_ids)
-        return state
+            self.remap(image_ids)
+        return self
 
 
 @dataclass
@@ -151,7 +156,10 @@ class LocalTrainer:
             self.model.to(memory_format=torch.channels_last)
             self.ema.to(memory_format=torch.channels_last)
         self.compiled = compiled_unet(self.model, device, purpose="train", precision=cfg.precision,
-                                      channels_last=cfg.channels_last) if cfg.compile else None
+                                      channels_last=cfg.channels_last, mode=cfg.compile_mode) if cfg.compile else None
+        # CUDA graphs: each step's forward replays into the same output buffers; marking the step's start tells
+        # torch that the previous step's outputs are no longer read
+        self._mark_step = self.compiled is not None and self.compiled.uses_cuda_graphs
         self.images = images.to(device)
         self.cond = cond.to(device) if cond is not None else None
         self.state = state
@@ -209,6 +217,8 @@ class LocalTrainer:
             for b in range(self.steps_per_epoch()):
                 if steps >= total:
                     break
+                if self._mark_step:
+                    torch.compiler.cudagraph_mark_step_begin()
                 idx = perm[b * bs:(b + 1) * bs]
                 x0 = to_model_range(self.images[idx]) if self.images.dtype == torch.uint8 else self.images[idx]
                 if flip:

@@ -163,6 +163,9 @@ def check_device(cfg: RunConfig) -> None:
 
         if not torch.cuda.is_available():
             raise ConfigError("device = 'cuda': no CUDA GPU is visible here; use device = 'auto' or 'cpu'")
+    if cfg.device == "cpu" and cfg.compile_mode != "default":  # (device = auto: each client checks its own)
+        raise ConfigError(f"compile-mode = {cfg.compile_mode!r}: CUDA only (CUDA graphs / GPU kernel tuning), but "
+                          f"device = 'cpu'; use compile-mode = \"default\"")
 
 
 def check_run_name(name: str) -> None:

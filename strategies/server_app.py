@@ -32,6 +32,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from fl_ietagc import phases
 from fl_ietagc import protocol as P
 from fl_ietagc.checkpoints import pack_weights, unpack_weights
 from fl_ietagc.config import ConfigError, RunConfig, parse_config
@@ -244,8 +245,11 @@ def run_federated(grid: Grid, cfg: RunConfig, run: RunDir, num_clients: int, sta
             raise RuntimeError(f"round {server_round}: the strategy aggregated nothing")
         arrays = new_arrays
         timing["aggregate-s"] = time.time() - t_aggregate
+        phases.add("server: aggregation", timing["aggregate-s"])
+        t0 = time.perf_counter()
         record = end_round(cfg, run, strategy, state, server_round, arrays, before + time.time() - t_start,
                            layout, round_timing(replies, timing))
+        phases.since("server: commit (metrics, checkpoint, resume.pt)", t0)
         elapsed = time.time() - t_start
         done = server_round - start_round
         log(INFO, "fl-ietagc: round %d/%d  loss %.4f  skip-rate %.3f (per client %s)  img/s per client %s%s  "
