@@ -17,8 +17,9 @@ Deployments are secure (TLS + SuperNode authentication), and every client trains
 the start-up): server send (pushing the messages), client receive (pushed -> the ClientApp's handler starts),
 train (the client's training loop), the rest of the client's handler (weights in and out, state load and save),
 client send (reply ready -> the server has it), aggregation; the remainder is the commit (checkpoint, resume.pt)
-and the round's bookkeeping. Means over clients and rounds 2... `bound` = the bytes a round moves over the
-SuperLink's link divided by the link rate (K instructions + K replies, each `wire_bytes`), 0 on loopback.
+and the round's bookkeeping. Means over clients and rounds 2... `bound` = what one SuperNode's link carries in a
+round divided by its rate: the instruction down, then the reply up (2 x `wire_bytes`; each SuperNode has its own
+link of that rate, as separate machines would; the SuperLink's side is not one shared uplink); 0 on loopback.
 SuperLink CPU: its user + system seconds per round (rounds 2..), read from /proc while the run goes on.
 `--config test`: tests/test_deployment.py's tiny job (128 images, batch 32, 1 local epoch, T = 20);
 `--config default`: the default job with 1 local epoch; `--config paper`: the paper's 35.7M UNet
@@ -190,7 +191,7 @@ def main() -> None:
                 result = deploy("scripts/deploy-local.sh", name, overrides, args.clients, out, port, slug)
             seconds, wall, pids, timing, cpu = result
             distinct = len({pid for r in pids for pid in r})
-            bound = 2 * args.clients * size * 8 / rate_bits(rate) if rate else 0.0
+            bound = 2 * size * 8 / rate_bits(rate) if rate else 0.0  # per link: the instruction down, the reply up
             rows.append((name, seconds, wall, distinct, split(timing), cpu, bound))
             print(f"{name}: rounds {[round(s, 1) for s in seconds]}  wall {wall:.1f} s  split {split(timing)}  "
                   f"SuperLink CPU/round {cpu}", file=sys.stderr, flush=True)
