@@ -143,7 +143,7 @@ mode="$mode, ClientApps: $([ "$ISOLATION" = process ] && echo "one long-lived pr
        || echo "a new process per message")"
 submitted=$("${link_exec[@]}" flwr run . local-deployment --format json -c "num-clients=$K output-dir='$PWD/runs'" "$@")
 rid=$(python -c 'import json,sys; d=json.load(sys.stdin); print(d.get("run-id") or sys.exit(str(d)))' <<<"$submitted")
-echo "deploy-local: run $rid submitted to the SuperLink at $HOST:$PORT with $K SuperNodes, $mode"
+echo "deploy-local: run $rid submitted to the local SuperLink at $HOST:$PORT with $K SuperNodes, $mode"
 "${link_exec[@]}" python -m experiments.follow_run "$rid" --superlink local-deployment &
 follow=$!
 wait "$follow"  # (a trapped SIGINT/SIGTERM interrupts `wait`, not a foreground command)

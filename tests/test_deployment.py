@@ -385,7 +385,7 @@ def test_deployment_across_namespaces_over_shaped_links_matches_the_in_process_g
     text = out.read_text()
     assert code == 0, text[-4000:]
     assert f"SuperLink in namespace {tag}-link at 10.213.7.1, 2 SuperNodes" in text and "links 100mbit" in text
-    assert "submitted to the SuperLink at 10.213.7.1:" in text and "TLS + SuperNode authentication" in text
+    assert "submitted to the local SuperLink at 10.213.7.1:" in text and "TLS + SuperNode authentication" in text
     assert "Uvicorn running on https://0.0.0.0" in (work / "superlink.log").read_text()  # TLS, in its namespace
     deadline = time.time() + 20  # (the watcher runs the same teardown once the script is gone)
     while our_namespaces(tag) and time.time() < deadline:
