@@ -12,24 +12,12 @@ from __future__ import annotations
 
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
 
-from .base import AppStrategyMixin
+from .flower_strategies import AppDPWrapper
 
 
-class AppDPClientClipping(AppStrategyMixin, DifferentialPrivacyClientSideFixedClipping):
-    def setup_app(self, num_clients: int, round_config: dict, failure_policy: str = "fail",
-                  min_clients_fraction: float = 1.0, node_wait_s: float = 600.0, layout=None) -> None:
-        super().setup_app(num_clients, round_config, failure_policy, min_clients_fraction, node_wait_s, layout)
-        self.strategy.setup_app(num_clients, round_config, failure_policy, min_clients_fraction, node_wait_s, layout)
-        self.strategy.decodes_replies = False  # the wrapper sorted and decoded the replies
-        self.strategy.round_config = self.round_config  # one dict: what the ServerApp updates, both send
-        self.client_flags = getattr(self.strategy, "client_flags", {})
-
-    def use_shards(self, assignment) -> None:
-        super().use_shards(assignment)
-        self.strategy.use_shards(assignment)  # (the wrapped strategy writes the messages)
-
-    def connected_nodes(self, server_round: int, grid, poll_s: float = 1.0) -> None:
-        return None  # the wrapped strategy waits for the SuperNodes (in its configure_train, which Flower calls)
+class AppDPClientClipping(AppDPWrapper, DifferentialPrivacyClientSideFixedClipping):
+    """Client-side fixed clipping (the clients' fixedclipping_mod) + Gaussian noise on the aggregate, around
+    another strategy of this app; also on SecAgg+'s masked mean."""
 
     def aggregate_secure(self, server_round: int, replies, mean, why: str):
         self.strategy.sent = self.sent
