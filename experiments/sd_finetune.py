@@ -28,19 +28,20 @@ from .studies import print_estimate as print_runs
 
 K_FULL, K_SMOKE = 4, 2
 FULL = {"model-type": "latent-t2i", "dataset": "captions", "image-size": 256, "num-server-rounds": 25,
-        "local-epochs": 6, "batch-size": 8, "lr": 2.5e-6, "warmup-steps": 5000, "grad-clip": 1.0, "agc-lambda": 1.25,
+        "local-epochs": 6, "batch-size": 8, "lr": 2.5e-6, "warmup-steps": 5000, "grad-clip": 1.0,
         "frozen-dtype": "bf16", "precision": "bf16", "gradient-checkpointing": True, "sample-count": 16,
         "holdout-fraction": 0.05}
 SMOKE = {"model-type": "latent-t2i", "dataset": "captions", "image-size": 16, "num-server-rounds": 2,
-         "local-epochs": 2, "batch-size": 4, "lr": 1e-3, "warmup-steps": 2, "agc-lambda": 1.25, "diffusion-steps": 20,
+         "local-epochs": 2, "batch-size": 4, "lr": 1e-3, "warmup-steps": 2, "diffusion-steps": 20,
          "sample-count": 4, "sample-steps": 5}
-RET = {"ret-every": 1, "ret-fraction": 0.1, "taa": True, "taa-max-shift": 1}
+AGC = {"agc-lambda": 1.25}  # the AGC runs' lambda (plain fine-tuning has no bank: setting it there would be a no-op)
+RET = {**AGC, "ret-every": 1, "ret-fraction": 0.1, "taa": True, "taa-max-shift": 1}
 LORA_RANK = 4
 
 
 def plan(k: int, smoke: bool = True) -> list[RunSpec]:
-    lora = {"lora-rank": LORA_RANK} if smoke else {"lora-rank": LORA_RANK, "lr": 1e-4}
-    return [RunSpec("plain-finetune", 0, {"agc": False}, match_federated=k), RunSpec("iet-agc", k),
+    lora = {**AGC, "lora-rank": LORA_RANK} if smoke else {**AGC, "lora-rank": LORA_RANK, "lr": 1e-4}
+    return [RunSpec("plain-finetune", 0, {"agc": False}, match_federated=k), RunSpec("iet-agc", k, AGC),
             RunSpec("ret", k, RET), RunSpec("iet-agc-lora", k, lora)]
 
 

@@ -441,4 +441,4 @@ def test_a_sd_finetune_smoke_dry_run_writes_nothing(t, capsys, no_work, monkeypa
 
     monkeypatch.setattr(sd, "train_run", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))
     assert studies.main(["sd-finetune", "--smoke", "--dry-run", "--out", str(t / "studies")]) == 0
-    assert "study sd-finetune (smoke): 3 runs" in capsys.readouterr().out and not (t / "studies").exists()
+    assert "study sd-finetune (smoke): 4 runs" in capsys.readouterr().out and not (t / "studies").exists()
