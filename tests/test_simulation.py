@@ -120,8 +120,11 @@ def test_two_clients_two_rounds_match_the_plain_loop(tmp_path):
 
 
 def test_a_failing_client_fails_the_command_with_one_line_naming_it(tmp_path, capfd):
-    blocked = tmp_path / "not-a-dir"
-    blocked.write_text("a file where the client wants its state directory")
+    # (a client-state-dir that is a file is refused before the run; a file where the run's own folder inside it
+    # would go is only met by the client)
+    blocked = tmp_path / "states"
+    blocked.mkdir()
+    (blocked / "e2e").write_text("a file where the client wants its state directory")
     code, run, _ = simulate_app(tmp_path, f'client-state-dir="{blocked}"')
     assert code == 1
     status = run.read_status()
@@ -143,7 +146,7 @@ def stop_mid_run(tmp_path, sig) -> tuple[RunDir, float]:
     import sys
     import time
 
-    overrides = f'{SMALL} output-dir="{tmp_path}" run-name="cut"'
+    overrides = SMALL.replace('run-name="e2e"', 'run-name="cut"') + f' output-dir="{tmp_path}"'
     proc = subprocess.Popen([sys.executable, "-m", "experiments.simulate", "--app", str(ROOT), "--num-supernodes", "2",
                              "--run-config", overrides, "--backend-config", '{"client_resources": {"num_cpus": 1}}'],
                             cwd=ROOT, env={**os.environ, "FL_IETAGC_FAULT": "between-rounds:1:hang"},
