@@ -87,3 +87,21 @@ _SESSION: dict = {}
 def pytest_collection_finish(session):
     _SESSION["session"] = session
     _SESSION["items"] = {item.nodeid: item for item in session.items}
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail the test if a simulation process (and so Ray), training or a study's run starts: bad input is refused
+    before any work (tests/test_bad_input.py, test_bad_input_classes.py)."""
+    import subprocess
+
+    import fl_ietagc.centralized
+    from experiments import simulate, studies
+
+    def forbidden(*a, **k):
+        raise AssertionError(f"work started for bad input: {a[:1]}")
+
+    monkeypatch.setattr(subprocess, "Popen", forbidden)
+    monkeypatch.setattr(simulate, "run_here", forbidden)
+    monkeypatch.setattr(fl_ietagc.centralized.LocalTrainer, "run", forbidden)
+    monkeypatch.setattr(studies, "train_run", forbidden)

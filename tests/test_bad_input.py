@@ -260,19 +260,6 @@ def run_case(command, argv):
     raise AssertionError(command)
 
 
-@pytest.fixture
-def no_work(monkeypatch):
-    """Fail the test if a simulation process (and so Ray) or training starts."""
-    def forbidden(*a, **k):
-        raise AssertionError(f"work started for bad input: {a[:1]}")
-
-    monkeypatch.setattr(subprocess, "Popen", forbidden)
-    monkeypatch.setattr(simulate, "run_here", forbidden)
-    import fl_ietagc.centralized
-
-    monkeypatch.setattr(fl_ietagc.centralized.LocalTrainer, "run", forbidden)
-
-
 @pytest.mark.parametrize("name,case,message", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_refused_before_work(name, case, message, files, no_work, capsys):
     command, argv = case

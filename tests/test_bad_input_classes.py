@@ -73,19 +73,6 @@ def resumable_copy(t: Path, name: str) -> RunDir:
     return run
 
 
-@pytest.fixture
-def no_work(monkeypatch):
-    def forbidden(*a, **k):
-        raise AssertionError(f"work started for bad input: {a[:1]}")
-
-    monkeypatch.setattr(subprocess, "Popen", forbidden)
-    monkeypatch.setattr(simulate, "run_here", forbidden)
-    import fl_ietagc.centralized
-
-    monkeypatch.setattr(fl_ietagc.centralized.LocalTrainer, "run", forbidden)
-    monkeypatch.setattr(studies, "train_run", forbidden)
-
-
 def listing(t: Path) -> list[str]:
     return sorted(str(p.relative_to(t)) for p in t.rglob("*") if "client-state" not in p.parts)
 
