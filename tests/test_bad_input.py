@@ -9,7 +9,6 @@ and that the refusal took well under the time Ray needs to start (~6 s here).
 import json
 import os
 import pickle
-import subprocess
 import time
 from pathlib import Path
 
