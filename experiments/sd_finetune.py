@@ -23,7 +23,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .studies import ASSUMED_TFLOPS, RunSpec, train_run
+from . import studies
+from .studies import ASSUMED_TFLOPS, RunSpec
 from .studies import print_estimate as print_runs
 
 K_FULL, K_SMOKE = 4, 2
@@ -178,7 +179,7 @@ def run_sd_finetune(size: str, out: Path, *, pretrained: str = "", data: str = "
         return None
     study_dir.mkdir(parents=True, exist_ok=True)
     for r in runs:
-        train_run(r, study_dir, base, backend, smoke)
+        studies.train_run(r, study_dir, base, backend, smoke)  # looked up at call time: tests swap it
     return evaluate_and_compare(study_dir, runs, smoke, eval_args)
 
 
