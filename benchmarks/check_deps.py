@@ -14,9 +14,19 @@ import importlib
 import sys
 
 # (import name, what to install): the project's dependencies and the ones Ray / Flower's simulation import late
-MODULES = (("numpy", "numpy"), ("torch", "torch"), ("torchvision", "torchvision"), ("diffusers", "diffusers"),
-           ("jsonschema", "jsonschema (ray)"), ("ray", "flwr[simulation] (ray)"), ("flwr", "flwr[simulation]"),
-           ("grpc", "grpcio (flwr)"), ("sklearn", "scikit-learn"), ("matplotlib", "matplotlib"), ("tqdm", "tqdm"))
+MODULES = (
+    ("numpy", "numpy"),
+    ("torch", "torch"),
+    ("torchvision", "torchvision"),
+    ("diffusers", "diffusers"),
+    ("jsonschema", "jsonschema (ray)"),
+    ("ray", "flwr[simulation] (ray)"),
+    ("flwr", "flwr[simulation]"),
+    ("grpc", "grpcio (flwr)"),
+    ("sklearn", "scikit-learn"),
+    ("matplotlib", "matplotlib"),
+    ("tqdm", "tqdm"),
+)
 
 
 def missing(modules=MODULES) -> list[str]:
@@ -50,15 +60,20 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     gone = missing()
     if gone:
-        print(f"check_deps: {len(gone)} package(s) missing or broken for {sys.executable}: {'; '.join(gone)}",
-              file=sys.stderr)
+        print(
+            f"check_deps: {len(gone)} package(s) missing or broken for {sys.executable}: {'; '.join(gone)}",
+            file=sys.stderr,
+        )
         return 3
     if a.cuda:
         import torch
 
         if not torch.cuda.is_available():
-            print(f"check_deps: no CUDA GPU is visible to {sys.executable} (torch {torch.__version__}, "
-                  f"torch.cuda.is_available() is False)", file=sys.stderr)
+            print(
+                f"check_deps: no CUDA GPU is visible to {sys.executable} (torch {torch.__version__}, "
+                f"torch.cuda.is_available() is False)",
+                file=sys.stderr,
+            )
             return 4
     return 0
 

@@ -5,7 +5,7 @@ its parts, with the SuperLink's CPU seconds per round and the bound bytes / band
                                           [--only MODE ...] [--rates 1gbit 100mbit]
 
   subprocess  scripts/deploy-local.sh ISOLATION=subprocess (Flower's default: `flwr-clientapp` per message)
-  process     scripts/deploy-local.sh ISOLATION=process (experiments/warm_clientapp.py beside each SuperNode),
+  process     scripts/deploy-local.sh ISOLATION=process (experiments/launch/warm_clientapp.py beside each SuperNode),
               SuperLink and SuperNodes on 127.0.0.1 (loopback)
   netns       scripts/deploy-netns.sh: the same in network namespaces, links shaped with tc tbf to each --rates
               value (needs root; skipped with the reason where namespaces cannot be made)
@@ -33,9 +33,9 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
-import re
 import tempfile
 import threading
 import time
@@ -46,10 +46,14 @@ CONFIGS = {
     "test": "local-epochs=1 max-images=128 batch-size=32 sample-count=0 diffusion-steps=20",
     "default": "local-epochs=1 sample-count=0",
     "paper": "preset='ddpm-cifar10' image-size=32 local-epochs=1 max-images=64 batch-size=32 sample-count=0 "
-             "diffusion-steps=20 warmup-steps=0",
+    "diffusion-steps=20 warmup-steps=0",
 }
-ENV = {**{k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}, "FLWR_TELEMETRY_ENABLED": "0",
-       "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+ENV = {
+    **{k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"},
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+}
 
 
 def round_seconds(run: Path) -> tuple[list[float], list[list[int]], list[dict]]:
@@ -67,8 +71,9 @@ class CpuWatch(threading.Thread):
         self.port, self.run_dir, self.per_round, self.stop = port, run, {}, threading.Event()
 
     def cpu(self) -> float | None:
-        found = subprocess.run(["pgrep", "-f", f"flower-superlink .*--port {self.port}( |$)"], capture_output=True,
-                               text=True).stdout.split()
+        found = subprocess.run(
+            ["pgrep", "-f", f"flower-superlink .*--port {self.port}( |$)"], capture_output=True, text=True
+        ).stdout.split()
         try:
             fields = Path(f"/proc/{found[0]}/stat").read_text().rsplit(")", 1)[1].split()
             return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -93,15 +98,34 @@ class CpuWatch(threading.Thread):
         return (self.per_round[rounds[-1]] - self.per_round[rounds[0]]) / (rounds[-1] - rounds[0])
 
 
-def deploy(script: str, isolation: str, overrides: str, clients: int, out: Path, port: int, name: str,
-           extra_env: dict | None = None):
+def deploy(
+    script: str,
+    isolation: str,
+    overrides: str,
+    clients: int,
+    out: Path,
+    port: int,
+    name: str,
+    extra_env: dict | None = None,
+):
     t0 = time.perf_counter()
-    env = {**ENV, "ISOLATION": isolation, "K": str(clients), "PORT": str(port), "WORK": str(out / f"{name}-work"),
-           **(extra_env or {})}
+    env = {
+        **ENV,
+        "ISOLATION": isolation,
+        "K": str(clients),
+        "PORT": str(port),
+        "WORK": str(out / f"{name}-work"),
+        **(extra_env or {}),
+    }
     watch = CpuWatch(port, out / name)
     watch.start()
-    done = subprocess.run(["bash", script, "-c", f"{overrides} run-name='{name}' output-dir='{out}'"],
-                          cwd=ROOT, capture_output=True, text=True, env=env)
+    done = subprocess.run(
+        ["bash", script, "-c", f"{overrides} run-name='{name}' output-dir='{out}'"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     watch.stop.set()
     if done.returncode != 0:
         raise RuntimeError(f"{name}: {script} exited {done.returncode}: {done.stderr.strip()[-2000:]}")
@@ -112,10 +136,25 @@ def deploy(script: str, isolation: str, overrides: str, clients: int, out: Path,
 
 def simulate(overrides: str, clients: int, out: Path):
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "experiments.simulate", "--app", str(ROOT), "--num-supernodes",
-                    str(clients), "--backend-config", json.dumps({"client_resources": {"num_cpus": 1}}),
-                    "--run-config", f"{overrides} run-name='sim' output-dir='{out}'"],
-                   cwd=ROOT, check=True, capture_output=True, env=ENV)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.launch.simulate",
+            "--app",
+            str(ROOT),
+            "--num-supernodes",
+            str(clients),
+            "--backend-config",
+            json.dumps({"client_resources": {"num_cpus": 1}}),
+            "--run-config",
+            f"{overrides} run-name='sim' output-dir='{out}'",
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        env=ENV,
+    )
     wall = time.perf_counter() - t0
     seconds, pids, timing = round_seconds(out / "sim")
     return seconds, wall, pids, timing, None
@@ -128,19 +167,21 @@ def split(timing: list[dict]) -> dict:
         return {}
     per_client = [c for t in later for c in t["clients"]]
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    return {"server send": mean([t["send-s"] for t in later]),
-            "client receive": mean([c["receive-s"] for c in per_client]),
-            "train": mean([c["train-s"] for c in per_client]),
-            "client handler other": mean([c["handler-s"] - c["train-s"] for c in per_client]),
-            "client send": mean([c["send-s"] for c in per_client]),
-            "aggregate": mean([t["aggregate-s"] for t in later])}
+    return {
+        "server send": mean([t["send-s"] for t in later]),
+        "client receive": mean([c["receive-s"] for c in per_client]),
+        "train": mean([c["train-s"] for c in per_client]),
+        "client handler other": mean([c["handler-s"] - c["train-s"] for c in per_client]),
+        "client send": mean([c["send-s"] for c in per_client]),
+        "aggregate": mean([t["aggregate-s"] for t in later]),
+    }
 
 
 def message_bytes(overrides: str) -> int:
-    from fl_ietagc.checkpoints import pack_weights
-    from fl_ietagc.config import parse_config, parse_overrides
-    from fl_ietagc.initial_weights import initial_weights
-    from fl_ietagc.wire import Layout, wire_bytes
+    from fl_ietagc.federation.wire import Layout, wire_bytes
+    from fl_ietagc.runs.checkpoints import pack_weights
+    from fl_ietagc.settings.config import parse_config, parse_overrides
+    from fl_ietagc.training.run_model import initial_weights
 
     net, ema = initial_weights(parse_config(parse_overrides(overrides)))
     return wire_bytes(Layout.of(pack_weights(net, ema)))
@@ -171,8 +212,9 @@ def main() -> None:
         runs = []
         for name in names:
             if name == "netns":
-                check = subprocess.run(["bash", "scripts/deploy-netns.sh", "--check"], cwd=ROOT, capture_output=True,
-                                       text=True)
+                check = subprocess.run(
+                    ["bash", "scripts/deploy-netns.sh", "--check"], cwd=ROOT, capture_output=True, text=True
+                )
                 if check.returncode != 0:
                     print(f"netns: skipped: {check.stdout.strip() or check.stderr.strip()}", file=sys.stderr)
                     continue
@@ -185,23 +227,30 @@ def main() -> None:
             if name == "simulation":
                 result = simulate(overrides, args.clients, out)
             elif rate is not None:
-                result = deploy("scripts/deploy-netns.sh", "process", overrides, args.clients, out, port, slug,
-                                {"RATE": rate})
+                result = deploy(
+                    "scripts/deploy-netns.sh", "process", overrides, args.clients, out, port, slug, {"RATE": rate}
+                )
             else:
                 result = deploy("scripts/deploy-local.sh", name, overrides, args.clients, out, port, slug)
             seconds, wall, pids, timing, cpu = result
             distinct = len({pid for r in pids for pid in r})
             bound = 2 * size * 8 / rate_bits(rate) if rate else 0.0  # per link: the instruction down, the reply up
             rows.append((name, seconds, wall, distinct, split(timing), cpu, bound))
-            print(f"{name}: rounds {[round(s, 1) for s in seconds]}  wall {wall:.1f} s  split {split(timing)}  "
-                  f"SuperLink CPU/round {cpu}", file=sys.stderr, flush=True)
+            print(
+                f"{name}: rounds {[round(s, 1) for s in seconds]}  wall {wall:.1f} s  split {split(timing)}  "
+                f"SuperLink CPU/round {cpu}",
+                file=sys.stderr,
+                flush=True,
+            )
     import flwr
     import ray
     import torch
 
-    print(f"\n{platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}, flwr {flwr.__version__}, "
-          f"ray {ray.__version__}; {time.strftime('%Y-%m-%d')}. Config ({args.config}): {overrides}. "
-          f"Weights per message: {size / 1e6:.2f} MB\n")
+    print(
+        f"\n{platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}, flwr {flwr.__version__}, "
+        f"ray {ray.__version__}; {time.strftime('%Y-%m-%d')}. Config ({args.config}): {overrides}. "
+        f"Weights per message: {size / 1e6:.2f} MB\n"
+    )
     heads = " | ".join(f"round {r} (s)" for r in range(1, args.rounds + 1))
     print(f"| mode | {heads} | rounds total (s) | total wall (s) | ClientApp processes |")
     print("|---" * (args.rounds + 4) + "|")
@@ -212,11 +261,13 @@ def main() -> None:
     print(f"\nRounds 2..{args.rounds}, mean seconds (per client where per client):\n")
     print("| mode | round (s) | " + " | ".join(parts) + " | bytes/bandwidth bound (s) | SuperLink CPU s/round |")
     print("|---" * (len(parts) + 4) + "|")
-    for name, seconds, wall, distinct, parts_s, cpu, bound in rows:
+    for name, seconds, _wall, _distinct, parts_s, cpu, bound in rows:
         later = seconds[1:] or seconds
         cells = " | ".join(f"{parts_s[k]:.2f}" if k in parts_s else "-" for k in parts)
-        print(f"| {name} | {sum(later) / len(later):.2f} | {cells} | {bound:.2f} | "
-              f"{'-' if cpu is None else f'{cpu:.2f}'} |")
+        print(
+            f"| {name} | {sum(later) / len(later):.2f} | {cells} | {bound:.2f} | "
+            f"{'-' if cpu is None else f'{cpu:.2f}'} |"
+        )
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
                                      [--compile] [--compile-mode reduce-overhead] [--device cuda|cpu]
                                      [--max-images N] [--timeout-s 600]
 
-Runs `flower-simulation` (experiments/simulate.py, the project's launcher) twice on the embedded digits data
+Runs `flower-simulation` (experiments/launch/simulate.py, the project's launcher) twice on the embedded digits data
 at --image-size: once with 1 client holding the whole GPU (num_gpus = 1), once with K clients sharing it
 (num_gpus = 1/K each, CPUs split evenly). Each client does about --steps-per-client optimizer steps per round
 (local-epochs is derived from its shard size). Aggregate img/s = images trained by all clients in a round / the
@@ -42,18 +42,34 @@ HOLDOUT = 0.1  # digits has no test split: the run config's default holdout-frac
 PAPER_ROUND_STEPS = 100 * 39  # the paper's round: E = 100 local epochs x 39 steps (5,000 images, batch 128)
 
 
-def simulate(run_config: str, clients: int, cpus: float, gpus: float, out: Path, name: str,
-             timeout_s: float = 600.0) -> tuple[list, float]:
+def simulate(
+    run_config: str, clients: int, cpus: float, gpus: float, out: Path, name: str, timeout_s: float = 600.0
+) -> tuple[list, float]:
     """(metrics.json rounds, wall seconds) of one simulation."""
     backend = {"client_resources": {"num_cpus": cpus, "num_gpus": gpus}}
     t0 = time.perf_counter()
     # its own session, so that a timeout ends the whole process group (flower-simulation and the Ray processes it
     # started): SIGTERM first (flower-simulation marks the run interrupted and stops Ray), SIGKILL 10 s later
-    proc = subprocess.Popen([sys.executable, "-m", "experiments.simulate", "--app", str(ROOT),
-                             "--num-supernodes", str(clients), "--backend-config", json.dumps(backend),
-                             "--run-config", f'{run_config} output-dir="{out}" run-name="{name}"'],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "experiments.launch.simulate",
+            "--app",
+            str(ROOT),
+            "--num-supernodes",
+            str(clients),
+            "--backend-config",
+            json.dumps(backend),
+            "--run-config",
+            f'{run_config} output-dir="{out}" run-name="{name}"',
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         _, stderr = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -68,12 +84,16 @@ def simulate(run_config: str, clients: int, cpus: float, gpus: float, out: Path,
             except subprocess.TimeoutExpired:
                 stderr = ""
         last = (stderr or "").strip().splitlines()
-        raise SystemExit(f"gpu_packing: the {clients}-client simulation did not finish within --timeout-s "
-                         f"{timeout_s:g} (stopped); its last line: {(last or ['no output'])[-1]}")
+        raise SystemExit(
+            f"gpu_packing: the {clients}-client simulation did not finish within --timeout-s "
+            f"{timeout_s:g} (stopped); its last line: {(last or ['no output'])[-1]}"
+        ) from None
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise SystemExit(f"gpu_packing: the {clients}-client simulation failed (exit {proc.returncode}): "
-                         f"{(stderr.strip().splitlines() or ['no output'])[-1]}")
+        raise SystemExit(
+            f"gpu_packing: the {clients}-client simulation failed (exit {proc.returncode}): "
+            f"{(stderr.strip().splitlines() or ['no output'])[-1]}"
+        )
     return json.loads((out / name / "metrics.json").read_text()), wall
 
 
@@ -98,9 +118,11 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps-per-client", type=int, default=40)
-    p.add_argument("--paper-round", action="store_true",
-                   help=f"the paper's round length: {PAPER_ROUND_STEPS} steps per client (overrides "
-                        f"--steps-per-client)")
+    p.add_argument(
+        "--paper-round",
+        action="store_true",
+        help=f"the paper's round length: {PAPER_ROUND_STEPS} steps per client (overrides --steps-per-client)",
+    )
     p.add_argument("--precision", choices=("fp32", "bf16"), default="bf16")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")
@@ -116,13 +138,15 @@ def main(argv=None) -> int:
     if a.device == "cuda" and not torch.cuda.is_available():
         print("gpu_packing: needs a CUDA GPU (torch.cuda.is_available() is False); nothing was run", file=sys.stderr)
         return 2
-    from fl_ietagc.config import parse_config
-    from fl_ietagc.data import load_splits
+    from fl_ietagc.data.datasets import load_splits
+    from fl_ietagc.settings.config import parse_config
 
-    base = (f"preset={a.preset} image-size={a.image_size} batch-size={a.batch_size} num-server-rounds={a.rounds} "
-            f"precision={a.precision} channels-last={str(a.channels_last).lower()} "
-            f"compile={str(a.compile).lower()} device={a.device} sample-count=0 warmup-steps=0 "
-            f"max-images={a.max_images}" + (f' compile-mode="{a.compile_mode}"' if a.compile else ""))
+    base = (
+        f"preset={a.preset} image-size={a.image_size} batch-size={a.batch_size} num-server-rounds={a.rounds} "
+        f"precision={a.precision} channels-last={str(a.channels_last).lower()} "
+        f"compile={str(a.compile).lower()} device={a.device} sample-count=0 warmup-steps=0 "
+        f"max-images={a.max_images}" + (f' compile-mode="{a.compile_mode}"' if a.compile else "")
+    )
     n_train = len(load_splits(parse_config({"image-size": a.image_size, "max-images": a.max_images})).train.images)
     cores = os.cpu_count() or 1
     rows = []
@@ -130,26 +154,32 @@ def main(argv=None) -> int:
         for k in (1, a.clients):
             shard = n_train // k
             if shard < a.batch_size:
-                raise SystemExit(f"gpu_packing: {k} shards of {shard} images: smaller than --batch-size "
-                                 f"{a.batch_size}")
+                raise SystemExit(f"gpu_packing: {k} shards of {shard} images: smaller than --batch-size {a.batch_size}")
             epochs = math.ceil(a.steps_per_client / (shard // a.batch_size))
             gpus = 1.0 / k if a.device == "cuda" else 0.0
-            rounds, wall = simulate(f"{base} local-epochs={epochs}", k, max(1, cores // k), gpus, Path(tmp),
-                                    f"k{k}", a.timeout_s)
+            rounds, wall = simulate(
+                f"{base} local-epochs={epochs}", k, max(1, cores // k), gpus, Path(tmp), f"k{k}", a.timeout_s
+            )
             rows.append((k, epochs, *summarize(rounds, a.batch_size), wall))
     where = torch.cuda.get_device_name() if a.device == "cuda" else f"CPU ({cores} cores, num_gpus 0)"
-    print(f"{where}; torch {torch.__version__}; {a.preset} at 1x{a.image_size}x{a.image_size} "
-          f"(digits), batch {a.batch_size}, {a.precision}{', channels-last' if a.channels_last else ''}"
-          f"{', compile' if a.compile else ''}; {a.rounds} rounds, ~{a.steps_per_client} steps per client per round")
+    print(
+        f"{where}; torch {torch.__version__}; {a.preset} at 1x{a.image_size}x{a.image_size} "
+        f"(digits), batch {a.batch_size}, {a.precision}{', channels-last' if a.channels_last else ''}"
+        f"{', compile' if a.compile else ''}; {a.rounds} rounds, ~{a.steps_per_client} steps per client per round"
+    )
     print()
-    print("| clients on the GPU | num_gpus each | local epochs | aggregate img/s (rounds 2+) | vs 1 client "
-          "| client's own img/s | round (s) | client fixed cost per round (s) | total wall (s) |")
+    print(
+        "| clients on the GPU | num_gpus each | local epochs | aggregate img/s (rounds 2+) | vs 1 client "
+        "| client's own img/s | round (s) | client fixed cost per round (s) | total wall (s) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     alone = rows[0][2]
     for k, epochs, rate, own, round_s, fixed, wall in rows:
         share = f"{1 / k:.3g}" if a.device == "cuda" else "0 (CPU)"
-        print(f"| {k} | {share} | {epochs} | {rate:,.0f} | {rate / alone:.2f}x | {own:,.0f} | {round_s:.1f} "
-              f"| {fixed:.2f} | {wall:.0f} |")
+        print(
+            f"| {k} | {share} | {epochs} | {rate:,.0f} | {rate / alone:.2f}x | {own:,.0f} | {round_s:.1f} "
+            f"| {fixed:.2f} | {wall:.0f} |"
+        )
     return 0
 
 

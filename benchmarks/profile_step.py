@@ -4,7 +4,7 @@
                                       [--precision bf16] [--no-channels-last] [--no-compile]
                                       [--compile-mode default|reduce-overhead|...] [--device cuda|cpu]
 
-The step is fl_ietagc.trainer.LocalTrainer's (AGC on, EMA, data on the device) at the given settings (default:
+The step is fl_ietagc.training.trainer.LocalTrainer's (AGC on, EMA, data on the device) at the given settings (default:
 the fastest measured, bf16 + channels-last + compile); --warmup steps first (compiling happens there), then
 --steps steps under torch.profiler. Each kernel (on a GPU; each operator's own time on a CPU) is put in one
 category by its name: conv (convolutions and the GEMMs cuDNN runs for them), matmul (linear layers' GEMMs),
@@ -26,9 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.device_args import add_device_args, apply_device_args  # noqa: E402
-from fl_ietagc.config import parse_config  # noqa: E402
-from fl_ietagc.models import build_unet, count_parameters  # noqa: E402
-from fl_ietagc.trainer import LocalTrainer, TrainState  # noqa: E402
+from fl_ietagc.settings.config import parse_config  # noqa: E402
+from fl_ietagc.training.models import build_unet, count_parameters  # noqa: E402
+from fl_ietagc.training.trainer import LocalTrainer, TrainState  # noqa: E402
 
 # first match wins; names lower-cased. Inductor names fused kernels after the ops they fuse
 # (e.g. triton_per_fused_native_group_norm_silu_0), so norm is tested before elementwise.
@@ -38,8 +38,22 @@ CATEGORIES = (
     ("norm", ("group_norm", "layer_norm", "native_group_norm", "native_layer_norm", "norm")),
     ("conv", ("conv", "cudnn", "implicit_gemm", "xmma", "winograd", "dgrad", "wgrad", "fprop")),
     ("matmul", ("gemm", "matmul", "addmm", "aten::mm", "aten::bmm", "cublas", "cutlass", "sm90", "sm80")),
-    ("elementwise", ("triton_poi", "triton_per", "triton_red", "elementwise", "vectorized", "reduce", "copy",
-                     "fill", "aten::", "cat", "index")),
+    (
+        "elementwise",
+        (
+            "triton_poi",
+            "triton_per",
+            "triton_red",
+            "elementwise",
+            "vectorized",
+            "reduce",
+            "copy",
+            "fill",
+            "aten::",
+            "cat",
+            "index",
+        ),
+    ),
 )
 ORDER = ("conv", "matmul", "norm", "attention", "elementwise", "optimizer", "other")
 
@@ -81,8 +95,15 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     device = apply_device_args(a)
     precision = a.precision or ("bf16" if device.type == "cuda" else "fp32")
-    overrides = {"preset": a.preset, "batch-size": a.batch_size, "precision": precision, "device": device.type,
-                 "channels-last": not a.no_channels_last, "compile": not a.no_compile, "warmup-steps": 0}
+    overrides = {
+        "preset": a.preset,
+        "batch-size": a.batch_size,
+        "precision": precision,
+        "device": device.type,
+        "channels-last": not a.no_channels_last,
+        "compile": not a.no_compile,
+        "warmup-steps": 0,
+    }
     if not a.no_compile:
         overrides["compile-mode"] = a.compile_mode
     cfg = parse_config(overrides)
@@ -111,13 +132,15 @@ def main(argv=None) -> int:
     parts = shares(prof, device)
     total = sum(us for us, _ in parts.values()) or 1.0
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"{where}; torch {torch.__version__}; preset {a.preset} "
-          f"({count_parameters(model) / 1e6:.2f}M parameters), {a.channels}x{a.image_size}x{a.image_size}, batch "
-          f"{a.batch_size}, {precision}{', channels-last' if cfg.channels_last else ''}"
-          f"{f', compile ({cfg.compile_mode})' if cfg.compile else ''}; {a.steps} profiled steps after "
-          f"{a.warmup} warm-up ({warm:.1f} s); wall {1000 * wall / a.steps:.1f} ms per step under the profiler, "
-          f"{'device kernel' if device.type == 'cuda' else 'CPU operator self'} time "
-          f"{total / 1000 / a.steps:.1f} ms per step")
+    print(
+        f"{where}; torch {torch.__version__}; preset {a.preset} "
+        f"({count_parameters(model) / 1e6:.2f}M parameters), {a.channels}x{a.image_size}x{a.image_size}, batch "
+        f"{a.batch_size}, {precision}{', channels-last' if cfg.channels_last else ''}"
+        f"{f', compile ({cfg.compile_mode})' if cfg.compile else ''}; {a.steps} profiled steps after "
+        f"{a.warmup} warm-up ({warm:.1f} s); wall {1000 * wall / a.steps:.1f} ms per step under the profiler, "
+        f"{'device kernel' if device.type == 'cuda' else 'CPU operator self'} time "
+        f"{total / 1000 / a.steps:.1f} ms per step"
+    )
     print()
     print("| category | ms per step | share | kernels per step |")
     print("|---|---|---|---|")

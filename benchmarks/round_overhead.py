@@ -6,7 +6,7 @@
 Runs the real ServerApp and ClientApp in this process (tests/local_grid.py's grid, no Ray) on the digits data
 with a handful of optimizer steps per client per round, so the fixed cost dominates. Each reply's content goes
 through a pickle round trip, as a Ray actor's reply does in `flower-simulation` ("transfer" below). The code
-marks its phases (fl_ietagc/phases.py); the table gives each phase's seconds per client per round (client
+marks its phases (fl_ietagc/runs/phases.py); the table gives each phase's seconds per client per round (client
 phases) or per round (server phases), over rounds 2+ (round 1 has no state to load and builds caches).
 "fixed cost per client per round" = a client call's wall time minus its training loop's own seconds, plus the
 transfer, plus the server's per-round work divided by K.
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     from flwr.app import Message
 
     from clients.client_app import train
-    from fl_ietagc import phases
+    from fl_ietagc.runs import phases
     from tests.local_grid import LocalGrid, run_server
 
     if a.threads:
@@ -77,10 +77,21 @@ def main(argv=None) -> int:
     max_images = int((per_client * a.clients) / 0.9) + a.clients + 1
     by_round: dict[int, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        config = {"preset": a.preset, "image-size": a.image_size, "batch-size": a.batch_size, "local-epochs": 1,
-                  "max-images": max_images, "num-clients": a.clients, "num-server-rounds": a.rounds,
-                  "sample-count": 0, "warmup-steps": 0, "device": "cpu", "output-dir": tmp, "run-name": "bench",
-                  "checkpoint-every": a.checkpoint_every}
+        config = {
+            "preset": a.preset,
+            "image-size": a.image_size,
+            "batch-size": a.batch_size,
+            "local-epochs": 1,
+            "max-images": max_images,
+            "num-clients": a.clients,
+            "num-server-rounds": a.rounds,
+            "sample-count": 0,
+            "warmup-steps": 0,
+            "device": "cpu",
+            "output-dir": tmp,
+            "run-name": "bench",
+            "checkpoint-every": a.checkpoint_every,
+        }
         phases.enable()
         grid = TimedGrid(a.clients, config)
         orig = grid.send_and_receive
@@ -112,24 +123,31 @@ def main(argv=None) -> int:
     server = sum(v for name, v in sums.items() if name.startswith("server:")) / n
     ends = [m["elapsed-s"] for m in metrics]
     round_wall = sum(b - a_ for a_, b in zip(ends[:-1], ends[1:])) / (len(ends) - 1)
-    print(f"{a.preset} ({params / 1e6:.1f}M parameters) at 1x{a.image_size}x{a.image_size} (digits), {k} clients, "
-          f"{steps} steps of batch {a.batch_size} per client per round, rounds 2..{a.rounds}; "
-          f"checkpoint-every {a.checkpoint_every}; {os.cpu_count()} CPU cores ({platform.machine()}), "
-          f"{torch.get_num_threads()} torch threads; torch {torch.__version__}")
+    print(
+        f"{a.preset} ({params / 1e6:.1f}M parameters) at 1x{a.image_size}x{a.image_size} (digits), {k} clients, "
+        f"{steps} steps of batch {a.batch_size} per client per round, rounds 2..{a.rounds}; "
+        f"checkpoint-every {a.checkpoint_every}; {os.cpu_count()} CPU cores ({platform.machine()}), "
+        f"{torch.get_num_threads()} torch threads; torch {torch.__version__}"
+    )
     print()
     print("| part | seconds | per |")
     print("|---|---|---|")
     for name in sorted(sums, key=lambda x: (x.startswith("server"), x)):
         per = "round" if name.startswith("server:") else "client x round"
         print(f"| {name} | {sums[name] / (n if per == 'round' else k * n):.3f} | {per} |")
-    print(f"| client: other (call wall - training - parts above) | "
-          f"{client_fixed - sum(v for x, v in sums.items() if x.startswith('client:')) / (k * n):.3f} "
-          f"| client x round |")
+    print(
+        f"| client: other (call wall - training - parts above) | "
+        f"{client_fixed - sum(v for x, v in sums.items() if x.startswith('client:')) / (k * n):.3f} "
+        f"| client x round |"
+    )
     print(f"| transfer (pickle round trip of the reply, as Ray) | {moved:.3f} | client x round |")
-    print(f"| **client fixed cost** (call wall - training + transfer) | **{client_fixed + moved:.3f}** "
-          f"| client x round |")
-    print(f"| **fixed cost per client per round** (client + server / K) | **{client_fixed + moved + server / k:.3f}** "
-          f"| client x round |")
+    print(
+        f"| **client fixed cost** (call wall - training + transfer) | **{client_fixed + moved:.3f}** | client x round |"
+    )
+    print(
+        f"| **fixed cost per client per round** (client + server / K) | **{client_fixed + moved + server / k:.3f}** "
+        f"| client x round |"
+    )
     print(f"| training loop ({steps} steps) | {training:.3f} | client x round |")
     print(f"| round wall (metrics.json) | {round_wall:.3f} | round |")
     print()

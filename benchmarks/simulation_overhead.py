@@ -4,7 +4,7 @@
 
 Runs the default job's config (digits, tiny UNet) with fewer rounds/epochs three ways and prints per-round
 wall times:
-  loop        fl_ietagc.iet_loop: clients one after another in this process (torch threads = all cores)
+  loop        fl_ietagc.loops.iet: clients one after another in this process (torch threads = all cores)
   sim-serial  flower-simulation, client_resources num_cpus = all cores: one client at a time, same threads
   sim-par     flower-simulation, num_cpus = 1: one client per core in parallel (the default job's setting)
 Round 1 of a simulation includes starting the Ray actors (each imports torch); the overhead per round is
@@ -27,17 +27,33 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fl_ietagc.cli import parse_overrides  # noqa: E402
-from fl_ietagc.config import parse_config  # noqa: E402
-from fl_ietagc.iet_loop import run_iet_loop  # noqa: E402
+from fl_ietagc.loops.iet import run_iet_loop  # noqa: E402
+from fl_ietagc.settings.config import (  # noqa: E402
+    parse_config,
+    parse_overrides,
+)
 
 
 def simulate(overrides: str, clients: int, num_cpus: int, out: Path) -> tuple[list[float], float]:
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "experiments.simulate", "--app", str(ROOT), "--num-supernodes",
-                    str(clients), "--backend-config", json.dumps({"client_resources": {"num_cpus": num_cpus}}),
-                    "--run-config", f'{overrides} output-dir="{out}" run-name="sim{num_cpus}"'],
-                   cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.launch.simulate",
+            "--app",
+            str(ROOT),
+            "--num-supernodes",
+            str(clients),
+            "--backend-config",
+            json.dumps({"client_resources": {"num_cpus": num_cpus}}),
+            "--run-config",
+            f'{overrides} output-dir="{out}" run-name="sim{num_cpus}"',
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
     wall = time.perf_counter() - t0
     elapsed = [m["elapsed-s"] for m in json.loads((out / f"sim{num_cpus}" / "metrics.json").read_text())]
     return [b - a for a, b in zip([0.0] + elapsed[:-1], elapsed)], wall
@@ -62,14 +78,18 @@ def main() -> None:
         rows.append(("sim-serial", *simulate(overrides, args.clients, cores, Path(tmp))))
         rows.append(("sim-par", *simulate(overrides, args.clients, 1, Path(tmp))))
     later_loop = sum(loop.round_seconds[1:]) / max(len(loop.round_seconds) - 1, 1)
-    print(f"{args.clients} clients x {args.epochs} epochs, {steps} optimizer steps per round in total, "
-          f"{cores} CPU cores, torch {torch.__version__}")
+    print(
+        f"{args.clients} clients x {args.epochs} epochs, {steps} optimizer steps per round in total, "
+        f"{cores} CPU cores, torch {torch.__version__}"
+    )
     print("| variant | round 1 (s) | rounds 2+ mean (s) | overhead per round vs loop | total wall (s) |")
     print("|---|---|---|---|---|")
     for name, rounds, wall in rows:
         later = sum(rounds[1:]) / max(len(rounds) - 1, 1)
-        print(f"| {name} | {rounds[0]:.1f} | {later:.2f} | {later - later_loop:+.2f} s ({later / later_loop:.2f}x) "
-              f"| {wall:.1f} |")
+        print(
+            f"| {name} | {rounds[0]:.1f} | {later:.2f} | {later - later_loop:+.2f} s ({later / later_loop:.2f}x) "
+            f"| {wall:.1f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ One run, one markdown table. Variants (same UNet, same data shape, random uint8 
   reference-style   fp32, eager; torch DataLoader over a Dataset (per-image conversion and flip in
                     __getitem__); the AGC bank updated in a Python loop over the batch, one `.item()` per
                     sample (as IET-AGC's reference code does); per-parameter EMA loop
-  ours fp32         fl_ietagc.trainer.LocalTrainer: shard on the device, closed-form bank update, no host
+  ours fp32         fl_ietagc.training.trainer.LocalTrainer: shard on the device, closed-form bank update, no host
                     synchronisation per step (the NaN flag is read every 25 steps)
   ours bf16         + precision = bf16 (autocast around the UNet forward only)
   ours bf16+channels-last+compile  + channels-last + compile (--compile-backend: inductor on a GPU, aot_eager
@@ -31,18 +31,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.device_args import add_device_args, apply_device_args  # noqa: E402
-from fl_ietagc import compiled  # noqa: E402
-from fl_ietagc.agc import masked_mean  # noqa: E402
-from fl_ietagc.config import parse_config  # noqa: E402
-from fl_ietagc.diffusion import Diffusion  # noqa: E402
-from fl_ietagc.models import build_unet, count_parameters  # noqa: E402
-from fl_ietagc.trainer import LocalTrainer, TrainState  # noqa: E402
+from fl_ietagc.settings.config import parse_config  # noqa: E402
+from fl_ietagc.training import compiled  # noqa: E402
+from fl_ietagc.training.agc import masked_mean  # noqa: E402
+from fl_ietagc.training.diffusion import Diffusion  # noqa: E402
+from fl_ietagc.training.models import build_unet, count_parameters  # noqa: E402
+from fl_ietagc.training.trainer import LocalTrainer, TrainState  # noqa: E402
 
 # dense bf16 tensor-core peak, TFLOP/s, by a substring of torch.cuda.get_device_name() (first match wins)
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
 
-VARIANTS = (("reference-style fp32", None), ("ours fp32", {}), ("ours bf16", {"precision": "bf16"}),
-            ("ours bf16+channels-last+compile", {"precision": "bf16", "channels-last": True, "compile": True}))
+VARIANTS = (
+    ("reference-style fp32", None),
+    ("ours fp32", {}),
+    ("ours bf16", {"precision": "bf16"}),
+    ("ours bf16+channels-last+compile", {"precision": "bf16", "channels-last": True, "compile": True}),
+)
 
 
 def peak_tflops(device: torch.device) -> float | None:
@@ -91,8 +95,9 @@ class ImageDataset(torch.utils.data.Dataset):
         return x.flip(2) if torch.rand(()) < 0.5 else x
 
 
-def reference_style(preset: str, images: torch.Tensor, batch_size: int, steps: int, warmup: int,
-                    device: torch.device) -> tuple[float, float]:
+def reference_style(
+    preset: str, images: torch.Tensor, batch_size: int, steps: int, warmup: int, device: torch.device
+) -> tuple[float, float]:
     """(warm-up seconds, timed seconds) of the reference-style loop."""
     cfg = parse_config({})
     model = build_unet(preset, images.shape[-1], images.shape[1]).to(device).train()
@@ -138,14 +143,15 @@ def reference_style(preset: str, images: torch.Tensor, batch_size: int, steps: i
     return t1 - t0, time.perf_counter() - t1
 
 
-def ours(preset: str, overrides: dict, images: torch.Tensor, batch_size: int, steps: int, warmup: int,
-         device: torch.device) -> tuple[float, float]:
+def ours(
+    preset: str, overrides: dict, images: torch.Tensor, batch_size: int, steps: int, warmup: int, device: torch.device
+) -> tuple[float, float]:
     """(warm-up seconds, timed seconds) of LocalTrainer.run with these run-config keys."""
-    cfg = parse_config({"preset": preset, "batch-size": batch_size, "hflip": "on", "device": device.type,
-                        **overrides})
+    cfg = parse_config({"preset": preset, "batch-size": batch_size, "hflip": "on", "device": device.type, **overrides})
     model = build_unet(preset, images.shape[-1], images.shape[1])
-    trainer = LocalTrainer(cfg, model, copy.deepcopy(model), images, TrainState.fresh(torch.arange(len(images))),
-                           device)
+    trainer = LocalTrainer(
+        cfg, model, copy.deepcopy(model), images, TrainState.fresh(torch.arange(len(images))), device
+    )
     t0 = time.perf_counter()
     trainer.run(epochs=0, seed=0, max_steps=warmup)
     sync(device)
@@ -164,17 +170,26 @@ def main(argv=None) -> int:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--channels", type=int, default=3)
     p.add_argument("--no-compile", action="store_true", help="leave out the compiled variant (saves its warm-up)")
-    p.add_argument("--compile-mode", action="append", default=[],
-                   help="add a compiled variant with this run-config compile-mode (repeatable), e.g. "
-                        "reduce-overhead (CUDA graphs); --only-compile-modes: only those variants")
-    p.add_argument("--only-compile-modes", action="store_true",
-                   help="with --compile-mode: run only the compiled variants in those modes (no baseline rows)")
+    p.add_argument(
+        "--compile-mode",
+        action="append",
+        default=[],
+        help="add a compiled variant with this run-config compile-mode (repeatable), e.g. "
+        "reduce-overhead (CUDA graphs); --only-compile-modes: only those variants",
+    )
+    p.add_argument(
+        "--only-compile-modes",
+        action="store_true",
+        help="with --compile-mode: run only the compiled variants in those modes (no baseline rows)",
+    )
     add_device_args(p)
     a = p.parse_args(argv)
     device = apply_device_args(a)
     variants = [v for v in VARIANTS if not (a.no_compile and v[1] and v[1].get("compile"))]
-    extra = [(f"ours bf16+channels-last+compile {mode}", {**VARIANTS[-1][1], "compile-mode": mode})
-             for mode in a.compile_mode]
+    extra = [
+        (f"ours bf16+channels-last+compile {mode}", {**VARIANTS[-1][1], "compile-mode": mode})
+        for mode in a.compile_mode
+    ]
     variants = extra if a.only_compile_modes and extra else variants + extra
     gen = torch.Generator().manual_seed(0)
     n = a.batch_size * 4
@@ -191,9 +206,11 @@ def main(argv=None) -> int:
             warm, dt = ours(a.preset, overrides, images, a.batch_size, a.steps, a.warmup, device)
         rows.append((name, warm, dt))
     params = count_parameters(build_unet(a.preset, a.image_size, a.channels))
-    print(f"{device_name(device)}; torch {torch.__version__}; preset {a.preset} ({params / 1e6:.2f}M parameters), "
-          f"{a.channels}x{a.image_size}x{a.image_size}, batch {a.batch_size}, {a.steps} timed steps after {a.warmup} "
-          f"warm-up; {flops / 1e9:.2f} GFLOP per step (forward + backward); compile backend {compiled.backend()}")
+    print(
+        f"{device_name(device)}; torch {torch.__version__}; preset {a.preset} ({params / 1e6:.2f}M parameters), "
+        f"{a.channels}x{a.image_size}x{a.image_size}, batch {a.batch_size}, {a.steps} timed steps after {a.warmup} "
+        f"warm-up; {flops / 1e9:.2f} GFLOP per step (forward + backward); compile backend {compiled.backend()}"
+    )
     print()
     print(f"| variant | warm-up (s) | img/s | vs {rows[0][0]} | achieved TFLOP/s | % of bf16 peak |")
     print("|---|---|---|---|---|---|")

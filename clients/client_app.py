@@ -15,7 +15,7 @@ that the server does not count (a failed client under `client-failures = "tolera
 from the state the server last counted, so no client's steps are applied twice.
 
 A process that serves clients round after round keeps its UNet pair and the states it saved in memory
-(fl_ietagc/client_memory.py, bounded by `client-memory-mb`): the next round of the same partition starts from
+(fl_ietagc/training/client_memory.py, bounded by `client-memory-mb`): the next round of the same partition starts from
 the in-memory copy when it is exactly the version the server names. The file is still written every round, in
 the background while the reply is built, and the reply waits for it: a round the server commits always has its
 client states on disk.
@@ -40,22 +40,21 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
-from fl_ietagc import phases
-from fl_ietagc import protocol as P
-from fl_ietagc.checkpoints import BackgroundWrite
-from fl_ietagc.checkpoints import pack_weights, unpack_weights
-from fl_ietagc.client_memory import MEMORY
-from fl_ietagc.config import RunConfig, parse_config
-from fl_ietagc.data import shard_inputs
-from fl_ietagc.faults import fault_point
-from fl_ietagc.lora import trained_state
-from fl_ietagc.models import build_for_config, load_weights
-from fl_ietagc.progress import StepProgress
-from fl_ietagc.protocol import ClientFailure, ClientRound, one_line
-from fl_ietagc.rundir import RunDir
-from fl_ietagc.shards import shards_for_config
-from fl_ietagc.trainer import LocalTrainer, NonFiniteError, TrainState, client_seed, pick_device, ray_gpu_ids
-from fl_ietagc.wire import Layout, decode, encode, flatten, unflatten
+from fl_ietagc.data.shards import shard_inputs, shards_for_config
+from fl_ietagc.federation import protocol as P
+from fl_ietagc.federation.protocol import ClientFailure, ClientRound, one_line
+from fl_ietagc.federation.wire import Layout, decode, encode, flatten, unflatten
+from fl_ietagc.runs import phases
+from fl_ietagc.runs.checkpoints import BackgroundWrite, pack_weights, unpack_weights
+from fl_ietagc.runs.faults import fault_point
+from fl_ietagc.runs.progress import StepProgress
+from fl_ietagc.runs.rundir import RunDir
+from fl_ietagc.settings.config import RunConfig, parse_config
+from fl_ietagc.training.client_memory import MEMORY
+from fl_ietagc.training.lora import trained_state
+from fl_ietagc.training.models import load_weights
+from fl_ietagc.training.run_model import build_for_config
+from fl_ietagc.training.trainer import LocalTrainer, NonFiniteError, TrainState, client_seed, pick_device, ray_gpu_ids
 
 from .privacy import client_clipping_mod
 from .secure_aggregation import secure_aggregation_mod
@@ -89,8 +88,9 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def train_round(cfg: RunConfig, instruction: RecordDict, context: Context, partition_id: int,
-                server_round: int) -> RecordDict:
+def train_round(
+    cfg: RunConfig, instruction: RecordDict, context: Context, partition_id: int, server_round: int
+) -> RecordDict:
     conf = instruction["config"]
     num_clients = int(conf[P.NUM_CLIENTS])
     shard = _shard(cfg, conf, partition_id, num_clients)
@@ -102,7 +102,7 @@ def train_round(cfg: RunConfig, instruction: RecordDict, context: Context, parti
     received = {k: a.numpy() for k, a in instruction[P.ARRAYS].items()}
     net_sd, ema_sd = unpack_weights(unflatten(decode(received, layout), layout))
     phases.since("client: unpack weights", t0)
-    budget = cfg.client_memory_mb * 2 ** 20
+    budget = cfg.client_memory_mb * 2**20
     with phases.timed("client: build model, load weights"):
         model, ema = MEMORY.models(_model_key(cfg, device), lambda: build_for_config(cfg), budget)
         load_weights(model, net_sd, "global raw weights")
@@ -115,31 +115,58 @@ def train_round(cfg: RunConfig, instruction: RecordDict, context: Context, parti
     token = str(conf[P.RUN_TOKEN])
     held = (token, str(run.client_state_dir(partition_id, state_root)), partition_id)
     with phases.timed("client: state load"):
-        state = _restore_state(run, partition_id, start_round, state_root, shard, token, device,
-                               redistributed=P.shard_key(partition_id) in conf, held=held)
+        state = _restore_state(
+            run,
+            partition_id,
+            start_round,
+            state_root,
+            shard,
+            token,
+            device,
+            redistributed=P.shard_key(partition_id) in conf,
+            held=held,
+        )
     if bool(conf.get(P.RESET_OPTIMIZER, False)):  # plain FedAvg: a new Adam every round
         state.optimizer = None
 
     with phases.timed("client: trainer set-up (to device, Adam state)"):
         trainer = LocalTrainer(cfg, model, ema, inputs, state, device, cond=cond)
-    stats = trainer.run(cfg.local_epochs, client_seed(cfg.seed, partition_id, server_round),
-                        prox_mu=float(conf.get(P.PROXIMAL_MU, 0.0)),  # set by the fedprox strategy
-                        progress=lambda total: StepProgress(f"client p{partition_id} round {server_round}", total,
-                                                            cfg.batch_size, write=_log_info))
+    stats = trainer.run(
+        cfg.local_epochs,
+        client_seed(cfg.seed, partition_id, server_round),
+        prox_mu=float(conf.get(P.PROXIMAL_MU, 0.0)),  # set by the fedprox strategy
+        progress=lambda total: StepProgress(
+            f"client p{partition_id} round {server_round}", total, cfg.batch_size, write=_log_info
+        ),
+    )
     # the state file is written (and fsync'ed) while the reply is built, and waited for before replying: the
     # server commits this round only after the reply, so a committed round's client states are always durable
     path = run.client_state(partition_id, server_round, state_root)
     write = BackgroundWrite(lambda: state.save(path), f"client state {path}")
 
-    summary = ClientRound(partition_id=partition_id, num_examples=len(shard), loss=stats.mean_loss,
-                          kept=stats.kept, skipped=stats.skipped, steps=stats.steps, seconds=stats.seconds,
-                          client_step=state.step, image_ids=shard, skip_counts=stats.skip_counts.numpy())
+    summary = ClientRound(
+        partition_id=partition_id,
+        num_examples=len(shard),
+        loss=stats.mean_loss,
+        kept=stats.kept,
+        skipped=stats.skipped,
+        steps=stats.steps,
+        seconds=stats.seconds,
+        client_step=state.step,
+        image_ids=shard,
+        skip_counts=stats.skip_counts.numpy(),
+    )
     metrics, info = summary.to_records()
     info[P.LAYOUT_DIGEST] = layout.digest()
     t0 = time.perf_counter()
     flat = encode(flatten(pack_weights(trained_state(trainer.model), trained_state(trainer.ema)), layout), layout)
-    content = RecordDict({P.ARRAYS: ArrayRecord({k: Array(a) for k, a in flat.items()}),
-                          P.METRICS: MetricRecord(metrics), P.INFO: ConfigRecord(info)})
+    content = RecordDict(
+        {
+            P.ARRAYS: ArrayRecord({k: Array(a) for k, a in flat.items()}),
+            P.METRICS: MetricRecord(metrics),
+            P.INFO: ConfigRecord(info),
+        }
+    )
     phases.since("client: reply serialization", t0)
     with phases.timed("client: state save (fsync), after the reply was built"):
         write.wait(STATE_WRITE_TIMEOUT_S)
@@ -161,15 +188,26 @@ def _log_info(line: str) -> None:
 
 def _model_key(cfg: RunConfig, device: torch.device) -> tuple:
     """What decides the UNet a run builds (build_for_config), and where it lives."""
-    return (cfg.model_type, cfg.pretrained_dir, cfg.preset, cfg.dataset, cfg.data_root, cfg.image_size,
-            cfg.gradient_checkpointing, cfg.channels_last, str(device))
+    return (
+        cfg.model_type,
+        cfg.pretrained_dir,
+        cfg.preset,
+        cfg.dataset,
+        cfg.data_root,
+        cfg.image_size,
+        cfg.gradient_checkpointing,
+        cfg.channels_last,
+        str(device),
+    )
 
 
 def _partition(context: Context, num_clients: int) -> int:
     node = context.node_config
     if "partition-id" not in node or "num-partitions" not in node:
-        raise ValueError("this SuperNode has no partition-id / num-partitions in its node config "
-                         "(start it with --node-config \"partition-id=I num-partitions=K\")")
+        raise ValueError(
+            "this SuperNode has no partition-id / num-partitions in its node config "
+            '(start it with --node-config "partition-id=I num-partitions=K")'
+        )
     pid, k = int(node["partition-id"]), int(node["num-partitions"])
     if k != num_clients:
         raise ValueError(f"node config num-partitions = {k}, but the run has num-clients = {num_clients}")
@@ -178,8 +216,17 @@ def _partition(context: Context, num_clients: int) -> int:
     return pid
 
 
-def _restore_state(run: RunDir, partition_id: int, start_round: int, state_root, shard, token: str,
-                   device: torch.device, redistributed: bool, held: tuple | None = None) -> TrainState:
+def _restore_state(
+    run: RunDir,
+    partition_id: int,
+    start_round: int,
+    state_root,
+    shard,
+    token: str,
+    device: torch.device,
+    redistributed: bool,
+    held: tuple | None = None,
+) -> TrainState:
     """The state of round `start_round`: fresh for round 0, this process's own copy when it holds exactly that
     version (client_memory.py), else the file."""
     if start_round == 0:
@@ -189,8 +236,10 @@ def _restore_state(run: RunDir, partition_id: int, start_round: int, state_root,
     if state is not None:
         return state.check(path, token, shard, allow_remap=redistributed)
     if not path.exists():
-        raise RuntimeError(f"client state {path} is missing; the client's optimizer, warmup position and memory "
-                           f"bank would be lost. Is client-state-dir on a disk this client can reach in every round?")
+        raise RuntimeError(
+            f"client state {path} is missing; the client's optimizer, warmup position and memory "
+            f"bank would be lost. Is client-state-dir on a disk this client can reach in every round?"
+        )
     return TrainState.load(path, token, shard, device, allow_remap=redistributed)
 
 

@@ -18,7 +18,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM  # (the key Flower's wrapper sends)
 
-from fl_ietagc import protocol as P
+from fl_ietagc.federation import protocol as P
 
 
 class _ClientError(Exception):

@@ -28,11 +28,11 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 
-from fl_ietagc import protocol as P
-from fl_ietagc.config import parse_config
-from fl_ietagc.protocol import ClientFailure, one_line
-from fl_ietagc.trainer import client_seed
-from fl_ietagc.wire import Layout, decode
+from fl_ietagc.federation import protocol as P
+from fl_ietagc.federation.protocol import ClientFailure, one_line
+from fl_ietagc.federation.wire import Layout, decode
+from fl_ietagc.settings.config import parse_config
+from fl_ietagc.training.trainer import client_seed
 
 
 class _ClientError(Exception):
@@ -55,9 +55,13 @@ def secure_aggregation_mod(msg: Message, ctxt: Context, call_next) -> Message:
             content = secure_reply(m.content, reply.content, c)
         except Exception as e:
             info = reply.content.config_records[P.INFO]
-            failure = ClientFailure(int(info["partition-id"]), int(m.content["config"][P.ROUND]),
-                                    f"{type(e).__name__}: {one_line(str(e))}", traceback=traceback.format_exc())
-            raise _ClientError(Message(RecordDict({P.ERROR: ConfigRecord(failure.to_record())}), reply_to=m))
+            failure = ClientFailure(
+                int(info["partition-id"]),
+                int(m.content["config"][P.ROUND]),
+                f"{type(e).__name__}: {one_line(str(e))}",
+                traceback=traceback.format_exc(),
+            )
+            raise _ClientError(Message(RecordDict({P.ERROR: ConfigRecord(failure.to_record())}), reply_to=m)) from e
         return Message(content, reply_to=m)
 
     try:
@@ -83,12 +87,15 @@ def secure_reply(instruction: RecordDict, reply: RecordDict, context: Context) -
         raise FloatingPointError(f"returned non-finite weights ({len(bad)} arrays, e.g. {bad[0]})")
     top, key = max((float(np.abs(a).max(initial=0.0)), k) for k, a in zip(order, arrays))
     if top > cfg.secagg_clipping_range:
-        raise ValueError(f"secagg-clipping-range = {cfg.secagg_clipping_range:g}: weight {key} reaches {top:.4g}, "
-                         f"which SecAgg+ would clip; raise secagg-clipping-range")
+        raise ValueError(
+            f"secagg-clipping-range = {cfg.secagg_clipping_range:g}: weight {key} reaches {top:.4g}, "
+            f"which SecAgg+ would clip; raise secagg-clipping-range"
+        )
     metrics, info = reply[P.METRICS], reply[P.INFO]
-    np.random.seed(client_seed(cfg.seed, int(info["partition-id"]), int(instruction["config"][P.ROUND])) % 2 ** 32)
-    content = fitres_to_recorddict(FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays),
-                                          int(metrics["num-examples"]), {}), keep_input=False)
+    np.random.seed(client_seed(cfg.seed, int(info["partition-id"]), int(instruction["config"][P.ROUND])) % 2**32)
+    content = fitres_to_recorddict(
+        FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), int(metrics["num-examples"]), {}), keep_input=False
+    )
     content[P.METRICS] = MetricRecord(dict(metrics))
     content[P.INFO] = ConfigRecord(dict(info))
     return content

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from .config import ConfigError
+from fl_ietagc.settings.config import ConfigError
 
 _PACKAGE = Path(__file__).resolve().parent
 APP_PACKAGES = ("strategies", "clients", "experiments")
@@ -30,8 +30,10 @@ def app_dir() -> Path:
     for folder in (_PACKAGE.parent, _PACKAGE / "app"):
         if _is_app(folder):
             return folder
-    raise ConfigError(f"no Flower app next to {_PACKAGE} (neither a source checkout nor an installed wheel's "
-                      f"fl_ietagc/app/ with pyproject.toml and {', '.join(APP_PACKAGES)}): reinstall fl-ietagc")
+    raise ConfigError(
+        f"no Flower app next to {_PACKAGE} (neither a source checkout nor an installed wheel's "
+        f"fl_ietagc/app/ with pyproject.toml and {', '.join(APP_PACKAGES)}): reinstall fl-ietagc"
+    )
 
 
 def check_app_project(folder: Path) -> dict:
@@ -39,13 +41,15 @@ def check_app_project(folder: Path) -> dict:
     component; else one line naming the file (Flower's own reader raises deep inside, without naming it)."""
     import tomllib
 
-    from .paths import described, kind
+    from fl_ietagc.settings.paths import described, kind
 
     path = Path(folder) / "pyproject.toml"
     what = kind(path)
     if what != "file":
-        raise ConfigError(f"--app {folder}: {path} is {'missing' if what == 'missing' else described(what)}; "
-                          f"an app folder has a pyproject.toml")
+        raise ConfigError(
+            f"--app {folder}: {path} is {'missing' if what == 'missing' else described(what)}; "
+            f"an app folder has a pyproject.toml"
+        )
     try:
         project = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
@@ -54,18 +58,22 @@ def check_app_project(folder: Path) -> dict:
     if not isinstance(app, dict):
         raise ConfigError(f"--app {folder}: {path} has no [tool.flwr.app] table (not a Flower app)")
     components = app.get("components")
-    missing = [c for c in ("serverapp", "clientapp")
-               if not isinstance(components, dict) or not isinstance(components.get(c), str)]
+    missing = [
+        c
+        for c in ("serverapp", "clientapp")
+        if not isinstance(components, dict) or not isinstance(components.get(c), str)
+    ]
     if missing:
-        raise ConfigError(f"--app {folder}: {path}: [tool.flwr.app.components] has no {' / '.join(missing)} "
-                          f"(module:object)")
+        raise ConfigError(
+            f"--app {folder}: {path}: [tool.flwr.app.components] has no {' / '.join(missing)} (module:object)"
+        )
     if not isinstance(app.get("config", {}), dict):
         raise ConfigError(f"--app {folder}: {path}: [tool.flwr.app.config] must be a table")
     return project
 
 
 def app_module(name: str) -> ModuleType:
-    """Import `name` (e.g. "experiments.simulate") from the app folder, which goes first on sys.path."""
+    """Import `name` (e.g. "experiments.launch.simulate") from the app folder, which goes first on sys.path."""
     folder = str(app_dir())
     if folder not in sys.path:
         sys.path.insert(0, folder)
@@ -74,13 +82,13 @@ def app_module(name: str) -> ModuleType:
 
 def flower_simulation() -> int:
     """Console script `flower-simulation`."""
-    from .cli import closed_stdout_is_quiet
+    from fl_ietagc.settings.console import closed_stdout_is_quiet
 
-    return closed_stdout_is_quiet(lambda: app_module("experiments.simulate").main())
+    return closed_stdout_is_quiet(lambda: app_module("experiments.launch.simulate").main())
 
 
 def study() -> int:
     """Console script `fl-ietagc-study`."""
-    from .cli import closed_stdout_is_quiet
+    from fl_ietagc.settings.console import closed_stdout_is_quiet
 
-    return closed_stdout_is_quiet(lambda: app_module("experiments.studies").main())
+    return closed_stdout_is_quiet(lambda: app_module("experiments.studies.cli").main())

@@ -16,11 +16,18 @@ turns AGC off unless `--agc` is given (the "AGC alone" ablation).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from .config import (ConfigError, RunConfig, check_resumed_config, config_keys, load_config_file, load_overrides,
-                     parse_config)
+from fl_ietagc.settings.config import (
+    ConfigError,
+    RunConfig,
+    check_resumed_config,
+    config_keys,
+    load_config_file,
+    load_overrides,
+    parse_config,
+)
+from fl_ietagc.settings.console import closed_stdout_is_quiet
 
 
 def load_run_config(config_file: str | None, overrides: str | None, **forced) -> RunConfig:
@@ -37,46 +44,56 @@ def main(argv=None) -> int:
     return closed_stdout_is_quiet(_main, argv)
 
 
-def closed_stdout_is_quiet(command, *args) -> int:
-    """Run a command that prints; when its reader stops early (`fl-ietagc metrics RUN | head`), end quietly with
-    exit 141, as a command killed by SIGPIPE does, instead of a BrokenPipeError traceback (Python ignores SIGPIPE).
-    stdout then points at /dev/null so that the interpreter's final flush does not fail again."""
-    try:
-        code = command(*args)
-        sys.stdout.flush()
-        return code
-    except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 141
-
-
 def _main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="fl-ietagc")
     sub = p.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("centralized", aliases=["baseline"],
-                       help="centralized training: one model on all data (AGC off: default training; --agc: AGC "
-                            "alone). `baseline` is its old name")
+    b = sub.add_parser(
+        "centralized",
+        aliases=["baseline"],
+        help="centralized training: one model on all data (AGC off: default training; --agc: AGC "
+        "alone). `baseline` is its old name",
+    )
     b.add_argument("--config", help="TOML file of run-config keys")
     b.add_argument("--run-config", help='"key=value ..." overrides')
-    b.add_argument("--match-federated", type=int, default=0, metavar="K",
-                   help="train exactly as many steps as a K-client federated run of this config")
+    b.add_argument(
+        "--match-federated",
+        type=int,
+        default=0,
+        metavar="K",
+        help="train exactly as many steps as a K-client federated run of this config",
+    )
     b.add_argument("--agc", action="store_true", help="keep AGC on (the 'AGC alone' ablation)")
     b.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this centralized run")
-    r = sub.add_parser("resume", help="continue a killed, failed or interrupted run (federated or centralized) "
-                                      "from its last completed round, with the config it was started with")
+    r = sub.add_parser(
+        "resume",
+        help="continue a killed, failed or interrupted run (federated or centralized) "
+        "from its last completed round, with the config it was started with",
+    )
     r.add_argument("run_dir")
-    r.add_argument("--backend-config", default=None, help="federated runs: Ray client resources (JSON, as for "
-                                                          "flower-simulation); default: the run's own")
-    r.add_argument("--ray-address", default=None, help="federated runs: attach to this Ray cluster (HOST:PORT), "
-                                                        "as flower-simulation --ray-address; default: $RAY_ADDRESS")
-    r.add_argument("--print-config", action="store_true", help="only print the run config that continues the run "
-                                                               "(TOML, with resume-from), for `flwr run -c FILE`")
-    e = sub.add_parser("evaluate", argument_default=argparse.SUPPRESS,
-                       help="memorization and quality of a run's global model; writes results.json and report.html "
-                            "into the run directory",
-                       description="Options marked (pixel) or (latent-t2i) apply to that kind of run only; giving one "
-                                   "to the other kind of run is an error.")
+    r.add_argument(
+        "--backend-config",
+        default=None,
+        help="federated runs: Ray client resources (JSON, as for flower-simulation); default: the run's own",
+    )
+    r.add_argument(
+        "--ray-address",
+        default=None,
+        help="federated runs: attach to this Ray cluster (HOST:PORT), "
+        "as flower-simulation --ray-address; default: $RAY_ADDRESS",
+    )
+    r.add_argument(
+        "--print-config",
+        action="store_true",
+        help="only print the run config that continues the run (TOML, with resume-from), for `flwr run -c FILE`",
+    )
+    e = sub.add_parser(
+        "evaluate",
+        argument_default=argparse.SUPPRESS,
+        help="memorization and quality of a run's global model; writes results.json and report.html "
+        "into the run directory",
+        description="Options marked (pixel) or (latent-t2i) apply to that kind of run only; giving one "
+        "to the other kind of run is an error.",
+    )
     e.add_argument("run_dir")
     e.add_argument("--num-samples", type=int, help="(pixel) generated images (default 1024; paper: 65536)")
     e.add_argument("--sampler", choices=("ddim", "ddpm"), help="(pixel) ddim (n steps, default) or ddpm (all T)")
@@ -87,35 +104,60 @@ def _main(argv=None) -> int:
     e.add_argument("--batch-size", type=int, help="sampling batch (default 256 pixel, 8 latent-t2i)")
     e.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto")
     e.add_argument("--k", type=int, help="(pixel) neighbours for MQ / Carlini (default 50)")
-    e.add_argument("--fid-weights", help="(pixel) Inception weights file (else $FL_IETAGC_INCEPTION_WEIGHTS, the "
-                                         "torch hub cache, or a download when online)")
+    e.add_argument(
+        "--fid-weights",
+        help="(pixel) Inception weights file (else $FL_IETAGC_INCEPTION_WEIGHTS, the "
+        "torch hub cache, or a download when online)",
+    )
     e.add_argument("--quality", help="(pixel) comma list of fid, isc, kid, prc (default fid)")
     e.add_argument("--no-fid", action="store_true", help="(pixel) skip quality metrics")
-    e.add_argument("--precision", choices=("fp32", "bf16"),
-                   help="(pixel) sampling precision (default: the run's precision key; channels-last/compile follow "
-                        "the run)")
-    e.add_argument("--memorized-tau", type=float,
-                   help="(pixel) MQ threshold deciding 'memorized' training images for the loss-by-timestep figure "
-                        "(default 0.2)")
-    e.add_argument("--num-captions", type=int, help="(latent-t2i) training captions to generate from, a subset drawn "
-                                                    "with --seed (default 256; 0 = all)")
+    e.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        help="(pixel) sampling precision (default: the run's precision key; channels-last/compile follow the run)",
+    )
+    e.add_argument(
+        "--memorized-tau",
+        type=float,
+        help="(pixel) MQ threshold deciding 'memorized' training images for the loss-by-timestep figure (default 0.2)",
+    )
+    e.add_argument(
+        "--num-captions",
+        type=int,
+        help="(latent-t2i) training captions to generate from, a subset drawn with --seed (default 256; 0 = all)",
+    )
     e.add_argument("--seeds-per-caption", type=int, help="(latent-t2i) generations per caption (default 4)")
-    e.add_argument("--guidance-scale", type=float,
-                   help="(latent-t2i) classifier-free guidance scale (default 7.5; 1 = unguided)")
-    e.add_argument("--sscd", metavar="PATH", help="(latent-t2i) local SSCD TorchScript model (e.g. "
-                                                  "sscd_disc_mixup.torchscript.pt) for the copy score; without it "
-                                                  "the score is latent-cosine (a fallback, named so)")
-    e.add_argument("--clip-dir", metavar="DIR", help="(latent-t2i) local CLIPModel + CLIPProcessor folder: CLIP score "
-                                                     "of the generations (without it: not measured)")
+    e.add_argument(
+        "--guidance-scale", type=float, help="(latent-t2i) classifier-free guidance scale (default 7.5; 1 = unguided)"
+    )
+    e.add_argument(
+        "--sscd",
+        metavar="PATH",
+        help="(latent-t2i) local SSCD TorchScript model (e.g. "
+        "sscd_disc_mixup.torchscript.pt) for the copy score; without it "
+        "the score is latent-cosine (a fallback, named so)",
+    )
+    e.add_argument(
+        "--clip-dir",
+        metavar="DIR",
+        help="(latent-t2i) local CLIPModel + CLIPProcessor folder: CLIP score "
+        "of the generations (without it: not measured)",
+    )
     e.add_argument("--out", help="write results and report here instead of the run directory")
-    x = sub.add_parser("export", help="write the run's global model as a diffusers pipeline directory "
-                                      "(DDIMPipeline.from_pretrained(OUT) samples it)")
+    x = sub.add_parser(
+        "export",
+        help="write the run's global model as a diffusers pipeline directory "
+        "(DDIMPipeline.from_pretrained(OUT) samples it)",
+    )
     x.add_argument("run_dir")
     x.add_argument("out")
     x.add_argument("--weights", choices=("raw", "ema"), default="raw", help="raw (as evaluate) or EMA weights")
     x.add_argument("--round", type=int, default=None, help="this round's checkpoint (default: the final one)")
-    m = sub.add_parser("metrics", help="a run's per-round metrics as JSON lines (stdout), or as TensorBoard "
-                                       "event files with --tensorboard DIR (needs the tensorboard extra)")
+    m = sub.add_parser(
+        "metrics",
+        help="a run's per-round metrics as JSON lines (stdout), or as TensorBoard "
+        "event files with --tensorboard DIR (needs the tensorboard extra)",
+    )
     m.add_argument("run_dir")
     m.add_argument("--tensorboard", default=None, metavar="DIR", help="write event files here")
     c = sub.add_parser("compare", help="compare evaluated runs (relative to the first)")
@@ -124,16 +166,21 @@ def _main(argv=None) -> int:
     k = sub.add_parser("config", help="list the run-config keys")
     k.add_argument("--toml", action="store_true", help="as the pyproject [tool.flwr.app.config] table")
     k.add_argument("--markdown", action="store_true", help="as the README table rows")
-    k.add_argument("--check", metavar="RUN_CONFIG", action="append", default=None,
-                   help="parse and validate a --run-config / -c argument ('k=v ...' or a .toml file) strictly; "
-                        "exit 2 naming what is wrong (scripts/flwr-run.sh checks its -c arguments with this)")
-    from .argcheck import refuse_repeated
+    k.add_argument(
+        "--check",
+        metavar="RUN_CONFIG",
+        action="append",
+        default=None,
+        help="parse and validate a --run-config / -c argument ('k=v ...' or a .toml file) strictly; "
+        "exit 2 naming what is wrong (scripts/flwr-run.sh checks its -c arguments with this)",
+    )
+    from fl_ietagc.settings.argcheck import refuse_repeated
 
     refuse_repeated(p, argv, "fl-ietagc")
     args = p.parse_args(argv)
     try:
         if args.command == "config":
-            from .config import defaults_as_toml, keys_as_markdown
+            from fl_ietagc.settings.config import defaults_as_toml, keys_as_markdown
 
             if args.check is not None:
                 raw = {}
@@ -152,7 +199,7 @@ def _main(argv=None) -> int:
                 print(f"{f.metadata['key']:18s} {f.default!r:12}  {f.metadata['help']}")
             return 0
         if args.command in ("centralized", "baseline"):
-            from .centralized import run_centralized
+            from fl_ietagc.loops.centralized import run_centralized
 
             if args.resume:
                 cfg = resume_config(args.resume, load_overrides(args.run_config), kind="centralized")
@@ -163,19 +210,20 @@ def _main(argv=None) -> int:
                     raise ConfigError("agc = true: use --agc for a centralized run with AGC")
                 if args.agc and not cfg.agc:  # (agc defaults to true: false here was set by the user)
                     raise ConfigError("agc = false contradicts --agc; give one of them")
-            from .validate import validate_run
+            from fl_ietagc.validate import validate_run
 
             if args.match_federated < 0:
                 raise ConfigError(f"--match-federated = {args.match_federated}: must be >= 0")
             validate_run(cfg.replace(**{"resume-from": args.resume or ""}), args.match_federated)
-            return _finish(lambda: run_centralized(cfg, match_federated=args.match_federated, resume=args.resume),
-                           "centralized")
+            return _finish(
+                lambda: run_centralized(cfg, match_federated=args.match_federated, resume=args.resume), "centralized"
+            )
         if args.command == "resume":
             return _resume(args)
         if args.command == "evaluate":
             return _evaluate(args)
         if args.command == "export":
-            from .export import export_pipeline
+            from fl_ietagc.export import export_pipeline
 
             try:
                 out = export_pipeline(args.run_dir, args.out, args.weights, args.round)
@@ -185,11 +233,11 @@ def _main(argv=None) -> int:
             print(f"diffusers pipeline: {out} (DDIMPipeline.from_pretrained({str(out)!r}))")
             return 0
         if args.command == "metrics":
-            from .metrics_export import metrics_main
+            from fl_ietagc.runs.metrics_export import metrics_main
 
             return metrics_main(args.run_dir, args.tensorboard)
         if args.command == "compare":
-            from .compare import compare, to_markdown, write_comparison
+            from fl_ietagc.evaluation.compare import compare, to_markdown, write_comparison
 
             try:
                 table = compare(args.run_dirs)
@@ -214,7 +262,7 @@ def _fid_text(quality: dict) -> str:
 
 def resume_config(run_dir: str, overrides: dict, kind: str | None = None) -> RunConfig:
     """The config a run was started with (from its config.json); `overrides` may only repeat it."""
-    from .rundir import RunDir
+    from fl_ietagc.runs.rundir import RunDir
 
     run = RunDir(run_dir)
     if not run.config_path.is_file():
@@ -228,19 +276,19 @@ def resume_config(run_dir: str, overrides: dict, kind: str | None = None) -> Run
 
 
 def _resume(args) -> int:
-    from .rundir import RunDir
+    from fl_ietagc.runs.rundir import RunDir
 
     run = RunDir.check_resumable(args.run_dir)
     kind = run.read_config().get("kind")
     if args.print_config:
-        from .config import toml_value
+        from fl_ietagc.settings.config import toml_value
 
         conf = {**resume_config(args.run_dir, {}).to_dict(), "resume-from": str(run.path)}
         print("".join(f"{k} = {toml_value(v)}\n" for k, v in conf.items()), end="")
         return 0
     if kind == "centralized":
-        from .centralized import run_centralized
-        from .validate import validate_run
+        from fl_ietagc.loops.centralized import run_centralized
+        from fl_ietagc.validate import validate_run
 
         cfg = resume_config(args.run_dir, {})
         for option in ("backend_config", "ray_address"):
@@ -248,12 +296,14 @@ def _resume(args) -> int:
                 raise ConfigError(f"--{option.replace('_', '-')}: {run.path} is a centralized run (no Ray)")
         validate_run(cfg.replace(**{"resume-from": str(run.path)}), 0)  # weights and state before training
         return _finish(lambda: run_centralized(cfg, resume=args.run_dir), "resume")
-    from .app_dir import app_module
+    from fl_ietagc.app_dir import app_module
 
-    backend = args.backend_config or (run.read_config().get("backend_config") or
-                                      {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
-    return app_module("experiments.simulate").launch(backend=backend, resume=str(run.path),
-                                                     ray_address=args.ray_address)
+    backend = args.backend_config or (
+        run.read_config().get("backend_config") or {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
+    )
+    return app_module("experiments.launch.simulate").launch(
+        backend=backend, resume=str(run.path), ray_address=args.ray_address
+    )
 
 
 def _finish(work, what: str) -> int:
@@ -272,7 +322,7 @@ def _finish(work, what: str) -> int:
     except ConfigError:
         raise
     except Exception as e:
-        from .protocol import one_line
+        from fl_ietagc.federation.protocol import one_line
 
         print(f"fl-ietagc {what}: run FAILED: {type(e).__name__}: {one_line(str(e))}", file=sys.stderr)
         return 1
@@ -289,23 +339,25 @@ T2I_ONLY = ("num_captions", "seeds_per_caption", "guidance_scale", "sscd", "clip
 def _evaluate(args) -> int:
     """Dispatch on the run's model-type (pixel: evaluate.py, latent-t2i: t2i_evaluate.py); options are checked
     against the kind of run first, then every check of that kind runs before any sampling: bad input exits 2."""
-    from .t2i_evaluate import MODEL_TYPE, run_model_type
+    from fl_ietagc.evaluation.t2i_evaluate import MODEL_TYPE, run_model_type
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "run_dir")}
     try:
         t2i = run_model_type(args.run_dir) == MODEL_TYPE
         wrong = [k for k in (PIXEL_ONLY if t2i else T2I_ONLY) if k in given]
         if wrong:
-            raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in wrong)}: only for "
-                             f"{'pixel' if t2i else MODEL_TYPE} runs; {args.run_dir} is a "
-                             f"{MODEL_TYPE if t2i else 'pixel'} run")
+            raise ValueError(
+                f"{', '.join('--' + k.replace('_', '-') for k in wrong)}: only for "
+                f"{'pixel' if t2i else MODEL_TYPE} runs; {args.run_dir} is a "
+                f"{MODEL_TYPE if t2i else 'pixel'} run"
+            )
         options = {("server_round" if k == "round" else k): v for k, v in given.items()}
         if t2i:
-            from .t2i_evaluate import T2IOptions, evaluate_t2i, prepare_t2i
+            from fl_ietagc.evaluation.t2i_evaluate import T2IOptions, evaluate_t2i, prepare_t2i
 
             opts, prepare, evaluate = T2IOptions(**options), prepare_t2i, evaluate_t2i
         else:
-            from .evaluate import EvalOptions, evaluate_run, prepare
+            from fl_ietagc.evaluation.evaluate import EvalOptions, evaluate_run, prepare
 
             if "no_fid" in options:
                 options["fid"] = not options.pop("no_fid")
@@ -324,18 +376,23 @@ def _evaluate(args) -> int:
     if t2i:
         mem, null, clip = results["memorization"], results["null"], results["clip_score"]
         null_mean = f"{null['mean_top1']:.3f}" if "mean_top1" in null else "not measured"
-        print(f"{mem['embedder']}: mean top-1 similarity {mem['mean_top1']:.3f} (null {null_mean}) | "
-              f"> {mem['threshold']}: {mem['count_above']}/{mem['num_generations']} | nearest is its caption's "
-              f"image: {100 * mem['fraction_nearest_own_caption']:.1f}% | CLIP score: "
-              f"{f'{clip:.2f}' if isinstance(clip, float) else clip}")
+        print(
+            f"{mem['embedder']}: mean top-1 similarity {mem['mean_top1']:.3f} (null {null_mean}) | "
+            f"> {mem['threshold']}: {mem['count_above']}/{mem['num_generations']} | nearest is its caption's "
+            f"image: {100 * mem['fraction_nearest_own_caption']:.1f}% | CLIP score: "
+            f"{f'{clip:.2f}' if isinstance(clip, float) else clip}"
+        )
     else:
         mem, null = results["memorization"], results["null"]
-        print(f"MQ r<0.2: {mem['mq']['0.2']['count']}/{mem['num_queries']} (null "
-              f"{100 * null['mq']['0.2']['fraction']:.2f}%) | 1/3 rule: {mem['one_third_rule']['count']} (null "
-              f"{100 * null['one_third_rule']['fraction']:.2f}%) | FID: {_fid_text(results['quality'])}")
+        print(
+            f"MQ r<0.2: {mem['mq']['0.2']['count']}/{mem['num_queries']} (null "
+            f"{100 * null['mq']['0.2']['fraction']:.2f}%) | 1/3 rule: {mem['one_third_rule']['count']} (null "
+            f"{100 * null['one_third_rule']['fraction']:.2f}%) | FID: {_fid_text(results['quality'])}"
+        )
     out = given.get("out") or results["run"]
     print(f"results: {out}/results.json | report: {out}/report.html")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

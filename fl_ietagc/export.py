@@ -31,16 +31,19 @@ import shutil
 import uuid
 from pathlib import Path
 
-from .checkpoints import atomic_write_json, load_checkpoint
-from .diffusion import Diffusion
-from .models import build_for_config, load_weights
+from fl_ietagc.runs.checkpoints import atomic_write_json, load_checkpoint
+from fl_ietagc.training.diffusion import Diffusion
+from fl_ietagc.training.models import load_weights
+from fl_ietagc.training.run_model import build_for_config
 
 
-def export_pipeline(run_dir: str | Path, out: str | Path, weights: str = "raw", server_round: int | None = None) -> Path:
+def export_pipeline(
+    run_dir: str | Path, out: str | Path, weights: str = "raw", server_round: int | None = None
+) -> Path:
     """Write the pipeline directory; ValueError / FileExistsError with one line naming the problem."""
     from diffusers import DDIMPipeline, DDIMScheduler
 
-    from .evaluate import load_run
+    from fl_ietagc.evaluation.evaluate import load_run
 
     if weights not in ("raw", "ema"):
         raise ValueError(f"--weights {weights}: must be raw or ema")
@@ -65,8 +68,8 @@ def export_pipeline(run_dir: str | Path, out: str | Path, weights: str = "raw", 
     if cfg.lora_rank and cfg.model_type == "latent-t2i":
         return _write_atomically(out, lambda tmp: _save_lora(tmp, unet, cfg, weights, path))
     if cfg.lora_rank:  # pixel: one self-contained pipeline, adapters merged into the base
-        from .lora import merged_copy
-        from .models import build_unet
+        from fl_ietagc.training.lora import merged_copy
+        from fl_ietagc.training.models import build_unet
 
         unet = merged_copy(unet, build_unet(cfg.preset, unet.config.sample_size, unet.config.in_channels))
     scheduler = DDIMScheduler(**Diffusion.for_config(cfg).scheduler_config, set_alpha_to_one=True)
@@ -112,14 +115,24 @@ def _umask() -> int:
 def _save_lora(tmp: Path, unet, cfg, weights: str, checkpoint: Path) -> None:
     from diffusers import StableDiffusionPipeline
 
-    from .lora import ADAPTER_NAME, diffusers_lora_state
+    from fl_ietagc.training.lora import ADAPTER_NAME, diffusers_lora_state
 
     # the adapter metadata (peft's LoraConfig: rank, alpha, targets) rides in the safetensors header; without it
     # diffusers would assume alpha = rank
-    StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=diffusers_lora_state(unet),
-                                              unet_lora_adapter_metadata=unet.peft_config[ADAPTER_NAME].to_dict(),
-                                              safe_serialization=True)
-    atomic_write_json(tmp / "base.json", {
-        "pretrained-dir": str(Path(cfg.pretrained_dir).resolve()), "lora-rank": cfg.lora_rank,
-        "lora-alpha": cfg.lora_alpha or cfg.lora_rank, "lora-targets": cfg.lora_targets, "weights": weights,
-        "checkpoint": str(checkpoint)})
+    StableDiffusionPipeline.save_lora_weights(
+        tmp,
+        unet_lora_layers=diffusers_lora_state(unet),
+        unet_lora_adapter_metadata=unet.peft_config[ADAPTER_NAME].to_dict(),
+        safe_serialization=True,
+    )
+    atomic_write_json(
+        tmp / "base.json",
+        {
+            "pretrained-dir": str(Path(cfg.pretrained_dir).resolve()),
+            "lora-rank": cfg.lora_rank,
+            "lora-alpha": cfg.lora_alpha or cfg.lora_rank,
+            "lora-targets": cfg.lora_targets,
+            "weights": weights,
+            "checkpoint": str(checkpoint),
+        },
+    )

@@ -10,8 +10,8 @@ training); a deployment's SuperNodes keep theirs on their own disks.
 
 from __future__ import annotations
 
-from .config import ConfigError, RunConfig
-from .rundir import RunDir
+from fl_ietagc.runs.rundir import RunDir
+from fl_ietagc.settings.config import ConfigError, RunConfig
 
 
 def model_layout(cfg: RunConfig) -> dict | None:
@@ -21,8 +21,8 @@ def model_layout(cfg: RunConfig) -> dict | None:
         return None
     import torch
 
-    from .data import image_size, load_splits
-    from .models import build_unet
+    from fl_ietagc.data.datasets import image_size, load_splits
+    from fl_ietagc.training.models import build_unet
 
     channels = load_splits(cfg).train.channels
     with torch.device("meta"):
@@ -33,7 +33,7 @@ def model_layout(cfg: RunConfig) -> dict | None:
 def check_resume_contents(cfg: RunConfig, client_states: bool = True) -> None:
     """`cfg` resumes cfg.resume_from: its resume.pt holds weights of cfg's model and (federated, `client_states`)
     every client state file the next round starts from exists, loads (weights_only) and belongs to this run."""
-    from .models import first_mismatch
+    from fl_ietagc.training.models import first_mismatch
 
     run = RunDir(cfg.resume_from)
     try:
@@ -47,9 +47,11 @@ def check_resume_contents(cfg: RunConfig, client_states: bool = True) -> None:
             raise ConfigError(f"resume: {run.resume_path}: no {part} weights")
         problem = first_mismatch(layout, weights) if layout is not None else None
         if problem:
-            raise ConfigError(f"resume: {run.resume_path} does not fit the model of {run.config_path} "
-                              f"(preset {cfg.preset}, image-size {cfg.image_size or 'default'}): {problem}; was "
-                              f"config.json edited?")
+            raise ConfigError(
+                f"resume: {run.resume_path} does not fit the model of {run.config_path} "
+                f"(preset {cfg.preset}, image-size {cfg.image_size or 'default'}): {problem}; was "
+                f"config.json edited?"
+            )
     if not client_states or run.read_config().get("kind") != "federated":
         return
     state = blob.get("state") or {}
@@ -64,16 +66,18 @@ def check_resume_contents(cfg: RunConfig, client_states: bool = True) -> None:
 
 
 def check_client_state(run: RunDir, cfg: RunConfig, partition: int, server_round: int, token: str) -> None:
-    from .checkpoints import load_torch
-    from .paths import kind
-    from .trainer import TrainState
+    from fl_ietagc.runs.checkpoints import load_torch
+    from fl_ietagc.settings.paths import kind
+    from fl_ietagc.training.trainer import TrainState
 
     path = run.client_state(partition, server_round, cfg.client_state_dir or None)
     who = f"resume: client {partition}'s state after round {server_round}"
     what = kind(path)
     if what != "file":
-        raise ConfigError(f"{who}: {path} is {'missing' if what == 'missing' else what} (the next round starts "
-                          f"from it; its optimizer and memory bank cannot be rebuilt)")
+        raise ConfigError(
+            f"{who}: {path} is {'missing' if what == 'missing' else what} (the next round starts "
+            f"from it; its optimizer and memory bank cannot be rebuilt)"
+        )
     try:
         blob = load_torch(path, "client state")  # weights_only
     except (OSError, ValueError) as e:  # unreadable, truncated, or not a torch file

@@ -12,26 +12,27 @@ and its allowed range, or the file and what is wrong with it, in one line.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-from .config import ConfigError, RunConfig, check_secure_clients, check_strategy_clients
+from fl_ietagc.settings.config import ConfigError, RunConfig, check_secure_clients, check_strategy_clients
 
 
 def check_model(cfg: RunConfig) -> None:
-    from .data import image_size
-    from .models import downsample_factor
+    from fl_ietagc.data.datasets import image_size
+    from fl_ietagc.training.models import downsample_factor
 
     check_optimizer(cfg)
     if cfg.model_type == "latent-t2i":
         check_latent_model(cfg)
         return check_lora(cfg)
-    from .models import PRESETS
+    from fl_ietagc.training.models import PRESETS
 
     check_memory(cfg, PRESETS[cfg.preset]["block_out_channels"][0], "the UNet's first layer")
     size, factor = image_size(cfg), downsample_factor(cfg.preset)
     if size % factor:
-        raise ConfigError(f"image-size = {size}: preset {cfg.preset} downsamples by {factor}, so the image size "
-                          f"must be a multiple of {factor}")
+        raise ConfigError(
+            f"image-size = {size}: preset {cfg.preset} downsamples by {factor}, so the image size "
+            f"must be a multiple of {factor}"
+        )
     check_lora(cfg)
 
 
@@ -44,19 +45,19 @@ def check_lora(cfg: RunConfig) -> None:
 
     import torch
 
-    from .lora import add_lora
+    from fl_ietagc.training.lora import add_lora
 
     with torch.device("meta"):
         if cfg.model_type == "latent-t2i":
             from diffusers import UNet2DConditionModel
 
-            from .latent import check_components_dir
+            from fl_ietagc.data.latent import check_components_dir
 
             unet_dir = check_components_dir(cfg.pretrained_dir) / "unet"
             model = UNet2DConditionModel.from_config(json.loads((unet_dir / "config.json").read_text()))
         else:
-            from .data import image_size, load_splits
-            from .models import build_unet
+            from fl_ietagc.data.datasets import image_size, load_splits
+            from fl_ietagc.training.models import build_unet
 
             model = build_unet(cfg.preset, image_size(cfg), load_splits(cfg).train.channels)
         add_lora(model, cfg)
@@ -88,14 +89,16 @@ def check_memory(cfg: RunConfig, first_channels: int, where: str) -> None:
     """A lower bound of a training step's memory (one float32 activation of the first layer for a batch) against
     the memory here: an image size that could never fit is refused with the estimate, before any image is
     resized to it (the data cache alone would try to allocate it)."""
-    from .data import image_size
+    from fl_ietagc.data.datasets import image_size
 
     size = image_size(cfg)
     need = cfg.batch_size * first_channels * size * size * 4
     have, what = memory_here(cfg.device)
     if need > have:
-        raise ConfigError(f"image-size = {size}: a batch of {cfg.batch_size} at {size}x{size} needs at least "
-                          f"{_size(need)} for {where} alone (float32), more than the {what} here")
+        raise ConfigError(
+            f"image-size = {size}: a batch of {cfg.batch_size} at {size}x{size} needs at least "
+            f"{_size(need)} for {where} alone (float32), more than the {what} here"
+        )
 
 
 def check_latent_model(cfg: RunConfig) -> None:
@@ -103,48 +106,59 @@ def check_latent_model(cfg: RunConfig) -> None:
     (read from their config.json files; no weights are loaded here)."""
     import json
 
-    from .data import image_size
-    from .latent import check_components_dir, vae_factor
+    from fl_ietagc.data.datasets import image_size
+    from fl_ietagc.data.latent import check_components_dir, vae_factor
 
     d = check_components_dir(cfg.pretrained_dir)
     try:
         unet = json.loads((d / "unet" / "config.json").read_text())
         factor = vae_factor(d) * 2 ** (len(unet["block_out_channels"]) - 1)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"pretrained-dir = {cfg.pretrained_dir!r}: vae/ or unet/ config.json unreadable "
-                          f"({type(e).__name__}: {e})") from None
+        raise ConfigError(
+            f"pretrained-dir = {cfg.pretrained_dir!r}: vae/ or unet/ config.json unreadable ({type(e).__name__}: {e})"
+        ) from None
     try:
         vae_channels = int(json.loads((d / "vae" / "config.json").read_text())["block_out_channels"][0])
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         vae_channels = 3  # (vae_factor read the same file above; only a lower bound is needed here)
     check_memory(cfg, vae_channels, "the VAE's first layer")
     if image_size(cfg) % factor:
-        raise ConfigError(f"image-size = {image_size(cfg)}: pretrained-dir's VAE and UNet downsample by {factor}, "
-                          f"so the image size must be a multiple of {factor}")
+        raise ConfigError(
+            f"image-size = {image_size(cfg)}: pretrained-dir's VAE and UNet downsample by {factor}, "
+            f"so the image size must be a multiple of {factor}"
+        )
     check_latent_schedule(cfg)
 
 
 def check_latent_schedule(cfg: RunConfig) -> None:
     """With a scheduler/ folder, the schedule is the checkpoint's: epsilon-prediction (the loss this project trains
     with), diffusion-steps = its timesteps (the memory bank's slots), beta-start/beta-end left alone."""
-    from .latent import scheduler_config
+    from fl_ietagc.data.latent import scheduler_config
 
     sched = scheduler_config(cfg.pretrained_dir)
     if sched is None:
         return
     prediction = sched.get("prediction_type", "epsilon")
     if prediction != "epsilon":
-        raise ConfigError(f"pretrained-dir = {cfg.pretrained_dir!r}: its scheduler predicts {prediction!r}; this "
-                          f"project trains epsilon-prediction only (e.g. SD 2.1 base, not the 768 v-model)")
+        raise ConfigError(
+            f"pretrained-dir = {cfg.pretrained_dir!r}: its scheduler predicts {prediction!r}; this "
+            f"project trains epsilon-prediction only (e.g. SD 2.1 base, not the 768 v-model)"
+        )
     if cfg.diffusion_steps != int(sched["num_train_timesteps"]):
-        raise ConfigError(f"diffusion-steps = {cfg.diffusion_steps}: pretrained-dir's scheduler has "
-                          f"{sched['num_train_timesteps']} timesteps; set diffusion-steps = {sched['num_train_timesteps']}")
+        raise ConfigError(
+            f"diffusion-steps = {cfg.diffusion_steps}: pretrained-dir's scheduler has "
+            f"{sched['num_train_timesteps']} timesteps; set diffusion-steps = {sched['num_train_timesteps']}"
+        )
     defaults = RunConfig()
-    for key, value, default in (("beta-start", cfg.beta_start, defaults.beta_start),
-                                ("beta-end", cfg.beta_end, defaults.beta_end)):
+    for key, value, default in (
+        ("beta-start", cfg.beta_start, defaults.beta_start),
+        ("beta-end", cfg.beta_end, defaults.beta_end),
+    ):
         if value != default:
-            raise ConfigError(f"{key} = {value}: the noise schedule comes from pretrained-dir's scheduler/ "
-                              f"(leave {key} at its default)")
+            raise ConfigError(
+                f"{key} = {value}: the noise schedule comes from pretrained-dir's scheduler/ "
+                f"(leave {key} at its default)"
+            )
 
 
 def check_optimizer(cfg: RunConfig) -> None:
@@ -153,8 +167,9 @@ def check_optimizer(cfg: RunConfig) -> None:
     import importlib.util
 
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError("optimizer = 'adam8bit': needs bitsandbytes (pip install 'fl-ietagc[memory]'), which is "
-                          "not installed here")
+        raise ConfigError(
+            "optimizer = 'adam8bit': needs bitsandbytes (pip install 'fl-ietagc[memory]'), which is not installed here"
+        )
 
 
 def check_device(cfg: RunConfig) -> None:
@@ -164,30 +179,39 @@ def check_device(cfg: RunConfig) -> None:
         if not torch.cuda.is_available():
             raise ConfigError("device = 'cuda': no CUDA GPU is visible here; use device = 'auto' or 'cpu'")
     if cfg.device == "cpu" and cfg.compile_mode != "default":  # (device = auto: each client checks its own)
-        raise ConfigError(f"compile-mode = {cfg.compile_mode!r}: CUDA only (CUDA graphs / GPU kernel tuning), but "
-                          f"device = 'cpu'; use compile-mode = \"default\"")
+        raise ConfigError(
+            f"compile-mode = {cfg.compile_mode!r}: CUDA only (CUDA graphs / GPU kernel tuning), but "
+            f"device = 'cpu'; use compile-mode = \"default\""
+        )
 
 
 def check_run_name(name: str) -> None:
     if not name:
         return
-    if name != name.strip() or name in (".", "..") or "/" in name or "\\" in name or name.startswith(".") \
-            or any(ord(c) < 32 for c in name):
-        raise ConfigError(f"run-name = {name!r}: must be a plain directory name (no '/', no leading '.', no "
-                          f"surrounding spaces)")
+    if (
+        name != name.strip()
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or name.startswith(".")
+        or any(ord(c) < 32 for c in name)
+    ):
+        raise ConfigError(
+            f"run-name = {name!r}: must be a plain directory name (no '/', no leading '.', no surrounding spaces)"
+        )
 
 
 def check_output_dir(output_dir: str) -> None:
     """The output directory exists and is writable, or can be created (nothing is created here); every existing
     part of it a folder (a file, a pipe, a dangling link or a link loop there is named)."""
-    from .paths import check_dir_to_create
+    from fl_ietagc.settings.paths import check_dir_to_create
 
     check_dir_to_create("output-dir", output_dir)
 
 
 def check_run_dir(cfg: RunConfig) -> None:
-    from .paths import check_dir_to_create, check_existing, check_name_lengths, kind
-    from .rundir import RunDir
+    from fl_ietagc.runs.rundir import RunDir
+    from fl_ietagc.settings.paths import check_dir_to_create, check_existing, check_name_lengths, kind
 
     check_run_name(cfg.run_name)
     check_output_dir(cfg.output_dir)
@@ -204,8 +228,10 @@ def check_run_dir(cfg: RunConfig) -> None:
         if os.path.islink(path) or what not in ("missing", "directory"):
             # a link would put the run outside output-dir (or nowhere): the run directory is a real folder
             target = f" to {os.readlink(path)}" if os.path.islink(path) else ""
-            raise ConfigError(f"run-name = {cfg.run_name!r}: {path} is {'a symbolic link' + target if target else what}"
-                              f"; a run directory must be a folder of its own inside output-dir")
+            raise ConfigError(
+                f"run-name = {cfg.run_name!r}: {path} is {'a symbolic link' + target if target else what}"
+                f"; a run directory must be a folder of its own inside output-dir"
+            )
         RunDir.check_new(path)
 
 
@@ -224,8 +250,10 @@ def check_resources(backend: dict, num_clients: int, ray_address: str | None = N
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != value:
             raise ConfigError(f"--backend-config client_resources.{key} = {value!r}: must be a number >= 0")
     if "num_cpus" in res and res["num_cpus"] < 1:  # Ray's actor pool divides by it, and Flower asks for an int >= 1
-        raise ConfigError(f"--backend-config client_resources.num_cpus = {res['num_cpus']!r}: must be >= 1 "
-                          f"(the CPUs each client's Ray actor holds)")
+        raise ConfigError(
+            f"--backend-config client_resources.num_cpus = {res['num_cpus']!r}: must be >= 1 "
+            f"(the CPUs each client's Ray actor holds)"
+        )
     init = backend.get("init_args", {}) or {}
     if not isinstance(init, dict):
         raise ConfigError("--backend-config init_args: must be a JSON object")
@@ -234,18 +262,22 @@ def check_resources(backend: dict, num_clients: int, ray_address: str | None = N
         return  # attached to a cluster: its resources are not this machine's
     cpus, gpus = float(res.get("num_cpus", 1)), float(res.get("num_gpus", 0))
     if cpus > (os.cpu_count() or 1):
-        raise ConfigError(f"--backend-config client_resources.num_cpus = {res['num_cpus']}: this machine has "
-                          f"{os.cpu_count()} CPUs; a client could never be scheduled")
+        raise ConfigError(
+            f"--backend-config client_resources.num_cpus = {res['num_cpus']}: this machine has "
+            f"{os.cpu_count()} CPUs; a client could never be scheduled"
+        )
     if gpus:
         import torch
 
         have = torch.cuda.device_count()
         if have == 0:
-            raise ConfigError(f"--backend-config client_resources.num_gpus = {res['num_gpus']}: no CUDA GPU is "
-                              f"visible here; use 0")
+            raise ConfigError(
+                f"--backend-config client_resources.num_gpus = {res['num_gpus']}: no CUDA GPU is visible here; use 0"
+            )
         if gpus > have:
-            raise ConfigError(f"--backend-config client_resources.num_gpus = {res['num_gpus']}: must be <= {have} "
-                              f"(the GPUs here)")
+            raise ConfigError(
+                f"--backend-config client_resources.num_gpus = {res['num_gpus']}: must be <= {have} (the GPUs here)"
+            )
 
 
 # ray.init keywords a backend config must not give: Flower passes runtime_env itself, and the address is
@@ -262,9 +294,10 @@ def ray_init_keywords() -> set[str]:
     try:
         from ray._private.worker import init
     except Exception as e:  # noqa: BLE001 - a broken Ray install: named in one line, not a traceback
-        raise ConfigError(f"--backend-config init_args: cannot be checked: Ray does not import here "
-                          f"({type(e).__name__}: {e}); reinstall it (pip install 'flwr[simulation]>=1.41,<1.42')"
-                          ) from None
+        raise ConfigError(
+            f"--backend-config init_args: cannot be checked: Ray does not import here "
+            f"({type(e).__name__}: {e}); reinstall it (pip install 'flwr[simulation]>=1.41,<1.42')"
+        ) from None
 
     named = {k for k, v in inspect.signature(init).parameters.items() if v.kind is v.KEYWORD_ONLY}
     return named | set(re.findall(r"kwargs\.pop\(\s*\"(\w+)\"", inspect.getsource(init)))
@@ -280,14 +313,16 @@ def check_ray_init_args(init: dict) -> None:
     allowed = ray_init_keywords() - set(RAY_INIT_RESERVED)
     unknown = sorted(set(init) - allowed)
     if unknown:
-        raise ConfigError(f"--backend-config init_args: {', '.join(unknown)} not a keyword of ray.init; allowed: "
-                          f"{', '.join(sorted(k for k in allowed if not k.startswith('_')))} (and Ray's private "
-                          f"_temp_dir, _system_config, ...)")
+        raise ConfigError(
+            f"--backend-config init_args: {', '.join(unknown)} not a keyword of ray.init; allowed: "
+            f"{', '.join(sorted(k for k in allowed if not k.startswith('_')))} (and Ray's private "
+            f"_temp_dir, _system_config, ...)"
+        )
 
 
 def check_init_checkpoint(cfg: RunConfig) -> None:
     if cfg.init_checkpoint and not cfg.resume_from:
-        from .initial_weights import initial_weights
+        from fl_ietagc.training.run_model import initial_weights
 
         initial_weights(cfg)  # reads (weights_only) and checks the architecture
 
@@ -296,10 +331,13 @@ def check_input_paths(cfg: RunConfig) -> None:
     """Paths the run reads, for what they are, before anything opens them (a pipe would block a reader, a link
     loop fail deep in a loader): data-root, pretrained-dir, init-checkpoint. A missing one is left to the check
     that knows what it should hold (data.py, latent.py, initial_weights.py)."""
-    from .paths import check_existing
+    from fl_ietagc.settings.paths import check_existing
 
-    wants = {"data-root": ("file", "directory") if cfg.dataset == "captions" else ("directory",),
-             "pretrained-dir": ("directory",), "init-checkpoint": ("file", "directory")}
+    wants = {
+        "data-root": ("file", "directory") if cfg.dataset == "captions" else ("directory",),
+        "pretrained-dir": ("directory",),
+        "init-checkpoint": ("file", "directory"),
+    }
     for key, want in wants.items():
         value = getattr(cfg, key.replace("-", "_"))
         if value and os.path.lexists(os.path.expanduser(value)):
@@ -310,7 +348,7 @@ def warn_ineffective(cfg: RunConfig) -> list[str]:
     """Print one warning line per key that has no effect in this configuration (config.ineffective_keys)."""
     import sys
 
-    from .config import ineffective_keys
+    from fl_ietagc.settings.config import ineffective_keys
 
     lines = ineffective_keys(cfg)
     for line in lines:
@@ -318,12 +356,13 @@ def warn_ineffective(cfg: RunConfig) -> list[str]:
     return lines
 
 
-def validate_run(cfg: RunConfig, num_clients: int, backend: dict | None = None, ray_address: str | None = None,
-                 warn: bool = True) -> None:
+def validate_run(
+    cfg: RunConfig, num_clients: int, backend: dict | None = None, ray_address: str | None = None, warn: bool = True
+) -> None:
     """Everything checkable before any work starts. `num_clients` = K (0 = not known yet); `ray_address`: the Ray
     cluster the clients will run on (None: a private Ray instance on this machine). With `warn`, keys that have no
     effect are named on stderr once every check has passed."""
-    from .shards import shards_for_config
+    from fl_ietagc.data.shards import shards_for_config
 
     check_input_paths(cfg)
     check_model(cfg)
@@ -336,12 +375,12 @@ def validate_run(cfg: RunConfig, num_clients: int, backend: dict | None = None, 
         shards = shards_for_config(cfg, num_clients)  # the data: readable, enough images for K full batches
         check_secure_aggregation(cfg, shards)
     if cfg.resume_from:
-        from .resume_check import check_resume_contents
+        from fl_ietagc.resume_check import check_resume_contents
 
         check_resume_contents(cfg, client_states=not ray_address)  # (a cluster's nodes may keep their own)
     check_init_checkpoint(cfg)
     if cfg.dp_noise_multiplier:
-        from .privacy import rdp_accountant
+        from fl_ietagc.training.privacy import rdp_accountant
 
         rdp_accountant()  # (opacus installed, for the epsilon in metrics.json)
     if warn:
@@ -350,7 +389,7 @@ def validate_run(cfg: RunConfig, num_clients: int, backend: dict | None = None, 
 
 def check_secure_aggregation(cfg: RunConfig, shards) -> None:
     """SecAgg+ settings against K and the shard sizes (exact shard-size weights need a shard <= Q images)."""
-    from .secure_sum import max_weight
+    from fl_ietagc.federation.secure_sum import max_weight
 
     if cfg.secure_aggregation == "off":
         return

@@ -8,14 +8,14 @@
 # public keys are registered with `flwr supernode register`, and each SuperNode verifies the SuperLink with the CA
 # and signs in with its private key. INSECURE=1: plain HTTP, no authentication (the old mode).
 # ISOLATION=process (default): each SuperNode runs with `--isolation process` beside one long-lived ClientApp
-# process (experiments/warm_clientapp.py) that serves every message of the deployment, so torch, diffusers and the
+# process (experiments/launch/warm_clientapp.py) that serves every message of the deployment, so torch, diffusers and the
 # data are loaded once; it claims tasks with a per-deployment SuperExec secret. ISOLATION=subprocess: Flower's
 # default, a new `flwr-clientapp` process (and every import) per message.
 # Ports: the SuperLink on PORT, SuperNode i's Runtime API on PORT+100+i (127.0.0.1 only).
 # WORK=DIR: use (and keep) DIR for logs, certificates and state instead of a fresh temporary directory.
 # Across network namespaces (scripts/deploy-netns.sh sets these): LINK_NS = the SuperLink's namespace, NODE_NS_PREFIX
 # = SuperNode i's namespace is PREFIX$i, HOST = the SuperLink's address there (it then listens on 0.0.0.0 in LINK_NS);
-# the CLI (flwr run/ls/log) runs in LINK_NS too. POLL_S: the SuperNodes' idle poll (experiments/supernode.py).
+# the CLI (flwr run/ls/log) runs in LINK_NS too. POLL_S: the SuperNodes' idle poll (experiments/launch/supernode.py).
 # SIGINT/SIGTERM stop the whole deployment (SuperLink, SuperNodes, ClientApp processes, Flower's SuperExecs and
 # their apps) within seconds; exit status 130/143.
 set -euo pipefail
@@ -51,7 +51,7 @@ if [ -n "${OMP_NUM_THREADS:-}" ]; then int_in OMP_NUM_THREADS "$OMP_NUM_THREADS"
 source scripts/setup.sh
 # The arguments for `flwr run`, through the project's strict parser (Flower's drops what it cannot read, silently):
 # every -c value, a key given twice, num-clients other than K
-python -m fl_ietagc.script_args --script deploy-local --fixed "num-clients=$K" -- "$@" || exit 2
+python -m fl_ietagc.settings.script_args --script deploy-local --fixed "num-clients=$K" -- "$@" || exit 2
 # K ClientApps share this machine's cores: torch threads per process = cores / K (as Ray gives each simulated client
 # its num_cpus), unless OMP_NUM_THREADS is set. More threads than cores makes OpenMP spin-wait: several times slower.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / K > 0 ? $(nproc) / K : 1 ))}
@@ -124,14 +124,14 @@ for i in $(seq 0 $((K - 1))); do
   fi
   isolation=(--isolation subprocess)
   [ "$ISOLATION" = process ] && isolation=(--isolation process --superexec-auth-secret-file "$secret")
-  # experiments/supernode.py: Flower's flower-supernode, its idle poll shortened from 3 s to POLL_S (default 0.2)
-  FLWR_HOME=$work/supernode$i $(node_exec "$i") python -m experiments.supernode --poll-interval "${POLL_S:-0.2}" \
+  # experiments/launch/supernode.py: Flower's flower-supernode, its idle poll shortened from 3 s to POLL_S (default 0.2)
+  FLWR_HOME=$work/supernode$i $(node_exec "$i") python -m experiments.launch.supernode --poll-interval "${POLL_S:-0.2}" \
     "${node_tls[@]}" --superlink "$HOST:$PORT" "${isolation[@]}" \
     --port $((PORT + 100 + i)) --node-config "partition-id=$i num-partitions=$K state-dir='$work/state$i'" \
     >"$work/supernode$i.log" 2>&1 &
   pids+=($!)
   if [ "$ISOLATION" = process ]; then  # its one ClientApp process; it also ends when the SuperNode ends
-    FLWR_HOME=$work/supernode$i $(node_exec "$i") python -m experiments.warm_clientapp --insecure \
+    FLWR_HOME=$work/supernode$i $(node_exec "$i") python -m experiments.launch.warm_clientapp --insecure \
       --runtime-api-address "127.0.0.1:$((PORT + 100 + i))" --superexec-auth-secret-file "$secret" \
       --parent-pid "$!" --preload torch,diffusers --poll-interval "${POLL_S:-0.2}" >"$work/clientapp$i.log" 2>&1 &
     pids+=($!)
@@ -144,6 +144,6 @@ mode="$mode, ClientApps: $([ "$ISOLATION" = process ] && echo "one long-lived pr
 submitted=$("${link_exec[@]}" flwr run . local-deployment --format json -c "num-clients=$K output-dir='$PWD/runs'" "$@")
 rid=$(python -c 'import json,sys; d=json.load(sys.stdin); print(d.get("run-id") or sys.exit(str(d)))' <<<"$submitted")
 echo "deploy-local: run $rid submitted to the local SuperLink at $HOST:$PORT with $K SuperNodes, $mode"
-"${link_exec[@]}" python -m experiments.follow_run "$rid" --superlink local-deployment &
+"${link_exec[@]}" python -m experiments.launch.follow_run "$rid" --superlink local-deployment &
 follow=$!
 wait "$follow"  # (a trapped SIGINT/SIGTERM interrupts `wait`, not a foreground command)

@@ -20,7 +20,7 @@ source scripts/setup.sh
 export FLWR_HOME=${FLWR_HOME:-$PWD/.flwr}
 if [ "${1-}" = stop ]; then
   [ $# -eq 1 ] || { echo "flwr-run: stop takes no arguments" >&2; exit 2; }
-  exec python -m experiments.local_superlink stop
+  exec python -m experiments.launch.local_superlink stop
 fi
 args=()
 resume=""
@@ -36,9 +36,9 @@ done
 # Flower's own -c parser silently drops what it cannot read ('lr=', 'rounds = 1'): check every -c strictly first,
 # and --federation-config's client resources against this machine (more GPUs per client than exist: Ray would
 # wait for ever, after the SuperLink started)
-python -m fl_ietagc.script_args --script flwr-run -- "${args[@]+"${args[@]}"}" || exit 2
+python -m fl_ietagc.settings.script_args --script flwr-run -- "${args[@]+"${args[@]}"}" || exit 2
 started=""
-if python -m experiments.local_superlink running; then
+if python -m experiments.launch.local_superlink running; then
   echo "flwr-run: using the local SuperLink already answering on 127.0.0.1:${FLWR_LOCAL_SUPERLINK_HTTP_API_PORT:-39091}" \
        "(not started by this run, so left running; if an earlier --keep-superlink left it: bash scripts/flwr-run.sh stop)"
 else
@@ -49,13 +49,13 @@ cleanup() {
   trap - EXIT INT TERM
   [ -n "$started" ] || exit "$code"
   if [ -n "$keep" ]; then
-    left=$(python -m experiments.local_superlink record) || true
+    left=$(python -m experiments.launch.local_superlink record) || true
     if [ -n "$left" ]; then
       echo "flwr-run: left running (--keep-superlink): $left; pid file $FLWR_HOME/local-superlink/fl-ietagc-superlink.pid"
       echo "flwr-run: stop exactly these with: bash scripts/flwr-run.sh stop"
     fi
-  elif python -m experiments.local_superlink record >/dev/null; then  # nothing found: nothing was started
-    python -m experiments.local_superlink stop || true
+  elif python -m experiments.launch.local_superlink record >/dev/null; then  # nothing found: nothing was started
+    python -m experiments.launch.local_superlink stop || true
   fi
   exit "$code"
 }
@@ -76,4 +76,4 @@ else
 fi
 rid=$(python -c 'import json,sys; d=json.load(sys.stdin); print(d.get("run-id") or sys.exit(str(d)))' <<<"$submitted")
 echo "flwr-run: run $rid submitted (FLWR_HOME=$FLWR_HOME); following its log"
-python -m experiments.follow_run "$rid"
+python -m experiments.launch.follow_run "$rid"

@@ -1,1 +1,2 @@
-"""Server-side aggregation strategies (Flower Message-API strategies) and the ServerApp."""
+"""The ServerApp and its aggregation strategies (Flower Message-API strategies with this app's round contract).
+Imports fl_ietagc/ and nothing else of the app; Flower loads it (pyproject's serverapp)."""

@@ -31,10 +31,10 @@ from flwr.app.message_type import MessageType
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fl_ietagc import protocol as P
-from fl_ietagc.protocol import ClientFailure, ClientRound, one_line, round_metrics
-from fl_ietagc.ret import ShardAssignment
-from fl_ietagc.wire import Layout, decode, encode
+from fl_ietagc.federation import protocol as P
+from fl_ietagc.federation.protocol import ClientFailure, ClientRound, one_line, round_metrics
+from fl_ietagc.federation.wire import Layout, decode, encode
+from fl_ietagc.training.ret import ShardAssignment
 
 
 class ClientRoundError(RuntimeError):
@@ -99,9 +99,15 @@ class AppStrategyMixin:
 
     client_flags: dict = {}  # extra round config for the clients, e.g. {"reset-optimizer": True}
 
-    def setup_app(self, num_clients: int, round_config: dict, failure_policy: str = "fail",
-                  min_clients_fraction: float = 1.0, node_wait_s: float = 600.0,
-                  layout: Layout | None = None) -> None:
+    def setup_app(
+        self,
+        num_clients: int,
+        round_config: dict,
+        failure_policy: str = "fail",
+        min_clients_fraction: float = 1.0,
+        node_wait_s: float = 600.0,
+        layout: Layout | None = None,
+    ) -> None:
         self.num_clients = num_clients
         self.round_config = dict(round_config)
         self.failure_policy = failure_policy
@@ -113,7 +119,7 @@ class AppStrategyMixin:
         self.absent: list[ClientFailure] = []  # partitions whose SuperNode was not connected at the round's start
         self.node_partitions: dict[int, int] = {}  # Flower node id -> partition, learnt from replies
         self.shard_assignment: ShardAssignment | None = None  # RET: the current shards (see use_shards)
-        # the flat weights' layout (fl_ietagc/wire.py): sent with every instruction; replies must match it and are
+        # the flat weights' layout (fl_ietagc/federation/wire.py): sent with every instruction; replies must match it and are
         # decoded (bf16 transport) before anything is averaged. None: arrays travel and average as they are given.
         self.layout = layout
         self.decodes_replies = True  # False for a strategy wrapped by another that already decoded them (DP)
@@ -122,8 +128,9 @@ class AppStrategyMixin:
         """RET: tell each client its shard from `assignment` (which the ServerApp updates)."""
         self.shard_assignment = assignment
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         for key, value in {**self.round_config, **self.client_flags}.items():
             config[key] = value
         nodes = self.connected_nodes(server_round, grid)
@@ -136,8 +143,9 @@ class AppStrategyMixin:
         self.min_available_nodes = self.min_train_nodes = len(nodes)
         try:
             # kept: the grid gives each its message id when it pushes it, which a Flower error reply names
-            self.sent = self.with_layout(self.with_shards(
-                list(super().configure_train(server_round, arrays, config, grid))))
+            self.sent = self.with_layout(
+                self.with_shards(list(super().configure_train(server_round, arrays, config, grid)))
+            )
         finally:
             self.min_available_nodes, self.min_train_nodes = before
         return self.sent
@@ -153,8 +161,9 @@ class AppStrategyMixin:
                 continue
             arrays = m.content[P.ARRAYS]
             if id(arrays) not in encoded:  # (already in the wire dtypes: sent as it is, not serialized again)
-                encoded[id(arrays)] = arrays if self.in_wire_dtypes(arrays) else \
-                    as_record(encode(numpy_arrays(arrays), self.layout))
+                encoded[id(arrays)] = (
+                    arrays if self.in_wire_dtypes(arrays) else as_record(encode(numpy_arrays(arrays), self.layout))
+                )
             m.content = RecordDict({**m.content, P.ARRAYS: encoded[id(arrays)], P.LAYOUT: layout})
         return messages
 
@@ -163,8 +172,14 @@ class AppStrategyMixin:
         groups = self.layout.groups()
         if set(arrays.keys()) != set(groups):
             return False
-        wire = {g: ("int16" if self.layout.transport == "bf16" and self.layout.dtypes[i[0]] == "float32"
-                    else self.layout.dtypes[i[0]]) for g, i in groups.items()}
+        wire = {
+            g: (
+                "int16"
+                if self.layout.transport == "bf16" and self.layout.dtypes[i[0]] == "float32"
+                else self.layout.dtypes[i[0]]
+            )
+            for g, i in groups.items()
+        }
         return all(a.dtype == wire.get(k) for k, a in arrays.items())
 
     def with_shards(self, messages: list[Message]) -> list[Message]:
@@ -185,23 +200,37 @@ class AppStrategyMixin:
         deadline, said = time.time() + self.node_wait_s, 0.0
         while len(nodes := list(grid.get_node_ids())) < self.num_clients and time.time() < deadline:
             if time.time() - said >= 30:
-                log(INFO, "fl-ietagc: round %d waits for SuperNodes: %d of %d connected (node-wait-s = %g)",
-                    server_round, len(nodes), self.num_clients, self.node_wait_s)
+                log(
+                    INFO,
+                    "fl-ietagc: round %d waits for SuperNodes: %d of %d connected (node-wait-s = %g)",
+                    server_round,
+                    len(nodes),
+                    self.num_clients,
+                    self.node_wait_s,
+                )
                 said = time.time()
             time.sleep(poll_s)
         if len(nodes) >= self.num_clients:
             return nodes
         gone = sorted({p for n, p in self.node_partitions.items() if n not in nodes})
         why = f"SuperNode not connected at the start of the round (waited node-wait-s = {self.node_wait_s:g} s)"
-        self.absent = [ClientFailure(p, server_round, why) for p in gone] or \
-            [ClientFailure(-1, server_round, f"{self.num_clients - len(nodes)} SuperNode(s) missing: {why}")]
+        self.absent = [ClientFailure(p, server_round, why) for p in gone] or [
+            ClientFailure(-1, server_round, f"{self.num_clients - len(nodes)} SuperNode(s) missing: {why}")
+        ]
         summary = f"; only {len(nodes)} of {self.num_clients} SuperNodes connected"
         if self.failure_policy == "fail" or len(nodes) < self.min_clients:
             self.last_failures = self.absent
-            raise ClientRoundError(self.absent, summary + ("" if self.failure_policy == "fail" else
-                                                           f", min-clients-fraction needs {self.min_clients}"))
-        log(WARNING, "fl-ietagc: round %d goes on without %s%s (client-failures = tolerate)", server_round,
-            ", ".join(f"partition {f.partition_id}" for f in self.absent if f.partition_id >= 0) or "them", summary)
+            raise ClientRoundError(
+                self.absent,
+                summary + ("" if self.failure_policy == "fail" else f", min-clients-fraction needs {self.min_clients}"),
+            )
+        log(
+            WARNING,
+            "fl-ietagc: round %d goes on without %s%s (client-failures = tolerate)",
+            server_round,
+            ", ".join(f"partition {f.partition_id}" for f in self.absent if f.partition_id >= 0) or "them",
+            summary,
+        )
         return nodes
 
     def sort_replies(self, server_round: int, replies: list[Message]) -> tuple[list[Message], list[ClientFailure]]:
@@ -212,9 +241,14 @@ class AppStrategyMixin:
             if m.has_error():  # Flower's own error: the ClientApp process or actor died, a lost SuperNode (the
                 # SuperLink answers for it: src_node_id is then the SuperLink's), or a timeout
                 node = sent_to.get(m.metadata.reply_to_message_id, m.metadata.src_node_id)
-                failures.append(ClientFailure(self.node_partitions.get(node, -1), server_round,
-                                              f"Flower error on node {node}: {one_line(m.error.reason)}",
-                                              traceback=str(m.error.reason)))
+                failures.append(
+                    ClientFailure(
+                        self.node_partitions.get(node, -1),
+                        server_round,
+                        f"Flower error on node {node}: {one_line(m.error.reason)}",
+                        traceback=str(m.error.reason),
+                    )
+                )
             elif P.ERROR in m.content.config_records:  # the ClientApp caught its own error
                 failures.append(ClientFailure.from_record(m.content.config_records[P.ERROR]))
             else:
@@ -225,16 +259,22 @@ class AppStrategyMixin:
                 if problem:
                     failures.append(ClientFailure(partition_of(m), server_round, problem))
                 elif bad:
-                    failures.append(ClientFailure(partition_of(m), server_round,
-                                                  f"returned non-finite weights ({len(bad)} arrays, e.g. {bad[0]})"))
+                    failures.append(
+                        ClientFailure(
+                            partition_of(m),
+                            server_round,
+                            f"returned non-finite weights ({len(bad)} arrays, e.g. {bad[0]})",
+                        )
+                    )
                 else:
                     good.append(m)
         failures += [f for f in self.absent if f.partition_id not in {partition_of(m) for m in good}]
         seen = {partition_of(m) for m in good} | {f.partition_id for f in failures}
         for pid in sorted(set(range(self.num_clients)) - seen):
             if not any(f.partition_id < 0 for f in failures):
-                failures.append(ClientFailure(pid, server_round, "no reply (timed out, or partition ids are "
-                                                                 "misconfigured)"))
+                failures.append(
+                    ClientFailure(pid, server_round, "no reply (timed out, or partition ids are misconfigured)")
+                )
         good.sort(key=partition_of)
         return good, sorted(failures, key=lambda f: f.partition_id)
 
@@ -245,8 +285,10 @@ class AppStrategyMixin:
             return ""
         digest = reply.content.config_records[P.INFO].get(P.LAYOUT_DIGEST, "")
         if digest != self.layout.digest():
-            return (f"returned weights of another layout (digest {digest or 'missing'}, sent "
-                    f"{self.layout.digest()}): a different model or app version on that node")
+            return (
+                f"returned weights of another layout (digest {digest or 'missing'}, sent "
+                f"{self.layout.digest()}): a different model or app version on that node"
+            )
         if P.ARRAYS not in reply.content.array_records:  # (SecAgg+)
             return ""
         if self.in_wire_dtypes(reply.content[P.ARRAYS]) and self.layout.transport == "fp32":
@@ -270,8 +312,11 @@ class AppStrategyMixin:
         if failures and self.failure_policy == "fail":
             raise ClientRoundError(failures)
         if len(good) < self.min_clients:
-            raise ClientRoundError(failures, f"; only {len(good)} of {self.num_clients} clients replied, "
-                                             f"min-clients-fraction needs {self.min_clients}")
+            raise ClientRoundError(
+                failures,
+                f"; only {len(good)} of {self.num_clients} clients replied, "
+                f"min-clients-fraction needs {self.min_clients}",
+            )
         return good
 
     def aggregate_secure(self, server_round: int, replies: list[Message], mean: ArrayRecord | None, why: str):
@@ -282,7 +327,15 @@ class AppStrategyMixin:
         good = self.check_replies(server_round, replies)
         if mean is None:
             raise RuntimeError(f"round {server_round}: SecAgg+ could not unmask the sum: {why}")
-        one = Message(RecordDict({P.ARRAYS: mean, P.METRICS: MetricRecord({**good[0].content[P.METRICS],
-                                                                          "num-examples": 1}),
-                                  P.INFO: good[0].content[P.INFO]}), good[0].metadata.src_node_id, MessageType.TRAIN)
+        one = Message(
+            RecordDict(
+                {
+                    P.ARRAYS: mean,
+                    P.METRICS: MetricRecord({**good[0].content[P.METRICS], "num-examples": 1}),
+                    P.INFO: good[0].content[P.INFO],
+                }
+            ),
+            good[0].metadata.src_node_id,
+            MessageType.TRAIN,
+        )
         return super().aggregate_train(server_round, [one])

@@ -1,7 +1,7 @@
 """Flower's own strategies with this app's mixin in front: the swappable aggregation rules.
 
 Every client reply carries raw and EMA weights in one ArrayRecord (two flat arrays, `net` and `ema`:
-fl_ietagc/wire.py), and each rule below treats both alike, element by element, so the global EMA always
+fl_ietagc/federation/wire.py), and each rule below treats both alike, element by element, so the global EMA always
 follows the same aggregation as the raw weights:
 
 | name            | Flower class                              | what the server does with each key (raw and EMA)           |
@@ -35,17 +35,34 @@ global raw weights.
 
 from __future__ import annotations
 
-from flwr.serverapp.strategy import (Bulyan, DifferentialPrivacyServerSideAdaptiveClipping,
-                                     DifferentialPrivacyServerSideFixedClipping, FedAdagrad, FedAdam, FedAvg, FedAvgM,
-                                     FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, MultiKrum, QFedAvg)
+from flwr.serverapp.strategy import (
+    Bulyan,
+    DifferentialPrivacyServerSideAdaptiveClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    MultiKrum,
+    QFedAvg,
+)
 
 from .base import AppStrategyMixin, aggregate_client_metrics
 
 
 def common_args(num_clients: int) -> dict:
     """Every client trains every round; our round metrics. No federated evaluation: see no_evaluation."""
-    return dict(fraction_train=1.0, min_train_nodes=num_clients, min_available_nodes=num_clients,
-                train_metrics_aggr_fn=aggregate_client_metrics)
+    return dict(
+        fraction_train=1.0,
+        min_train_nodes=num_clients,
+        min_available_nodes=num_clients,
+        train_metrics_aggr_fn=aggregate_client_metrics,
+    )
 
 
 def no_evaluation(strategy):
@@ -115,8 +132,15 @@ class AppDPWrapper(AppStrategyMixin):
     meaningful privacy guarantee (client-level DP needs many clients per round).
     """
 
-    def setup_app(self, num_clients: int, round_config: dict, failure_policy: str = "fail",
-                  min_clients_fraction: float = 1.0, node_wait_s: float = 600.0, layout=None) -> None:
+    def setup_app(
+        self,
+        num_clients: int,
+        round_config: dict,
+        failure_policy: str = "fail",
+        min_clients_fraction: float = 1.0,
+        node_wait_s: float = 600.0,
+        layout=None,
+    ) -> None:
         super().setup_app(num_clients, round_config, failure_policy, min_clients_fraction, node_wait_s, layout)
         self.strategy.setup_app(num_clients, round_config, failure_policy, min_clients_fraction, node_wait_s, layout)
         self.strategy.decodes_replies = False  # the wrapper sorted and decoded the replies before clipping them

@@ -18,6 +18,10 @@ class IETFedAvg(AppStrategyMixin, FedAvg):
     `FedAvgFreshOptimizer` (strategy `fedavg`) is the same average with a new optimizer every round."""
 
     def __init__(self, num_clients: int):
-        super().__init__(fraction_train=1.0, min_train_nodes=num_clients, min_available_nodes=num_clients,
-                         train_metrics_aggr_fn=aggregate_client_metrics)
+        super().__init__(
+            fraction_train=1.0,
+            min_train_nodes=num_clients,
+            min_available_nodes=num_clients,
+            train_metrics_aggr_fn=aggregate_client_metrics,
+        )
         self.fraction_evaluate, self.min_evaluate_nodes = 0.0, 0  # see flower_strategies.no_evaluation

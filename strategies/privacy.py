@@ -5,7 +5,7 @@ Flower's wrapper puts the clipping norm into every train instruction (clients/pr
 messages to Flower's `fixedclipping_mod`, which clips the client's update before it is sent, or masked by
 SecAgg+), lets the wrapped strategy aggregate, and adds Gaussian noise of std z * S / K to the aggregate.
 Under SecAgg+ the wrapped strategy's rule runs on the protocol's mean (`aggregate_secure`), then the same
-noise is added. The epsilon this spends is accounted in fl_ietagc/privacy.py.
+noise is added. The epsilon this spends is accounted in fl_ietagc/training/privacy.py.
 """
 
 from __future__ import annotations

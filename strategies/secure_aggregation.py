@@ -37,10 +37,10 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 
-from fl_ietagc import protocol as P
-from fl_ietagc.config import RunConfig
-from fl_ietagc.faults import fault_point
-from fl_ietagc.secure_sum import max_weight, shares_and_threshold
+from fl_ietagc.federation import protocol as P
+from fl_ietagc.federation.secure_sum import max_weight, shares_and_threshold
+from fl_ietagc.runs.faults import fault_point
+from fl_ietagc.settings.config import RunConfig
 
 
 class _Aggregate:
@@ -87,17 +87,20 @@ class SecureRound:
 
 
 def workflow_for(cfg: RunConfig, num_clients: int, shard_sizes) -> SecAggPlusWorkflow:
-    shares, threshold = shares_and_threshold(num_clients, cfg.secagg_num_shares,
-                                             cfg.secagg_reconstruction_threshold)
-    return SecAggPlusWorkflow(num_shares=shares if cfg.secagg_num_shares else 1.0,  # (1.0: every client)
-                              reconstruction_threshold=threshold,
-                              max_weight=float(max_weight(shard_sizes, cfg.secagg_quantization_range)),
-                              clipping_range=float(cfg.secagg_clipping_range),
-                              quantization_range=cfg.secagg_quantization_range, timeout=cfg.round_timeout_s)
+    shares, threshold = shares_and_threshold(num_clients, cfg.secagg_num_shares, cfg.secagg_reconstruction_threshold)
+    return SecAggPlusWorkflow(
+        num_shares=shares if cfg.secagg_num_shares else 1.0,  # (1.0: every client)
+        reconstruction_threshold=threshold,
+        max_weight=float(max_weight(shard_sizes, cfg.secagg_quantization_range)),
+        clipping_range=float(cfg.secagg_clipping_range),
+        quantization_range=cfg.secagg_quantization_range,
+        timeout=cfg.round_timeout_s,
+    )
 
 
-def secure_round(grid, strategy, cfg: RunConfig, server_round: int, arrays: ArrayRecord, shards,
-                 exchange) -> SecureRound:
+def secure_round(
+    grid, strategy, cfg: RunConfig, server_round: int, arrays: ArrayRecord, shards, exchange
+) -> SecureRound:
     """One round under SecAgg+. `arrays`: the global flat weights (float32, as the strategy aggregates them);
     `exchange(grid, messages, timeout) -> (replies, timing)`: how the ServerApp pushes and pulls a stage."""
     messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
@@ -106,9 +109,16 @@ def secure_round(grid, strategy, cfg: RunConfig, server_round: int, arrays: Arra
     workflow = workflow_for(cfg, strategy.num_clients, [len(s) for s in shards])
     legacy = _Aggregate(list(instructions))
     context = SimpleNamespace(
-        state=RecordDict({MAIN_CONFIGS_RECORD: ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round}),
-                          MAIN_PARAMS_RECORD: ArrayRecord()}),
-        strategy=legacy, client_manager=SimpleNamespace(num_available=lambda: len(instructions)), history=History())
+        state=RecordDict(
+            {
+                MAIN_CONFIGS_RECORD: ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round}),
+                MAIN_PARAMS_RECORD: ArrayRecord(),
+            }
+        ),
+        strategy=legacy,
+        client_manager=SimpleNamespace(num_available=lambda: len(instructions)),
+        history=History(),
+    )
     proto_grid, state = _ProtocolGrid(grid, exchange, cfg.round_timeout_s), WorkflowState()
     done = workflow.setup_stage(proto_grid, context, state)
     state.nid_to_fitins = instructions
@@ -121,9 +131,15 @@ def secure_round(grid, strategy, cfg: RunConfig, server_round: int, arrays: Arra
         # the clients sent their arrays in the order of the instruction's ArrayRecord (clients/secure_aggregation.py)
         order = list(messages[0].content[P.ARRAYS].keys())
         sums = parameters_to_ndarrays(legacy.parameters)
-        mean = ArrayRecord({k: Array(np.asarray(v, dtype=arrays[k].numpy().dtype).reshape(arrays[k].shape))
-                            for k, v in zip(order, sums, strict=True)})
-    why = (f"fewer than secagg-reconstruction-threshold = {workflow.reconstruction_threshold} share holders "
-           f"stayed connected for some client, or fewer than 2 clients took part")
+        mean = ArrayRecord(
+            {
+                k: Array(np.asarray(v, dtype=arrays[k].numpy().dtype).reshape(arrays[k].shape))
+                for k, v in zip(order, sums, strict=True)
+            }
+        )
+    why = (
+        f"fewer than secagg-reconstruction-threshold = {workflow.reconstruction_threshold} share holders "
+        f"stayed connected for some client, or fewer than 2 clients took part"
+    )
     new_arrays, _ = strategy.aggregate_secure(server_round, proto_grid.train_replies, mean, why)
     return SecureRound(new_arrays, proto_grid.train_replies, proto_grid.train_timing, proto_grid.train_done_at)

@@ -32,23 +32,23 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fl_ietagc import phases
-from fl_ietagc import protocol as P
-from fl_ietagc.checkpoints import pack_weights, unpack_weights
-from fl_ietagc.config import ConfigError, RunConfig, parse_config
-from fl_ietagc.data import image_size, load_splits
-from fl_ietagc.faults import fault_point
-from fl_ietagc.images import write_sample_grid
-from fl_ietagc.initial_weights import initial_weights
-from fl_ietagc.models import build_for_config, load_weights
-from fl_ietagc.privacy import rdp_accountant, round_privacy
-from fl_ietagc.protocol import round_metrics
-from fl_ietagc import ret
-from fl_ietagc.rundir import ACTIVE_RUNS, RunDir, register_active
-from fl_ietagc.shards import shards_for_config
-from fl_ietagc.trainer import pick_device
+from fl_ietagc.data.datasets import image_size, load_splits
+from fl_ietagc.data.shards import shards_for_config
+from fl_ietagc.evaluation.images import write_sample_grid
+from fl_ietagc.federation import protocol as P
+from fl_ietagc.federation.protocol import round_metrics
+from fl_ietagc.federation.wire import Layout, flatten, unflatten, wire_bytes
+from fl_ietagc.runs import phases
+from fl_ietagc.runs.checkpoints import pack_weights, unpack_weights
+from fl_ietagc.runs.faults import fault_point
+from fl_ietagc.runs.rundir import ACTIVE_RUNS, RunDir, register_active
+from fl_ietagc.settings.config import ConfigError, RunConfig, parse_config
+from fl_ietagc.training import ret
+from fl_ietagc.training.models import load_weights
+from fl_ietagc.training.privacy import rdp_accountant, round_privacy
+from fl_ietagc.training.run_model import build_for_config, initial_weights
+from fl_ietagc.training.trainer import pick_device
 from fl_ietagc.validate import check_device, check_model, check_run_dir, check_secure_aggregation
-from fl_ietagc.wire import Layout, flatten, unflatten, wire_bytes
 
 from .base import as_record, numpy_arrays
 from .registry import build_strategy
@@ -74,16 +74,26 @@ class ServerState:
     ret_events: int = 0
 
     def to_saved(self, strategy) -> dict:
-        return {"token": self.token, "shards": [torch.from_numpy(s) for s in self.shards],
-                "state-rounds": list(self.state_rounds), "skip-totals": torch.from_numpy(self.skip_totals),
-                "skip-period": torch.from_numpy(self.skip_period), "ret-events": self.ret_events,
-                "strategy": export_state(strategy)}
+        return {
+            "token": self.token,
+            "shards": [torch.from_numpy(s) for s in self.shards],
+            "state-rounds": list(self.state_rounds),
+            "skip-totals": torch.from_numpy(self.skip_totals),
+            "skip-period": torch.from_numpy(self.skip_period),
+            "ret-events": self.ret_events,
+            "strategy": export_state(strategy),
+        }
 
     @classmethod
-    def from_saved(cls, saved: dict) -> "ServerState":
-        return cls(token=saved["token"], shards=[s.numpy() for s in saved["shards"]],
-                   state_rounds=list(saved["state-rounds"]), skip_totals=saved["skip-totals"].numpy().copy(),
-                   skip_period=saved["skip-period"].numpy().copy(), ret_events=int(saved["ret-events"]))
+    def from_saved(cls, saved: dict) -> ServerState:
+        return cls(
+            token=saved["token"],
+            shards=[s.numpy() for s in saved["shards"]],
+            state_rounds=list(saved["state-rounds"]),
+            skip_totals=saved["skip-totals"].numpy().copy(),
+            skip_period=saved["skip-period"].numpy().copy(),
+            ret_events=int(saved["ret-events"]),
+        )
 
 
 @app.main()
@@ -113,8 +123,13 @@ def main(grid: Grid, context: Context) -> None:
                 run.mark_interrupted(type(exc).__name__)
         else:
             run.mark_failed(exc)
-            log(ERROR, "fl-ietagc: run failed: %s | status, tracebacks: %s, %s", run.read_status()["error"],
-                run.status_path, run.logs_dir)
+            log(
+                ERROR,
+                "fl-ietagc: run failed: %s | status, tracebacks: %s, %s",
+                run.read_status()["error"],
+                run.status_path,
+                run.logs_dir,
+            )
         raise
     finally:
         restore()
@@ -160,8 +175,9 @@ def resolve_num_clients(cfg: RunConfig, grid: Grid, settle_s: float = NODE_SETTL
             log(INFO, "fl-ietagc: num-clients = 0: %d SuperNode(s) connected, running with K = %d", count, count)
             return count
         if not count and time.time() > deadline:
-            raise ConfigError(f"num-clients = 0: no SuperNode connected within {NODE_WAIT_S} s; "
-                              f"start SuperNodes or set num-clients")
+            raise ConfigError(
+                f"num-clients = 0: no SuperNode connected within {NODE_WAIT_S} s; start SuperNodes or set num-clients"
+            )
         time.sleep(poll_s)
 
 
@@ -174,8 +190,9 @@ def reopen_run(cfg: RunConfig):
     run = RunDir.reopen(cfg.resume_from)
     stored = run.read_config()
     if stored.get("kind") != "federated":
-        raise ConfigError(f"resume-from = {cfg.resume_from!r}: a {stored.get('kind')} run; resume it with "
-                          f"fl-ietagc resume")
+        raise ConfigError(
+            f"resume-from = {cfg.resume_from!r}: a {stored.get('kind')} run; resume it with fl-ietagc resume"
+        )
     check_resume_config(cfg, stored)
     blob = run.read_resume()
     return run, int(stored["num_clients"]), int(blob["round"]), blob["net"], blob["ema"], blob["state"]
@@ -185,21 +202,35 @@ def begin_run(cfg: RunConfig, run: RunDir, num_clients: int, shards: list[np.nda
     """Record a new run and its round-0 commit point; returns the saved server state."""
     splits = load_splits(cfg)
     launch = json.loads(os.environ.get("FL_IETAGC_BACKEND_CONFIG", "null"))  # set by flower-simulation
-    run.begin(cfg.to_dict(), shards, cfg.num_server_rounds, kind="federated", num_clients=num_clients,
-              backend_config=launch,
-              num_parameters=sum(v.numel() for v in net.values()), image_size=image_size(cfg),
-              channels=splits.train.channels, num_train_images=len(splits.train))
+    run.begin(
+        cfg.to_dict(),
+        shards,
+        cfg.num_server_rounds,
+        kind="federated",
+        num_clients=num_clients,
+        backend_config=launch,
+        num_parameters=sum(v.numel() for v in net.values()),
+        image_size=image_size(cfg),
+        channels=splits.train.channels,
+        num_train_images=len(splits.train),
+    )
     n = len(splits.train)
-    state = ServerState(token=uuid.uuid4().hex, shards=shards, state_rounds=[0] * num_clients,
-                        skip_totals=np.zeros(n, np.int64), skip_period=np.zeros(n, np.int64))
+    state = ServerState(
+        token=uuid.uuid4().hex,
+        shards=shards,
+        state_rounds=[0] * num_clients,
+        skip_totals=np.zeros(n, np.int64),
+        skip_period=np.zeros(n, np.int64),
+    )
     np.random.seed(cfg.seed)  # Flower's DP wrapper draws its noise from numpy's global generator
     saved = state.to_saved(build_strategy(cfg, num_clients))
     run.write_resume(0, net, ema, saved)
     return saved
 
 
-def run_federated(grid: Grid, cfg: RunConfig, run: RunDir, num_clients: int, start_round: int, net: dict,
-                  ema: dict, saved: dict) -> None:
+def run_federated(
+    grid: Grid, cfg: RunConfig, run: RunDir, num_clients: int, start_round: int, net: dict, ema: dict, saved: dict
+) -> None:
     state = ServerState.from_saved(saved)
     check_secure_aggregation(cfg, state.shards)  # (num-clients = 0: K is known only now)
     if cfg.dp_noise_multiplier:
@@ -207,20 +238,38 @@ def run_federated(grid: Grid, cfg: RunConfig, run: RunDir, num_clients: int, sta
     strategy = build_strategy(cfg, num_clients)
     import_state(strategy, saved["strategy"])
     layout = Layout.of(pack_weights(net, ema), cfg.transport_dtype)
-    strategy.setup_app(num_clients, {P.RUN_DIR: str(run.path), P.RUN_TOKEN: state.token,
-                                     P.NUM_CLIENTS: num_clients},
-                       cfg.client_failures, cfg.min_clients_fraction, cfg.node_wait_s, layout=layout)
+    strategy.setup_app(
+        num_clients,
+        {P.RUN_DIR: str(run.path), P.RUN_TOKEN: state.token, P.NUM_CLIENTS: num_clients},
+        cfg.client_failures,
+        cfg.min_clients_fraction,
+        cfg.node_wait_s,
+        layout=layout,
+    )
     shards = ret.ShardAssignment(state.shards, redistributed=state.ret_events > 0)
     strategy.use_shards(shards)
     run.write_shards(state.shards)
     run.write_status("running", round=start_round, num_rounds=cfg.num_server_rounds)
-    log(INFO, "fl-ietagc: %d clients, shard sizes %s, %s (%s parameters), rounds %d..%d of %d x %d local "
-        "epochs", num_clients, [len(s) for s in state.shards], model_description(cfg),
-        f"{sum(v.numel() for v in net.values()):,}", start_round + 1, cfg.num_server_rounds, cfg.num_server_rounds,
-        cfg.local_epochs)
+    log(
+        INFO,
+        "fl-ietagc: %d clients, shard sizes %s, %s (%s parameters), rounds %d..%d of %d x %d local epochs",
+        num_clients,
+        [len(s) for s in state.shards],
+        model_description(cfg),
+        f"{sum(v.numel() for v in net.values()):,}",
+        start_round + 1,
+        cfg.num_server_rounds,
+        cfg.num_server_rounds,
+        cfg.local_epochs,
+    )
 
-    log(INFO, "fl-ietagc: weights travel as %d flat arrays, %.1f MB per message (transport-dtype = %s)",
-        len(layout.groups()), wire_bytes(layout) / 1e6, layout.transport)
+    log(
+        INFO,
+        "fl-ietagc: weights travel as %d flat arrays, %.1f MB per message (transport-dtype = %s)",
+        len(layout.groups()),
+        wire_bytes(layout) / 1e6,
+        layout.transport,
+    )
     arrays = as_record(flatten(pack_weights(net, ema), layout))
     t_start = time.time()
     before = (run.read_metrics() or [{}])[-1].get("elapsed-s", 0.0)  # training time of earlier sessions
@@ -236,8 +285,12 @@ def run_federated(grid: Grid, cfg: RunConfig, run: RunDir, num_clients: int, sta
                 new_arrays, _ = strategy.aggregate_train(server_round, replies)
             else:  # no reply holds one client's weights: Flower's SecAgg+ stages give their masked sum
                 secure = secure_round(grid, strategy, cfg, server_round, arrays, state.shards, exchange)
-                new_arrays, replies, timing, t_aggregate = secure.arrays, secure.replies, secure.timing, \
-                    secure.train_done_at  # (aggregate-s: the unmask stage and the strategy's rule)
+                new_arrays, replies, timing, t_aggregate = (
+                    secure.arrays,
+                    secure.replies,
+                    secure.timing,
+                    secure.train_done_at,
+                )  # (aggregate-s: the unmask stage and the strategy's rule)
         finally:
             for f in strategy.last_failures:
                 run.write_log(f"client-p{f.partition_id}-r{server_round}.log", f.traceback or f.line())
@@ -247,18 +300,34 @@ def run_federated(grid: Grid, cfg: RunConfig, run: RunDir, num_clients: int, sta
         timing["aggregate-s"] = time.time() - t_aggregate
         phases.add("server: aggregation", timing["aggregate-s"])
         t0 = time.perf_counter()
-        record = end_round(cfg, run, strategy, state, server_round, arrays, before + time.time() - t_start,
-                           layout, round_timing(replies, timing))
+        record = end_round(
+            cfg,
+            run,
+            strategy,
+            state,
+            server_round,
+            arrays,
+            before + time.time() - t_start,
+            layout,
+            round_timing(replies, timing),
+        )
         phases.since("server: commit (metrics, checkpoint, resume.pt)", t0)
         elapsed = time.time() - t_start
         done = server_round - start_round
-        log(INFO, "fl-ietagc: round %d/%d  loss %.4f  skip-rate %.3f (per client %s)  img/s per client %s%s  "
+        log(
+            INFO,
+            "fl-ietagc: round %d/%d  loss %.4f  skip-rate %.3f (per client %s)  img/s per client %s%s  "
             "elapsed %.0fs  eta %.0fs",
-            server_round, cfg.num_server_rounds, record["loss"], record["skip-rate"],
+            server_round,
+            cfg.num_server_rounds,
+            record["loss"],
+            record["skip-rate"],
             " ".join(f"{r:.3f}" for r in record["skip-rate-per-client"]),
             " ".join(f"{(c['kept'] + c['skipped']) / max(c['seconds'], 1e-9):.0f}" for c in record["clients"]),
             f"  FAILED partitions {[f['partition-id'] for f in record['failed']]}" if record["failed"] else "",
-            elapsed, elapsed / done * (cfg.num_server_rounds - server_round))
+            elapsed,
+            elapsed / done * (cfg.num_server_rounds - server_round),
+        )
         fault_point("between-rounds", server_round)
 
     final_net, final_ema = unpack_weights(unflatten(numpy_arrays(arrays), layout))
@@ -270,8 +339,13 @@ def run_federated(grid: Grid, cfg: RunConfig, run: RunDir, num_clients: int, sta
         write_sample_grid(cfg, model, run.samples_path, pick_device(cfg.device))  # raw weights, as the paper
     run.mark_completed(cfg.num_server_rounds, seconds_this_session=time.time() - t_start)
     log(INFO, "fl-ietagc: done in %.0fs. run directory: %s", time.time() - t_start, run.path)
-    log(INFO, "fl-ietagc:   metrics %s | final weights %s | samples %s", run.metrics_path, run.final_checkpoint,
-        run.samples_path if cfg.sample_count else "(sample-count = 0)")
+    log(
+        INFO,
+        "fl-ietagc:   metrics %s | final weights %s | samples %s",
+        run.metrics_path,
+        run.final_checkpoint,
+        run.samples_path if cfg.sample_count else "(sample-count = 0)",
+    )
 
 
 def exchange(grid: Grid, messages, timeout: float, poll_s: float = REPLY_POLL_S) -> tuple[list, dict]:
@@ -308,16 +382,30 @@ def round_timing(replies: list, timing: dict) -> dict:
         if info is None or P.RECEIVED_AT not in info or arrived is None:
             continue
         received, replied = float(info[P.RECEIVED_AT]), float(info[P.REPLIED_AT])
-        out["clients"].append({"partition-id": int(info["partition-id"]),
-                               "train-s": float(m.content.metric_records[P.METRICS]["seconds"]),
-                               "receive-s": received - timing["sent-at"], "handler-s": replied - received,
-                               "send-s": arrived - replied})
+        out["clients"].append(
+            {
+                "partition-id": int(info["partition-id"]),
+                "train-s": float(m.content.metric_records[P.METRICS]["seconds"]),
+                "receive-s": received - timing["sent-at"],
+                "handler-s": replied - received,
+                "send-s": arrived - replied,
+            }
+        )
     out["clients"].sort(key=lambda c: c["partition-id"])
     return out
 
 
-def end_round(cfg: RunConfig, run: RunDir, strategy, state: ServerState, server_round: int,
-              arrays: ArrayRecord, elapsed: float, layout: Layout, timing: dict | None = None) -> dict:
+def end_round(
+    cfg: RunConfig,
+    run: RunDir,
+    strategy,
+    state: ServerState,
+    server_round: int,
+    arrays: ArrayRecord,
+    elapsed: float,
+    layout: Layout,
+    timing: dict | None = None,
+) -> dict:
     """Fold the round's client reports into the server state (RET included) and commit the round."""
     clients = strategy.last_round
     for c in clients:
@@ -333,21 +421,37 @@ def end_round(cfg: RunConfig, run: RunDir, strategy, state: ServerState, server_
         state.skip_period[:] = 0
         run.write_shards(state.shards)
         strategy.shard_assignment.assign(state.shards)
-    record = {"round": server_round, "elapsed-s": elapsed, **round_metrics(clients),
-              "ret-moved": moved, "clients": [c.to_json() for c in clients],
-              "failed": [{"partition-id": f.partition_id, "error": f.error, "step": f.step}
-                         for f in strategy.last_failures]}
+    record = {
+        "round": server_round,
+        "elapsed-s": elapsed,
+        **round_metrics(clients),
+        "ret-moved": moved,
+        "clients": [c.to_json() for c in clients],
+        "failed": [{"partition-id": f.partition_id, "error": f.error, "step": f.step} for f in strategy.last_failures],
+    }
     if timing is not None:
         record["timing"] = timing
-    privacy = round_privacy(cfg, strategy.num_clients, [c.num_examples for c in clients],
-                            [m for m in run.read_metrics() if m["round"] < server_round])
+    privacy = round_privacy(
+        cfg,
+        strategy.num_clients,
+        [c.num_examples for c in clients],
+        [m for m in run.read_metrics() if m["round"] < server_round],
+    )
     if privacy:
         record["privacy"] = privacy
     net, ema = unpack_weights(unflatten(numpy_arrays(arrays), layout))
     last = server_round == cfg.num_server_rounds
-    run.commit_round(server_round, record, net=net, ema=ema, state=state.to_saved(strategy), config=cfg.to_dict(),
-                     skip_counts=state.skip_totals, keep_checkpoint=last or server_round % cfg.checkpoint_every == 0,
-                     num_rounds=cfg.num_server_rounds)
+    run.commit_round(
+        server_round,
+        record,
+        net=net,
+        ema=ema,
+        state=state.to_saved(strategy),
+        config=cfg.to_dict(),
+        skip_counts=state.skip_totals,
+        keep_checkpoint=last or server_round % cfg.checkpoint_every == 0,
+        num_rounds=cfg.num_server_rounds,
+    )
     return record
 
 

@@ -58,8 +58,13 @@ def export_state(strategy) -> dict:
             if hasattr(owner, attr):
                 out[f"{name}.{attr}"] = _to_torch(getattr(owner, attr))
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    out["numpy-global-rng"] = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                               "has-gauss": int(has_gauss), "cached-gaussian": float(cached)}
+    out["numpy-global-rng"] = {
+        "kind": kind,
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has-gauss": int(has_gauss),
+        "cached-gaussian": float(cached),
+    }
     return out
 
 
@@ -70,5 +75,6 @@ def import_state(strategy, state: dict) -> None:
             if key in state:
                 setattr(owner, attr, _from_torch(state[key]))
     rng = state["numpy-global-rng"]
-    np.random.set_state((rng["kind"], rng["keys"].numpy().astype(np.uint32), rng["pos"], rng["has-gauss"],
-                         rng["cached-gaussian"]))
+    np.random.set_state(
+        (rng["kind"], rng["keys"].numpy().astype(np.uint32), rng["pos"], rng["has-gauss"], rng["cached-gaussian"])
+    )

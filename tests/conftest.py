@@ -95,13 +95,14 @@ def no_work(monkeypatch):
     before any work (tests/test_bad_input.py, test_bad_input_classes.py)."""
     import subprocess
 
-    import fl_ietagc.centralized
-    from experiments import simulate, studies
+    import fl_ietagc.loops.centralized
+    from experiments.launch import simulate
+    from experiments.studies import runner
 
     def forbidden(*a, **k):
         raise AssertionError(f"work started for bad input: {a[:1]}")
 
     monkeypatch.setattr(subprocess, "Popen", forbidden)
     monkeypatch.setattr(simulate, "run_here", forbidden)
-    monkeypatch.setattr(fl_ietagc.centralized.LocalTrainer, "run", forbidden)
-    monkeypatch.setattr(studies, "train_run", forbidden)
+    monkeypatch.setattr(fl_ietagc.loops.centralized.LocalTrainer, "run", forbidden)
+    monkeypatch.setattr(runner, "train_run", forbidden)

@@ -33,9 +33,16 @@ class LocalGrid:
     """K SuperNodes (node ids 1000 + P) whose ClientApp runs in this process, one message after another."""
 
     def __init__(self, k: int, run_config: dict, node_config: dict | None = None):
-        self.contexts = {1000 + p: Context(run_id=1, node_id=1000 + p, state=RecordDict(),
-                                           node_config={"partition-id": p, "num-partitions": k, **(node_config or {})},
-                                           run_config=dict(run_config)) for p in range(k)}
+        self.contexts = {
+            1000 + p: Context(
+                run_id=1,
+                node_id=1000 + p,
+                state=RecordDict(),
+                node_config={"partition-id": p, "num-partitions": k, **(node_config or {})},
+                run_config=dict(run_config),
+            )
+            for p in range(k)
+        }
         self.delivered: list = []  # (round, partition) in order, for the tests
         self.shard_keys: list = []  # (round, partition, the shard lists its instruction holds: RET)
         self.pushed, self.replies = 0, {}  # message ids given so far; replies not pulled yet, by the id they answer
@@ -66,8 +73,13 @@ class LocalGrid:
             if "config" in m.content.config_records:  # (not a SecAgg+ key-exchange stage)
                 conf = m.content["config"]
                 self.delivered.append((int(conf["server-round"]), ctx.node_config["partition-id"]))
-                self.shard_keys.append((int(conf["server-round"]), ctx.node_config["partition-id"],
-                                        sorted(k for k in conf if k.startswith("shard-"))))
+                self.shard_keys.append(
+                    (
+                        int(conf["server-round"]),
+                        ctx.node_config["partition-id"],
+                        sorted(k for k in conf if k.startswith("shard-")),
+                    )
+                )
             replies.append(wire(app(wire(m), ctx)))
         return replies
 

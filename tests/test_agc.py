@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fl_ietagc.agc import MemoryBank, masked_mean
+from fl_ietagc.training.agc import MemoryBank, masked_mean
 
 
 def bank_with(values: dict[int, float], T=10, lam=2.0, decay=0.8) -> MemoryBank:
@@ -75,9 +75,9 @@ def test_vectorised_update_equals_sequential_loop_with_many_repeats():
     for _ in range(20):
         t = torch.randint(0, 16, (128,), generator=gen)  # ~8 samples per slot per batch
         losses = torch.rand(128, generator=gen, dtype=torch.float64)
-        expected_keep = torch.tensor([not (l < ref[tt] / 2.0) for l, tt in zip(losses, t)])
-        for l, tt in zip(losses, t):
-            ref[tt] = 0.8 * ref[tt] + 0.2 * l
+        expected_keep = torch.tensor([not (loss < ref[tt] / 2.0) for loss, tt in zip(losses, t)])
+        for loss, tt in zip(losses, t):
+            ref[tt] = 0.8 * ref[tt] + 0.2 * loss
         assert torch.equal(bank.step(losses, t), expected_keep)
         torch.testing.assert_close(bank.values, ref, rtol=1e-12, atol=1e-14)
 
@@ -104,12 +104,15 @@ def test_bank_state_restores_lambda_and_decay():
     assert other.values[3].item() == pytest.approx(0.2475, abs=1e-7) and other.values[0].item() == pytest.approx(0.1)
 
 
-@pytest.mark.parametrize("lam, decay, message", [
-    (0.0, 0.8, "agc-lambda must be > 0, got 0.0"),
-    (-1.0, 0.8, "agc-lambda must be > 0, got -1.0"),
-    (2.0, 1.0, r"agc-bank-decay must be in \[0, 1\), got 1.0"),
-    (2.0, -0.1, r"agc-bank-decay must be in \[0, 1\), got -0.1"),
-])
+@pytest.mark.parametrize(
+    "lam, decay, message",
+    [
+        (0.0, 0.8, "agc-lambda must be > 0, got 0.0"),
+        (-1.0, 0.8, "agc-lambda must be > 0, got -1.0"),
+        (2.0, 1.0, r"agc-bank-decay must be in \[0, 1\), got 1.0"),
+        (2.0, -0.1, r"agc-bank-decay must be in \[0, 1\), got -0.1"),
+    ],
+)
 def test_bank_rejects_bad_lambda_and_decay(lam, decay, message):
     with pytest.raises(ValueError, match=f"^{message}$"):
         MemoryBank(10, lam, decay)

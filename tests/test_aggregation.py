@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from fl_ietagc.iet_loop import weighted_average
-from fl_ietagc.protocol import ClientFailure
+from fl_ietagc.federation.protocol import ClientFailure
+from fl_ietagc.loops.iet import weighted_average
 from strategies.base import ClientRoundError
 from strategies.iet import IETFedAvg
 
@@ -13,10 +13,20 @@ from strategies.iet import IETFedAvg
 def reply(pid, n, net, ema, skips=None):
     request = Message(RecordDict(), dst_node_id=100 + pid, message_type="train")
     arrays = ArrayRecord({"net.w": Array(np.asarray(net, np.float32)), "ema.w": Array(np.asarray(ema, np.float32))})
-    metrics = MetricRecord({"num-examples": n, "loss": 0.1 * (pid + 1), "kept": n - pid, "skipped": pid, "steps": 1,
-                            "seconds": 1.0, "client-step": 3})
-    info = ConfigRecord({"partition-id": pid, "image-ids": list(range(pid * 10, pid * 10 + 3)),
-                         "skip-counts": skips or [0, 1, 0]})
+    metrics = MetricRecord(
+        {
+            "num-examples": n,
+            "loss": 0.1 * (pid + 1),
+            "kept": n - pid,
+            "skipped": pid,
+            "steps": 1,
+            "seconds": 1.0,
+            "client-step": 3,
+        }
+    )
+    info = ConfigRecord(
+        {"partition-id": pid, "image-ids": list(range(pid * 10, pid * 10 + 3)), "skip-counts": skips or [0, 1, 0]}
+    )
     return Message(RecordDict({"arrays": arrays, "metrics": metrics, "info": info}), reply_to=request)
 
 
@@ -113,8 +123,9 @@ def test_non_finite_weights_are_never_aggregated(flower_identity):
 
 def test_tolerate_aggregates_the_replies_it_got_renormalised(flower_identity):
     s = strategy(3, "tolerate", 0.5)
-    arrays, _ = s.aggregate_train(4, [reply(0, 10, [1.0], [2.0]), error_reply(1, "ValueError: boom"),
-                                      reply(2, 30, [5.0], [6.0])])
+    arrays, _ = s.aggregate_train(
+        4, [reply(0, 10, [1.0], [2.0]), error_reply(1, "ValueError: boom"), reply(2, 30, [5.0], [6.0])]
+    )
     np.testing.assert_allclose(arrays["net.w"].numpy(), [(10 * 1.0 + 30 * 5.0) / 40])
     np.testing.assert_allclose(arrays["ema.w"].numpy(), [(10 * 2.0 + 30 * 6.0) / 40])
     assert [c.partition_id for c in s.last_round] == [0, 2]
@@ -125,5 +136,7 @@ def test_tolerate_still_fails_below_the_minimum_fraction(flower_identity):
     s = strategy(3, "tolerate", 0.6)  # needs ceil(1.8) = 2 of 3
     with pytest.raises(ClientRoundError) as e:
         s.aggregate_train(1, [reply(0, 10, [1.0], [1.0]), error_reply(1, "A: a"), error_reply(2, "B: b")])
-    assert str(e.value) == ("partition 1, round 3: A: a (and 1 more client failure(s)); only 1 of 3 clients "
-                            "replied, min-clients-fraction needs 2")
+    assert str(e.value) == (
+        "partition 1, round 3: A: a (and 1 more client failure(s)); only 1 of 3 clients "
+        "replied, min-clients-fraction needs 2"
+    )

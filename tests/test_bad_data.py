@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fl_ietagc import data
-from fl_ietagc.config import ConfigError, parse_config
-from fl_ietagc.data import load_splits
+from fl_ietagc.data import datasets as data
+from fl_ietagc.data.datasets import load_splits
+from fl_ietagc.settings.config import ConfigError, parse_config
 
 
 @pytest.fixture(autouse=True)
@@ -27,8 +27,9 @@ def cache_dir(tmp_path, monkeypatch):
 
 
 def folder_cfg(root, size=8, **extra):
-    return parse_config({"dataset": "folder", "data-root": str(root), "image-size": size, "holdout-fraction": 0.0,
-                         **extra})
+    return parse_config(
+        {"dataset": "folder", "data-root": str(root), "image-size": size, "holdout-fraction": 0.0, **extra}
+    )
 
 
 def load_folder(root, size=8, **extra):
@@ -102,7 +103,7 @@ def test_png_with_corrupt_pixel_data_is_named(tmp_path):
     Image.effect_noise((32, 32), 60).convert("RGB").save(good, compress_level=0)
     blob = bytearray(good.read_bytes())
     idat = blob.index(b"IDAT")
-    blob[idat + 4: idat + 14] = b"\xff" * 10  # the zlib header and first bytes of the pixel data
+    blob[idat + 4 : idat + 14] = b"\xff" * 10  # the zlib header and first bytes of the pixel data
     bad = root / "broken.png"
     bad.write_bytes(bytes(blob))
     msg = refused(folder_cfg(root), root_key(root), str(bad))
@@ -122,8 +123,11 @@ def test_afhq_dog_with_an_empty_val_folder_names_it(tmp_path):
     (tmp_path / "afhq" / "val" / "dog").mkdir(parents=True)
     Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "afhq" / "train" / "dog" / "a.jpg")
     root = tmp_path / "afhq"
-    refused(parse_config({"dataset": "afhq-dog", "data-root": str(root), "image-size": 8}), root_key(root),
-            f"no images (.png, .jpg, .jpeg, .bmp, .webp) found in {root / 'val' / 'dog'}")
+    refused(
+        parse_config({"dataset": "afhq-dog", "data-root": str(root), "image-size": 8}),
+        root_key(root),
+        f"no images (.png, .jpg, .jpeg, .bmp, .webp) found in {root / 'val' / 'dog'}",
+    )
 
 
 def test_one_image_per_class_is_too_few_to_hold_out(tmp_path):
@@ -131,8 +135,12 @@ def test_one_image_per_class_is_too_few_to_hold_out(tmp_path):
     for cls in ("a", "b"):
         (root / cls).mkdir(parents=True)
         Image.new("RGB", (8, 8), (9, 9, 9)).save(root / cls / "only.png")
-    refused(folder_cfg(root, **{"holdout-fraction": 0.1}), root_key(root), "too few images: 2 image(s), at most 1 "
-            "per class folder; holdout-fraction = 0.1 needs a class with at least 2 images")
+    refused(
+        folder_cfg(root, **{"holdout-fraction": 0.1}),
+        root_key(root),
+        "too few images: 2 image(s), at most 1 "
+        "per class folder; holdout-fraction = 0.1 needs a class with at least 2 images",
+    )
     assert len(load_folder(root).train) == 2  # holdout-fraction = 0 needs no held-out image
     Image.new("RGB", (8, 8), (9, 9, 9)).save(root / "b" / "second.png")
     data._load_splits_cached.cache_clear()
@@ -144,8 +152,11 @@ def test_one_image_per_class_is_too_few_to_hold_out(tmp_path):
 def test_data_root_that_is_a_file(tmp_path, dataset):
     root = tmp_path / "train-images-idx3-ubyte.gz"
     root.write_bytes(b"not a folder")
-    refused(parse_config({"dataset": dataset, "data-root": str(root)}), root_key(root),
-            f"is a file, not a folder; dataset {dataset} needs a folder")
+    refused(
+        parse_config({"dataset": dataset, "data-root": str(root)}),
+        root_key(root),
+        f"is a file, not a folder; dataset {dataset} needs a folder",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,8 +174,10 @@ def fashion_dir(tmp_path, n_train=6, n_test=2, gz=True):
     root.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for split, n in (("train", n_train), ("t10k", n_test)):
-        for name, arr in ((f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28))),
-                          (f"{split}-labels-idx1-ubyte", np.arange(n) % 10)):
+        for name, arr in (
+            (f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28))),
+            (f"{split}-labels-idx1-ubyte", np.arange(n) % 10),
+        ):
             blob = idx_bytes(arr)
             if gz:
                 (root / f"{name}.gz").write_bytes(gzip.compress(blob))
@@ -183,8 +196,9 @@ def test_valid_fashion_dir_loads(tmp_path):
         assert len(s.train) == 6 and len(s.heldout) == 2
 
 
-@pytest.mark.parametrize("name", ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-                                  "t10k-labels-idx1-ubyte"])
+@pytest.mark.parametrize(
+    "name", ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+)
 def test_missing_idx_file_is_named(tmp_path, name):
     root = fashion_dir(tmp_path)
     (root / f"{name}.gz").unlink()
@@ -199,16 +213,27 @@ def test_idx_files_under_torchvision_layout_missing_one(tmp_path):
     refused(fashion_cfg(root), root_key(root), f"missing Fashion-MNIST file {raw / 'train-images-idx3-ubyte'}(.gz)")
 
 
-@pytest.mark.parametrize("content, problem", [
-    (idx_bytes(np.zeros(6)), "wrong magic number 0x00000801 (expected 0x00000803"),  # a labels file
-    (idx_bytes(np.zeros((6, 28, 28)), magic=0x0D03), "wrong magic number 0x00000D03 (expected 0x00000803"),  # floats
-    (b"PK\x03\x04" + bytes(100), "wrong magic number 0x504B0304 (expected 0x00000803"),  # a zip
-    (b"\x00\x00", "truncated idx file (2 bytes, shorter than the 4-byte magic number)"),
-    (idx_bytes(np.zeros((6, 28, 28)))[:10], "truncated idx file (10 bytes, shorter than its 16-byte header)"),
-    (idx_bytes(np.zeros((6, 28, 28)))[:-100], "truncated idx file: sizes 6x28x28 need 4720 bytes, the file has 4620"),
-    (idx_bytes(np.zeros((6, 28, 28))) + b"\x00", "idx file longer than its sizes say: sizes 6x28x28 need 4720 bytes, "
-                                                 "the file has 4721"),
-])
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        (idx_bytes(np.zeros(6)), "wrong magic number 0x00000801 (expected 0x00000803"),  # a labels file
+        (
+            idx_bytes(np.zeros((6, 28, 28)), magic=0x0D03),
+            "wrong magic number 0x00000D03 (expected 0x00000803",
+        ),  # floats
+        (b"PK\x03\x04" + bytes(100), "wrong magic number 0x504B0304 (expected 0x00000803"),  # a zip
+        (b"\x00\x00", "truncated idx file (2 bytes, shorter than the 4-byte magic number)"),
+        (idx_bytes(np.zeros((6, 28, 28)))[:10], "truncated idx file (10 bytes, shorter than its 16-byte header)"),
+        (
+            idx_bytes(np.zeros((6, 28, 28)))[:-100],
+            "truncated idx file: sizes 6x28x28 need 4720 bytes, the file has 4620",
+        ),
+        (
+            idx_bytes(np.zeros((6, 28, 28))) + b"\x00",
+            "idx file longer than its sizes say: sizes 6x28x28 need 4720 bytes, the file has 4721",
+        ),
+    ],
+)
 def test_corrupt_idx_file(tmp_path, content, problem):
     root = fashion_dir(tmp_path, gz=False)
     path = root / "train-images-idx3-ubyte"
@@ -234,8 +259,11 @@ def test_gz_file_that_is_not_gzip(tmp_path):
 def test_image_and_label_counts_differ(tmp_path):
     root = fashion_dir(tmp_path)
     (root / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(np.arange(5))))
-    refused(fashion_cfg(root), root_key(root), f"{root / 'train-images-idx3-ubyte.gz'} has 6 images but "
-                                               f"{root / 'train-labels-idx1-ubyte.gz'} has 5 labels")
+    refused(
+        fashion_cfg(root),
+        root_key(root),
+        f"{root / 'train-images-idx3-ubyte.gz'} has 6 images but {root / 'train-labels-idx1-ubyte.gz'} has 5 labels",
+    )
 
 
 def test_label_out_of_range(tmp_path):
@@ -249,8 +277,15 @@ def test_label_out_of_range(tmp_path):
 # torchvision datasets (CIFAR files carry MD5 checksums)
 
 
-CIFAR10_FILES = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch",
-                 "batches.meta"]
+CIFAR10_FILES = [
+    "data_batch_1",
+    "data_batch_2",
+    "data_batch_3",
+    "data_batch_4",
+    "data_batch_5",
+    "test_batch",
+    "batches.meta",
+]
 
 
 def test_corrupt_cifar_file_is_named(tmp_path):
@@ -258,14 +293,23 @@ def test_corrupt_cifar_file_is_named(tmp_path):
     base.mkdir()
     for name in CIFAR10_FILES:
         (base / name).write_bytes(b"garbage " + name.encode())
-    refused(parse_config({"dataset": "cifar10", "data-root": str(tmp_path)}), root_key(tmp_path),
-            f"cifar10 file {base / 'data_batch_1'} is corrupt (fails its MD5 checksum)", "data-download = true")
+    refused(
+        parse_config({"dataset": "cifar10", "data-root": str(tmp_path)}),
+        root_key(tmp_path),
+        f"cifar10 file {base / 'data_batch_1'} is corrupt (fails its MD5 checksum)",
+        "data-download = true",
+    )
 
 
 def test_missing_cifar100_file_is_named(tmp_path):
     (tmp_path / "cifar-100-python").mkdir()
-    refused(parse_config({"dataset": "cifar100", "data-root": str(tmp_path)}), root_key(tmp_path),
-            "cifar100 not found there", f"{tmp_path / 'cifar-100-python' / 'train'} is missing", "data-download = true")
+    refused(
+        parse_config({"dataset": "cifar100", "data-root": str(tmp_path)}),
+        root_key(tmp_path),
+        "cifar100 not found there",
+        f"{tmp_path / 'cifar-100-python' / 'train'} is missing",
+        "data-download = true",
+    )
 
 
 def test_failed_download_says_so(tmp_path, monkeypatch):
@@ -275,9 +319,13 @@ def test_failed_download_says_so(tmp_path, monkeypatch):
         raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
 
     monkeypatch.setattr(tvd.CIFAR10, "download", offline)
-    refused(parse_config({"dataset": "cifar10", "data-root": str(tmp_path), "data-download": True}),
-            root_key(tmp_path), "cifar10 could not be downloaded there (<urlopen error [Errno -3] Temporary failure",
-            f"{tmp_path / 'cifar-10-batches-py' / 'data_batch_1'} is missing", "check the network")
+    refused(
+        parse_config({"dataset": "cifar10", "data-root": str(tmp_path), "data-download": True}),
+        root_key(tmp_path),
+        "cifar10 could not be downloaded there (<urlopen error [Errno -3] Temporary failure",
+        f"{tmp_path / 'cifar-10-batches-py' / 'data_batch_1'} is missing",
+        "check the network",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,8 +454,10 @@ def grey(values):
 
 
 def test_16bit_grey_png_is_scaled_by_1_over_257_not_clipped(tmp_path):
-    v16 = np.array([[0, 128, 129, 257], [1000, 32896, 65280, 65535],
-                    [256, 385, 386, 12345], [40000, 50000, 60000, 65406]], np.uint16)
+    v16 = np.array(
+        [[0, 128, 129, 257], [1000, 32896, 65280, 65535], [256, 385, 386, 12345], [40000, 50000, 60000, 65406]],
+        np.uint16,
+    )
     root = one_image(tmp_path, "deep.png", lambda p: Image.fromarray(up(v16)).save(p))
     with Image.open(root / "deep.png") as im:
         assert im.mode == "I;16"
@@ -482,8 +532,12 @@ def png_chunk(kind, body):
 def test_16bit_rgb_png_is_read_at_8_bits_not_clipped(tmp_path):
     rgb16 = up(np.array([[[0, 32896, 65535], [1000, 65280, 300]]], ">u2"))  # 8 x 8, big-endian 16-bit samples
     raw = b"".join(b"\x00" + row.tobytes() for row in rgb16)
-    png = (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 16, 2, 0, 0, 0))
-           + png_chunk(b"IDAT", zlib.compress(raw)) + png_chunk(b"IEND", b""))
+    png = (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 16, 2, 0, 0, 0))
+        + png_chunk(b"IDAT", zlib.compress(raw))
+        + png_chunk(b"IEND", b"")
+    )
     root = tmp_path / "images"
     root.mkdir()
     (root / "deep-rgb.png").write_bytes(png)
@@ -493,11 +547,14 @@ def test_16bit_rgb_png_is_read_at_8_bits_not_clipped(tmp_path):
     assert np.array_equal(loaded_rgb(root), up(np.array([[[0, 128, 255], [3, 255, 1]]], np.uint8)))
 
 
-@pytest.mark.parametrize("mode, values, expected", [
-    ("I", [[0, 128], [129, 65535]], [[0, 0], [1, 255]]),  # 32-bit int, on the 16-bit scale
-    ("I;16", [[257, 1000], [32896, 65280]], [[1, 4], [128, 254]]),
-    ("F", [[0.0, 0.49], [127.5, 255.0]], [[0, 0], [128, 255]]),  # float, Pillow's 0..255 scale, round half up
-])
+@pytest.mark.parametrize(
+    "mode, values, expected",
+    [
+        ("I", [[0, 128], [129, 65535]], [[0, 0], [1, 255]]),  # 32-bit int, on the 16-bit scale
+        ("I;16", [[257, 1000], [32896, 65280]], [[1, 4], [128, 254]]),
+        ("F", [[0.0, 0.49], [127.5, 255.0]], [[0, 0], [128, 255]]),  # float, Pillow's 0..255 scale, round half up
+    ],
+)
 def test_deep_modes_saved_as_tiff(tmp_path, mode, values, expected):
     path = tmp_path / f"{mode.replace(';', '_')}.tif"  # TIFF keeps I and F; .tif is not a folder suffix
     dtype = {"I": np.int32, "I;16": np.uint16, "F": np.float32}[mode]
@@ -510,17 +567,36 @@ def test_deep_modes_saved_as_tiff(tmp_path, mode, values, expected):
     assert rgb.mode == "RGB" and np.array_equal(np.asarray(rgb), np.stack([v, v, v], -1))
 
 
-@pytest.mark.parametrize("mode, values, problem", [
-    ("I", [[0, 70000]], "mode I pixel values 0..70000 are outside 0..65535 (mode I is read as 16-bit and is not "
-                        "clipped); save it as an 8- or 16-bit image"),
-    ("I", [[-1, 5]], "mode I pixel values -1..5 are outside 0..65535 (mode I is read as 16-bit and is not clipped); "
-                     "save it as an 8- or 16-bit image"),
-    ("F", [[0.0, 300.5]], "mode F (float) pixel values 0..300.5 are outside 0..255 (Pillow's scale for mode F; not "
-                          "clipped); save it as an 8-bit image"),
-    ("F", [[-0.5, 1.0]], "mode F (float) pixel values -0.5..1 are outside 0..255 (Pillow's scale for mode F; not "
-                         "clipped); save it as an 8-bit image"),
-    ("F", [[np.nan, 1.0]], "mode F (float) image has NaN or infinite pixels"),
-])
+@pytest.mark.parametrize(
+    "mode, values, problem",
+    [
+        (
+            "I",
+            [[0, 70000]],
+            "mode I pixel values 0..70000 are outside 0..65535 (mode I is read as 16-bit and is not "
+            "clipped); save it as an 8- or 16-bit image",
+        ),
+        (
+            "I",
+            [[-1, 5]],
+            "mode I pixel values -1..5 are outside 0..65535 (mode I is read as 16-bit and is not clipped); "
+            "save it as an 8- or 16-bit image",
+        ),
+        (
+            "F",
+            [[0.0, 300.5]],
+            "mode F (float) pixel values 0..300.5 are outside 0..255 (Pillow's scale for mode F; not "
+            "clipped); save it as an 8-bit image",
+        ),
+        (
+            "F",
+            [[-0.5, 1.0]],
+            "mode F (float) pixel values -0.5..1 are outside 0..255 (Pillow's scale for mode F; not "
+            "clipped); save it as an 8-bit image",
+        ),
+        ("F", [[np.nan, 1.0]], "mode F (float) image has NaN or infinite pixels"),
+    ],
+)
 def test_deep_modes_out_of_range_are_refused_not_clipped(tmp_path, mode, values, problem):
     path = tmp_path / "deep.tif"
     Image.fromarray(np.array(values, np.int32 if mode == "I" else np.float32), mode).save(path)

@@ -1,4 +1,4 @@
-"""A client process keeps its UNet pair and its saved states in memory between rounds (fl_ietagc/client_memory.py):
+"""A client process keeps its UNet pair and its saved states in memory between rounds (fl_ietagc/training/client_memory.py):
 the held state equals its file, rounds started from memory are bit-identical to rounds started from the file,
 a failed round leaves nothing stale, a replaced file wins over the held copy, and the budget bounds it all.
 Also: the compile-mode key (refused where it cannot work) and the background writes."""
@@ -11,14 +11,13 @@ import pytest
 import torch
 
 from clients.client_app import train
-from fl_ietagc.checkpoints import BackgroundWrite, atomic_write_bytes
-from fl_ietagc.client_memory import MEMORY, tensor_bytes
-from fl_ietagc.config import parse_config
-from fl_ietagc.initial_weights import initial_weights
-from fl_ietagc.checkpoints import pack_weights
-from fl_ietagc.rundir import RunDir
-from fl_ietagc.shards import shards_for_config
-from fl_ietagc.trainer import TrainState
+from fl_ietagc.data.shards import shards_for_config
+from fl_ietagc.runs.checkpoints import BackgroundWrite, atomic_write_bytes, pack_weights
+from fl_ietagc.runs.rundir import RunDir
+from fl_ietagc.settings.config import parse_config
+from fl_ietagc.training.client_memory import MEMORY, tensor_bytes
+from fl_ietagc.training.run_model import initial_weights
+from fl_ietagc.training.trainer import TrainState
 from tests.test_client_app import RUN_CONFIG, context, error_of, message
 
 
@@ -71,16 +70,20 @@ def test_held_state_equals_its_file_and_rounds_from_memory_are_bit_identical(wei
 
     second = train(message(weights, tmp_path / "mem", server_round=2, state_rounds=(1, 0)), context())
     assert MEMORY.hits == 1 and MEMORY.misses == 0
-    assert_same_state(MEMORY.held(key(tmp_path / "mem"))[1],
-                      TrainState.load(RunDir(tmp_path / "mem").client_state(0, 2), "tok", shard))
+    assert_same_state(
+        MEMORY.held(key(tmp_path / "mem"))[1],
+        TrainState.load(RunDir(tmp_path / "mem").client_state(0, 2), "tok", shard),
+    )
 
     MEMORY.clear()  # the same two rounds with nothing kept: every round reads its state file
     _, from_files = two_rounds(weights, tmp_path / "files", memory_mb=0)
     assert MEMORY.hits == 0 and MEMORY.held(key(tmp_path / "files")) is None
     for k, v in arrays_of(second).items():
         assert np.array_equal(v, arrays_of(from_files)[k]), k
-    assert_same_state(TrainState.load(RunDir(tmp_path / "mem").client_state(0, 2), "tok", shard),
-                      TrainState.load(RunDir(tmp_path / "files").client_state(0, 2), "tok", shard))
+    assert_same_state(
+        TrainState.load(RunDir(tmp_path / "mem").client_state(0, 2), "tok", shard),
+        TrainState.load(RunDir(tmp_path / "files").client_state(0, 2), "tok", shard),
+    )
 
 
 def test_a_failed_round_leaves_nothing_held_and_the_retry_reads_the_file(weights, tmp_path):
@@ -88,8 +91,7 @@ def test_a_failed_round_leaves_nothing_held_and_the_retry_reads_the_file(weights
     MEMORY.clear()
     train(message(weights, tmp_path / "run"), context())
     # round 2 diverges after its first steps changed the state it was handed (Adam's moments, the step count) ...
-    failure = error_of(train(message(weights, tmp_path / "run", server_round=2, state_rounds=(1, 0)),
-                             context(lr=1e30)))
+    failure = error_of(train(message(weights, tmp_path / "run", server_round=2, state_rounds=(1, 0)), context(lr=1e30)))
     assert failure["step"] >= 2 and ("loss is" in failure["error"] or "not finite" in failure["error"])
     assert MEMORY.held(key(tmp_path / "run")) is None
     # ... so the server's retry of round 2 from round 1 reads round 1's file and ends as if nothing had failed
@@ -122,9 +124,14 @@ def test_the_budget_bounds_what_is_held(weights, tmp_path):
         state_bytes = state_bytes or tensor_bytes(MEMORY.held(key(tmp_path, p))[1].to_dict())
     assert MEMORY.held(key(tmp_path, 0)) and MEMORY.held(key(tmp_path, 1))
     # a budget for one state: keeping partition 0's round 2 drops the least recently kept (partition 1)
-    budget_mb = state_bytes / 2 ** 20 * 1.5
-    MEMORY.keep(key(tmp_path, 0), 2, MEMORY.held(key(tmp_path, 0))[1], RunDir(tmp_path).client_state(0, 1),
-                int(budget_mb * 2 ** 20))
+    budget_mb = state_bytes / 2**20 * 1.5
+    MEMORY.keep(
+        key(tmp_path, 0),
+        2,
+        MEMORY.held(key(tmp_path, 0))[1],
+        RunDir(tmp_path).client_state(0, 1),
+        int(budget_mb * 2**20),
+    )
     assert MEMORY.held(key(tmp_path, 1)) is None and MEMORY.held(key(tmp_path, 0))[0] == 2
     assert tensor_bytes(torch.zeros(3, dtype=torch.float64)) == 24
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from fl_ietagc.config import ConfigError, RunConfig, config_keys, keys_as_markdown, parse_config
-from fl_ietagc.data import load_splits
-from fl_ietagc.shards import shards_for_config
+from fl_ietagc.data.datasets import load_splits
+from fl_ietagc.data.shards import shards_for_config
+from fl_ietagc.settings.config import ConfigError, RunConfig, config_keys, keys_as_markdown, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,49 +35,55 @@ def test_readme_table_is_the_generated_one():
     start = lines.index("| key | default | meaning |")
     assert lines[start + 1] == "|---|---|---|"
     rows = []
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if not line.startswith("|"):
             break
         rows.append(line)
     assert rows == keys_as_markdown().splitlines()
 
 
-@pytest.mark.parametrize("raw, key", [
-    ({"dataset": "imagenet"}, "dataset"),
-    ({"preset": "huge"}, "preset"),
-    ({"agc-lambda": 0}, "agc-lambda"),
-    ({"agc-lambda": -1.5}, "agc-lambda"),
-    ({"local-epochs": 0}, "local-epochs"),
-    ({"local-epochs": -3}, "local-epochs"),
-    ({"num-server-rounds": 0}, "num-server-rounds"),
-    ({"lr": "fast"}, "lr"),
-    ({"agc": 1}, "agc"),
-    ({"batch-size": 1.5}, "batch-size"),
-    ({"ema-decay": 1.0}, "ema-decay"),
-    ({"sharding": "by-colour"}, "sharding"),
-    ({"beta-start": 0.03}, "beta-end"),
-    ({"dataset": "folder"}, "data-root"),
-    ({"data-root": "/somewhere"}, "data-root"),
-    ({"image-size": 20}, "image-size"),
-])
+@pytest.mark.parametrize(
+    "raw, key",
+    [
+        ({"dataset": "imagenet"}, "dataset"),
+        ({"preset": "huge"}, "preset"),
+        ({"agc-lambda": 0}, "agc-lambda"),
+        ({"agc-lambda": -1.5}, "agc-lambda"),
+        ({"local-epochs": 0}, "local-epochs"),
+        ({"local-epochs": -3}, "local-epochs"),
+        ({"num-server-rounds": 0}, "num-server-rounds"),
+        ({"lr": "fast"}, "lr"),
+        ({"agc": 1}, "agc"),
+        ({"batch-size": 1.5}, "batch-size"),
+        ({"ema-decay": 1.0}, "ema-decay"),
+        ({"sharding": "by-colour"}, "sharding"),
+        ({"beta-start": 0.03}, "beta-end"),
+        ({"dataset": "folder"}, "data-root"),
+        ({"data-root": "/somewhere"}, "data-root"),
+        ({"image-size": 20}, "image-size"),
+    ],
+)
 def test_bad_values_name_the_key(raw, key):
     with pytest.raises(ConfigError, match=rf"^{re.escape(key)} ="):
         parse_config(raw)
 
 
-@pytest.mark.parametrize("raw, message", [
-    ({"lr": float("nan")}, "lr = nan: must be finite"),
-    ({"agc-lambda": float("inf")}, "agc-lambda = inf: must be finite"),
-    ({"grad-clip": float("-inf")}, "grad-clip = -inf: must be finite"),
-    ({"lr": True}, "lr = True: must be a number"),
-    ({"local-epochs": True}, "local-epochs = True: must be an integer"),
-    ({"batch-size": False}, "batch-size = False: must be an integer"),
-    ({"batch-size": 1.5}, "batch-size = 1.5: must be an integer"),
-    ({"batch-size": "32"}, "batch-size = '32': must be an integer"),
-    ({"local-epochs": float("nan")}, "local-epochs = nan: must be an integer"),
-    ({"agc": "true"}, "agc = 'true': must be true or false"),
-    ({"run-name": 3}, "run-name = 3: must be a string"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"lr": float("nan")}, "lr = nan: must be finite"),
+        ({"agc-lambda": float("inf")}, "agc-lambda = inf: must be finite"),
+        ({"grad-clip": float("-inf")}, "grad-clip = -inf: must be finite"),
+        ({"lr": True}, "lr = True: must be a number"),
+        ({"local-epochs": True}, "local-epochs = True: must be an integer"),
+        ({"batch-size": False}, "batch-size = False: must be an integer"),
+        ({"batch-size": 1.5}, "batch-size = 1.5: must be an integer"),
+        ({"batch-size": "32"}, "batch-size = '32': must be an integer"),
+        ({"local-epochs": float("nan")}, "local-epochs = nan: must be an integer"),
+        ({"agc": "true"}, "agc = 'true': must be true or false"),
+        ({"run-name": 3}, "run-name = 3: must be a string"),
+    ],
+)
 def test_type_coercion_errors_name_the_key(raw, message):
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
         parse_config(raw)
@@ -89,21 +95,33 @@ def test_whole_floats_are_accepted_for_int_keys():
     assert cfg.local_epochs == 1 and type(cfg.local_epochs) is int
 
 
-@pytest.mark.parametrize("raw, message", [
-    ({"dataset": "folder", "data-root": "/x", "data-download": True},
-     "data-download = true: dataset folder cannot be downloaded; give data-root"),
-    ({"dataset": "afhq-dog", "data-root": "/x", "data-download": True},
-     "data-download = true: dataset afhq-dog cannot be downloaded; give data-root"),
-    ({"taa": True, "agc": False}, "taa = true: threshold-aware augmentation needs agc = true (it uses the memory bank)"),
-    ({"ret-fraction": 0.3}, "ret-fraction = 0.3: only used with ret-every > 0"),
-    ({"taa-gamma": 2.0}, "taa-gamma / taa-max-shift: only used with taa = true"),
-    ({"taa-max-shift": 2}, "taa-gamma / taa-max-shift: only used with taa = true"),
-    ({"dp-noise-multiplier": 1.0}, "dp-noise-multiplier = 1.0: needs dp-clip-norm > 0 (the DP wrapper) or "
-     "dp-client-clip-norm > 0"),
-    ({"beta-start": 0.02}, "beta-end = 0.02: must be > beta-start (0.02)"),
-    ({"data-root": "/somewhere"}, "data-root = '/somewhere': digits is embedded (sklearn); leave data-root empty"),
-    ({"image-size": 20}, "image-size = 20: must be a multiple of 8 (the UNet downsamples 3 times)"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (
+            {"dataset": "folder", "data-root": "/x", "data-download": True},
+            "data-download = true: dataset folder cannot be downloaded; give data-root",
+        ),
+        (
+            {"dataset": "afhq-dog", "data-root": "/x", "data-download": True},
+            "data-download = true: dataset afhq-dog cannot be downloaded; give data-root",
+        ),
+        (
+            {"taa": True, "agc": False},
+            "taa = true: threshold-aware augmentation needs agc = true (it uses the memory bank)",
+        ),
+        ({"ret-fraction": 0.3}, "ret-fraction = 0.3: only used with ret-every > 0"),
+        ({"taa-gamma": 2.0}, "taa-gamma / taa-max-shift: only used with taa = true"),
+        ({"taa-max-shift": 2}, "taa-gamma / taa-max-shift: only used with taa = true"),
+        (
+            {"dp-noise-multiplier": 1.0},
+            "dp-noise-multiplier = 1.0: needs dp-clip-norm > 0 (the DP wrapper) or dp-client-clip-norm > 0",
+        ),
+        ({"beta-start": 0.02}, "beta-end = 0.02: must be > beta-start (0.02)"),
+        ({"data-root": "/somewhere"}, "data-root = '/somewhere': digits is embedded (sklearn); leave data-root empty"),
+        ({"image-size": 20}, "image-size = 20: must be a multiple of 8 (the UNet downsamples 3 times)"),
+    ],
+)
 def test_cross_key_rules_name_the_key(raw, message):
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
         parse_config(raw)
@@ -152,14 +170,44 @@ def test_batch_larger_than_shard():
 
 
 def test_flower_simulation_rejects_bad_config_before_starting_ray():
-    proc = subprocess.run([sys.executable, "-m", "experiments.simulate", "--app", str(ROOT), "--num-supernodes", "2",
-                           "--run-config", "agc-lambda=-1"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.launch.simulate",
+            "--app",
+            str(ROOT),
+            "--num-supernodes",
+            "2",
+            "--run-config",
+            "agc-lambda=-1",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "agc-lambda = -1.0: must be > 0" in proc.stderr
     assert "ray" not in proc.stderr.lower()
 
 
 def test_flower_simulation_rejects_unknown_key():
-    proc = subprocess.run([sys.executable, "-m", "experiments.simulate", "--app", str(ROOT), "--num-supernodes", "2",
-                           "--run-config", "no-such-key=1"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.launch.simulate",
+            "--app",
+            str(ROOT),
+            "--num-supernodes",
+            "2",
+            "--run-config",
+            "no-such-key=1",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert proc.returncode != 0 and "no-such-key" in proc.stderr

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fl_ietagc.config import ConfigError, parse_config
-from fl_ietagc.data import load_splits
+from fl_ietagc.data.datasets import load_splits
+from fl_ietagc.settings.config import ConfigError, parse_config
 
 
 def test_digits_embedded_upscaled_with_class_balanced_holdout():
@@ -34,7 +34,7 @@ def digits_source():
     held = np.zeros(len(d.target), bool)
     for c in range(10):
         idx = np.flatnonzero(d.target == c)
-        held[idx[len(idx) - int(np.ceil(0.1 * len(idx))):]] = True
+        held[idx[len(idx) - int(np.ceil(0.1 * len(idx))) :]] = True
     return pixels, d.target, np.flatnonzero(~held), np.flatnonzero(held)
 
 

@@ -8,7 +8,7 @@ registered, and a SuperNode holding a registered key but trusting another CA. Bo
 message, and the run must end completed with the weights of the in-process grid.
 
 Then the script's default `ISOLATION=process` (one long-lived ClientApp process per SuperNode,
-experiments/warm_clientapp.py): the same job, the same weights, and the same ClientApp pid in both rounds (each
+experiments/launch/warm_clientapp.py): the same job, the same weights, and the same ClientApp pid in both rounds (each
 client reports its pid in its reply); and SIGTERM to the script mid-run stops everything within seconds.
 """
 
@@ -27,23 +27,33 @@ import torch
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fl_ietagc.checkpoints import load_checkpoint
-from fl_ietagc.rundir import RunDir
+from fl_ietagc.runs.checkpoints import load_checkpoint
+from fl_ietagc.runs.rundir import RunDir
 from tests.local_grid import run_server
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
-CONFIG = {"num-server-rounds": 2, "local-epochs": 1, "max-images": 128, "batch-size": 32, "sample-count": 0,
-          "diffusion-steps": 20}
+CONFIG = {
+    "num-server-rounds": 2,
+    "local-epochs": 1,
+    "max-images": 128,
+    "batch-size": 32,
+    "sample-count": 0,
+    "diffusion-steps": 20,
+}
 RUN_NAME = "secure"
 # Flower's exit code 305, "The SuperNode could not establish a connection to the SuperLink", is logged; the process
 # itself exits with 1 (its HTTP runtime server shuts down after the error).
 REFUSED = "Exit Code: 305"
-ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-       "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-       # every process (ServerApp, ClientApps) computes with 2 threads, as the in-process reference (conftest)
-       "OMP_NUM_THREADS": "2"}
+ENV = {
+    **os.environ,
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    # every process (ServerApp, ClientApps) computes with 2 threads, as the in-process reference (conftest)
+    "OMP_NUM_THREADS": "2",
+}
 
 
 def _free(port: int) -> bool:
@@ -68,11 +78,13 @@ def leftovers(work: Path, ports: list[int]) -> list[int]:
     pattern = re.compile("|".join([re.escape(str(work))] + [rf"127\.0\.0\.1:{p}\b" for p in ports]))
     mine = []
     # -ww: whole command lines (ps cuts them to $COLUMNS, which pytest sets to 80, without it)
-    for line in subprocess.run(["ps", "-ww", "-eo", "pid=,args="], capture_output=True,
-                               text=True).stdout.splitlines():
+    for line in subprocess.run(["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True).stdout.splitlines():
         pid, _, args = line.strip().partition(" ")
-        if int(pid) != os.getpid() and pattern.search(args) and any(
-                name in args for name in ("flower-", "flwr", "warm_clientapp", "experiments.supernode")):
+        if (
+            int(pid) != os.getpid()
+            and pattern.search(args)
+            and any(name in args for name in ("flower-", "flwr", "warm_clientapp", "experiments.launch.supernode"))
+        ):
             mine.append(int(pid))
     return mine
 
@@ -91,23 +103,40 @@ def kill_leftovers(work: Path, ports: list[int]) -> None:
 def write_unregistered_key(path: Path) -> Path:
     """An ECDSA P-384 key pair in OpenSSH format, like make-certs.sh's, that nobody registers."""
     key = ec.generate_private_key(ec.SECP384R1())
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                       serialization.NoEncryption()))
+    path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    )
     path.chmod(0o600)
     return path
 
 
 def start_supernode(log: Path, port: int, runtime_port: int, ca: Path, key: Path, state: Path):
     return subprocess.Popen(
-        ["flower-supernode", "--superlink", f"127.0.0.1:{port}", "--port", str(runtime_port),
-         "--root-certificates", str(ca), "--auth-supernode-private-key", str(key), "--max-wait-time", "60",
-         "--node-config", f"partition-id=0 num-partitions=2 state-dir='{state}'"],
-        cwd=ROOT, env={**ENV, "FLWR_HOME": str(log.with_suffix(""))}, stdout=log.open("w"),
-        stderr=subprocess.STDOUT)
+        [
+            "flower-supernode",
+            "--superlink",
+            f"127.0.0.1:{port}",
+            "--port",
+            str(runtime_port),
+            "--root-certificates",
+            str(ca),
+            "--auth-supernode-private-key",
+            str(key),
+            "--max-wait-time",
+            "60",
+            "--node-config",
+            f"partition-id=0 num-partitions=2 state-dir='{state}'",
+        ],
+        cwd=ROOT,
+        env={**ENV, "FLWR_HOME": str(log.with_suffix(""))},
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
 
 
-def start_deploy(base: Path, isolation: str, config: dict = CONFIG, threads: int = 2
-                 ) -> tuple[subprocess.Popen, Path, list[int]]:
+def start_deploy(
+    base: Path, isolation: str, config: dict = CONFIG, threads: int = 2
+) -> tuple[subprocess.Popen, Path, list[int]]:
     """scripts/deploy-local.sh (secure, K = 2) in its own session, every process computing with `threads` torch
     threads; (process, its output file, its ports)."""
     work, runs = base / "work", base / "runs"
@@ -115,10 +144,21 @@ def start_deploy(base: Path, isolation: str, config: dict = CONFIG, threads: int
     ports = [port, port + 100, port + 101, port + 102, port + 103]
     overrides = " ".join(f"{k}={v}" for k, v in config.items()) + f" run-name='{RUN_NAME}' output-dir='{runs}'"
     out = base / "deploy-local.out"
-    deploy = subprocess.Popen(["bash", "scripts/deploy-local.sh", "-c", overrides], cwd=ROOT,
-                              env={**ENV, "WORK": str(work), "PORT": str(port), "K": "2", "ISOLATION": isolation,
-                                   "OMP_NUM_THREADS": str(threads)},
-                              stdout=out.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    deploy = subprocess.Popen(
+        ["bash", "scripts/deploy-local.sh", "-c", overrides],
+        cwd=ROOT,
+        env={
+            **ENV,
+            "WORK": str(work),
+            "PORT": str(port),
+            "K": "2",
+            "ISOLATION": isolation,
+            "OMP_NUM_THREADS": str(threads),
+        },
+        stdout=out.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     return deploy, out, ports
 
 
@@ -177,21 +217,38 @@ def deployment(tmp_path_factory):
 
         # the intruders knock while the registered SuperNodes train
         certs = work / "certs"
-        subprocess.run(["bash", "scripts/make-certs.sh", str(base / "other-ca"), "-k", "1"], cwd=ROOT, check=True,
-                       capture_output=True, timeout=60)
+        subprocess.run(
+            ["bash", "scripts/make-certs.sh", str(base / "other-ca"), "-k", "1"],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
         unregistered_key = write_unregistered_key(base / "unregistered-key")
-        intruders["unregistered"] = start_supernode(base / "unregistered.log", port, port + 102, certs / "ca.crt",
-                                                    unregistered_key, base / "state-unregistered")
-        intruders["wrong-ca"] = start_supernode(base / "wrong-ca.log", port, port + 103,
-                                                base / "other-ca" / "ca.crt", certs / "supernode-1",
-                                                base / "state-wrong-ca")
+        intruders["unregistered"] = start_supernode(
+            base / "unregistered.log", port, port + 102, certs / "ca.crt", unregistered_key, base / "state-unregistered"
+        )
+        intruders["wrong-ca"] = start_supernode(
+            base / "wrong-ca.log",
+            port,
+            port + 103,
+            base / "other-ca" / "ca.crt",
+            certs / "supernode-1",
+            base / "state-wrong-ca",
+        )
         codes = {name: proc.wait(timeout=120) for name, proc in intruders.items()}
         refused_during_run = deploy.poll() is None
 
         code = deploy.wait(timeout=480)
-        yield {"code": code, "out": out.read_text(), "work": work, "run": RunDir(runs / RUN_NAME),
-               "codes": codes, "refused_during_run": refused_during_run,
-               "logs": {name: (base / f"{name}.log").read_text() for name in intruders}}
+        yield {
+            "code": code,
+            "out": out.read_text(),
+            "work": work,
+            "run": RunDir(runs / RUN_NAME),
+            "codes": codes,
+            "refused_during_run": refused_during_run,
+            "logs": {name: (base / f"{name}.log").read_text() for name in intruders},
+        }
     finally:
         for proc in intruders.values():
             if proc.poll() is None:
@@ -305,8 +362,13 @@ def test_a_supernode_lost_mid_round_is_handled_by_the_client_failure_policy(tmp_
     SuperLink notices the missing heartbeats (Flower 1.41: 30 s interval x patience 2) and answers round 2's
     message for that node with an error; with client-failures = tolerate the round aggregates partition 0 alone,
     round 3 waits node-wait-s for the lost SuperNode and goes on without it, and the run completes."""
-    config = {**CONFIG, "num-server-rounds": 3, "client-failures": "'tolerate'", "min-clients-fraction": 0.5,
-              "node-wait-s": 5}
+    config = {
+        **CONFIG,
+        "num-server-rounds": 3,
+        "client-failures": "'tolerate'",
+        "min-clients-fraction": 0.5,
+        "node-wait-s": 5,
+    }
     deploy, out, ports = start_deploy(tmp_path, "process", config, threads=1)
     work = tmp_path / "work"
     run = RunDir(tmp_path / "runs" / RUN_NAME)
@@ -317,9 +379,14 @@ def test_a_supernode_lost_mid_round_is_handled_by_the_client_failure_policy(tmp_
             assert time.time() < deadline, "round 1 not committed within 300 s"
             time.sleep(0.5)
         node1 = re.compile(rf"127\.0\.0\.1:{ports[2]}\b|--port {ports[2]}\b")
-        lost = [int(line.split()[0]) for line in subprocess.run(["ps", "-ww", "-eo", "pid=,args="],
-                                                                capture_output=True, text=True).stdout.splitlines()
-                if node1.search(line) and ("flower-supernode" in line or "experiments.supernode" in line or "warm_clientapp" in line)]
+        lost = [
+            int(line.split()[0])
+            for line in subprocess.run(
+                ["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True
+            ).stdout.splitlines()
+            if node1.search(line)
+            and ("flower-supernode" in line or "experiments.launch.supernode" in line or "warm_clientapp" in line)
+        ]
         assert len(lost) == 2, lost  # the SuperNode and its long-lived ClientApp
         t_lost = time.time()
         for pid in lost:
@@ -339,8 +406,13 @@ def test_a_supernode_lost_mid_round_is_handled_by_the_client_failure_policy(tmp_
     assert [[c["partition-id"] for c in m["clients"]] for m in metrics] == [[0, 1], [0], [0]]
     assert [f["partition-id"] for f in metrics[1]["failed"]] == [1]
     assert metrics[1]["failed"][0]["error"].startswith("Flower error on node"), metrics[1]["failed"]
-    assert metrics[2]["failed"] == [{"partition-id": 1, "step": -1, "error": "SuperNode not connected at the start "
-                                     "of the round (waited node-wait-s = 5 s)"}]
+    assert metrics[2]["failed"] == [
+        {
+            "partition-id": 1,
+            "step": -1,
+            "error": "SuperNode not connected at the start of the round (waited node-wait-s = 5 s)",
+        }
+    ]
     # measured on 2 cores: about 60-75 s (the heartbeat expiry) plus partition 0's round
     print(f"lost SuperNode handled: round 2 committed {detected:.0f} s after the SIGKILL")
     assert detected < 200, detected
@@ -371,10 +443,22 @@ def test_deployment_across_namespaces_over_shaped_links_matches_the_in_process_g
     port = 9750  # (free in the namespaces made for this run, whatever runs on this machine's own ports)
     overrides = " ".join(f"{k}={v}" for k, v in CONFIG.items()) + f" run-name='{RUN_NAME}' output-dir='{runs}'"
     out = tmp_path / "deploy-netns.out"
-    deploy = subprocess.Popen(["bash", "scripts/deploy-netns.sh", "-c", overrides], cwd=ROOT,
-                              env={**ENV, "WORK": str(work), "PORT": str(port), "K": "2", "RATE": "100mbit",
-                                   "SUBNET": "10.213.7", "OMP_NUM_THREADS": "1"},
-                              stdout=out.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    deploy = subprocess.Popen(
+        ["bash", "scripts/deploy-netns.sh", "-c", overrides],
+        cwd=ROOT,
+        env={
+            **ENV,
+            "WORK": str(work),
+            "PORT": str(port),
+            "K": "2",
+            "RATE": "100mbit",
+            "SUBNET": "10.213.7",
+            "OMP_NUM_THREADS": "1",
+        },
+        stdout=out.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     tag = f"fl{deploy.pid}"
     try:
         code = deploy.wait(timeout=480)
@@ -407,10 +491,18 @@ def test_deploy_netns_cleans_up_after_a_sigkill(tmp_path):
         pytest.skip(f"cannot emulate machines here: {why}")
     work = tmp_path / "work"
     port = 9760
-    deploy = subprocess.Popen(["bash", "scripts/deploy-netns.sh", "-c",
-                               f"num-server-rounds=50 max-images=128 output-dir='{tmp_path / 'runs'}'"], cwd=ROOT,
-                              env={**ENV, "WORK": str(work), "PORT": str(port), "K": "2", "SUBNET": "10.213.8"},
-                              stdout=(tmp_path / "out").open("w"), stderr=subprocess.STDOUT)
+    deploy = subprocess.Popen(
+        [
+            "bash",
+            "scripts/deploy-netns.sh",
+            "-c",
+            f"num-server-rounds=50 max-images=128 output-dir='{tmp_path / 'runs'}'",
+        ],
+        cwd=ROOT,
+        env={**ENV, "WORK": str(work), "PORT": str(port), "K": "2", "SUBNET": "10.213.8"},
+        stdout=(tmp_path / "out").open("w"),
+        stderr=subprocess.STDOUT,
+    )
     tag = f"fl{deploy.pid}"
     try:
         deadline = time.time() + 120

@@ -6,15 +6,21 @@ import numpy as np
 import pytest
 import torch
 
-from fl_ietagc import evaluate as ev
-from fl_ietagc.centralized import run_centralized
 from fl_ietagc.cli import main as cli
-from fl_ietagc.compare import compare, relative
-from fl_ietagc.config import parse_config
-from fl_ietagc.data import load_splits
+from fl_ietagc.data.datasets import load_splits
+from fl_ietagc.evaluation import evaluate as ev
+from fl_ietagc.evaluation.compare import compare, relative
+from fl_ietagc.loops.centralized import run_centralized
+from fl_ietagc.settings.config import parse_config
 
-CFG = {"max-images": 400, "batch-size": 50, "num-server-rounds": 2, "local-epochs": 1, "sample-count": 0,
-       "run-name": "small"}
+CFG = {
+    "max-images": 400,
+    "batch-size": 50,
+    "num-server-rounds": 2,
+    "local-epochs": 1,
+    "sample-count": 0,
+    "run-name": "small",
+}
 
 
 @pytest.fixture(scope="module")
@@ -26,18 +32,19 @@ def small_run(tmp_path_factory):
 
 def planted_sampler(copies: int):
     """Stand-in for the sampler: the first `copies` outputs are training images, the rest uniform noise."""
+
     def fake_sample(model, diffusion, n, shape, **kw):
         train = load_splits(parse_config(CFG)).train.images[:copies].float() / 127.5 - 1
         noise = torch.rand((n - copies, *shape), generator=torch.Generator().manual_seed(0)) * 2 - 1
         return torch.cat([train, noise])
+
     return fake_sample
 
 
 def test_evaluate_finds_planted_copies_and_writes_results_and_report(small_run, monkeypatch):
     run, cfg = small_run
     monkeypatch.setattr(ev, "sample", planted_sampler(copies=5))
-    results = ev.evaluate_run(run.path, ev.EvalOptions(num_samples=40, k=20, fid=False, loss_images=8),
-                              progress=False)
+    results = ev.evaluate_run(run.path, ev.EvalOptions(num_samples=40, k=20, fid=False, loss_images=8), progress=False)
     mem, null = results["memorization"], results["null"]
     assert mem["num_queries"] == 40 and mem["num_train"] == 400 and mem["k"] == 20
     assert mem["exact_copies"]["count"] == 5
@@ -61,10 +68,11 @@ def test_evaluate_finds_planted_copies_and_writes_results_and_report(small_run, 
     assert np.array_equal(saved["samples"][:5], train[:5].numpy())
     assert saved["index"][:5, 0].tolist() == [0, 1, 2, 3, 4] and (saved["d2"][:5, 0] == 0).all()
     assert saved["index"].shape == saved["d2"].shape == (40, 20)
-    from fl_ietagc.memorization import Neighbours, summarize
+    from fl_ietagc.evaluation.memorization import Neighbours, summarize
 
-    again = summarize(Neighbours(torch.from_numpy(saved["d2"]), torch.from_numpy(saved["index"]), train[0].numel()),
-                      len(train))
+    again = summarize(
+        Neighbours(torch.from_numpy(saved["d2"]), torch.from_numpy(saved["index"]), train[0].numel()), len(train)
+    )
     assert again == mem
     assert saved["null_d2"].shape == (null["num_queries"], 20)
 
@@ -72,8 +80,11 @@ def test_evaluate_finds_planted_copies_and_writes_results_and_report(small_run, 
 def test_evaluate_with_the_real_sampler_and_a_chosen_round(small_run, tmp_path):
     run, _ = small_run
     out = tmp_path / "eval"
-    results = ev.evaluate_run(run.path, ev.EvalOptions(num_samples=8, steps=2, server_round=1, weights="ema", fid=False,
-                                                       loss_images=4, out=str(out)), progress=False)
+    results = ev.evaluate_run(
+        run.path,
+        ev.EvalOptions(num_samples=8, steps=2, server_round=1, weights="ema", fid=False, loss_images=4, out=str(out)),
+        progress=False,
+    )
     assert results["round"] == 1 and results["weights"] == "ema"
     assert results["checkpoint"].endswith("round_0001.pt")
     assert (out / "results.json").is_file() and (out / "report.html").is_file()
@@ -84,7 +95,9 @@ def test_bad_options_exit_with_a_message(small_run, capsys):
     assert cli(["evaluate", str(run.path), "--num-samples", "0", "--no-fid"]) == 2
     assert "--num-samples 0: must be >= 1" in capsys.readouterr().err
     assert cli(["evaluate", str(run.path / "nope"), "--no-fid"]) == 2
-    assert capsys.readouterr().err == f"fl-ietagc evaluate: {run.path / 'nope'} is not a run directory (no config.json)\n"
+    assert (
+        capsys.readouterr().err == f"fl-ietagc evaluate: {run.path / 'nope'} is not a run directory (no config.json)\n"
+    )
 
 
 def results_with(fraction: float, fid):
@@ -92,8 +105,18 @@ def results_with(fraction: float, fid):
     mem = {"mq": {"0.15": rate, "0.2": rate}, "one_third_rule": rate, "carlini": rate, "exact_copies": rate}
     null = {"mq": {"0.2": {"count": 1, "fraction": 0.01}}, "one_third_rule": {"count": 0, "fraction": 0.0}}
     quality = {"computed": True, "fid": fid} if fid is not None else {"computed": False, "reason": "x"}
-    return {"run": "/r", "memorization": mem, "null": null, "quality": quality, "kind": "federated",
-            "num_samples": 100, "sampler": "ddim", "steps": 50, "weights": "raw", "round": 10}
+    return {
+        "run": "/r",
+        "memorization": mem,
+        "null": null,
+        "quality": quality,
+        "kind": "federated",
+        "num_samples": 100,
+        "sampler": "ddim",
+        "steps": 50,
+        "weights": "raw",
+        "round": 10,
+    }
 
 
 def test_compare_relative_change_against_the_first_run(tmp_path):
@@ -126,7 +149,7 @@ def fid_by_hand(x: torch.Tensor, y: torch.Tensor) -> float:
     xc, yc = x - x.mean(0), y - y.mean(0)
     a = xc.T / (len(x) - 1) ** 0.5
     b = yc @ a / (len(y) - 1) ** 0.5
-    trace_sx, trace_sy = (xc ** 2).sum() / (len(x) - 1), (yc ** 2).sum() / (len(y) - 1)
+    trace_sx, trace_sy = (xc**2).sum() / (len(x) - 1), (yc**2).sum() / (len(y) - 1)
     mean_term = ((x.mean(0) - y.mean(0)) ** 2).sum()
     return float(mean_term + trace_sx + trace_sy - 2 * torch.linalg.svdvals(b).sum())
 
@@ -134,11 +157,23 @@ def fid_by_hand(x: torch.Tensor, y: torch.Tensor) -> float:
 def test_evaluate_computes_fid_when_weights_are_given(weights, tmp_path, monkeypatch, captured_features):
     features = captured_features
     monkeypatch.setenv("FL_IETAGC_CACHE", str(tmp_path / "cache"))
-    cfg = parse_config({"max-images": 40, "batch-size": 20, "num-server-rounds": 1, "local-epochs": 1,
-                        "sample-count": 0, "output-dir": str(tmp_path), "run-name": "fid"})
+    cfg = parse_config(
+        {
+            "max-images": 40,
+            "batch-size": 20,
+            "num-server-rounds": 1,
+            "local-epochs": 1,
+            "sample-count": 0,
+            "output-dir": str(tmp_path),
+            "run-name": "fid",
+        }
+    )
     run = run_centralized(cfg, progress=False)
-    results = ev.evaluate_run(run.path, ev.EvalOptions(num_samples=10, steps=2, fid_weights=weights, loss_images=4,
-                                                       batch_size=50, k=20), progress=False)
+    results = ev.evaluate_run(
+        run.path,
+        ev.EvalOptions(num_samples=10, steps=2, fid_weights=weights, loss_images=4, batch_size=50, k=20),
+        progress=False,
+    )
     q = results["quality"]
     assert q["computed"] is True and q["fid"] >= 0 and q["num_generated"] == 10 and q["num_reference"] == 40
     # the FID of the 10 samples' features against the 40 training images' features
@@ -159,9 +194,9 @@ def fake_run(tmp_path_factory):
     and 2 and final checkpoints) with untrained weights: the checks need no training."""
     import numpy as np
 
-    from fl_ietagc.checkpoints import atomic_write_json, save_checkpoint
-    from fl_ietagc.models import build_for_config
-    from fl_ietagc.rundir import RunDir
+    from fl_ietagc.runs.checkpoints import atomic_write_json, save_checkpoint
+    from fl_ietagc.runs.rundir import RunDir
+    from fl_ietagc.training.run_model import build_for_config
 
     cfg = parse_config(CFG)
     run = RunDir(tmp_path_factory.mktemp("runs") / "fake")
@@ -171,8 +206,9 @@ def fake_run(tmp_path_factory):
     for r in (1, 2):
         save_checkpoint(run.checkpoint(r), state, state, server_round=r, config=cfg.to_dict())
     save_checkpoint(run.final_checkpoint, state, state, server_round=2, config=cfg.to_dict())
-    atomic_write_json(run.metrics_path, [{"round": r, "loss": 0.1, "skip-rate": 0.0, "skip-rate-per-client": [0.0]}
-                                         for r in (1, 2)])
+    atomic_write_json(
+        run.metrics_path, [{"round": r, "loss": 0.1, "skip-rate": 0.0, "skip-rate-per-client": [0.0]} for r in (1, 2)]
+    )
     run.write_skip_counts(np.zeros(len(load_splits(cfg).train), np.int64))
     run.mark_completed(2)
     return run, cfg
@@ -196,24 +232,29 @@ def run_cli(args, capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--num-samples", "0"], "--num-samples 0: must be >= 1"),
-    (["--num-samples", "1"], "--num-samples 1: quality metrics need >= 2 samples (or pass --no-fid)"),
-    (["--steps", "0", "--no-fid"], "--steps 0: must be >= 1"),
-    (["--steps", "1001", "--no-fid"], "--steps 1001: must be <= 1000 (the run's diffusion-steps)"),
-    (["--k", "1", "--no-fid"], "--k 1: must be >= 2 (the 1/3 rule needs 2 neighbours)"),
-    (["--k", "100000", "--no-fid"], "--k 100000: must be <= {num_train} (the run's training set size)"),
-    (["--batch-size", "0", "--no-fid"], "--batch-size 0: must be >= 1"),
-    (["--round", "0", "--no-fid"], "--round 0: must be >= 1"),
-    (["--round", "7", "--no-fid"], "--round 7: no checkpoint of round 7 in {run}/checkpoints (saved rounds: 1, 2)"),
-    (["--seed", "-1", "--no-fid"], "--seed -1: must be in [0, 2**63)"),
-    (["--quality", "fid,fdi"], "--quality fdi: must be among fid, isc, kid, prc"),
-    (["--quality", " , "], "--quality: names no metric; give some of fid, isc, kid, prc (or pass --no-fid)"),
-    (["--memorized-tau", "nan", "--no-fid"], "--memorized-tau nan: must be a number > 0"),
-    (["--memorized-tau", "0", "--no-fid"], "--memorized-tau 0.0: must be a number > 0"),
-    (["--num-samples", "0", "--steps", "0", "--batch-size", "-3", "--no-fid"],
-     "--num-samples 0: must be >= 1; --steps 0: must be >= 1; --batch-size -3: must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--num-samples", "0"], "--num-samples 0: must be >= 1"),
+        (["--num-samples", "1"], "--num-samples 1: quality metrics need >= 2 samples (or pass --no-fid)"),
+        (["--steps", "0", "--no-fid"], "--steps 0: must be >= 1"),
+        (["--steps", "1001", "--no-fid"], "--steps 1001: must be <= 1000 (the run's diffusion-steps)"),
+        (["--k", "1", "--no-fid"], "--k 1: must be >= 2 (the 1/3 rule needs 2 neighbours)"),
+        (["--k", "100000", "--no-fid"], "--k 100000: must be <= {num_train} (the run's training set size)"),
+        (["--batch-size", "0", "--no-fid"], "--batch-size 0: must be >= 1"),
+        (["--round", "0", "--no-fid"], "--round 0: must be >= 1"),
+        (["--round", "7", "--no-fid"], "--round 7: no checkpoint of round 7 in {run}/checkpoints (saved rounds: 1, 2)"),
+        (["--seed", "-1", "--no-fid"], "--seed -1: must be in [0, 2**63)"),
+        (["--quality", "fid,fdi"], "--quality fdi: must be among fid, isc, kid, prc"),
+        (["--quality", " , "], "--quality: names no metric; give some of fid, isc, kid, prc (or pass --no-fid)"),
+        (["--memorized-tau", "nan", "--no-fid"], "--memorized-tau nan: must be a number > 0"),
+        (["--memorized-tau", "0", "--no-fid"], "--memorized-tau 0.0: must be a number > 0"),
+        (
+            ["--num-samples", "0", "--steps", "0", "--batch-size", "-3", "--no-fid"],
+            "--num-samples 0: must be >= 1; --steps 0: must be >= 1; --batch-size -3: must be >= 1",
+        ),
+    ],
+)
 def test_bad_options_are_refused_before_any_sampling(fake_run, no_sampling, capsys, args, message):
     run, cfg = fake_run
     code, err = run_cli([str(run.path), *args], capsys)
@@ -226,11 +267,15 @@ def test_missing_fid_weights_are_refused_before_any_sampling(fake_run, no_sampli
     run, _ = fake_run
     code, err = run_cli([str(run.path), "--fid-weights", str(tmp_path / "missing.pth")], capsys)
     assert code == 2 and err.count("\n") == 1
-    assert err.startswith(f"fl-ietagc evaluate: --fid-weights {tmp_path / 'missing.pth'}: no such file. Provide "
-                          f"weights-inception-2015-12-05-6726825d.pth ")
+    assert err.startswith(
+        f"fl-ietagc evaluate: --fid-weights {tmp_path / 'missing.pth'}: no such file. Provide "
+        f"weights-inception-2015-12-05-6726825d.pth "
+    )
     (tmp_path / "dir.pth").mkdir()
-    assert run_cli([str(run.path), "--fid-weights", str(tmp_path / "dir.pth")], capsys) == \
-        (2, f"fl-ietagc evaluate: --fid-weights {tmp_path / 'dir.pth'}: not a file\n")
+    assert run_cli([str(run.path), "--fid-weights", str(tmp_path / "dir.pth")], capsys) == (
+        2,
+        f"fl-ietagc evaluate: --fid-weights {tmp_path / 'dir.pth'}: not a file\n",
+    )
     assert no_sampling == []
 
 
@@ -238,12 +283,15 @@ def test_unusable_out_and_device_are_refused_before_any_sampling(fake_run, no_sa
     run, _ = fake_run
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    assert run_cli([str(run.path), "--no-fid", "--out", str(blocker / "eval")], capsys) == \
-        (2, f"fl-ietagc evaluate: --out {blocker / 'eval'}: {blocker} is not a directory\n")
+    assert run_cli([str(run.path), "--no-fid", "--out", str(blocker / "eval")], capsys) == (
+        2,
+        f"fl-ietagc evaluate: --out {blocker / 'eval'}: {blocker} is not a directory\n",
+    )
     if not torch.cuda.is_available():
-        assert run_cli([str(run.path), "--no-fid", "--device", "cuda"], capsys) == \
-            (2, "fl-ietagc evaluate: --device cuda: no CUDA device is visible to this process; "
-                "use --device cpu or auto\n")
+        assert run_cli([str(run.path), "--no-fid", "--device", "cuda"], capsys) == (
+            2,
+            "fl-ietagc evaluate: --device cuda: no CUDA device is visible to this process; use --device cpu or auto\n",
+        )
     assert no_sampling == []
 
 
@@ -258,28 +306,42 @@ def copy_run(run, tmp_path):
 def test_unfinished_run_needs_a_round(fake_run, no_sampling, capsys, tmp_path):
     run = copy_run(fake_run[0], tmp_path)
     (run / "status.json").write_text(json.dumps({"status": "failed", "round": 2}))
-    assert run_cli([str(run), "--no-fid", "--k", "5"], capsys) == \
-        (2, f"fl-ietagc evaluate: {run}: the run is failed, not completed; evaluate a saved round of it with "
-            f"--round R (saved rounds: 1, 2)\n")
+    assert run_cli([str(run), "--no-fid", "--k", "5"], capsys) == (
+        2,
+        f"fl-ietagc evaluate: {run}: the run is failed, not completed; evaluate a saved round of it with "
+        f"--round R (saved rounds: 1, 2)\n",
+    )
     assert no_sampling == []
 
 
-@pytest.mark.parametrize("name, content, message", [
-    ("config.json", "{not json", "{path}: corrupt run config (JSONDecodeError: "),
-    ("config.json", "[1, 2]", "{path}: corrupt run config (expected a JSON object, got list)"),
-    ("config.json", '{"num-server-rounds": -4}', "{path}: invalid run config ("),
-    ("status.json", "", "{path}: corrupt status file (JSONDecodeError: "),
-    ("metrics.json", '[{"round": 1', "{path}: corrupt metrics file (JSONDecodeError: "),
-    ("metrics.json", '[{"round": 1}]', "{path}: corrupt metrics file (expected a list of per-round records with "
-                                       "round, loss, skip-rate and skip-rate-per-client)"),
-    ("checkpoints/final.pt", b"", "{path}: empty file, not a checkpoint"),
-    ("checkpoints/final.pt", b"PK\x03\x04 truncated", "{path}: not a readable checkpoint ("),
-    ("skip_counts.npy", b"\x93NUMPY junk", "{path}: corrupt skip counts (ValueError: "),
-    ("skip_counts.npy", "short", "{path}: corrupt skip counts (expected {num_train} non-negative integers, one per "
-                                 "training image, got int64 (3,))"),
-])
-def test_corrupt_run_files_are_named_before_any_sampling(fake_run, no_sampling, capsys, tmp_path, name, content,
-                                                         message):
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("config.json", "{not json", "{path}: corrupt run config (JSONDecodeError: "),
+        ("config.json", "[1, 2]", "{path}: corrupt run config (expected a JSON object, got list)"),
+        ("config.json", '{"num-server-rounds": -4}', "{path}: invalid run config ("),
+        ("status.json", "", "{path}: corrupt status file (JSONDecodeError: "),
+        ("metrics.json", '[{"round": 1', "{path}: corrupt metrics file (JSONDecodeError: "),
+        (
+            "metrics.json",
+            '[{"round": 1}]',
+            "{path}: corrupt metrics file (expected a list of per-round records with "
+            "round, loss, skip-rate and skip-rate-per-client)",
+        ),
+        ("checkpoints/final.pt", b"", "{path}: empty file, not a checkpoint"),
+        ("checkpoints/final.pt", b"PK\x03\x04 truncated", "{path}: not a readable checkpoint ("),
+        ("skip_counts.npy", b"\x93NUMPY junk", "{path}: corrupt skip counts (ValueError: "),
+        (
+            "skip_counts.npy",
+            "short",
+            "{path}: corrupt skip counts (expected {num_train} non-negative integers, one per "
+            "training image, got int64 (3,))",
+        ),
+    ],
+)
+def test_corrupt_run_files_are_named_before_any_sampling(
+    fake_run, no_sampling, capsys, tmp_path, name, content, message
+):
     import numpy as np
 
     run = copy_run(fake_run[0], tmp_path)
@@ -310,11 +372,14 @@ def test_compare_names_a_corrupt_results_file(tmp_path):
     (bad / "results.json").write_text(json.dumps({"run": str(bad), "kind": "x"}))
     with pytest.raises(ValueError) as e:
         compare([str(good), str(bad)])
-    assert str(e.value) == (f"{bad / 'results.json'}: incomplete evaluation results (no memorization, null, quality); "
-                            f"evaluate the run again")
+    assert str(e.value) == (
+        f"{bad / 'results.json'}: incomplete evaluation results (no memorization, null, quality); "
+        f"evaluate the run again"
+    )
     incomplete = {**r, "memorization": {"mq": {}}}
     (bad / "results.json").write_text(json.dumps(incomplete))
     with pytest.raises(ValueError) as e:
         compare([str(good), str(bad)])
-    assert str(e.value) == (f"{bad / 'results.json'}: corrupt evaluation results (KeyError: 'one_third_rule'); "
-                            f"evaluate the run again")
+    assert str(e.value) == (
+        f"{bad / 'results.json'}: corrupt evaluation results (KeyError: 'one_third_rule'); evaluate the run again"
+    )

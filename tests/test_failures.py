@@ -8,14 +8,22 @@ import json
 import pytest
 import torch
 
-from fl_ietagc.checkpoints import RunWriteError, atomic_write_bytes, load_checkpoint, load_torch
-from fl_ietagc.config import parse_config
-from fl_ietagc.rundir import RunDir
+from fl_ietagc.runs.checkpoints import RunWriteError, atomic_write_bytes, load_checkpoint, load_torch
+from fl_ietagc.runs.rundir import RunDir
+from fl_ietagc.settings.config import parse_config
 from strategies.base import ClientRoundError
 from tests.local_grid import LocalGrid, run_server
 
-SMALL = {"max-images": 128, "batch-size": 32, "local-epochs": 1, "num-server-rounds": 3, "diffusion-steps": 20,
-         "agc-lambda": 1.2, "warmup-steps": 0, "sample-count": 0}
+SMALL = {
+    "max-images": 128,
+    "batch-size": 32,
+    "local-epochs": 1,
+    "num-server-rounds": 3,
+    "diffusion-steps": 20,
+    "agc-lambda": 1.2,
+    "warmup-steps": 0,
+    "sample-count": 0,
+}
 
 
 def test_nan_loss_fails_the_run_naming_partition_round_and_step(tmp_path):
@@ -38,7 +46,7 @@ def test_nan_loss_fails_the_run_naming_partition_round_and_step(tmp_path):
 
 def test_nan_after_good_rounds_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     """Round 2's client loss is forced to NaN: round 1 stays committed, metrics.json stays valid JSON."""
-    from fl_ietagc import diffusion
+    from fl_ietagc.training import diffusion
 
     real = diffusion.Diffusion.per_sample_loss
 
@@ -69,11 +77,13 @@ def test_nan_after_good_rounds_keeps_the_last_good_checkpoint(tmp_path, monkeypa
 
 
 def test_centralized_with_nan_fails_with_one_line(tmp_path):
-    from fl_ietagc.centralized import run_centralized
+    from fl_ietagc.loops.centralized import run_centralized
 
     with pytest.raises(FloatingPointError, match=r"^round 1, step 2: loss is (NaN|Inf) \(lr 1e\+30\)$"):
-        run_centralized(parse_config({**SMALL, "agc": False, "lr": 1e30, "output-dir": str(tmp_path),
-                                   "run-name": "b"}), progress=False)
+        run_centralized(
+            parse_config({**SMALL, "agc": False, "lr": 1e30, "output-dir": str(tmp_path), "run-name": "b"}),
+            progress=False,
+        )
     run = RunDir(tmp_path / "b")
     assert run.read_status()["error"].startswith("FloatingPointError: round 1, step 2: loss is")
 
@@ -90,15 +100,21 @@ def test_a_failing_client_fails_the_run_by_default(tmp_path, monkeypatch):
 
 def test_tolerate_aggregates_without_the_failed_client_and_does_not_advance_its_state(tmp_path, monkeypatch):
     monkeypatch.setenv("FL_IETAGC_FAULT", "client-train-p1:2:raise")
-    cfg = {**SMALL, "client-failures": "tolerate", "min-clients-fraction": 0.5, "output-dir": str(tmp_path),
-           "run-name": "t"}
+    cfg = {
+        **SMALL,
+        "client-failures": "tolerate",
+        "min-clients-fraction": 0.5,
+        "output-dir": str(tmp_path),
+        "run-name": "t",
+    }
     run_server(cfg, 2)
     run = RunDir(tmp_path / "t")
     assert run.read_status()["status"] == "completed"
     metrics = run.read_metrics()
     assert [[c["partition-id"] for c in m["clients"]] for m in metrics] == [[0, 1], [0], [0, 1]]
-    assert metrics[1]["failed"] == [{"partition-id": 1, "error": "InjectedFault: injected fault at client-train-p1, "
-                                                               "round 2", "step": -1}]
+    assert metrics[1]["failed"] == [
+        {"partition-id": 1, "error": "InjectedFault: injected fault at client-train-p1, round 2", "step": -1}
+    ]
     # partition 1 trained in rounds 1 and 3 only (2 steps a round): its step counter shows it
     steps = [[c["client-step"] for c in m["clients"]] for m in metrics]
     assert steps == [[2, 2], [4], [6, 4]]
@@ -122,7 +138,7 @@ def test_a_failed_write_keeps_the_previous_file_and_no_temporary(tmp_path):
 
 
 def test_metrics_with_nan_are_strict_json(tmp_path):
-    from fl_ietagc.checkpoints import atomic_write_json
+    from fl_ietagc.runs.checkpoints import atomic_write_json
 
     atomic_write_json(tmp_path / "m.json", [{"loss": float("nan"), "x": [1.0, float("inf")]}])
     assert json.loads((tmp_path / "m.json").read_text()) == [{"loss": None, "x": [1.0, None]}]
@@ -171,28 +187,41 @@ def test_a_supernode_gone_between_rounds_fails_the_run_naming_it_within_node_wai
     with pytest.raises(ClientRoundError) as e:
         run_server(cfg, 2, grid)
     assert time.time() - t0 < 60
-    assert str(e.value) == ("partition 1, round 2: SuperNode not connected at the start of the round (waited "
-                            "node-wait-s = 0.5 s); only 1 of 2 SuperNodes connected")
+    assert str(e.value) == (
+        "partition 1, round 2: SuperNode not connected at the start of the round (waited "
+        "node-wait-s = 0.5 s); only 1 of 2 SuperNodes connected"
+    )
     run = RunDir(tmp_path / "g")
     assert run.committed_round() == 1 and run.read_status()["status"] == "failed"
 
 
 def test_tolerate_goes_on_without_a_gone_supernode_and_takes_it_back_when_it_returns(tmp_path):
-    cfg = {**SMALL, "node-wait-s": 0.5, "client-failures": "tolerate", "min-clients-fraction": 0.5,
-           "output-dir": str(tmp_path), "run-name": "t"}
+    cfg = {
+        **SMALL,
+        "node-wait-s": 0.5,
+        "client-failures": "tolerate",
+        "min-clients-fraction": 0.5,
+        "output-dir": str(tmp_path),
+        "run-name": "t",
+    }
     run_server(cfg, 2, LosingGrid(2, cfg, gone_after=1, back_at=3))
     run = RunDir(tmp_path / "t")
     assert run.read_status()["status"] == "completed"
     metrics = run.read_metrics()
     assert [[c["partition-id"] for c in m["clients"]] for m in metrics] == [[0, 1], [0], [0, 1]]
-    assert metrics[1]["failed"] == [{"partition-id": 1, "step": -1, "error": "SuperNode not connected at the start "
-                                     "of the round (waited node-wait-s = 0.5 s)"}]
+    assert metrics[1]["failed"] == [
+        {
+            "partition-id": 1,
+            "step": -1,
+            "error": "SuperNode not connected at the start of the round (waited node-wait-s = 0.5 s)",
+        }
+    ]
     assert [[c["client-step"] for c in m["clients"]] for m in metrics] == [[2, 2], [4], [6, 4]]
 
 
 def test_resume_passes_the_ray_address_on(tmp_path, monkeypatch):
     """`fl-ietagc resume RUN_DIR --ray-address H:P` continues a failed federated run on that Ray cluster."""
-    from experiments import simulate
+    from experiments.launch import simulate
     from fl_ietagc import cli
 
     monkeypatch.setenv("FL_IETAGC_FAULT", "client-train-p1:2:raise")

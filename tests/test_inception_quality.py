@@ -1,4 +1,4 @@
-"""fl_ietagc.inception_quality against stand-in Inception weights (the real ones are not downloadable offline).
+"""fl_ietagc.evaluation.inception_quality against stand-in Inception weights (the real ones are not downloadable offline).
 
 The stand-in has the exact architecture and state-dict keys of torch-fidelity's InceptionV3, so the whole
 torch-fidelity path (weights loading, feature extraction, caching, metrics) runs for real; only the features
@@ -17,10 +17,15 @@ import pytest
 import torch
 import torch_fidelity.utils
 
-from fl_ietagc import inception_quality as fid
-from fl_ietagc.inception_quality import (INCEPTION_FILENAME, WEIGHTS_ENV, FidUnavailable, compute_quality,
-                           resolve_inception_weights, weights_fingerprint)
-
+from fl_ietagc.evaluation import inception_quality as fid
+from fl_ietagc.evaluation.inception_quality import (
+    INCEPTION_FILENAME,
+    WEIGHTS_ENV,
+    FidUnavailable,
+    compute_quality,
+    resolve_inception_weights,
+    weights_fingerprint,
+)
 from tests.conftest import make_standin_weights  # noqa: E402
 
 
@@ -69,8 +74,9 @@ def gratings(n: int, channels: int, seed: int) -> torch.Tensor:
     """Distribution B: sinusoidal stripes of random orientation, frequency, phase and colour."""
     yy, xx = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
     g = torch.Generator().manual_seed(seed)
-    angle, freq, phase = (torch.rand(n, 1, 1, 1, generator=g) * w + lo
-                          for lo, w in ((0, math.pi), (0.5, 1.0), (0, 2 * math.pi)))
+    angle, freq, phase = (
+        torch.rand(n, 1, 1, 1, generator=g) * w + lo for lo, w in ((0, math.pi), (0.5, 1.0), (0, 2 * math.pi))
+    )
     colour = torch.rand(n, channels, 1, 1, generator=g) * 0.5 + 0.5
     image = colour * (0.5 + 0.5 * torch.sin(freq * (xx * torch.cos(angle) + yy * torch.sin(angle)) + phase))
     return (255 * image).round().to(torch.uint8)
@@ -80,8 +86,13 @@ def gratings(n: int, channels: int, seed: int) -> torch.Tensor:
 def test_same_distribution_scores_lower_than_a_different_one(weights, tmp_path, channels):
     n = 20  # kid_subset_size (default 1000) is clipped to 20
     reference = blobs(n, channels, seed=1)
-    kwargs = dict(reference_key=f"blobs-{channels}", weights_path=weights, metrics=("fid", "kid"),
-                  cache_root=str(tmp_path), batch_size=50)
+    kwargs = dict(
+        reference_key=f"blobs-{channels}",
+        weights_path=weights,
+        metrics=("fid", "kid"),
+        cache_root=str(tmp_path),
+        batch_size=50,
+    )
     same = compute_quality(blobs(n, channels, seed=2), reference, **kwargs)
     different = compute_quality(gratings(n, channels, seed=3), reference, **kwargs)
     assert 0 <= same["fid"] < different["fid"] / 3
@@ -91,8 +102,7 @@ def test_same_distribution_scores_lower_than_a_different_one(weights, tmp_path, 
     assert set(same) == {"fid", "kid_mean", "kid_std", "num_generated", "num_reference", "weights_sha256"}
 
 
-def test_reference_statistics_are_cached_per_reference_key_and_weights(weights, other_weights, tmp_path,
-                                                                       monkeypatch):
+def test_reference_statistics_are_cached_per_reference_key_and_weights(weights, other_weights, tmp_path, monkeypatch):
     # Generated and reference sets differ in size, so the spy tells which one went through the network.
     passes: list[int] = []
     extract = torch_fidelity.utils.get_featuresdict_from_dataset
@@ -113,14 +123,16 @@ def test_reference_statistics_are_cached_per_reference_key_and_weights(weights, 
     assert any(p.name.startswith(key) for p in (tmp_path / sha16).iterdir())
 
     # Same key and weights: the reference is not read again, so even wrong content gives the identical score.
-    again = compute_quality(generated, wrong_reference, reference_key=key, weights_path=weights,
-                            cache_root=str(tmp_path))
+    again = compute_quality(
+        generated, wrong_reference, reference_key=key, weights_path=weights, cache_root=str(tmp_path)
+    )
     assert passes == [6, 8, 6]
     assert again["fid"] == first["fid"]
 
     # Other weights: their own subdirectory, and the reference goes through the network again.
-    other = compute_quality(generated, reference, reference_key=key, weights_path=other_weights,
-                            cache_root=str(tmp_path))
+    other = compute_quality(
+        generated, reference, reference_key=key, weights_path=other_weights, cache_root=str(tmp_path)
+    )
     assert passes == [6, 8, 6, 6, 8]
     other16 = weights_fingerprint(other_weights)[:16]
     assert other16 != sha16 and sorted(p.name for p in tmp_path.iterdir()) == sorted([sha16, other16])
@@ -142,8 +154,9 @@ def test_env_var_weights_are_used_and_kid_subset_is_clipped(weights, tmp_path, m
     assert resolve_inception_weights() == weights
     assert resolve_inception_weights("") == weights  # an empty --fid-weights means "not given"
     # Default kid_subset_size=1000 > 5 images: torch-fidelity would reject it unless clipped.
-    out = compute_quality(blobs(5, 3, seed=2), blobs(5, 3, seed=1), reference_key="kid", metrics=("kid",),
-                          cache_root=str(tmp_path))
+    out = compute_quality(
+        blobs(5, 3, seed=2), blobs(5, 3, seed=1), reference_key="kid", metrics=("kid",), cache_root=str(tmp_path)
+    )
     assert out["weights_sha256"] == weights_fingerprint(weights)
     assert set(out) == {"kid_mean", "kid_std", "num_generated", "num_reference", "weights_sha256"}
     assert math.isfinite(out["kid_mean"])
@@ -188,8 +201,10 @@ def test_no_weights_anywhere_fails_fast_with_instructions(offline, tmp_path, dow
     target = offline / "hub" / "checkpoints" / INCEPTION_FILENAME
     assert downloads == [(fid.INCEPTION_URL, str(target), fid.DOWNLOAD_TIMEOUT_S)]
     message = str(excinfo.value)
-    assert message.startswith(f"Inception weights for FID are unavailable: {INCEPTION_FILENAME} is not in the torch "
-                              f"hub cache and downloading it failed (OSError: [Errno 101] Network is unreachable). ")
+    assert message.startswith(
+        f"Inception weights for FID are unavailable: {INCEPTION_FILENAME} is not in the torch "
+        f"hub cache and downloading it failed (OSError: [Errno 101] Network is unreachable). "
+    )
     for needle in (WEIGHTS_ENV, INCEPTION_FILENAME, fid.INCEPTION_URL, "--fid-weights", str(offline)):
         assert needle in message
     assert socket.getdefaulttimeout() == timeout_before

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from fl_ietagc.checkpoints import save_checkpoint
-from fl_ietagc.config import ConfigError, parse_config
-from fl_ietagc.models import build_unet
-from fl_ietagc.initial_weights import initial_weights
+from fl_ietagc.runs.checkpoints import save_checkpoint
+from fl_ietagc.settings.config import ConfigError, parse_config
+from fl_ietagc.training.models import build_unet
+from fl_ietagc.training.run_model import initial_weights
 
 
 def test_initial_weights_come_from_the_checkpoint(tmp_path):
@@ -60,15 +60,27 @@ def test_the_paper_preset_is_google_ddpm_cifar10_32(tmp_path):
     """google/ddpm-cifar10-32's published UNet config, field by field, loads into the ddpm-cifar10 preset."""
     from diffusers import UNet2DModel
 
-    from fl_ietagc.models import load_diffusers_unet
+    from fl_ietagc.training.models import load_diffusers_unet
 
-    google = UNet2DModel(act_fn="silu", attention_head_dim=None, block_out_channels=(128, 256, 256, 256),
-                         center_input_sample=False, down_block_types=("DownBlock2D", "AttnDownBlock2D",
-                                                                      "DownBlock2D", "DownBlock2D"),
-                         downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, in_channels=3,
-                         layers_per_block=2, mid_block_scale_factor=1, norm_eps=1e-06, norm_num_groups=32,
-                         out_channels=3, sample_size=32, time_embedding_type="positional",
-                         up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
+    google = UNet2DModel(
+        act_fn="silu",
+        attention_head_dim=None,
+        block_out_channels=(128, 256, 256, 256),
+        center_input_sample=False,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        downsample_padding=0,
+        flip_sin_to_cos=False,
+        freq_shift=1,
+        in_channels=3,
+        layers_per_block=2,
+        mid_block_scale_factor=1,
+        norm_eps=1e-06,
+        norm_num_groups=32,
+        out_channels=3,
+        sample_size=32,
+        time_embedding_type="positional",
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    )
     google.save_pretrained(tmp_path / "ddpm-cifar10-32")
     ours = build_unet("ddpm-cifar10", 32, 3)
     loaded = load_diffusers_unet(ours, str(tmp_path / "ddpm-cifar10-32"))
@@ -103,33 +115,42 @@ def test_an_unreachable_hub_id_is_a_clear_error(monkeypatch):
 
 
 def test_unloadable_diffusers_directories_name_the_cause(tmp_path):
-    from fl_ietagc.models import load_diffusers_unet
+    from fl_ietagc.training.models import load_diffusers_unet
 
     model = build_unet("tiny", 16, 1)
-    with pytest.raises(ConfigError, match=r"^init-checkpoint = '.*empty': cannot load a diffusers UNet2DModel "
-                                          r"from it \(OSError: Error no file named config.json found in directory"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^init-checkpoint = '.*empty': cannot load a diffusers UNet2DModel "
+        r"from it \(OSError: Error no file named config.json found in directory",
+    ):
         (tmp_path / "empty").mkdir()
         load_diffusers_unet(model, str(tmp_path / "empty"))
     (tmp_path / "badjson").mkdir()
     (tmp_path / "badjson" / "config.json").write_text("{not json")
-    with pytest.raises(ConfigError, match=r"\(OSError: It looks like the config file at .*badjson/config.json' is "
-                                          r"not a valid JSON file\.; cause: JSONDecodeError: "):
+    with pytest.raises(
+        ConfigError,
+        match=r"\(OSError: It looks like the config file at .*badjson/config.json' is "
+        r"not a valid JSON file\.; cause: JSONDecodeError: ",
+    ):
         load_diffusers_unet(model, str(tmp_path / "badjson"))
     # weights that do not fit their own config.json: torch's state-dict error (diffusers < 0.42), or diffusers' own
     # shape check naming the tensor (0.42: ValueError)
     model.save_pretrained(tmp_path / "mismatch")
     config = json.loads((tmp_path / "mismatch" / "config.json").read_text())
     (tmp_path / "mismatch" / "config.json").write_text(json.dumps({**config, "in_channels": 3}))
-    with pytest.raises(ConfigError, match=r"\((RuntimeError: Error\(s\) in loading state_dict for UNet2DModel:|"
-                                          r"ValueError: Cannot load .*conv_in\.weight expected shape "
-                                          r"torch\.Size\(\[32, 3, 3, 3\]\), but got torch\.Size\(\[32, 1, 3, 3\]\))"):
+    with pytest.raises(
+        ConfigError,
+        match=r"\((RuntimeError: Error\(s\) in loading state_dict for UNet2DModel:|"
+        r"ValueError: Cannot load .*conv_in\.weight expected shape "
+        r"torch\.Size\(\[32, 3, 3, 3\]\), but got torch\.Size\(\[32, 1, 3, 3\]\))",
+    ):
         load_diffusers_unet(model, str(tmp_path / "mismatch"))
 
 
 def test_a_bug_while_loading_is_not_reported_as_a_bad_checkpoint(tmp_path, monkeypatch):
     from diffusers import UNet2DModel
 
-    from fl_ietagc.models import load_diffusers_unet
+    from fl_ietagc.training.models import load_diffusers_unet
 
     def broken(*args, **kwargs):
         raise KeyError("a bug, not an unloadable checkpoint")
@@ -149,9 +170,9 @@ def test_a_bug_while_loading_is_not_reported_as_a_bad_checkpoint(tmp_path, monke
 def test_centralized_training_starts_from_init_checkpoint(tmp_path, monkeypatch):
     """Centralized training honours init-checkpoint (it used to train from scratch): its round-0 commit
     point holds the checkpoint's raw and EMA weights, not the seed's."""
-    from fl_ietagc.centralized import run_centralized
-    from fl_ietagc.rundir import RunDir
-    from fl_ietagc.trainer import LocalTrainer
+    from fl_ietagc.loops.centralized import run_centralized
+    from fl_ietagc.runs.rundir import RunDir
+    from fl_ietagc.training.trainer import LocalTrainer
 
     net, ema = initial_weights(parse_config({"seed": 7}))
     ema = {k: v + 1.0 if v.is_floating_point() else v for k, v in ema.items()}
@@ -161,8 +182,15 @@ def test_centralized_training_starts_from_init_checkpoint(tmp_path, monkeypatch)
         raise RuntimeError("stop after the start")
 
     monkeypatch.setattr(LocalTrainer, "run", stop)
-    cfg = parse_config({"agc": False, "init-checkpoint": str(tmp_path / "start.pt"), "output-dir": str(tmp_path),
-                        "run-name": "b", "sample-count": 0})
+    cfg = parse_config(
+        {
+            "agc": False,
+            "init-checkpoint": str(tmp_path / "start.pt"),
+            "output-dir": str(tmp_path),
+            "run-name": "b",
+            "sample-count": 0,
+        }
+    )
     with pytest.raises(RuntimeError, match="stop after the start"):
         run_centralized(cfg, progress=False)
     blob = RunDir(tmp_path / "b").read_resume()

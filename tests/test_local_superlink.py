@@ -1,4 +1,4 @@
-"""scripts/flwr-run.sh's SuperLink bookkeeping (experiments/local_superlink.py): it finds the SuperLink `flwr run`
+"""scripts/flwr-run.sh's SuperLink bookkeeping (experiments/launch/local_superlink.py): it finds the SuperLink `flwr run`
 started for this FLWR_HOME and its SuperExec by command line, records their PIDs, and stops exactly those; a
 SuperLink of another FLWR_HOME is never touched. Stand-ins with the same command lines replace Flower's processes."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments import local_superlink as L
+from experiments.launch import local_superlink as L
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,8 +22,10 @@ time.sleep(600)
 
 def _start(bin_dir: Path, home: Path) -> subprocess.Popen:
     log = home / "local-superlink" / "superlink.log"
-    return subprocess.Popen([sys.executable, str(bin_dir / "flower-superlink"), "--insecure", "--simulation",
-                             "--log-file", str(log)], start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, str(bin_dir / "flower-superlink"), "--insecure", "--simulation", "--log-file", str(log)],
+        start_new_session=True,
+    )
 
 
 def _children(pid: int, tries: int = 100) -> list[int]:
@@ -65,18 +67,32 @@ def test_record_and_stop_exactly_this_flwr_home(fake_flower, tmp_path):
     assert L.read(home) == procs  # the pid file holds them, start times included
 
     env = {**os.environ, "FLWR_HOME": str(home), "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-m", "experiments.local_superlink", "stop"], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.launch.local_superlink", "stop"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0
-    assert out.stdout == (f"flwr-run: stopped the local SuperLink of FLWR_HOME={home}: "
-                          f"SuperLink PID {ours.pid}, SuperExec PID {exec_pid[0]}\n")
+    assert out.stdout == (
+        f"flwr-run: stopped the local SuperLink of FLWR_HOME={home}: "
+        f"SuperLink PID {ours.pid}, SuperExec PID {exec_pid[0]}\n"
+    )
     assert ours.wait(timeout=10) == -15
     assert not L._start_time(exec_pid[0])  # gone
     assert not L.pid_file(home).exists()
     assert theirs.poll() is None and L._start_time(theirs_exec[0])  # another FLWR_HOME's: untouched
 
-    out = subprocess.run([sys.executable, "-m", "experiments.local_superlink", "stop"], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.launch.local_superlink", "stop"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.stdout == f"flwr-run: nothing to stop (no running SuperLink recorded in {L.pid_file(home)})\n"
 
 
@@ -107,5 +123,12 @@ def test_the_log_path_is_compared_after_resolving_links_and_relative_paths(tmp_p
     assert L.is_local_superlink(argv + [str(real / "local-superlink" / "superlink.log")], tmp_path / "link")
     assert L.is_local_superlink(argv + ["real/local-superlink/superlink.log"], tmp_path / "link", cwd=str(tmp_path))
     assert not L.is_local_superlink(argv + [str(tmp_path / "other" / "local-superlink" / "superlink.log")], real)
-    assert not L.is_local_superlink(["/venv/bin/python3", "/venv/bin/flower-supernode", "--log-file",
-                                     str(real / "local-superlink" / "superlink.log")], real)
+    assert not L.is_local_superlink(
+        [
+            "/venv/bin/python3",
+            "/venv/bin/flower-supernode",
+            "--log-file",
+            str(real / "local-superlink" / "superlink.log"),
+        ],
+        real,
+    )

@@ -1,14 +1,13 @@
 """LoRA adapters (lora-rank > 0): a text-to-image fine-tune through the real ServerApp and ClientApp trains, averages,
 sends and checkpoints the adapters only, bit-identical to the Flower-free loop; the export loads into diffusers."""
 
-import numpy as np
 import pytest
 import torch
 
-from fl_ietagc import latent
-from fl_ietagc.checkpoints import load_checkpoint, load_torch
-from fl_ietagc.config import ConfigError, parse_config
-from fl_ietagc.rundir import RunDir
+from fl_ietagc.data import latent
+from fl_ietagc.runs.checkpoints import load_checkpoint, load_torch
+from fl_ietagc.runs.rundir import RunDir
+from fl_ietagc.settings.config import ConfigError, parse_config
 from tests.local_grid import LocalGrid, run_server
 from tests.test_t2i_federated import t2i_setup  # noqa: F401  (the tiny SD parts and captioned squares)
 
@@ -35,7 +34,7 @@ def lora_runs(t2i_setup, tmp_path_factory):  # noqa: F811
     """One LoRA fine-tune through the app (2 clients, 2 rounds) and the same in the Flower-free loop."""
     import os
 
-    from fl_ietagc.iet_loop import run_iet_loop
+    from fl_ietagc.loops.iet import run_iet_loop
 
     out = tmp_path_factory.mktemp("lora-runs")
     os.environ["FL_IETAGC_CACHE"] = str(out / "cache")
@@ -43,8 +42,9 @@ def lora_runs(t2i_setup, tmp_path_factory):  # noqa: F811
     torch.set_num_threads(1)
     try:
         grid = run_server({**conf, "run-name": "app"}, 2, RecordingGrid(2, {**conf, "run-name": "app"}))
-        run_iet_loop(parse_config({**conf, "run-name": "loop"}), 2, torch.device("cpu"),
-                     RunDir.create(str(out), "loop", ""))
+        run_iet_loop(
+            parse_config({**conf, "run-name": "loop"}), 2, torch.device("cpu"), RunDir.create(str(out), "loop", "")
+        )
     finally:
         torch.set_num_threads(2)
         os.environ.pop("FL_IETAGC_CACHE", None)
@@ -52,7 +52,7 @@ def lora_runs(t2i_setup, tmp_path_factory):  # noqa: F811
 
 
 def lora_unet(conf):
-    from fl_ietagc.models import build_for_config
+    from fl_ietagc.training.run_model import build_for_config
 
     return build_for_config(parse_config(conf))
 
@@ -75,8 +75,10 @@ def test_lora_fine_tune_moves_only_adapters_and_equals_the_flower_free_loop(lora
     assert any(not torch.equal(final["net"][k], final["ema"][k]) for k in final["net"])
     # messages: raw + EMA adapters, fp32, both directions
     want = 2 * n_adapter * 4
-    print(f"\nLoRA rank 4 on the tiny UNet: {n_adapter:,} adapter parameters, {n_base:,} frozen; message "
-          f"{want:,} bytes (raw + EMA) vs {2 * n_base * 4:,} for the full UNet")
+    print(
+        f"\nLoRA rank 4 on the tiny UNet: {n_adapter:,} adapter parameters, {n_base:,} frozen; message "
+        f"{want:,} bytes (raw + EMA) vs {2 * n_base * 4:,} for the full UNet"
+    )
     assert grid.sent_bytes == [want] * 4 and grid.reply_bytes == [want] * 4
     # client state: Adam's moments for the adapters only, nothing of the base
     state_file = app.client_state(0, 2)
@@ -97,16 +99,23 @@ def test_exported_adapters_load_into_diffusers_and_match_our_merged_unet(lora_ru
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from fl_ietagc.export import export_pipeline
-    from fl_ietagc.lora import merged_copy
-    from fl_ietagc.models import load_weights
+    from fl_ietagc.training.lora import merged_copy
+    from fl_ietagc.training.models import load_weights
 
     conf, _, app, _ = lora_runs
     out = export_pipeline(app.path, tmp_path / "lora")
     assert sorted(p.name for p in out.iterdir()) == ["base.json", "pytorch_lora_weights.safetensors"]
     parts = latent.load_components(conf["pretrained-dir"], torch.float32)
-    pipe = StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
-                                   unet=parts.unet, scheduler=DDIMScheduler(), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        vae=parts.vae,
+        text_encoder=parts.text_encoder,
+        tokenizer=parts.tokenizer,
+        unet=parts.unet,
+        scheduler=DDIMScheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.load_lora_weights(out)
     ours = lora_unet(conf)
     load_weights(ours, load_checkpoint(app.final_checkpoint)["net"], "final raw adapters")
@@ -114,8 +123,9 @@ def test_exported_adapters_load_into_diffusers_and_match_our_merged_unet(lora_ru
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 4, 8, 8, generator=gen)
     t = torch.tensor([0, 2, 3])
-    cond = torch.randn(3, *parts.text_encoder(torch.zeros(1, 4, dtype=torch.long)).last_hidden_state.shape[1:],
-                       generator=gen)
+    cond = torch.randn(
+        3, *parts.text_encoder(torch.zeros(1, 4, dtype=torch.long)).last_hidden_state.shape[1:], generator=gen
+    )
     with torch.no_grad():
         theirs = pipe.unet.eval()(x, t, encoder_hidden_states=cond).sample
         mine = merged(x, t, encoder_hidden_states=cond).sample
@@ -127,9 +137,12 @@ def test_exported_adapters_load_into_diffusers_and_match_our_merged_unet(lora_ru
     torch.testing.assert_close(unmerged, mine, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"lora-targets": "to_q,nosuch"}, r"^lora-targets = 'to_q,nosuch': 'nosuch' names no Linear/Conv2d module"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"lora-targets": "to_q,nosuch"}, r"^lora-targets = 'to_q,nosuch': 'nosuch' names no Linear/Conv2d module"),
+    ],
+)
 def test_lora_targets_are_checked_before_work(t2i_setup, change, message):  # noqa: F811
     from fl_ietagc.validate import check_model
 
@@ -138,8 +151,11 @@ def test_lora_targets_are_checked_before_work(t2i_setup, change, message):  # no
 
 
 def test_lora_keys_are_refused_where_they_cannot_apply():
-    with pytest.raises(ConfigError, match=r"^lora-rank = 4: LoRA adapts a pretrained UNet; a pixel run needs "
-                                          r"init-checkpoint"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^lora-rank = 4: LoRA adapts a pretrained UNet; a pixel run needs "
+        r"init-checkpoint",
+    ):
         parse_config({"lora-rank": 4})
     with pytest.raises(ConfigError, match=r"^lora-targets = 'to_q': only used with lora-rank > 0$"):
         parse_config({"lora-targets": "to_q"})
@@ -152,18 +168,31 @@ def test_pixel_lora_from_init_checkpoint_trains_adapters_and_exports_a_merged_pi
     Flower-free loop trains the adapters; export merges them into a plain DDIM pipeline."""
     from diffusers import DDIMPipeline
 
-    from fl_ietagc.checkpoints import save_checkpoint
     from fl_ietagc.export import export_pipeline
-    from fl_ietagc.initial_weights import initial_weights
-    from fl_ietagc.iet_loop import run_iet_loop
-    from fl_ietagc.models import build_for_config, load_weights
+    from fl_ietagc.loops.iet import run_iet_loop
+    from fl_ietagc.runs.checkpoints import save_checkpoint
+    from fl_ietagc.training.models import load_weights
+    from fl_ietagc.training.run_model import build_for_config, initial_weights
 
-    small = {"max-images": 64, "batch-size": 16, "local-epochs": 1, "num-server-rounds": 1, "diffusion-steps": 20,
-             "sample-count": 0, "lr": 1e-2, "warmup-steps": 1}
+    small = {
+        "max-images": 64,
+        "batch-size": 16,
+        "local-epochs": 1,
+        "num-server-rounds": 1,
+        "diffusion-steps": 20,
+        "sample-count": 0,
+        "lr": 1e-2,
+        "warmup-steps": 1,
+    }
     net, ema = initial_weights(parse_config({**small, "seed": 3}))
     save_checkpoint(tmp_path / "base.pt", net, ema, server_round=0, config={})
-    conf = {**small, "init-checkpoint": str(tmp_path / "base.pt"), "lora-rank": 2, "output-dir": str(tmp_path),
-            "run-name": "r"}
+    conf = {
+        **small,
+        "init-checkpoint": str(tmp_path / "base.pt"),
+        "lora-rank": 2,
+        "output-dir": str(tmp_path),
+        "run-name": "r",
+    }
     cfg = parse_config(conf)
     model = build_for_config(cfg)
     base = {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if ".lora_" not in k}

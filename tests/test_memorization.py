@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from fl_ietagc.memorization import Neighbours, nearest_neighbours, ratios, summarize
+from fl_ietagc.evaluation.memorization import Neighbours, nearest_neighbours, ratios, summarize
 
 
 def dataset(n=600, dim=(3, 8, 8), seed=0):
@@ -57,7 +57,7 @@ def test_ratio_definitions_on_hand_made_distances():
     r = ratios(nb)
     np.testing.assert_allclose(r["mq"], [1.0 / 4.0, 0.0])  # mean d2 = 16/4 = 4; copy -> 0
     np.testing.assert_allclose(r["gu"], [1.0 / 2.0, 0.0])  # sqrt(1)/sqrt(4)
-    np.testing.assert_allclose(r["carlini"], [1.0 / (0.5 * (1 + 2 + 2 + 7 ** 0.5) / 4), 0.0])
+    np.testing.assert_allclose(r["carlini"], [1.0 / (0.5 * (1 + 2 + 2 + 7**0.5) / 4), 0.0])
 
 
 def test_reliability_flag_depends_on_training_set_size():

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from fl_ietagc.config import ConfigError
-from fl_ietagc.models import build_unet, count_parameters
+from fl_ietagc.settings.config import ConfigError
+from fl_ietagc.training.models import build_unet, count_parameters
 
 
 def test_paper_cifar10_unet_has_35_7m_parameters():

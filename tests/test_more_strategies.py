@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord
 
-from fl_ietagc.config import ConfigError, parse_config
+from fl_ietagc.settings.config import ConfigError, parse_config
 from strategies.registry import build_strategy
 from strategies.state import export_state, import_state
 from tests.test_aggregation import reply
@@ -68,7 +68,8 @@ def test_bulyan_trims_around_the_median_of_the_multikrum_selection(flower_identi
     med = np.median(stack, axis=0)
     want = np.array([np.mean(col[np.argsort(np.abs(col - m))[:beta]]) for col, m in zip(stack.T, med)])
     out, _ = built("bulyan", k, **{"malicious-clients": f}).aggregate_train(
-        1, [reply(i, 10, n, e) for i, (n, e) in enumerate(zip(nets, emas))])
+        1, [reply(i, 10, n, e) for i, (n, e) in enumerate(zip(nets, emas))]
+    )
     np.testing.assert_allclose(out["net.w"].numpy(), want[:2], rtol=1e-6)
     np.testing.assert_allclose(out["ema.w"].numpy(), want[2:], rtol=1e-6)
 
@@ -85,8 +86,8 @@ def test_qfedavg_follows_the_q_ffl_step_on_raw_and_ema(q, flower_identity):
     for pid in range(3):
         loss = 0.1 * (pid + 1)  # the reply's "loss" metric (tests/test_aggregation.reply)
         g = L * (w - flat(pid))  # Li et al. 2020: Delta w_k = L (w - w_k)
-        num += loss ** q * g
-        den += q * loss ** (q - 1) * np.sum(g ** 2) + L * loss ** q  # (the 1e-10 Flower adds is below float32)
+        num += loss**q * g
+        den += q * loss ** (q - 1) * np.sum(g**2) + L * loss**q  # (the 1e-10 Flower adds is below float32)
     want = w - num / den
     np.testing.assert_allclose(out["net.w"].numpy(), want[:2], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out["ema.w"].numpy(), want[2:], rtol=1e-5, atol=1e-6)
@@ -99,13 +100,15 @@ def test_fedadagrad_accumulates_squared_pseudo_gradients_per_key(flower_identity
     s = built("fedadagrad", 2, **{"fedopt-eta": eta, "fedopt-tau": tau})
     x = {"net.w": np.array([1.0, -2.0]), "ema.w": np.array([0.5, 0.5])}
     v = {k: np.zeros(2) for k in x}
-    for rnd, (a, b) in enumerate([(([1.2, -2.0], [0.5, 1.5]), ([1.6, -1.0], [0.9, 0.1])),
-                                  (([0.0, 0.0], [0.4, 0.4]), ([2.0, -4.0], [0.6, 0.6]))], start=1):
+    for rnd, (a, b) in enumerate(
+        [(([1.2, -2.0], [0.5, 1.5]), ([1.6, -1.0], [0.9, 0.1])), (([0.0, 0.0], [0.4, 0.4]), ([2.0, -4.0], [0.6, 0.6]))],
+        start=1,
+    ):
         s.configure_train(rnd, arrays(x["net.w"], x["ema.w"]), ConfigRecord(), FakeGrid())
         out, _ = s.aggregate_train(rnd, [reply(0, 10, *a), reply(1, 30, *b)])
         for i, k in enumerate(("net.w", "ema.w")):
             delta = (10 * np.array(a[i]) + 30 * np.array(b[i])) / 40 - x[k]  # beta_1 = 0: m = delta
-            v[k] = v[k] + delta ** 2
+            v[k] = v[k] + delta**2
             x[k] = x[k] + eta * delta / (np.sqrt(v[k]) + tau)
             np.testing.assert_allclose(out[k].numpy(), x[k], rtol=1e-5, atol=1e-6, err_msg=f"round {rnd} {k}")
 
@@ -131,12 +134,20 @@ def test_adaptive_dp_clipping_moves_the_norm_and_survives_resume(flower_identity
 
 
 def test_rules_that_cannot_apply_are_refused_in_one_line_naming_the_key():
-    cases = [({"strategy": "bulyan", "malicious-clients": 1}, 6,
-              "^malicious-clients = 1: bulyan needs K >= 4f\\+3 = 7 clients, K is 6$"),
-             ({"strategy": "krum", "malicious-clients": 1}, 4, "^malicious-clients = 1: krum needs K >= 2f\\+3 = 5"),
-             ({"strategy": "multikrum", "multikrum-select": 5}, 4, "^multikrum-select = 5: must be <= K = 4$"),
-             ({"dp-clip-norm": 1.0, "dp-clipping": "adaptive", "dp-noise-multiplier": 0.5}, 4,
-              "^dp-noise-multiplier = 0.5: adaptive clipping with K = 4 needs it < K/10 = 0.4")]
+    cases = [
+        (
+            {"strategy": "bulyan", "malicious-clients": 1},
+            6,
+            "^malicious-clients = 1: bulyan needs K >= 4f\\+3 = 7 clients, K is 6$",
+        ),
+        ({"strategy": "krum", "malicious-clients": 1}, 4, "^malicious-clients = 1: krum needs K >= 2f\\+3 = 5"),
+        ({"strategy": "multikrum", "multikrum-select": 5}, 4, "^multikrum-select = 5: must be <= K = 4$"),
+        (
+            {"dp-clip-norm": 1.0, "dp-clipping": "adaptive", "dp-noise-multiplier": 0.5},
+            4,
+            "^dp-noise-multiplier = 0.5: adaptive clipping with K = 4 needs it < K/10 = 0.4",
+        ),
+    ]
     for keys, k, message in cases:
         with pytest.raises(ConfigError, match=message):
             build_strategy(parse_config(keys), k)
@@ -146,5 +157,5 @@ def test_rules_that_cannot_apply_are_refused_in_one_line_naming_the_key():
         parse_config({"strategy": "fedavg", "malicious-clients": 1})
     with pytest.raises(ConfigError, match="^dp-clipping = 'adaptive': needs dp-clip-norm > 0"):
         parse_config({"dp-clipping": "adaptive"})
-    with pytest.raises(ConfigError, match="^dp-target-quantile = 0.9: only used with dp-clipping = \"adaptive\"$"):
+    with pytest.raises(ConfigError, match='^dp-target-quantile = 0.9: only used with dp-clipping = "adaptive"$'):
         parse_config({"dp-clip-norm": 1.0, "dp-target-quantile": 0.9})

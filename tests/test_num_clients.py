@@ -2,7 +2,7 @@
 
 import pytest
 
-from fl_ietagc.config import ConfigError, parse_config
+from fl_ietagc.settings.config import ConfigError, parse_config
 
 
 class RegisteringGrid:
@@ -42,10 +42,18 @@ def test_no_supernode_is_a_named_error(monkeypatch):
 
 def test_flower_simulation_passes_k_as_num_clients(tmp_path):
     """flower-simulation knows K: the run config it starts carries it, so the ServerApp never counts nodes."""
-    from experiments.simulate import parse_args, prepare
+    from experiments.launch.simulate import parse_args, prepare
 
     app = str(__import__("pathlib").Path(__file__).resolve().parents[1])
-    args = parse_args(["--app", app, "--num-supernodes", "2", "--run-config",
-                                      f"output-dir='{tmp_path}' max-images=64 preset='tiny' batch-size=8"])
+    args = parse_args(
+        [
+            "--app",
+            app,
+            "--num-supernodes",
+            "2",
+            "--run-config",
+            f"output-dir='{tmp_path}' max-images=64 preset='tiny' batch-size=8",
+        ]
+    )
     run_config = prepare(args)[3]
     assert run_config["num-clients"] == 2

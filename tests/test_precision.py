@@ -6,15 +6,16 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from fl_ietagc import compiled
-from fl_ietagc.agc import MemoryBank
-from fl_ietagc.config import ConfigError, RunConfig, parse_config, parse_overrides
-from fl_ietagc.data import load_splits
-from fl_ietagc.diffusion import Diffusion, sample
-from fl_ietagc.models import build_for_config, build_unet
-from fl_ietagc.pixels import to_model_range
-from fl_ietagc.precision import unet_forward
-from fl_ietagc.trainer import LocalTrainer, TrainState
+from fl_ietagc.data.datasets import load_splits
+from fl_ietagc.data.pixels import to_model_range
+from fl_ietagc.settings.config import ConfigError, RunConfig, parse_config, parse_overrides
+from fl_ietagc.training import compiled
+from fl_ietagc.training.agc import MemoryBank
+from fl_ietagc.training.diffusion import Diffusion, sample
+from fl_ietagc.training.models import build_unet
+from fl_ietagc.training.precision import unet_forward
+from fl_ietagc.training.run_model import build_for_config
+from fl_ietagc.training.trainer import LocalTrainer, TrainState
 
 CFG = parse_config({"batch-size": 8, "diffusion-steps": 1000})
 N = 32
@@ -44,6 +45,7 @@ def trainer_for(cfg, model=None, state=None):
 
 # --- configuration -----------------------------------------------------------------------------------------
 
+
 def test_defaults_are_fp32_contiguous_eager():
     cfg = RunConfig()
     assert (cfg.precision, cfg.channels_last, cfg.compile) == ("fp32", False, False)
@@ -51,13 +53,16 @@ def test_defaults_are_fp32_contiguous_eager():
     assert (cfg.precision, cfg.channels_last, cfg.compile) == ("bf16", True, True)
 
 
-@pytest.mark.parametrize("raw, key, allowed", [
-    ({"precision": "fp16"}, "precision", "must be one of fp32, bf16"),
-    ({"precision": "BF16"}, "precision", "must be one of fp32, bf16"),
-    ({"precision": 16}, "precision", "must be a string"),
-    ({"channels-last": "yes"}, "channels-last", "must be true or false"),
-    ({"compile": 1}, "compile", "must be true or false"),
-])
+@pytest.mark.parametrize(
+    "raw, key, allowed",
+    [
+        ({"precision": "fp16"}, "precision", "must be one of fp32, bf16"),
+        ({"precision": "BF16"}, "precision", "must be one of fp32, bf16"),
+        ({"precision": 16}, "precision", "must be a string"),
+        ({"channels-last": "yes"}, "channels-last", "must be true or false"),
+        ({"compile": 1}, "compile", "must be true or false"),
+    ],
+)
 def test_bad_speed_keys_are_refused_in_one_line_naming_the_key(raw, key, allowed):
     with pytest.raises(ConfigError) as e:
         parse_config(raw)
@@ -68,12 +73,16 @@ def test_bad_speed_keys_are_refused_in_one_line_naming_the_key(raw, key, allowed
 def test_a_run_directory_from_before_the_speed_keys_still_matches_its_config():
     old = {k: v for k, v in RunConfig().to_dict().items() if k not in ("precision", "channels-last", "compile")}
     RunConfig().check_resumed("resume", old)  # a key the old run lacks counts as its default: no difference
-    with pytest.raises(ConfigError, match=r"^resume: a resumed run keeps its config; these differ: "
-                                          r"precision = 'bf16' \(run has 'fp32'\)$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^resume: a resumed run keeps its config; these differ: "
+        r"precision = 'bf16' \(run has 'fp32'\)$",
+    ):
         RunConfig().replace(precision="bf16").check_resumed("resume", old)
 
 
 # --- bf16 autocast -----------------------------------------------------------------------------------------
+
 
 def test_default_forward_is_the_model_itself():
     model, x0, t, noise = fixed_batch()
@@ -92,8 +101,11 @@ def fp32_and_bf16_losses() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     model, x0, t, noise = fixed_batch()
     d = Diffusion(1000)
     with torch.no_grad():
-        return d.per_sample_loss(model, x0, t, noise), \
-            d.per_sample_loss(unet_forward(model, "cpu", "bf16"), x0, t, noise), t
+        return (
+            d.per_sample_loss(model, x0, t, noise),
+            d.per_sample_loss(unet_forward(model, "cpu", "bf16"), x0, t, noise),
+            t,
+        )
 
 
 def test_bf16_losses_are_float32_and_close_to_fp32():
@@ -131,6 +143,7 @@ def test_bf16_training_keeps_fp32_weights_and_float64_bank():
 
 # --- channels-last -----------------------------------------------------------------------------------------
 
+
 def test_channels_last_gives_the_fp32_losses():
     model, x0, t, noise = fixed_batch()
     d = Diffusion(1000)
@@ -145,6 +158,7 @@ def test_channels_last_gives_the_fp32_losses():
 
 def test_channels_last_training_follows_fp32_training():
     """Dropout draws its mask in memory order, so it is off here: then the two layouts train alike."""
+
     def no_dropout(model):
         for m in model.modules():
             if isinstance(m, torch.nn.Dropout):
@@ -177,6 +191,7 @@ def test_channels_last_sampling_matches_and_restores_the_layout():
 
 
 # --- torch.compile -----------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def cheap_compile(monkeypatch):

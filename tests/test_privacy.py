@@ -9,13 +9,13 @@ import re
 import numpy as np
 import pytest
 
-from fl_ietagc import protocol as P
-from fl_ietagc.checkpoints import load_checkpoint
-from fl_ietagc.config import ConfigError, parse_config
-from fl_ietagc.privacy import effective_noise_multiplier, epsilon
-from fl_ietagc.rundir import RunDir
-from tests.test_secure_aggregation import SMALL, RecordingGrid
+from fl_ietagc.federation import protocol as P
+from fl_ietagc.runs.checkpoints import load_checkpoint
+from fl_ietagc.runs.rundir import RunDir
+from fl_ietagc.settings.config import ConfigError, parse_config
+from fl_ietagc.training.privacy import effective_noise_multiplier, epsilon
 from tests.local_grid import run_server
+from tests.test_secure_aggregation import SMALL, RecordingGrid
 
 K = 3
 
@@ -50,15 +50,23 @@ def flat(arrays) -> np.ndarray:
 @pytest.mark.parametrize("secure", [False, True])
 def test_clients_clip_their_update_and_the_server_adds_noise_of_std_z_s_over_k(tmp_path, secure):
     s, z = 0.05, 2.0
-    cfg = {**SMALL, "num-server-rounds": 2, "output-dir": str(tmp_path), "run-name": "dp",
-           "dp-client-clip-norm": s, "dp-noise-multiplier": z, "dp-delta": 1e-6,
-           **({"secure-aggregation": "secaggplus"} if secure else {})}
+    cfg = {
+        **SMALL,
+        "num-server-rounds": 2,
+        "output-dir": str(tmp_path),
+        "run-name": "dp",
+        "dp-client-clip-norm": s,
+        "dp-noise-multiplier": z,
+        "dp-delta": 1e-6,
+        **({"secure-aggregation": "secaggplus"} if secure else {}),
+    }
     grid = RecordingGrid(K, cfg)
     run_server(cfg, K, grid)
     run = RunDir(tmp_path / "dp")
     start = load_checkpoint(run.checkpoint(1))
-    start = np.concatenate([v.numpy().astype(np.float64).ravel() for part in ("net", "ema")
-                            for v in start[part].values()])
+    start = np.concatenate(
+        [v.numpy().astype(np.float64).ravel() for part in ("net", "ema") for v in start[part].values()]
+    )
     end = load_checkpoint(run.final_checkpoint)
     end = np.concatenate([v.numpy().astype(np.float64).ravel() for part in ("net", "ema") for v in end[part].values()])
     n, std = start.size, z * s / K
@@ -73,21 +81,36 @@ def test_clients_clip_their_update_and_the_server_adds_noise_of_std_z_s_over_k(t
     assert abs(np.std(noise) / std - 1) < 0.01 + hidden / (std * np.sqrt(n))
     assert abs(np.mean(noise)) < 5 * std / np.sqrt(n) + hidden / np.sqrt(n)
     privacy = [m["privacy"] for m in run.read_metrics()]
-    assert [(p["rounds"], p["clip-norm"], p["noise-multiplier"], p["delta"], p["clipping"]) for p in privacy] == \
-        [(1, s, z, 1e-6, "client"), (2, s, z, 1e-6, "client")]
+    assert [(p["rounds"], p["clip-norm"], p["noise-multiplier"], p["delta"], p["clipping"]) for p in privacy] == [
+        (1, s, z, 1e-6, "client"),
+        (2, s, z, 1e-6, "client"),
+    ]
     assert [p["epsilon"] for p in privacy] == [opacus_epsilon(z, 1, 1e-6), opacus_epsilon(z, 2, 1e-6)]
 
 
-@pytest.mark.parametrize("raw, message", [
-    ({"dp-noise-multiplier": 1.0}, "dp-noise-multiplier = 1.0: needs dp-clip-norm > 0 (the DP wrapper) or "
-     "dp-client-clip-norm > 0"),
-    ({"dp-clip-norm": 1.0, "dp-client-clip-norm": 1.0}, "dp-client-clip-norm = 1.0: clip on the server "
-     "(dp-clip-norm) or on the clients, not both"),
-    ({"dp-delta": 1e-3}, "dp-delta = 0.001: only used with dp-noise-multiplier > 0"),
-    ({"dp-client-clip-norm": 1.0, "transport-dtype": "bf16"}, "dp-client-clip-norm = 1.0: Flower's clipping mod "
-     "works on the arrays as they travel; needs transport-dtype = \"fp32\""),
-    ({"dp-delta": 1.0, "dp-client-clip-norm": 1.0, "dp-noise-multiplier": 1.0}, "dp-delta = 1.0: must be in (0, 1)"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (
+            {"dp-noise-multiplier": 1.0},
+            "dp-noise-multiplier = 1.0: needs dp-clip-norm > 0 (the DP wrapper) or dp-client-clip-norm > 0",
+        ),
+        (
+            {"dp-clip-norm": 1.0, "dp-client-clip-norm": 1.0},
+            "dp-client-clip-norm = 1.0: clip on the server (dp-clip-norm) or on the clients, not both",
+        ),
+        ({"dp-delta": 1e-3}, "dp-delta = 0.001: only used with dp-noise-multiplier > 0"),
+        (
+            {"dp-client-clip-norm": 1.0, "transport-dtype": "bf16"},
+            "dp-client-clip-norm = 1.0: Flower's clipping mod "
+            'works on the arrays as they travel; needs transport-dtype = "fp32"',
+        ),
+        (
+            {"dp-delta": 1.0, "dp-client-clip-norm": 1.0, "dp-noise-multiplier": 1.0},
+            "dp-delta = 1.0: must be in (0, 1)",
+        ),
+    ],
+)
 def test_dp_keys_are_checked(raw, message):
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
         parse_config(raw)

@@ -3,7 +3,7 @@ and the training itself unchanged by them."""
 
 import torch
 
-from fl_ietagc.progress import StepProgress, duration
+from fl_ietagc.runs.progress import StepProgress, duration
 from tests.test_trainer import CFG, make_trainer
 
 
@@ -17,13 +17,14 @@ class Clock:
 
 def test_a_line_per_interval_with_rate_and_eta():
     clock, lines = Clock(), []
-    p = StepProgress("client p1 round 3", total=400, images_per_step=32, every_s=20, write=lines.append,
-                     clock=clock)
+    p = StepProgress("client p1 round 3", total=400, images_per_step=32, every_s=20, write=lines.append, clock=clock)
     for step in range(1, 401):  # 0.125 s per step: 50 s in all
         clock.t += 0.125
         p.update(step)
-    assert lines == ["client p1 round 3: step 160/400 (40%), 256.0 img/s, ETA 30s",
-                     "client p1 round 3: step 320/400 (80%), 256.0 img/s, ETA 10s"]  # none at 400: the round ends
+    assert lines == [
+        "client p1 round 3: step 160/400 (40%), 256.0 img/s, ETA 30s",
+        "client p1 round 3: step 320/400 (80%), 256.0 img/s, ETA 10s",
+    ]  # none at 400: the round ends
     p2 = StepProgress("c", total=10_000, images_per_step=8, every_s=20, write=lines.append, clock=clock)
     clock.t += 30
     p2.update(100)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fl_ietagc.trainer import pick_device
+from fl_ietagc.training.trainer import pick_device
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -18,13 +18,17 @@ def test_importing_the_core_opts_into_rays_accelerator_behaviour_and_unfolded_lo
     keys = ("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "RAY_DEDUP_LOGS")
     env = {k: v for k, v in os.environ.items() if k not in keys}
     code = f"import os, fl_ietagc; print([os.environ[k] for k in {keys}])"
-    out = subprocess.run([sys.executable, "-c", code], env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120
+    )
     assert out.stdout == "['0', '0']\n"
-    out = subprocess.run([sys.executable, "-c", code], env={**env, "PYTHONPATH": str(ROOT),
-                                                            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1",
-                                                            "RAY_DEDUP_LOGS": "1"},
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, "PYTHONPATH": str(ROOT), "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1", "RAY_DEDUP_LOGS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.stdout == "['1', '1']\n"  # an explicit value wins
 
 
@@ -43,15 +47,23 @@ def test_a_ray_worker_without_a_gpu_share_trains_on_cpu(monkeypatch):
 def test_ray_starts_without_the_accelerator_future_warning():
     """One private Ray instance: ray.init says nothing about accelerator variables, and a num_gpus = 0 task is
     told it has no GPU (ray_gpu_ids() == []) while the driver is no Ray worker (None)."""
-    code = ("import fl_ietagc, ray\n"
-            "from fl_ietagc.trainer import ray_gpu_ids\n"
-            "ray.init(address='local', num_cpus=1, num_gpus=0, include_dashboard=False, logging_level='ERROR')\n"
-            "f = ray.remote(num_cpus=1, num_gpus=0)(lambda: __import__('fl_ietagc.trainer').trainer.ray_gpu_ids())\n"
-            "print(ray_gpu_ids(), ray.get(f.remote(), timeout=120))\n"
-            "ray.shutdown()\n")
+    code = (
+        "import fl_ietagc, ray\n"
+        "from fl_ietagc.training.trainer import ray_gpu_ids\n"
+        "ray.init(address='local', num_cpus=1, num_gpus=0, include_dashboard=False, logging_level='ERROR')\n"
+        "f = ray.remote(num_cpus=1, num_gpus=0)(lambda: __import__('fl_ietagc.training.trainer').training.trainer.ray_gpu_ids())\n"
+        "print(ray_gpu_ids(), ray.get(f.remote(), timeout=120))\n"
+        "ray.shutdown()\n"
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "RAY_ADDRESS")}
-    out = subprocess.run([sys.executable, "-c", code], env={**env, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.splitlines()[-1] == "None []"
     assert "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO" not in out.stderr
@@ -63,7 +75,7 @@ def test_strategies_are_built_without_evaluation_and_without_saying_so():
     every registered strategy (and the DP wrapper) is built with evaluation off and nothing logged about it."""
     import logging
 
-    from fl_ietagc.config import STRATEGIES, parse_config
+    from fl_ietagc.settings.config import STRATEGIES, parse_config
     from strategies.registry import build_strategy
 
     records = []
@@ -86,7 +98,7 @@ def test_strategies_are_built_without_evaluation_and_without_saying_so():
 def test_loading_text_to_image_parts_prints_no_diffusers_warning(tmp_path, capfd):
     """No 'install accelerate' block and no 'modules that should be kept in float32' line, in fp32 and bf16;
     the parts still come in the dtypes asked for."""
-    from fl_ietagc.latent import load_components, save_components, tiny_components, unet_for
+    from fl_ietagc.data.latent import load_components, save_components, tiny_components, unet_for
 
     save_components(tiny_components(seed=0, image_size=16), tmp_path / "parts")
     assert "Writing model shards" not in capfd.readouterr().err

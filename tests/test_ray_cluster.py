@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiments import simulate
-from fl_ietagc.checkpoints import load_checkpoint
-from fl_ietagc.rundir import RunDir
+from experiments.launch import simulate
+from fl_ietagc.runs.checkpoints import load_checkpoint
+from fl_ietagc.runs.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -46,7 +46,7 @@ def test_ray_address_reaches_the_simulation_process_only(monkeypatch, tmp_path):
     captured = {}
 
     class FakeChild:
-        pid = 2 ** 22 + 11
+        pid = 2**22 + 11
 
         def __init__(self, argv, env, **kwargs):
             captured.update(argv=argv, env=env)
@@ -60,9 +60,20 @@ def test_ray_address_reaches_the_simulation_process_only(monkeypatch, tmp_path):
         address = f"127.0.0.1:{listener.getsockname()[1]}"
         monkeypatch.setattr(subprocess, "Popen", FakeChild)
         monkeypatch.delenv("RAY_ADDRESS", raising=False)
-        code = simulate.main(["--app", str(ROOT), "--num-supernodes", "2", "--ray-address", address,
-                              "--backend-config", '{"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}}',
-                              "--run-config", f'output-dir="{tmp_path}" max-images=128'])
+        code = simulate.main(
+            [
+                "--app",
+                str(ROOT),
+                "--num-supernodes",
+                "2",
+                "--ray-address",
+                address,
+                "--backend-config",
+                '{"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}}',
+                "--run-config",
+                f'output-dir="{tmp_path}" max-images=128',
+            ]
+        )
     assert code == 0
     assert captured["env"]["RAY_ADDRESS"] == address and "RAY_ADDRESS" not in os.environ
     backend = json.loads(captured["argv"][captured["argv"].index("--backend-config") + 1])
@@ -85,9 +96,20 @@ def free_ports(n: int) -> list[int]:
 def node_ports() -> list[str]:
     """Private ports for one node's Ray processes (two nodes on one machine must not share the defaults)."""
     p = free_ports(6)
-    return ["--node-manager-port", str(p[0]), "--object-manager-port", str(p[1]), "--dashboard-agent-listen-port",
-            str(p[2]), "--dashboard-agent-grpc-port", str(p[3]), "--runtime-env-agent-port", str(p[4]),
-            "--metrics-export-port", str(p[5])]
+    return [
+        "--node-manager-port",
+        str(p[0]),
+        "--object-manager-port",
+        str(p[1]),
+        "--dashboard-agent-listen-port",
+        str(p[2]),
+        "--dashboard-agent-grpc-port",
+        str(p[3]),
+        "--runtime-env-agent-port",
+        str(p[4]),
+        "--metrics-export-port",
+        str(p[5]),
+    ]
 
 
 def ray_processes(marks: list[str]) -> list[int]:
@@ -103,17 +125,24 @@ def ray_processes(marks: list[str]) -> list[int]:
 
 def cluster_nodes(address: str, want: int, timeout: float = 120) -> dict[str, dict]:
     """{node id: resources} of the cluster's live nodes once `want` are up (asked from a separate driver)."""
-    probe = ("import json, sys, time, ray\n"
-             "ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False)\n"
-             "t0 = time.time()\n"
-             "while True:\n"
-             "    nodes = {n['NodeID']: n['Resources'] for n in ray.nodes() if n['Alive']}\n"
-             "    if len(nodes) >= int(sys.argv[2]) or time.time() - t0 > float(sys.argv[3]):\n"
-             "        break\n"
-             "    time.sleep(0.5)\n"
-             "print(json.dumps(nodes))\n")
-    out = subprocess.run([sys.executable, "-c", probe, address, str(want), str(timeout)], capture_output=True,
-                         text=True, timeout=timeout + 60, env={**os.environ, "RAY_ADDRESS": ""})
+    probe = (
+        "import json, sys, time, ray\n"
+        "ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False)\n"
+        "t0 = time.time()\n"
+        "while True:\n"
+        "    nodes = {n['NodeID']: n['Resources'] for n in ray.nodes() if n['Alive']}\n"
+        "    if len(nodes) >= int(sys.argv[2]) or time.time() - t0 > float(sys.argv[3]):\n"
+        "        break\n"
+        "    time.sleep(0.5)\n"
+        "print(json.dumps(nodes))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe, address, str(want), str(timeout)],
+        capture_output=True,
+        text=True,
+        timeout=timeout + 60,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -128,11 +157,33 @@ def ray_cluster(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     starts = []
     try:
-        starts.append(subprocess.Popen(
-            [RAY, "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1", "--temp-dir", str(temp),
-             "--include-dashboard", "false", "--ray-client-server-port", str(client_port), "--resources",
-             '{"head": 1}', *common, *node_ports()], stdout=(tmp_path / "head.log").open("w"),
-            stderr=subprocess.STDOUT, start_new_session=True, env=env))
+        starts.append(
+            subprocess.Popen(
+                [
+                    RAY,
+                    "start",
+                    "--head",
+                    "--port",
+                    str(port),
+                    "--node-ip-address",
+                    "127.0.0.1",
+                    "--temp-dir",
+                    str(temp),
+                    "--include-dashboard",
+                    "false",
+                    "--ray-client-server-port",
+                    str(client_port),
+                    "--resources",
+                    '{"head": 1}',
+                    *common,
+                    *node_ports(),
+                ],
+                stdout=(tmp_path / "head.log").open("w"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=env,
+            )
+        )
         deadline = time.time() + 90
         while True:  # the head's GCS accepts connections
             assert starts[0].poll() is None, (tmp_path / "head.log").read_text()[-3000:]
@@ -142,9 +193,15 @@ def ray_cluster(tmp_path):
                 break
             except Exception:
                 time.sleep(0.5)
-        starts.append(subprocess.Popen(
-            [RAY, "start", "--address", address, "--node-ip-address", "127.0.0.1", *common, *node_ports()],
-            stdout=(tmp_path / "node.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True, env=env))
+        starts.append(
+            subprocess.Popen(
+                [RAY, "start", "--address", address, "--node-ip-address", "127.0.0.1", *common, *node_ports()],
+                stdout=(tmp_path / "node.log").open("w"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=env,
+            )
+        )
         nodes = cluster_nodes(address, 2)
         assert len(nodes) == 2, (nodes, (tmp_path / "node.log").read_text()[-3000:])
         yield {"address": address, "nodes": nodes, "marks": [str(temp), address]}
@@ -178,9 +235,20 @@ def test_simulation_attached_to_a_two_node_ray_cluster_uses_both_nodes_and_match
 
     ref = reference_run(tmp_path)  # 2 clients x 2 rounds on a private single-node Ray (made once per session)
     out = tmp_path / "attached"
-    code = simulate.main(["--app", str(ROOT), "--num-supernodes", "2", "--ray-address", ray_cluster["address"],
-                          "--run-config", f'{SMALL} output-dir="{out}"',
-                          "--backend-config", '{"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}'])
+    code = simulate.main(
+        [
+            "--app",
+            str(ROOT),
+            "--num-supernodes",
+            "2",
+            "--ray-address",
+            ray_cluster["address"],
+            "--run-config",
+            f'{SMALL} output-dir="{out}"',
+            "--backend-config",
+            '{"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}',
+        ]
+    )
     assert code == 0
     run = RunDir(out / "e2e")
     assert run.read_status()["status"] == "completed"

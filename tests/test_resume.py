@@ -16,14 +16,23 @@ import numpy as np
 import pytest
 import torch
 
-from fl_ietagc.checkpoints import load_checkpoint
-from fl_ietagc.config import ConfigError, parse_config
-from fl_ietagc.rundir import RunDir, RunExistsError
+from fl_ietagc.runs.checkpoints import load_checkpoint
+from fl_ietagc.runs.rundir import RunDir, RunExistsError
+from fl_ietagc.settings.config import ConfigError, parse_config
 from tests.local_grid import run_server
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = {"max-images": 128, "batch-size": 32, "local-epochs": 1, "num-server-rounds": 3, "diffusion-steps": 20,
-         "agc-lambda": 1.2, "warmup-steps": 6, "sample-count": 4, "sample-steps": 2}
+SMALL = {
+    "max-images": 128,
+    "batch-size": 32,
+    "local-epochs": 1,
+    "num-server-rounds": 3,
+    "diffusion-steps": 20,
+    "agc-lambda": 1.2,
+    "warmup-steps": 6,
+    "sample-count": 4,
+    "sample-steps": 2,
+}
 RET = {**SMALL, "strategy": "fedadam", "ret-every": 1, "ret-fraction": 0.25, "taa": True}
 
 
@@ -38,8 +47,14 @@ def in_process(config: dict, k: int = 2):
 def killed(config: dict, fault: str, k: int = 2) -> int:
     """Run the app in a subprocess with FL_IETAGC_FAULT=fault; returns its exit code."""
     env = {**os.environ, "FL_IETAGC_FAULT": fault}
-    proc = subprocess.run([sys.executable, "-m", "tests.local_grid", str(k), json.dumps(config)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.local_grid", str(k), json.dumps(config)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return proc.returncode
 
 
@@ -56,8 +71,9 @@ def assert_same_run(ref: RunDir, run: RunDir) -> None:
     assert_same_weights(ref.final_checkpoint, run.final_checkpoint)
     for r in (1, 2, 3):
         assert_same_weights(ref.checkpoint(r), run.checkpoint(r))
-    strip = lambda ms: [{k: v for k, v in m.items() if k not in ("elapsed-s", "client-seconds-max", "clients", "timing")}
-                        for m in ms]
+    strip = lambda ms: [
+        {k: v for k, v in m.items() if k not in ("elapsed-s", "client-seconds-max", "clients", "timing")} for m in ms
+    ]
     assert strip(run.read_metrics()) == strip(ref.read_metrics())
     assert np.array_equal(np.load(run.skip_counts_path), np.load(ref.skip_counts_path))
     assert all(np.array_equal(a, b) for a, b in zip(run.read_shards(), ref.read_shards()))
@@ -124,13 +140,13 @@ def centralized_cfg(tmp_path, name):
 
 
 def test_centralized_killed_and_resumed_is_bit_identical(tmp_path):
-    from fl_ietagc.centralized import run_centralized
+    from fl_ietagc.loops.centralized import run_centralized
 
     ref = run_centralized(centralized_cfg(tmp_path, "ref"), match_federated=2, progress=False)
     code = """
 import sys, torch
-from fl_ietagc.centralized import run_centralized
-from fl_ietagc.config import parse_config
+from fl_ietagc.loops.centralized import run_centralized
+from fl_ietagc.settings.config import parse_config
 import json
 torch.set_num_threads(2)
 cfg = parse_config(json.loads(sys.argv[1]))
@@ -140,8 +156,12 @@ run_centralized(cfg, match_federated=2, progress=False, resume=sys.argv[2] or No
     run = RunDir(tmp_path / "killed")
 
     def go(fault, resume=""):
-        return subprocess.run([sys.executable, "-c", code, json.dumps(cfg.to_dict()), resume], cwd=ROOT,
-                              env={**os.environ, "FL_IETAGC_FAULT": fault}, capture_output=True).returncode
+        return subprocess.run(
+            [sys.executable, "-c", code, json.dumps(cfg.to_dict()), resume],
+            cwd=ROOT,
+            env={**os.environ, "FL_IETAGC_FAULT": fault},
+            capture_output=True,
+        ).returncode
 
     assert go("mid-commit:2") == -signal.SIGKILL
     assert go("between-rounds:2", str(run.path)) == -signal.SIGKILL
@@ -152,7 +172,7 @@ run_centralized(cfg, match_federated=2, progress=False, resume=sys.argv[2] or No
 
 def test_the_flower_free_loop_writes_the_same_run_directory_and_resumes(tmp_path):
     """iet_loop commits through the same RunDir; stopped after round 2 and continued, it ends as the app does."""
-    from fl_ietagc.iet_loop import run_iet_loop
+    from fl_ietagc.loops.iet import run_iet_loop
 
     cfg = parse_config({**SMALL, "sample-count": 0, "output-dir": str(tmp_path), "run-name": "loop"})
     torch.set_num_threads(1)

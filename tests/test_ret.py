@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from fl_ietagc.ret import redistribute, taa_strength, translate
-from fl_ietagc.trainer import TrainState
+from fl_ietagc.training.ret import redistribute, taa_strength, translate
+from fl_ietagc.training.trainer import TrainState
 
 
 def shards_and_counts():
@@ -29,10 +29,16 @@ def test_redistribution_moves_the_most_skipped_and_keeps_a_partition():
 
 
 # the exact shards of shards_and_counts() after one event: movers {3, 7}, {12, 15}, {21, 25}
-SHIFT_1 = [[0, 1, 2, 4, 5, 6, 8, 9, 21, 25], [3, 7, 10, 11, 13, 14, 16, 17, 18, 19],
-           [12, 15, 20, 22, 23, 24, 26, 27, 28, 29]]
-SHIFT_2 = [[0, 1, 2, 4, 5, 6, 8, 9, 12, 15], [10, 11, 13, 14, 16, 17, 18, 19, 21, 25],
-           [3, 7, 20, 22, 23, 24, 26, 27, 28, 29]]
+SHIFT_1 = [
+    [0, 1, 2, 4, 5, 6, 8, 9, 21, 25],
+    [3, 7, 10, 11, 13, 14, 16, 17, 18, 19],
+    [12, 15, 20, 22, 23, 24, 26, 27, 28, 29],
+]
+SHIFT_2 = [
+    [0, 1, 2, 4, 5, 6, 8, 9, 12, 15],
+    [10, 11, 13, 14, 16, 17, 18, 19, 21, 25],
+    [3, 7, 20, 22, 23, 24, 26, 27, 28, 29],
+]
 
 
 def test_redistribution_is_deterministic_and_varies_destination_by_event():
@@ -51,8 +57,10 @@ def test_ties_are_broken_by_the_seed_only():
     assert moved[0] == moved[1] and len(moved[0]) == 3
     # the seed picks which tied images move (not their position in the shard: that would give (0, 1, 2))
     assert moved[0] == (1, 4, 5) and moved[2] == (0, 3, 7)
-    assert [s.tolist() for s in redistribute(shards, zero, 0.3, 1, 2)] == \
-        [[1, 2, 4, 5, 6, 8, 9, 13, 14, 18], [0, 3, 7, 10, 11, 12, 15, 16, 17, 19]]
+    assert [s.tolist() for s in redistribute(shards, zero, 0.3, 1, 2)] == [
+        [1, 2, 4, 5, 6, 8, 9, 13, 14, 18],
+        [0, 3, 7, 10, 11, 12, 15, 16, 17, 19],
+    ]
     # a higher skip count always beats the tie-break
     counts = zero.copy()
     counts[[9, 8, 19]] = 1
@@ -94,8 +102,7 @@ def test_taa_strength_on_a_fixed_batch():
     # below thr: skipped, 0 | at thr: 1 | halfway in [thr, 1.5 thr): 0.5 | at 1.5 thr: 0 | empty bank: 0
     # | 2.0 with thr 4: skipped, 0
     torch.testing.assert_close(taa_strength(losses, threshold, gamma=1.5), torch.tensor([0, 1, 0.5, 0, 0, 0.0]))
-    torch.testing.assert_close(taa_strength(torch.tensor([1.1]), torch.tensor([1.0]), gamma=2.0),
-                               torch.tensor([0.9]))
+    torch.testing.assert_close(taa_strength(torch.tensor([1.1]), torch.tensor([1.0]), gamma=2.0), torch.tensor([0.9]))
 
 
 def test_translation_is_an_integer_shift_bounded_by_strength():
@@ -105,8 +112,12 @@ def test_translation_is_an_integer_shift_bounded_by_strength():
     out = translate(x, torch.tensor([1.0, 0.0]), 2, gen)
     assert torch.equal(out[1], x[1])  # strength 0: untouched
     padded = torch.nn.functional.pad(x[:1], (2, 2, 2, 2), mode="reflect")[0, 0]
-    matches = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
-               if torch.equal(out[0, 0], padded[2 - dy:10 - dy, 2 - dx:10 - dx])]
+    matches = [
+        (dy, dx)
+        for dy in range(-2, 3)
+        for dx in range(-2, 3)
+        if torch.equal(out[0, 0], padded[2 - dy : 10 - dy, 2 - dx : 10 - dx])
+    ]
     assert len(matches) == 1
 
 
@@ -121,17 +132,32 @@ def test_state_remap_keeps_records_of_images_that_stay():
 
 @pytest.mark.slow
 def test_ret_run_redistributes_between_rounds(tmp_path):
-    from experiments import simulate
-    from fl_ietagc.checkpoints import load_torch
-    from fl_ietagc.rundir import RunDir
-    from fl_ietagc.config import parse_config
-    from fl_ietagc.shards import shards_for_config
+    from experiments.launch import simulate
+    from fl_ietagc.data.shards import shards_for_config
+    from fl_ietagc.runs.checkpoints import load_torch
+    from fl_ietagc.runs.rundir import RunDir
+    from fl_ietagc.settings.config import parse_config
 
-    overrides = ('max-images=256 batch-size=32 local-epochs=2 num-server-rounds=2 diffusion-steps=20 '
-                 'agc-lambda=1.2 ret-every=1 ret-fraction=0.25 taa=true sample-count=0 '
-                 f'output-dir="{tmp_path}" run-name="ret"')
-    assert simulate.main(["--app", ".", "--num-supernodes", "2", "--backend-config",
-                          '{"client_resources": {"num_cpus": 1}}', "--run-config", overrides]) == 0
+    overrides = (
+        "max-images=256 batch-size=32 local-epochs=2 num-server-rounds=2 diffusion-steps=20 "
+        "agc-lambda=1.2 ret-every=1 ret-fraction=0.25 taa=true sample-count=0 "
+        f'output-dir="{tmp_path}" run-name="ret"'
+    )
+    assert (
+        simulate.main(
+            [
+                "--app",
+                ".",
+                "--num-supernodes",
+                "2",
+                "--backend-config",
+                '{"client_resources": {"num_cpus": 1}}',
+                "--run-config",
+                overrides,
+            ]
+        )
+        == 0
+    )
     run = RunDir(tmp_path / "ret")
     metrics = run.read_metrics()
     assert metrics[0]["ret-moved"] == 2 * 32 and metrics[1]["ret-moved"] == 0  # none after the last round
@@ -148,34 +174,52 @@ def test_ret_run_redistributes_between_rounds(tmp_path):
 def test_the_flower_free_loop_runs_ret_exactly_as_the_app(tmp_path):
     """RET's redistribution and TAA in `run_iet_loop` (used by the small-data study) are the app's: same shards after
     each event, same per-image records, bit-identical weights after 3 rounds with 2 redistributions."""
-    from fl_ietagc.config import parse_config
-    from fl_ietagc.iet_loop import run_iet_loop
-    from fl_ietagc.rundir import RunDir
+    from fl_ietagc.loops.iet import run_iet_loop
+    from fl_ietagc.runs.rundir import RunDir
+    from fl_ietagc.settings.config import parse_config
     from tests.local_grid import run_server
 
-    conf = {"max-images": 128, "batch-size": 32, "local-epochs": 1, "num-server-rounds": 3, "diffusion-steps": 20,
-            "agc-lambda": 1.2, "warmup-steps": 6, "sample-count": 0, "ret-every": 1, "ret-fraction": 0.25,
-            "taa": True, "output-dir": str(tmp_path)}
+    conf = {
+        "max-images": 128,
+        "batch-size": 32,
+        "local-epochs": 1,
+        "num-server-rounds": 3,
+        "diffusion-steps": 20,
+        "agc-lambda": 1.2,
+        "warmup-steps": 6,
+        "sample-count": 0,
+        "ret-every": 1,
+        "ret-fraction": 0.25,
+        "taa": True,
+        "output-dir": str(tmp_path),
+    }
     torch.set_num_threads(1)
     try:
         grid = run_server({**conf, "run-name": "app"}, 2)
-        loop = run_iet_loop(parse_config({**conf, "run-name": "loop"}), 2, torch.device("cpu"),
-                            RunDir.create(str(tmp_path), "loop", ""))
+        loop = run_iet_loop(
+            parse_config({**conf, "run-name": "loop"}), 2, torch.device("cpu"), RunDir.create(str(tmp_path), "loop", "")
+        )
     finally:
         torch.set_num_threads(2)
     app, mine = RunDir(tmp_path / "app"), RunDir(tmp_path / "loop")
     # each client is told its own shard only, once RET has moved images (after rounds 1 and 2)
-    assert sorted(grid.shard_keys) == [(1, 0, []), (1, 1, []), (2, 0, ["shard-0"]), (2, 1, ["shard-1"]),
-                               (3, 0, ["shard-0"]), (3, 1, ["shard-1"])]
+    assert sorted(grid.shard_keys) == [
+        (1, 0, []),
+        (1, 1, []),
+        (2, 0, ["shard-0"]),
+        (2, 1, ["shard-1"]),
+        (3, 0, ["shard-0"]),
+        (3, 1, ["shard-1"]),
+    ]
     assert [m["ret-moved"] for m in mine.read_metrics()] == [m["ret-moved"] for m in app.read_metrics()] == [32, 32, 0]
     assert [s.tolist() for s in mine.read_shards()] == [s.tolist() for s in app.read_shards()]
     for pid in (0, 1):
-        from fl_ietagc.checkpoints import load_torch
+        from fl_ietagc.runs.checkpoints import load_torch
 
         state = load_torch(app.client_state(pid, 3), "client state")
         assert state["image_ids"].tolist() == loop.states[pid].image_ids.tolist()
         assert torch.equal(state["aug_strength"], loop.states[pid].aug_strength)
-    from fl_ietagc.checkpoints import load_checkpoint
+    from fl_ietagc.runs.checkpoints import load_checkpoint
 
     final = load_checkpoint(app.final_checkpoint)
     for k in loop.net:
@@ -184,7 +228,7 @@ def test_the_flower_free_loop_runs_ret_exactly_as_the_app(tmp_path):
 
 
 def test_shard_assignment_tells_each_client_its_own_shard_once_redistributed():
-    from fl_ietagc.ret import ShardAssignment
+    from fl_ietagc.training.ret import ShardAssignment
 
     a = ShardAssignment([np.array([0, 1]), np.array([2, 3])])
     assert a.instruction(0) == {} and a.instruction(None) == {}  # from the config until RET moves images

@@ -17,15 +17,26 @@ import warnings
 import pytest
 import torch
 
-from fl_ietagc import evaluate as ev
-from fl_ietagc import inception_quality as fid
 from fl_ietagc.cli import main as cli
-from fl_ietagc.config import parse_config
-from fl_ietagc.inception_quality import (CACHE_FORMAT, FidCacheWarning, InceptionWeightsError, UnsafeFileError, compute_quality,
-                           inception_state_shapes, load_inception_weights, safe_torch_load, weights_fingerprint)
+from fl_ietagc.evaluation import evaluate as ev
+from fl_ietagc.evaluation import inception_quality as fid
+from fl_ietagc.evaluation.inception_quality import (
+    CACHE_FORMAT,
+    FidCacheWarning,
+    InceptionWeightsError,
+    UnsafeFileError,
+    compute_quality,
+    inception_state_shapes,
+    load_inception_weights,
+    safe_torch_load,
+    weights_fingerprint,
+)
+from fl_ietagc.settings.config import parse_config
 
-REFUSED_OPEN = ("refused: unpickling this {what} would run code or build objects other than tensors (Unsupported "
-                "global: GLOBAL io.open was not an allowed global by default); only plain tensor files are loaded")
+REFUSED_OPEN = (
+    "refused: unpickling this {what} would run code or build objects other than tensors (Unsupported "
+    "global: GLOBAL io.open was not an allowed global by default); only plain tensor files are loaded"
+)
 
 
 class _OpensMarker:
@@ -94,6 +105,7 @@ def cheap_fid(monkeypatch):
 
 # --- the loader ---------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("how", ["torch.save", "pickle"])
 def test_safe_torch_load_refuses_a_pickle_that_would_run_code(tmp_path, how):
     marker = tmp_path / "ran"
@@ -120,25 +132,34 @@ def test_safe_torch_load_names_unreadable_files(tmp_path):
     assert str(e.value) == f"{empty}: empty file"
     with pytest.raises(ValueError) as e:
         safe_torch_load(truncated, truncated, "test file")
-    assert str(e.value).startswith(f"{truncated}: not a readable test file (RuntimeError: PytorchStreamReader "
-                                   f"failed reading zip archive: failed finding central directory.")
+    assert str(e.value).startswith(
+        f"{truncated}: not a readable test file (RuntimeError: PytorchStreamReader "
+        f"failed reading zip archive: failed finding central directory."
+    )
     assert str(e.value).endswith(")") and "\n" not in str(e.value)
     assert not isinstance(e.value, UnsafeFileError)
     with pytest.raises(UnsafeFileError) as e:  # not a tensor file: refused, with no claim that it holds code
         safe_torch_load(junk, junk, "test file")
-    assert str(e.value) == (f"{junk}: refused: not a plain tensor file (Unsupported operand 0); only plain tensor "
-                            f"files are loaded")
+    assert str(e.value) == (
+        f"{junk}: refused: not a plain tensor file (Unsupported operand 0); only plain tensor files are loaded"
+    )
 
 
 # --- Inception weights --------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("how", ["torch.save", "pickle"])
 def test_malicious_weights_are_refused_before_torch_fidelity(tmp_path, no_fidelity, how):
     marker = tmp_path / "ran"
     weights = malicious(tmp_path / "weights-inception-2015-12-05-6726825d.pth", marker, how)
     with pytest.raises(InceptionWeightsError) as e:  # a FidUnavailable: evaluate reports it, nothing crashes
-        compute_quality(tiny_images(2, 0), tiny_images(2, 1), reference_key="k", weights_path=str(weights),
-                        cache_root=str(tmp_path / "cache"))
+        compute_quality(
+            tiny_images(2, 0),
+            tiny_images(2, 1),
+            reference_key="k",
+            weights_path=str(weights),
+            cache_root=str(tmp_path / "cache"),
+        )
     assert str(e.value) == f"Inception weights {weights}: " + REFUSED_OPEN.format(what="Inception weights file")
     assert not marker.exists()
     assert not (tmp_path / "cache").exists()
@@ -150,9 +171,11 @@ def test_weights_of_another_network_are_refused_by_name(tmp_path):
     with pytest.raises(InceptionWeightsError) as e:
         load_inception_weights(str(other))
     missing = len(inception_state_shapes()) - 1  # all but fc.weight
-    assert str(e.value) == (f"Inception weights {other}: not torch-fidelity's InceptionV3 weights ({missing} missing "
-                            f"keys (e.g. Conv2d_1a_3x3.bn.bias); 1 wrong shapes (e.g. fc.weight: (3, 3), expected "
-                            f"(1008, 2048)))")
+    assert str(e.value) == (
+        f"Inception weights {other}: not torch-fidelity's InceptionV3 weights ({missing} missing "
+        f"keys (e.g. Conv2d_1a_3x3.bn.bias); 1 wrong shapes (e.g. fc.weight: (3, 3), expected "
+        f"(1008, 2048)))"
+    )
     notdict = tmp_path / "list.pth"
     torch.save([torch.zeros(1)], notdict)
     with pytest.raises(InceptionWeightsError) as e:
@@ -171,8 +194,9 @@ def test_torch_fidelity_gets_the_verified_tensors_never_the_path(weights, tmp_pa
 
     monkeypatch.setattr(torch_fidelity, "calculate_metrics", capture)
     with pytest.raises(RuntimeError, match="stop"):
-        compute_quality(tiny_images(2, 0), tiny_images(2, 1), reference_key="k", weights_path=weights,
-                        cache_root=str(tmp_path))
+        compute_quality(
+            tiny_images(2, 0), tiny_images(2, 1), reference_key="k", weights_path=weights, cache_root=str(tmp_path)
+        )
     given = seen["feature_extractor_weights_path"]
     assert isinstance(given, io.BytesIO)  # in-memory bytes we serialised, not a file torch-fidelity would open
     state = torch.load(given, weights_only=True)
@@ -189,10 +213,10 @@ def test_torch_fidelity_gets_the_verified_tensors_never_the_path(weights, tmp_pa
 
 # --- the feature / statistics cache -------------------------------------------------------------------------------
 
+
 def cache_files(root, weights, key):
     base = root / weights_fingerprint(weights)[:16]
-    return (base / f"{key}-inception-v3-compat-stat-fid-2048.pt",
-            base / f"{key}-inception-v3-compat-features-2048.pt")
+    return (base / f"{key}-inception-v3-compat-stat-fid-2048.pt", base / f"{key}-inception-v3-compat-features-2048.pt")
 
 
 def test_malicious_statistics_cache_is_refused_without_running_and_rebuilt(weights, tmp_path, cheap_fid):
@@ -209,7 +233,8 @@ def test_malicious_statistics_cache_is_refused_without_running_and_rebuilt(weigh
     assert cheap_fid == [2, 3]  # the reference went through the network: nothing of the planted files was used
     assert [str(w.message) for w in caught] == [
         f"{stats}: " + REFUSED_OPEN.format(what="FID cache file") + "; ignoring it and rebuilding it",
-        f"{features}: " + REFUSED_OPEN.format(what="FID cache file") + "; ignoring it and rebuilding it"]
+        f"{features}: " + REFUSED_OPEN.format(what="FID cache file") + "; ignoring it and rebuilding it",
+    ]
     assert not marker.exists()
     for path in (stats, features):  # rebuilt in the safe format
         assert torch.load(path, weights_only=True)["format"] == CACHE_FORMAT
@@ -219,13 +244,16 @@ def test_malicious_statistics_cache_is_refused_without_running_and_rebuilt(weigh
     assert cheap_fid == [2, 3, 2] and again["fid"] == first["fid"]
 
 
-@pytest.mark.parametrize("content, reason", [
-    (b"", "empty file"),
-    (b"\x00garbage", "refused: not a plain tensor file (Unsupported operand 0)"),
-    ("truncated", "not a readable FID cache file (RuntimeError: PytorchStreamReader failed"),
-    ("torch-fidelity", "not an fl-ietagc FID cache file (expected format fl-ietagc-fidelity-cache/1)"),
-    ("bad-shape", "corrupt FID cache file (unexpected content)"),
-])
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (b"", "empty file"),
+        (b"\x00garbage", "refused: not a plain tensor file (Unsupported operand 0)"),
+        ("truncated", "not a readable FID cache file (RuntimeError: PytorchStreamReader failed"),
+        ("torch-fidelity", "not an fl-ietagc FID cache file (expected format fl-ietagc-fidelity-cache/1)"),
+        ("bad-shape", "corrupt FID cache file (unexpected content)"),
+    ],
+)
 def test_corrupt_cache_file_is_rebuilt_with_a_warning_naming_it(tmp_path, content, reason):
     import numpy as np
 
@@ -261,13 +289,14 @@ def test_corrupt_cache_file_is_rebuilt_with_a_warning_naming_it(tmp_path, conten
 
 # --- the evaluate command -----------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A completed run directory as centralized training leaves it (config, status, final checkpoint), with untrained
     weights: evaluate's checks are all that run here, so no training is needed."""
-    from fl_ietagc.checkpoints import save_checkpoint
-    from fl_ietagc.models import build_for_config
-    from fl_ietagc.rundir import RunDir
+    from fl_ietagc.runs.checkpoints import save_checkpoint
+    from fl_ietagc.runs.rundir import RunDir
+    from fl_ietagc.training.run_model import build_for_config
 
     cfg = parse_config({"max-images": 40, "sample-count": 0})
     run = RunDir(tmp_path_factory.mktemp("runs") / "tiny")
@@ -291,19 +320,24 @@ def test_evaluate_refuses_malicious_fid_weights_before_sampling(tiny_run, tmp_pa
     marker = tmp_path / "ran"
     weights = malicious(tmp_path / "inception.pth", marker)
     assert cli(["evaluate", str(tiny_run.path), "--fid-weights", str(weights), "--k", "5"]) == 2
-    assert capsys.readouterr().err == (f"fl-ietagc evaluate: --fid-weights {weights}: "
-                                       + REFUSED_OPEN.format(what="Inception weights file") + "\n")
+    assert capsys.readouterr().err == (
+        f"fl-ietagc evaluate: --fid-weights {weights}: " + REFUSED_OPEN.format(what="Inception weights file") + "\n"
+    )
     assert not marker.exists()
 
 
-def test_evaluate_refuses_malicious_weights_named_by_the_environment(tiny_run, tmp_path, no_sampling, capsys,
-                                                                     monkeypatch):
+def test_evaluate_refuses_malicious_weights_named_by_the_environment(
+    tiny_run, tmp_path, no_sampling, capsys, monkeypatch
+):
     marker = tmp_path / "ran"
     weights = malicious(tmp_path / "inception.pth", marker)
     monkeypatch.setenv(fid.WEIGHTS_ENV, str(weights))
     assert cli(["evaluate", str(tiny_run.path), "--k", "5"]) == 2
-    assert capsys.readouterr().err == (f"fl-ietagc evaluate: ${fid.WEIGHTS_ENV}={weights}: "
-                                       + REFUSED_OPEN.format(what="Inception weights file") + "\n")
+    assert capsys.readouterr().err == (
+        f"fl-ietagc evaluate: ${fid.WEIGHTS_ENV}={weights}: "
+        + REFUSED_OPEN.format(what="Inception weights file")
+        + "\n"
+    )
     assert not marker.exists()
 
 
@@ -314,8 +348,10 @@ def test_evaluate_refuses_a_malicious_checkpoint_before_sampling(tiny_run, tmp_p
     malicious(run / "checkpoints" / "final.pt", marker)
     assert cli(["evaluate", str(run), "--no-fid", "--k", "5"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"fl-ietagc evaluate: {run / 'checkpoints' / 'final.pt'}: not a readable checkpoint "
-                          f"(UnpicklingError: Weights only load failed.")
+    assert err.startswith(
+        f"fl-ietagc evaluate: {run / 'checkpoints' / 'final.pt'}: not a readable checkpoint "
+        f"(UnpicklingError: Weights only load failed."
+    )
     assert err.count("\n") == 1 and not marker.exists()
 
 

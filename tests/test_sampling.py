@@ -4,8 +4,8 @@ from types import SimpleNamespace
 
 import torch
 
-from fl_ietagc.diffusion import Diffusion, sample
-from fl_ietagc.models import build_unet
+from fl_ietagc.training.diffusion import Diffusion, sample
+from fl_ietagc.training.models import build_unet
 
 
 class PointMassEps(torch.nn.Module):

@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-from experiments.studies import main as study
-from fl_ietagc.checkpoints import load_checkpoint
-from fl_ietagc.rundir import RunDir
+from experiments.studies.cli import main as study
+from fl_ietagc.runs.checkpoints import load_checkpoint
+from fl_ietagc.runs.rundir import RunDir
 
 
 @pytest.mark.slow
@@ -35,13 +35,17 @@ def test_sd_finetune_smoke_trains_evaluates_and_compares_three_runs(tmp_path, ca
         assert results["memorization"]["embedder"] == "latent-cosine"  # no --sscd: the fallback, named as such
         assert results["clip_score"].startswith("not measured")
     assert steps["plain-finetune"] == steps["iet-agc"] == steps["ret"] == steps["iet-agc-lora"]  # equal steps
-    assert RunDir(d / "ret").read_metrics()[0]["ret-moved"] > 0 and RunDir(d / "iet-agc").read_config()["num_clients"] == 2
+    assert (
+        RunDir(d / "ret").read_metrics()[0]["ret-moved"] > 0 and RunDir(d / "iet-agc").read_config()["num_clients"] == 2
+    )
     table = json.loads((d / "comparison.json").read_text())  # fl-ietagc compare's, relative to plain fine-tuning
     assert table["runs"] == ["plain-finetune", "iet-agc", "ret", "iet-agc-lora"]
-    assert set(load_checkpoint(RunDir(d / "iet-agc-lora").final_checkpoint)["net"]) == \
-        {k for k in load_checkpoint(RunDir(d / "iet-agc-lora").final_checkpoint)["ema"]} and \
-        all(".lora_" in k for k in load_checkpoint(RunDir(d / "iet-agc-lora").final_checkpoint)["net"])
-    assert table["metrics"]["null: latent-cosine mean top-1"][0] == table["metrics"]["null: latent-cosine mean top-1"][1]
+    assert set(load_checkpoint(RunDir(d / "iet-agc-lora").final_checkpoint)["net"]) == {
+        k for k in load_checkpoint(RunDir(d / "iet-agc-lora").final_checkpoint)["ema"]
+    } and all(".lora_" in k for k in load_checkpoint(RunDir(d / "iet-agc-lora").final_checkpoint)["net"])
+    assert (
+        table["metrics"]["null: latent-cosine mean top-1"][0] == table["metrics"]["null: latent-cosine mean top-1"][1]
+    )
     assert table["metrics"]["CLIP score"] == [None, None, None, None]
 
 
@@ -54,8 +58,8 @@ def test_sd_finetune_full_needs_a_checkpoint_and_pairs(tmp_path, capsys):
 
 
 def test_sd_finetune_estimate_gives_each_runs_message_and_client_state(tmp_path):
-    from experiments.sd_finetune import estimate, plan, smoke_inputs, SMOKE
-    from fl_ietagc.config import parse_config
+    from experiments.studies.sd_finetune import SMOKE, estimate, plan, smoke_inputs
+    from fl_ietagc.settings.config import parse_config
 
     parts, pairs = smoke_inputs(tmp_path)
     cfg = parse_config({**SMOKE, "pretrained-dir": str(parts), "data-root": str(pairs)})
@@ -65,5 +69,5 @@ def test_sd_finetune_estimate_gives_each_runs_message_and_client_state(tmp_path)
     assert rows["iet-agc-lora"]["trained_parameters"] == lora
     assert rows["iet-agc"]["message_mb"] == 2 * 4 * full / 1e6 and rows["iet-agc-lora"]["message_mb"] == 8 * lora / 1e6
     assert rows["plain-finetune"]["message_mb"] == 0.0  # centralized: no messages
-    assert rows["iet-agc-lora"]["state_mib"] == 20 * lora / 2 ** 20  # weights, EMA, grads (4 B each), Adam (8 B)
-    assert rows["iet-agc-lora"]["frozen_base_mib"] == 4 * (full) / 2 ** 20 and rows["iet-agc"]["frozen_base_mib"] == 0
+    assert rows["iet-agc-lora"]["state_mib"] == 20 * lora / 2**20  # weights, EMA, grads (4 B each), Adam (8 B)
+    assert rows["iet-agc-lora"]["frozen_base_mib"] == 4 * (full) / 2**20 and rows["iet-agc"]["frozen_base_mib"] == 0

@@ -9,19 +9,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fl_ietagc import protocol as P
-from fl_ietagc.checkpoints import load_checkpoint
-from fl_ietagc.config import ConfigError, parse_config
-from fl_ietagc.rundir import RunDir
-from fl_ietagc.secure_sum import error_bound, max_weight, shares_and_threshold
+from fl_ietagc.federation import protocol as P
+from fl_ietagc.federation.secure_sum import error_bound, max_weight, shares_and_threshold
+from fl_ietagc.runs.checkpoints import load_checkpoint
+from fl_ietagc.runs.rundir import RunDir
+from fl_ietagc.settings.config import ConfigError, parse_config
 from tests.local_grid import LocalGrid, run_server
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 3
-SMALL = {"max-images": 96, "batch-size": 32, "local-epochs": 1, "num-server-rounds": 1, "diffusion-steps": 20,
-         "agc-lambda": 1.2, "warmup-steps": 0, "sample-count": 0, "num-clients": K}
+SMALL = {
+    "max-images": 96,
+    "batch-size": 32,
+    "local-epochs": 1,
+    "num-server-rounds": 1,
+    "diffusion-steps": 20,
+    "agc-lambda": 1.2,
+    "warmup-steps": 0,
+    "sample-count": 0,
+    "num-clients": K,
+}
 SECURE = {"secure-aggregation": "secaggplus"}
-C, Q = 8.0, 2 ** 22  # the defaults of secagg-clipping-range / secagg-quantization-range
+C, Q = 8.0, 2**22  # the defaults of secagg-clipping-range / secagg-quantization-range
 
 
 class RecordingGrid(LocalGrid):
@@ -55,7 +64,7 @@ def assert_within(secure, plain, bound, k):
     for key, p in plain.items():
         s = secure[key].astype(np.float64)
         p = p.astype(np.float64)
-        slack = bound + (k + 2) * 2.0 ** -24 * np.maximum(np.abs(s), np.abs(p))
+        slack = bound + (k + 2) * 2.0**-24 * np.maximum(np.abs(s), np.abs(p))
         assert (np.abs(s - p) <= slack).all(), key
         worst = max(worst, float(np.abs(s - p).max()))
     return worst
@@ -74,8 +83,10 @@ def test_the_secure_mean_of_raw_and_ema_equals_plain_iet_within_the_quantization
     worst = assert_within(final(secure), final(plain), bound, K)
     assert 0 < worst  # (the protocol did quantize)
     # the clients trained the same: every per-client number the server logs is equal
-    strip = lambda m: [{k: v for k, v in c.items() if k not in ("seconds", "pid", "host", "ray-node")}  # noqa: E731
-                       for c in m["clients"]]
+    strip = lambda m: [
+        {k: v for k, v in c.items() if k not in ("seconds", "pid", "host", "ray-node")}  # noqa: E731
+        for c in m["clients"]
+    ]
     assert [strip(m) for m in secure.read_metrics()] == [strip(m) for m in plain.read_metrics()]
 
 
@@ -84,9 +95,12 @@ def test_the_server_never_holds_a_clients_weights(both_runs):
 
     (secure_grid, _), (plain_grid, _) = both_runs
     # each client's weights, as the plain run's server received them (the clients train alike in both runs)
-    clients = {int(m.content[P.INFO]["partition-id"]): [a.numpy().astype(np.float64).ravel()
-                                                         for a in m.content[P.ARRAYS].values()]
-               for m in plain_grid.received}
+    clients = {
+        int(m.content[P.INFO]["partition-id"]): [
+            a.numpy().astype(np.float64).ravel() for a in m.content[P.ARRAYS].values()
+        ]
+        for m in plain_grid.received
+    }
     assert sorted(clients) == list(range(K))
     masked = 0
     for reply in secure_grid.received:  # every stage of the protocol
@@ -135,46 +149,73 @@ def test_a_client_lost_mid_round_is_recovered_by_the_reconstruction_threshold(tm
 
 def test_too_few_share_holders_stop_the_round_with_its_reason(tmp_path, monkeypatch):
     monkeypatch.setenv("FL_IETAGC_FAULT", "client-train-p1:1:raise")
-    with pytest.raises(RuntimeError, match=r"^round 1: SecAgg\+ could not unmask the sum: fewer than "
-                                           r"secagg-reconstruction-threshold = 3 share holders"):
-        run(tmp_path, "s", **SECURE, **{"client-failures": "tolerate", "min-clients-fraction": 0.5,
-                                         "secagg-reconstruction-threshold": 3})
+    with pytest.raises(
+        RuntimeError,
+        match=r"^round 1: SecAgg\+ could not unmask the sum: fewer than "
+        r"secagg-reconstruction-threshold = 3 share holders",
+    ):
+        run(
+            tmp_path,
+            "s",
+            **SECURE,
+            **{"client-failures": "tolerate", "min-clients-fraction": 0.5, "secagg-reconstruction-threshold": 3},
+        )
     assert RunDir(tmp_path / "s").read_status()["status"] == "failed"
 
 
 def test_a_weight_outside_the_clipping_range_is_the_clients_named_error(tmp_path):
     from strategies.base import ClientRoundError
 
-    with pytest.raises(ClientRoundError, match=r"^partition 0, round 1: ValueError: secagg-clipping-range = 0\.5: "
-                                               r"weight .* reaches .*, which SecAgg\+ would clip; raise "):
+    with pytest.raises(
+        ClientRoundError,
+        match=r"^partition 0, round 1: ValueError: secagg-clipping-range = 0\.5: "
+        r"weight .* reaches .*, which SecAgg\+ would clip; raise ",
+    ):
         run(tmp_path, "c", **SECURE, **{"secagg-clipping-range": 0.5})
 
 
 def test_max_weight_and_bound():
-    assert max_weight([30, 33, 12], 2 ** 22) == 64 and max_weight([32], 2 ** 22) == 32
-    assert error_bound([30, 33], 8.0, 2 ** 22) == 2 * (16 / 2 ** 22) / (63 / 64)
+    assert max_weight([30, 33, 12], 2**22) == 64 and max_weight([32], 2**22) == 32
+    assert error_bound([30, 33], 8.0, 2**22) == 2 * (16 / 2**22) / (63 / 64)
     with pytest.raises(ValueError, match="a shard of 40 images needs a quantization range of at least 64"):
         max_weight([40], 32)
 
 
-@pytest.mark.parametrize("raw, message", [
-    ({"strategy": "fedmedian"}, "strategy = 'fedmedian': cannot run with secure-aggregation = \"secaggplus\" (its "
-     "coordinate-wise median needs each client's weights; the server only gets the masked sum); use one of iet, "
-     "fedavg, fedavgm, fedprox, fedadam, fedyogi"),
-    ({"strategy": "fedtrimmedavg"}, "strategy = 'fedtrimmedavg': cannot run with secure-aggregation = "
-     "\"secaggplus\" (its trimmed mean needs each client's weights to sort them; the server only gets the masked "
-     "sum); use one of iet, fedavg, fedavgm, fedprox, fedadam, fedyogi"),
-    ({"dp-clip-norm": 1.0}, "dp-clip-norm = 1.0: server-side clipping needs each client's update, which "
-     "secure-aggregation = \"secaggplus\" hides; clip on the clients instead"),
-    ({"secagg-num-shares": 3, "secagg-reconstruction-threshold": 3},
-     "secagg-reconstruction-threshold = 3: must be < secagg-num-shares (3)"),
-    ({"num-clients": 1024}, "secagg-quantization-range = 4194304: with 1024 clients the masked sums would overflow "
-     "the protocol's modulus 2^32; needs num-clients * secagg-quantization-range < 2^32"),
-    ({"num-clients": 1}, "num-clients = 1: secure-aggregation needs at least 2 clients"),
-    ({"num-clients": 4, "secagg-num-shares": 5}, "secagg-num-shares = 5: more than the 4 clients"),
-    ({"secagg-quantization-range": 1000}, "secagg-quantization-range = 1000: must be a power of two in [16, 2^32)"),
-    ({"secagg-num-shares": 2}, "secagg-num-shares = 2: must be 0 (every client) or >= 3"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (
+            {"strategy": "fedmedian"},
+            "strategy = 'fedmedian': cannot run with secure-aggregation = \"secaggplus\" (its "
+            "coordinate-wise median needs each client's weights; the server only gets the masked sum); use one of iet, "
+            "fedavg, fedavgm, fedprox, fedadam, fedyogi",
+        ),
+        (
+            {"strategy": "fedtrimmedavg"},
+            "strategy = 'fedtrimmedavg': cannot run with secure-aggregation = "
+            '"secaggplus" (its trimmed mean needs each client\'s weights to sort them; the server only gets the masked '
+            "sum); use one of iet, fedavg, fedavgm, fedprox, fedadam, fedyogi",
+        ),
+        (
+            {"dp-clip-norm": 1.0},
+            "dp-clip-norm = 1.0: server-side clipping needs each client's update, which "
+            'secure-aggregation = "secaggplus" hides; clip on the clients instead',
+        ),
+        (
+            {"secagg-num-shares": 3, "secagg-reconstruction-threshold": 3},
+            "secagg-reconstruction-threshold = 3: must be < secagg-num-shares (3)",
+        ),
+        (
+            {"num-clients": 1024},
+            "secagg-quantization-range = 4194304: with 1024 clients the masked sums would overflow "
+            "the protocol's modulus 2^32; needs num-clients * secagg-quantization-range < 2^32",
+        ),
+        ({"num-clients": 1}, "num-clients = 1: secure-aggregation needs at least 2 clients"),
+        ({"num-clients": 4, "secagg-num-shares": 5}, "secagg-num-shares = 5: more than the 4 clients"),
+        ({"secagg-quantization-range": 1000}, "secagg-quantization-range = 1000: must be a power of two in [16, 2^32)"),
+        ({"secagg-num-shares": 2}, "secagg-num-shares = 2: must be 0 (every client) or >= 3"),
+    ],
+)
 def test_settings_that_cannot_work_on_a_masked_sum_are_refused_before_anything_starts(raw, message):
     import re
 
@@ -183,8 +224,11 @@ def test_settings_that_cannot_work_on_a_masked_sum_are_refused_before_anything_s
 
 
 def test_secagg_keys_without_secure_aggregation_are_refused():
-    with pytest.raises(ConfigError, match=r'^secagg-clipping-range = 4.0: only used with secure-aggregation = '
-                                          r'"secaggplus"$'):
+    with pytest.raises(
+        ConfigError,
+        match=r"^secagg-clipping-range = 4.0: only used with secure-aggregation = "
+        r'"secaggplus"$',
+    ):
         parse_config({"secagg-clipping-range": 4.0})
 
 
@@ -192,20 +236,35 @@ def test_validation_refuses_a_shard_larger_than_the_quantization_range():
     from fl_ietagc.validate import validate_run
 
     cfg = parse_config({**SECURE, "secagg-quantization-range": 32, "max-images": 96})
-    with pytest.raises(ConfigError, match=r"^secagg-quantization-range = 32: a shard of 48 images needs a "
-                                          r"quantization range of at least 64 for exact shard-size weights$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^secagg-quantization-range = 32: a shard of 48 images needs a "
+        r"quantization range of at least 64 for exact shard-size weights$",
+    ):
         validate_run(cfg, 2)
 
 
 @pytest.mark.slow
 def test_secure_aggregation_in_the_simulation_engine(tmp_path):
-    from experiments import simulate
+    from experiments.launch import simulate
 
-    overrides = (f'max-images=96 batch-size=32 local-epochs=1 num-server-rounds=2 diffusion-steps=20 '
-                 f'warmup-steps=0 sample-count=0 device="cpu" run-name="s" output-dir="{tmp_path}" '
-                 f'secure-aggregation="secaggplus" strategy="fedavgm"')
-    code = simulate.main(["--app", str(ROOT), "--num-supernodes", "3", "--run-config", overrides,
-                          "--backend-config", '{"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}'])
+    overrides = (
+        f"max-images=96 batch-size=32 local-epochs=1 num-server-rounds=2 diffusion-steps=20 "
+        f'warmup-steps=0 sample-count=0 device="cpu" run-name="s" output-dir="{tmp_path}" '
+        f'secure-aggregation="secaggplus" strategy="fedavgm"'
+    )
+    code = simulate.main(
+        [
+            "--app",
+            str(ROOT),
+            "--num-supernodes",
+            "3",
+            "--run-config",
+            overrides,
+            "--backend-config",
+            '{"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}',
+        ]
+    )
     assert code == 0
     run_dir = RunDir(tmp_path / "s")
     assert run_dir.read_status()["status"] == "completed"
@@ -217,11 +276,16 @@ def test_secure_aggregation_in_a_deployment_equals_the_in_process_grid(tmp_path)
     """scripts/deploy-local.sh (TLS, K = 2, a long-lived ClientApp process per SuperNode: the protocol's keys live in
     each SuperNode's context between the stages) gives the in-process grid's weights, bit for bit: the stochastic
     rounding is seeded and the masked sums are exact integers."""
-    from tests.test_deployment import (CONFIG, RUN_NAME, assert_same_weights, reference_weights, start_deploy,
-                                       stop_deploy)
+    from tests.test_deployment import (
+        CONFIG,
+        RUN_NAME,
+        assert_same_weights,
+        reference_weights,
+        start_deploy,
+        stop_deploy,
+    )
 
-    deploy, out, ports = start_deploy(tmp_path, "process", {**CONFIG, "secure-aggregation": '"secaggplus"'},
-                                      threads=1)
+    deploy, out, ports = start_deploy(tmp_path, "process", {**CONFIG, "secure-aggregation": '"secaggplus"'}, threads=1)
     try:
         code = deploy.wait(timeout=480)
     finally:

@@ -6,8 +6,8 @@ import sys
 import numpy as np
 import pytest
 
-from fl_ietagc.config import ConfigError
-from fl_ietagc.shards import make_shards
+from fl_ietagc.data.shards import make_shards
+from fl_ietagc.settings.config import ConfigError
 
 
 def labels_10x(n_per_class=500, classes=10):
@@ -32,7 +32,7 @@ def test_balanced_is_the_papers_per_class_contiguous_slices():
         assert len(s) == 5000 // 10
         for c in range(10):
             cls = np.flatnonzero(labels == c)  # dataset order
-            np.testing.assert_array_equal(s[labels[s] == c], cls[i * 50:(i + 1) * 50])
+            np.testing.assert_array_equal(s[labels[s] == c], cls[i * 50 : (i + 1) * 50])
 
 
 def test_balanced_spreads_leftovers():
@@ -64,17 +64,22 @@ def test_dirichlet_small_alpha_is_skewed():
 
 
 def test_identical_in_another_process():
-    code = ("import numpy as np, hashlib; from fl_ietagc.shards import make_shards; "
-            "L=np.repeat(np.arange(10),97)[np.random.default_rng(1).permutation(970)]; "
-            "print(hashlib.sha256(b''.join(s.tobytes() for m in ('balanced','random','dirichlet') "
-            "for s in make_shards(L,4,m,seed=7))).hexdigest())")
-    out = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-           for _ in range(2)]
+    code = (
+        "import numpy as np, hashlib; from fl_ietagc.data.shards import make_shards; "
+        "L=np.repeat(np.arange(10),97)[np.random.default_rng(1).permutation(970)]; "
+        "print(hashlib.sha256(b''.join(s.tobytes() for m in ('balanced','random','dirichlet') "
+        "for s in make_shards(L,4,m,seed=7))).hexdigest())"
+    )
+    out = [
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        for _ in range(2)
+    ]
     labels = np.repeat(np.arange(10), 97)[np.random.default_rng(1).permutation(970)]
     import hashlib
 
-    here = hashlib.sha256(b"".join(s.tobytes() for m in ("balanced", "random", "dirichlet")
-                                   for s in make_shards(labels, 4, m, seed=7))).hexdigest()
+    here = hashlib.sha256(
+        b"".join(s.tobytes() for m in ("balanced", "random", "dirichlet") for s in make_shards(labels, 4, m, seed=7))
+    ).hexdigest()
     assert out[0].strip() == out[1].strip() == here
 
 

@@ -6,25 +6,37 @@ import numpy as np
 import pytest
 import torch
 
-from experiments import simulate
-from fl_ietagc.checkpoints import load_checkpoint, load_torch
-from fl_ietagc.rundir import RunDir
-from fl_ietagc.config import parse_config, parse_overrides
-from fl_ietagc.iet_loop import run_iet_loop
+from experiments.launch import simulate
+from fl_ietagc.loops.iet import run_iet_loop
+from fl_ietagc.runs.checkpoints import load_checkpoint, load_torch
+from fl_ietagc.runs.rundir import RunDir
+from fl_ietagc.settings.config import parse_config, parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 # 2 clients x 128 images, batch 32: 4 steps per epoch. T = 20 so the memory bank fills and AGC
 # skips within the run; warmup (6 steps) spans the two rounds.
-SMALL = ('max-images=256 batch-size=32 local-epochs=1 num-server-rounds=2 diffusion-steps=20 agc-lambda=1.2 '
-         'warmup-steps=6 sample-count=4 sample-steps=3 run-name="e2e" device="cpu"')  # the loop runs on CPU too
+SMALL = (
+    "max-images=256 batch-size=32 local-epochs=1 num-server-rounds=2 diffusion-steps=20 agc-lambda=1.2 "
+    'warmup-steps=6 sample-count=4 sample-steps=3 run-name="e2e" device="cpu"'
+)  # the loop runs on CPU too
 
 
 def simulate_app(tmp_path, extra=""):
     overrides = f'{SMALL} output-dir="{tmp_path}" {extra}'
-    code = simulate.main(["--app", str(ROOT), "--num-supernodes", "2", "--run-config", overrides,
-                          "--backend-config", '{"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}'])
+    code = simulate.main(
+        [
+            "--app",
+            str(ROOT),
+            "--num-supernodes",
+            "2",
+            "--run-config",
+            overrides,
+            "--backend-config",
+            '{"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}',
+        ]
+    )
     return code, RunDir(tmp_path / "e2e"), parse_config(parse_overrides(overrides))
 
 
@@ -72,9 +84,12 @@ def test_a_normal_run_shows_no_deprecation_or_future_warning_from_flower_ray_or_
     reference_run(tmp_path)
     text = _REFERENCE["stderr"]
     assert "fl-ietagc: done in" in text  # (the run's own output was captured)
-    warned = [line for line in text.splitlines()
-              if ("DeprecationWarning" in line or "FutureWarning" in line or "deprecated feature" in line.lower())
-              and not ("/typer/__init__.py" in line and "'click.utils.get_" in line)]
+    warned = [
+        line
+        for line in text.splitlines()
+        if ("DeprecationWarning" in line or "FutureWarning" in line or "deprecated feature" in line.lower())
+        and not ("/typer/__init__.py" in line and "'click.utils.get_" in line)
+    ]
     assert warned == []
 
 
@@ -82,8 +97,15 @@ def test_two_clients_two_rounds_match_the_plain_loop(tmp_path):
     run = reference_run(tmp_path)
     cfg = _REFERENCE["cfg"]
     assert run.read_status()["status"] == "completed"
-    for path in (run.checkpoint(1), run.checkpoint(2), run.final_checkpoint, run.samples_path, run.shards_path,
-                 run.skip_counts_path, run.config_path):
+    for path in (
+        run.checkpoint(1),
+        run.checkpoint(2),
+        run.final_checkpoint,
+        run.samples_path,
+        run.shards_path,
+        run.skip_counts_path,
+        run.config_path,
+    ):
         assert path.is_file(), path
     metrics = run.read_metrics()
     assert [m["round"] for m in metrics] == [1, 2]
@@ -129,8 +151,9 @@ def test_a_failing_client_fails_the_command_with_one_line_naming_it(tmp_path, ca
     assert code == 1
     status = run.read_status()
     assert status["status"] == "failed"
-    assert status["error"].startswith("ClientRoundError: partition 0, round 1: RunWriteError: cannot write "
-                                      f"{blocked}/e2e/p0/round_0001.pt")
+    assert status["error"].startswith(
+        f"ClientRoundError: partition 0, round 1: RunWriteError: cannot write {blocked}/e2e/p0/round_0001.pt"
+    )
     err = capfd.readouterr().err
     failed = [line for line in err.splitlines() if "run FAILED" in line]
     assert failed == [f"flower-simulation: run FAILED: {status['error']}"]
@@ -147,10 +170,25 @@ def stop_mid_run(tmp_path, sig) -> tuple[RunDir, float]:
     import time
 
     overrides = SMALL.replace('run-name="e2e"', 'run-name="cut"') + f' output-dir="{tmp_path}"'
-    proc = subprocess.Popen([sys.executable, "-m", "experiments.simulate", "--app", str(ROOT), "--num-supernodes", "2",
-                             "--run-config", overrides, "--backend-config", '{"client_resources": {"num_cpus": 1}}'],
-                            cwd=ROOT, env={**os.environ, "FL_IETAGC_FAULT": "between-rounds:1:hang"},
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "experiments.launch.simulate",
+            "--app",
+            str(ROOT),
+            "--num-supernodes",
+            "2",
+            "--run-config",
+            overrides,
+            "--backend-config",
+            '{"client_resources": {"num_cpus": 1}}',
+        ],
+        cwd=ROOT,
+        env={**os.environ, "FL_IETAGC_FAULT": "between-rounds:1:hang"},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     run = RunDir(tmp_path / "cut")
     deadline = time.time() + 240
     while time.time() < deadline and not (run.status_path.is_file() and run.read_status().get("round") == 1):
@@ -179,8 +217,19 @@ def test_ctrl_c_stops_within_seconds_and_the_run_resumes_bit_identical(tmp_path)
     import signal
 
     run, _ = stop_mid_run(tmp_path, signal.SIGINT)
-    assert simulate.main(["--app", str(ROOT), "--resume", str(run.path), "--backend-config",
-                          json.dumps({"client_resources": {"num_cpus": 1}})]) == 0
+    assert (
+        simulate.main(
+            [
+                "--app",
+                str(ROOT),
+                "--resume",
+                str(run.path),
+                "--backend-config",
+                json.dumps({"client_resources": {"num_cpus": 1}}),
+            ]
+        )
+        == 0
+    )
     assert run.read_status()["status"] == "completed"
     ref = load_checkpoint(reference_run(tmp_path).final_checkpoint)
     got = load_checkpoint(run.final_checkpoint)

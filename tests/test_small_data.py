@@ -1,4 +1,4 @@
-"""The small-data memorization study (experiments/small_data.py) and its offline quality score."""
+"""The small-data memorization study (experiments/studies/small_data.py) and its offline quality score."""
 
 import json
 from pathlib import Path
@@ -7,20 +7,24 @@ import numpy as np
 import pytest
 import torch
 
-from experiments import small_data as sd
-from experiments.pipeline_check import NOTE, is_labelled
-from fl_ietagc import classifier_quality as cq
-from fl_ietagc.config import ConfigError, parse_config
-from fl_ietagc.data import load_splits
-from fl_ietagc.rundir import RunDir
+from experiments.studies import small_data as sd
+from experiments.studies.pipeline_check import NOTE, is_labelled
+from fl_ietagc.data.datasets import load_splits
+from fl_ietagc.evaluation import classifier_quality as cq
+from fl_ietagc.runs.rundir import RunDir
+from fl_ietagc.settings.config import ConfigError, parse_config
 
 
 def test_copy_rules_on_planted_distances():
     # squared distances to the k = 4 nearest training images, ascending
-    d2 = np.array([[0.0, 4.0, 4.0, 4.0],      # exact copy: every rule
-                   [1.0, 100.0, 100.0, 100.0],  # l2 ratio 0.1 < 1/3; MQ 1/75.25 < 0.2; Carlini 1/(0.5*7.75) < 1
-                   [1.0, 4.0, 4.0, 4.0],        # l2 ratio 1/2: not 1/3; MQ 1/3.25 = 0.31; Carlini 1/(0.5*1.75) > 1
-                   [4.0, 4.0, 4.0, 4.0]])       # equidistant: none
+    d2 = np.array(
+        [
+            [0.0, 4.0, 4.0, 4.0],  # exact copy: every rule
+            [1.0, 100.0, 100.0, 100.0],  # l2 ratio 0.1 < 1/3; MQ 1/75.25 < 0.2; Carlini 1/(0.5*7.75) < 1
+            [1.0, 4.0, 4.0, 4.0],  # l2 ratio 1/2: not 1/3; MQ 1/3.25 = 0.31; Carlini 1/(0.5*1.75) > 1
+            [4.0, 4.0, 4.0, 4.0],
+        ]
+    )  # equidistant: none
     f = sd.flags(d2)
     assert f["one_third"].tolist() == [True, True, False, False]
     assert f["mq_0.2"].tolist() == [True, True, False, False]
@@ -33,8 +37,12 @@ def test_copy_rules_on_planted_distances():
 
 def test_bootstrap_rate_is_the_mean_over_seeds_with_an_interval_around_it():
     rng = np.random.default_rng(0)
-    assert sd.bootstrap_rate([np.ones(10), np.ones(30)], rng) | {"per_seed": None} == \
-        {"rate": 1.0, "lo": 1.0, "hi": 1.0, "per_seed": None}
+    assert sd.bootstrap_rate([np.ones(10), np.ones(30)], rng) | {"per_seed": None} == {
+        "rate": 1.0,
+        "lo": 1.0,
+        "hi": 1.0,
+        "per_seed": None,
+    }
     seeds = [np.r_[np.ones(20), np.zeros(80)], np.r_[np.ones(40), np.zeros(60)], np.r_[np.ones(30), np.zeros(70)]]
     b = sd.bootstrap_rate(seeds, rng)
     assert b["rate"] == pytest.approx(0.3) and b["per_seed"] == [0.2, 0.4, 0.3]
@@ -61,7 +69,8 @@ def digits8():
 
 
 def test_the_quality_classifier_is_deterministic_cached_and_ranks_real_above_copies_above_noise(
-        digits8, tmp_path, monkeypatch):
+    digits8, tmp_path, monkeypatch
+):
     monkeypatch.setenv("FL_IETAGC_CACHE", str(tmp_path))
     sp = digits8
     clf = cq.classifier_for("digits", sp.train.images, sp.train.labels, sp.heldout.images, sp.heldout.labels)
@@ -105,8 +114,11 @@ def test_settings_are_checked_before_any_work(tmp_path):
     jobs = sd.configs(size, extra, tmp_path)  # RET's own keys go to the ret runs only (elsewhere they are refused)
     assert [(name, cfg.taa_max_shift) for name, _, cfg, _ in jobs] == [("default", 4), ("ret", 1)] * 2
     size, _ = sd.apply_settings(sd.SIZES["smoke"], ["batch-size=64"])
-    with pytest.raises(ConfigError, match=r"^\[default-s0\] num-clients = 2: 16 training images cannot give 2 "
-                                          r"shards of at least 64"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^\[default-s0\] num-clients = 2: 16 training images cannot give 2 "
+        r"shards of at least 64",
+    ):
         sd.configs(size, {}, tmp_path)  # 16 images cannot fill a batch of 64: found before any run starts
     assert not (tmp_path / "runs").exists()
 
@@ -160,8 +172,10 @@ def test_a_second_study_call_keeps_trained_runs_and_cached_evaluations(smoke_stu
     before = {p: p.stat().st_mtime_ns for p in files}
     again = sd.run_small_data("smoke", study.parent, workers=1, progress=False)
     assert {p: p.stat().st_mtime_ns for p in files} == before
-    assert again["variants"]["iet-agc"]["final"] == json.loads((study / "results.json").read_text())[
-        "variants"]["iet-agc"]["final"]
+    assert (
+        again["variants"]["iet-agc"]["final"]
+        == json.loads((study / "results.json").read_text())["variants"]["iet-agc"]["final"]
+    )
 
 
 def test_killing_the_study_ends_its_workers_and_the_next_call_resumes(tmp_path):
@@ -172,16 +186,23 @@ def test_killing_the_study_ends_its_workers_and_the_next_call_resumes(tmp_path):
     import sys
     import time
 
-    code = ("import sys; from pathlib import Path; from experiments.small_data import run_small_data; "
-            "run_small_data('smoke', Path(sys.argv[1]), workers=2, settings=['local-epochs=40'])")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=Path(__file__).resolve().parents[1],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    code = (
+        "import sys; from pathlib import Path; from experiments.studies.small_data import run_small_data; "
+        "run_small_data('smoke', Path(sys.argv[1]), workers=2, settings=['local-epochs=40'])"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path)],
+        cwd=Path(__file__).resolve().parents[1],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     runs = tmp_path / "small-data-smoke-local-epochs40" / "runs"
     deadline = time.time() + 120
     while time.time() < deadline and not list(runs.glob("*/metrics.json")):
         time.sleep(0.5)  # a first round committed: the workers are training
-    workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
-                                              text=True).stdout.split()]
+    workers = [
+        int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    ]
     assert workers, "no worker processes found"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -189,8 +210,11 @@ def test_killing_the_study_ends_its_workers_and_the_next_call_resumes(tmp_path):
     alive = workers
     while alive and time.time() < deadline:
         time.sleep(0.5)
-        alive = [w for w in workers if os.path.exists(f"/proc/{w}") and
-                 "Z" not in open(f"/proc/{w}/stat").read().split(")")[1].split()[0]]
+        alive = [
+            w
+            for w in workers
+            if os.path.exists(f"/proc/{w}") and "Z" not in open(f"/proc/{w}/stat").read().split(")")[1].split()[0]
+        ]
     assert not alive, f"orphaned workers still running: {alive}"
     states = {RunDir(p).liveness() for p in runs.iterdir()}
     assert "running" not in states and states & {"stale", "interrupted", "failed"}
@@ -203,27 +227,45 @@ def test_the_quality_score_ranks_real_above_a_trained_model_above_an_untrained_o
     """A real (briefly trained) diffusion model, not a stand-in: real held-out < trained < untrained in CFD."""
     import copy
 
-    from fl_ietagc.diffusion import Diffusion, sample
-    from fl_ietagc.models import build_for_config
-    from fl_ietagc.pixels import to_uint8
-    from fl_ietagc.trainer import LocalTrainer, TrainState
+    from fl_ietagc.data.pixels import to_uint8
+    from fl_ietagc.training.diffusion import Diffusion, sample
+    from fl_ietagc.training.run_model import build_for_config
+    from fl_ietagc.training.trainer import LocalTrainer, TrainState
 
     monkeypatch.setenv("FL_IETAGC_CACHE", str(tmp_path))
     sp = digits8
-    cfg = parse_config({"dataset": "digits", "image-size": 8, "batch-size": 64, "lr": 2e-3, "warmup-steps": 10,
-                        "hflip": "off", "agc": False, "diffusion-steps": 200})
+    cfg = parse_config(
+        {
+            "dataset": "digits",
+            "image-size": 8,
+            "batch-size": 64,
+            "lr": 2e-3,
+            "warmup-steps": 10,
+            "hflip": "off",
+            "agc": False,
+            "diffusion-steps": 200,
+        }
+    )
     torch.manual_seed(0)
     model = build_for_config(cfg)
     untrained = copy.deepcopy(model)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        trainer = LocalTrainer(cfg, model, copy.deepcopy(model), sp.train.images,
-                               TrainState.fresh(np.arange(len(sp.train))), torch.device("cpu"))
+        trainer = LocalTrainer(
+            cfg,
+            model,
+            copy.deepcopy(model),
+            sp.train.images,
+            TrainState.fresh(np.arange(len(sp.train))),
+            torch.device("cpu"),
+        )
         trainer.run(0, seed=1, max_steps=300)
         n = len(sp.heldout.images)
-        gen = [to_uint8(sample(m, Diffusion.for_config(cfg), n, (1, 8, 8), steps=20, seed=2, batch_size=n))
-               for m in (model, untrained)]
+        gen = [
+            to_uint8(sample(m, Diffusion.for_config(cfg), n, (1, 8, 8), steps=20, seed=2, batch_size=n))
+            for m in (model, untrained)
+        ]
     finally:
         torch.set_num_threads(threads)
     clf = cq.classifier_for("digits", sp.train.images, sp.train.labels, sp.heldout.images, sp.heldout.labels)

@@ -5,8 +5,8 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
-from fl_ietagc.config import ConfigError, parse_config
-from fl_ietagc.trainer import proximal_term
+from fl_ietagc.settings.config import ConfigError, parse_config
+from fl_ietagc.training.trainer import proximal_term
 from strategies.registry import build_strategy
 from tests.test_aggregation import reply
 
@@ -124,9 +124,13 @@ def two_fedopt_rounds(name):
     s = built(name, 2, **{"fedopt-eta": 0.05, "fedopt-tau": 0.01})
     current = arrays([1.0, -2.0, 0.5], [0.5, 0.5, 0.5])
     outs = []
-    for rnd, (nets, emas) in enumerate([([[1.2, -2.0, 0.3], [1.6, -1.0, 0.5]], [[0.5, 1.5, 0.1], [0.9, 0.1, 0.5]]),
-                                        ([[0.0, 0.0, 0.0], [2.0, -4.0, 1.0]], [[0.4, 0.4, 0.4], [0.6, 0.6, 0.6]])],
-                                       start=1):
+    for rnd, (nets, emas) in enumerate(
+        [
+            ([[1.2, -2.0, 0.3], [1.6, -1.0, 0.5]], [[0.5, 1.5, 0.1], [0.9, 0.1, 0.5]]),
+            ([[0.0, 0.0, 0.0], [2.0, -4.0, 1.0]], [[0.4, 0.4, 0.4], [0.6, 0.6, 0.6]]),
+        ],
+        start=1,
+    ):
         s.configure_train(rnd, current, ConfigRecord(), FakeGrid())
         current, _ = s.aggregate_train(rnd, [reply(0, 10, nets[0], emas[0]), reply(1, 30, nets[1], emas[1])])
         outs.append({k: current[k].numpy().astype(np.float64) for k in ("net.w", "ema.w")})
@@ -140,8 +144,10 @@ def expected_fedopt(name):
     Yogi: v = v - (1 - b2) delta^2 sign(v - delta^2), x += eta m / (sqrt(v) + tau)."""
     b1, b2, eta, tau = 0.9, 0.99, 0.05, 0.01
     x = {"net.w": np.array([1.0, -2.0, 0.5]), "ema.w": np.array([0.5, 0.5, 0.5])}
-    means = [{"net.w": np.array([1.5, -1.25, 0.45]), "ema.w": np.array([0.8, 0.45, 0.4])},  # (10 a + 30 b) / 40
-             {"net.w": np.array([1.5, -3.0, 0.75]), "ema.w": np.array([0.55, 0.55, 0.55])}]
+    means = [
+        {"net.w": np.array([1.5, -1.25, 0.45]), "ema.w": np.array([0.8, 0.45, 0.4])},  # (10 a + 30 b) / 40
+        {"net.w": np.array([1.5, -3.0, 0.75]), "ema.w": np.array([0.55, 0.55, 0.55])},
+    ]
     m = {k: np.zeros(3) for k in x}
     v = {k: np.zeros(3) for k in x}
     outs = []
@@ -187,16 +193,25 @@ def test_plain_fedavg_tells_clients_to_reset_the_optimizer(flower_identity):
 @pytest.mark.parametrize("name", ["iet+dp", "fedadam+dp"])
 def test_dp_wrapped_strategies_run_a_simulated_round(name, tmp_path):
     """Every plain strategy runs in the strategies smoke study (tests/test_studies.py)."""
-    from experiments import simulate
-    from fl_ietagc.checkpoints import load_checkpoint
-    from fl_ietagc.rundir import RunDir
+    from experiments.launch import simulate
+    from fl_ietagc.runs.checkpoints import load_checkpoint
+    from fl_ietagc.runs.rundir import RunDir
 
     strategy, _, dp = name.partition("+")
-    extra = ' dp-clip-norm=1.0 dp-noise-multiplier=0.001' if dp else ""
-    code = simulate.main(["--app", ".", "--num-supernodes", "2", "--backend-config",
-                          '{"client_resources": {"num_cpus": 1}}', "--run-config",
-                          f'strategy="{strategy}" max-images=128 batch-size=32 local-epochs=1 num-server-rounds=1 '
-                          f'sample-count=0 output-dir="{tmp_path}" run-name="r"{extra}'])
+    extra = " dp-clip-norm=1.0 dp-noise-multiplier=0.001" if dp else ""
+    code = simulate.main(
+        [
+            "--app",
+            ".",
+            "--num-supernodes",
+            "2",
+            "--backend-config",
+            '{"client_resources": {"num_cpus": 1}}',
+            "--run-config",
+            f'strategy="{strategy}" max-images=128 batch-size=32 local-epochs=1 num-server-rounds=1 '
+            f'sample-count=0 output-dir="{tmp_path}" run-name="r"{extra}',
+        ]
+    )
     assert code == 0
     run = RunDir(tmp_path / "r")
     assert run.read_status()["status"] == "completed" and len(run.read_metrics()) == 1
@@ -205,7 +220,7 @@ def test_dp_wrapped_strategies_run_a_simulated_round(name, tmp_path):
 
 
 def test_every_strategy_name_of_the_config_has_a_builder():
-    from fl_ietagc.config import STRATEGIES as NAMES
+    from fl_ietagc.settings.config import STRATEGIES as NAMES
     from strategies.registry import STRATEGIES
 
     assert sorted(NAMES) == sorted(STRATEGIES)

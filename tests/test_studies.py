@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from experiments.studies import STUDIES, base_config, estimate, plan, run_study
-from fl_ietagc.config import check_strategy_clients, parse_config
+from experiments.studies.plans import STUDIES, base_config, estimate, plan
+from experiments.studies.runner import run_study
+from fl_ietagc.settings.config import check_strategy_clients, parse_config
 from strategies.registry import STRATEGIES
 
 
@@ -25,10 +26,17 @@ def test_paper_protocol_and_matched_default_training_budget():
     runs = {r.name: r for r in plan("paper-cifar10", "full")}
     assert runs["iet-agc"].clients == 10 and runs["default-training"].match_federated == 10
     cfg = parse_config({**base_config("paper-cifar10", "full"), "data-root": "/data"})
-    assert (cfg.num_server_rounds, cfg.local_epochs, cfg.batch_size, cfg.agc_lambda, cfg.warmup_steps) == \
-        (10, 100, 128, 2.0, 585)
-    est = {row["run"]: row["optimizer_steps"] for row in
-           estimate("paper-cifar10", "full", plan("paper-cifar10", "full"), 65536, 50)["rows"]}
+    assert (cfg.num_server_rounds, cfg.local_epochs, cfg.batch_size, cfg.agc_lambda, cfg.warmup_steps) == (
+        10,
+        100,
+        128,
+        2.0,
+        585,
+    )
+    est = {
+        row["run"]: row["optimizer_steps"]
+        for row in estimate("paper-cifar10", "full", plan("paper-cifar10", "full"), 65536, 50)["rows"]
+    }
     assert est["iet-agc"] == est["default-training"] == 10 * 100 * 10 * (5000 // 128) == 390_000
 
 
@@ -49,12 +57,23 @@ def test_dry_run_prints_the_gpu_estimate(capsys, tmp_path):
 def evaluated(path, mq, third, fid):
     """A results.json as `fl-ietagc evaluate` writes it, with chosen fractions."""
     rate = lambda f: {"count": round(100 * f), "fraction": f}  # noqa: E731
-    return {"run": str(path), "kind": "federated", "num_samples": 100, "sampler": "ddim", "steps": 10,
-            "weights": "raw", "round": 2,
-            "memorization": {"mq": {"0.2": rate(mq)}, "one_third_rule": rate(third), "carlini": rate(third),
-                             "exact_copies": rate(0.0)},
-            "null": {"mq": {"0.2": rate(0.01)}, "one_third_rule": rate(0.0)},
-            "quality": {"computed": True, "fid": fid} if fid is not None else {"computed": False, "reason": "x"}}
+    return {
+        "run": str(path),
+        "kind": "federated",
+        "num_samples": 100,
+        "sampler": "ddim",
+        "steps": 10,
+        "weights": "raw",
+        "round": 2,
+        "memorization": {
+            "mq": {"0.2": rate(mq)},
+            "one_third_rule": rate(third),
+            "carlini": rate(third),
+            "exact_copies": rate(0.0),
+        },
+        "null": {"mq": {"0.2": rate(0.01)}, "one_third_rule": rate(0.0)},
+        "quality": {"computed": True, "fid": fid} if fid is not None else {"computed": False, "reason": "x"},
+    }
 
 
 def test_study_compares_every_run_with_the_first(tmp_path, capsys):
@@ -66,7 +85,7 @@ def test_study_compares_every_run_with_the_first(tmp_path, capsys):
         (study_dir / name / "results.json").write_text(json.dumps(evaluated(study_dir / name, *values)))
     from PIL import Image
 
-    from experiments.pipeline_check import BANNER, NOTE, is_labelled
+    from experiments.studies.pipeline_check import BANNER, NOTE, is_labelled
 
     Image.new("RGB", (530, 530), (0, 0, 0)).save(study_dir / "iet" / "samples.png")
     path = run_study("paper-cifar10", "smoke", tmp_path)
@@ -78,10 +97,14 @@ def test_study_compares_every_run_with_the_first(tmp_path, capsys):
     assert table["runs"] == ["default-training", "iet", "iet-agc"]
     assert table["metrics"]["MQ r<0.2"] == [0.2, 0.1, 0.05]
     assert table["relative_to_first"] == {
-        "MQ r<0.2": ["+0.0%", "-50.0%", "-75.0%"], "1/3 rule": ["+0.0%", "+0.0%", "-100.0%"],
-        "Carlini l<1": ["+0.0%", "+0.0%", "-100.0%"], "exact copies": ["0%", "0%", "0%"],
-        "null: MQ r<0.2": ["+0.0%", "+0.0%", "+0.0%"], "null: 1/3 rule": ["0%", "0%", "0%"],
-        "FID": ["+0.0%", "+25.0%", "n/a"]}
+        "MQ r<0.2": ["+0.0%", "-50.0%", "-75.0%"],
+        "1/3 rule": ["+0.0%", "+0.0%", "-100.0%"],
+        "Carlini l<1": ["+0.0%", "+0.0%", "-100.0%"],
+        "exact copies": ["0%", "0%", "0%"],
+        "null: MQ r<0.2": ["+0.0%", "+0.0%", "+0.0%"],
+        "null: 1/3 rule": ["0%", "0%", "0%"],
+        "FID": ["+0.0%", "+25.0%", "n/a"],
+    }
     assert "| MQ r<0.2 | 0.2 | 0.1 (-50.0%) | 0.05 (-75.0%) |" in path.read_text()
     assert capsys.readouterr().out.count("already evaluated, kept") == 3
 
@@ -89,14 +112,16 @@ def test_study_compares_every_run_with_the_first(tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("study", STUDIES)
 def test_smoke_study_runs_and_writes_a_comparison(study, tmp_path):
-    from fl_ietagc.compare import metric_values, relative
-    from fl_ietagc.evaluate import read_results
+    from fl_ietagc.evaluation.compare import metric_values, relative
+    from fl_ietagc.evaluation.evaluate import read_results
 
     path = run_study(study, "smoke", tmp_path)
     table = json.loads((path.parent / "comparison.json").read_text())
     assert table["runs"] == [r.name for r in plan(study, "smoke")]
-    assert all(v == "+0.0%" or v == "0%" or v.startswith("n/a") for v in
-               [vals[0] for vals in table["relative_to_first"].values()])
+    assert all(
+        v == "+0.0%" or v == "0%" or v.startswith("n/a")
+        for v in [vals[0] for vals in table["relative_to_first"].values()]
+    )
     # every column against the first run, from each run's own results.json
     values = [metric_values(read_results(path.parent / name)) for name in table["runs"]]
     assert table["metrics"] == {m: [v[m] for v in values] for m in values[0]}
@@ -114,21 +139,22 @@ def test_smoke_study_runs_and_writes_a_comparison(study, tmp_path):
 def test_a_study_keeps_finished_runs_and_resumes_half_finished_ones(tmp_path, monkeypatch):
     """train_run: completed -> kept, failed/interrupted/killed -> resumed (federated through --resume),
     never seen -> started."""
-    from experiments import simulate, studies
-    from fl_ietagc.centralized import run_centralized
-    from fl_ietagc.rundir import RunDir
+    from experiments.launch import simulate
+    from experiments.studies import plans, runner
+    from fl_ietagc.loops.centralized import run_centralized
+    from fl_ietagc.runs.rundir import RunDir
 
-    base = {**studies.SMOKE, "max-images": 96, "num-server-rounds": 3, "sample-count": 0, "agc": False}
+    base = {**plans.SMOKE, "max-images": 96, "num-server-rounds": 3, "sample-count": 0, "agc": False}
     monkeypatch.setenv("FL_IETAGC_FAULT", "between-rounds:2:raise")
     with pytest.raises(RuntimeError, match="injected fault at between-rounds, round 2"):
         run_centralized(parse_config({**base, "output-dir": str(tmp_path), "run-name": "central"}), progress=False)
     monkeypatch.delenv("FL_IETAGC_FAULT")
     assert RunDir(tmp_path / "central").liveness() == "failed"
-    studies.train_run(studies.RunSpec("central", 0), tmp_path, base, {}, smoke=True)
+    runner.train_run(plans.RunSpec("central", 0), tmp_path, base, {}, smoke=True)
     run = RunDir(tmp_path / "central")
     assert run.read_status()["status"] == "completed" and [m["round"] for m in run.read_metrics()] == [1, 2, 3]
     before = run.status_path.stat().st_mtime_ns
-    studies.train_run(studies.RunSpec("central", 0), tmp_path, base, {}, smoke=True)  # kept as it is
+    runner.train_run(plans.RunSpec("central", 0), tmp_path, base, {}, smoke=True)  # kept as it is
     assert run.status_path.stat().st_mtime_ns == before
 
     calls = []
@@ -137,8 +163,8 @@ def test_a_study_keeps_finished_runs_and_resumes_half_finished_ones(tmp_path, mo
     fed.path.mkdir()
     fed.write_config({"kind": "federated"})
     fed.write_status("interrupted")
-    studies.train_run(studies.RunSpec("fed", 2), tmp_path, base, {"client_resources": {"num_cpus": 1}}, smoke=True)
-    studies.train_run(studies.RunSpec("new", 2), tmp_path, base, {}, smoke=True)
+    runner.train_run(plans.RunSpec("fed", 2), tmp_path, base, {"client_resources": {"num_cpus": 1}}, smoke=True)
+    runner.train_run(plans.RunSpec("new", 2), tmp_path, base, {}, smoke=True)
     assert calls[0].resume == str(fed.path) and calls[0].num_supernodes is None
     assert calls[1].resume is None and calls[1].num_supernodes == 2
     assert calls[1].overrides == {**base, "output-dir": str(tmp_path), "run-name": "new"}

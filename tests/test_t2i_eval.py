@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from fl_ietagc import latent
-from fl_ietagc import t2i_eval as te
-from fl_ietagc.config import ConfigError
-from fl_ietagc.diffusion import Diffusion
+from fl_ietagc.data import latent
+from fl_ietagc.evaluation import t2i_eval as te
+from fl_ietagc.settings.config import ConfigError
+from fl_ietagc.training.diffusion import Diffusion
 
 CAPTIONS = ["a red cat", "a blue dog", "three trees"]
 STEPS = 4
@@ -26,8 +26,9 @@ def generated(parts):
 
 @pytest.fixture(scope="module")
 def train():
-    return torch.randint(0, 256, (len(CAPTIONS), 3, 16, 16), generator=torch.Generator().manual_seed(1),
-                         dtype=torch.uint8)
+    return torch.randint(
+        0, 256, (len(CAPTIONS), 3, 16, 16), generator=torch.Generator().manual_seed(1), dtype=torch.uint8
+    )
 
 
 def test_samples_are_uint8_caption_major_and_seeded_per_caption_and_seed(parts, generated):
@@ -44,8 +45,9 @@ def test_samples_are_uint8_caption_major_and_seeded_per_caption_and_seed(parts, 
     alone, _ = te.sample_from_captions(parts, Diffusion(20), CAPTIONS, 2, steps=STEPS, seed=0, batch_size=1)
     assert (alone.int() - images.int()).abs().max() <= 1
     # a diffusers scheduler config with the same betas samples the same images
-    from_config, _ = te.sample_from_captions(parts, Diffusion(20).scheduler_config, CAPTIONS, 2, steps=STEPS,
-                                             seed=0, batch_size=4)
+    from_config, _ = te.sample_from_captions(
+        parts, Diffusion(20).scheduler_config, CAPTIONS, 2, steps=STEPS, seed=0, batch_size=4
+    )
     assert torch.equal(images, from_config)
     with pytest.raises(ValueError, match="nothing to sample: 0 captions x 1 seeds"):
         te.sample_from_captions(parts, Diffusion(20), [], 1)
@@ -136,8 +138,9 @@ def test_a_torchscript_model_works_as_the_sscd_embedder(tmp_path, generated, tra
     emb = embedder(train)
     assert emb.shape == (3, 128) and torch.allclose(emb.norm(dim=1), torch.ones(3))
     images, index = generated
-    scores = te.memorization_scores(torch.cat([images, train[1:2]]), torch.cat([index, torch.tensor([1])]),
-                                    train, embedder)
+    scores = te.memorization_scores(
+        torch.cat([images, train[1:2]]), torch.cat([index, torch.tensor([1])]), train, embedder
+    )
     assert scores.embedder == "sscd" and scores.summary()["embedder"] == "sscd"
     assert scores.similarity[-1] == pytest.approx(1.0, abs=1e-5) and scores.nearest[-1] == 1
     assert scores.own_caption[-1]
@@ -161,7 +164,7 @@ def test_a_missing_or_invalid_sscd_model_is_named_in_one_line(tmp_path):
 def test_the_clip_score_formula_on_known_vectors():
     image = torch.tensor([[1.0, 0.0], [2.0, 0.0], [3.0, 4.0]])
     text = torch.tensor([[1.0, 1.0], [-1.0, 0.0], [6.0, 8.0]])
-    assert torch.allclose(te.clip_score_from_embeddings(image, text), torch.tensor([100 / 2 ** 0.5, 0.0, 100.0]))
+    assert torch.allclose(te.clip_score_from_embeddings(image, text), torch.tensor([100 / 2**0.5, 0.0, 100.0]))
 
 
 @pytest.fixture(scope="module")
@@ -201,8 +204,9 @@ def test_clip_score_without_a_usable_directory_names_it(tmp_path, generated):
 def test_the_similar_pairs_grid_is_written(tmp_path, generated, train):
     images, index = generated
     scores = te.memorization_scores(images, index, train, te.PixelEmbedder())
-    path = te.similar_pairs_grid(images, train, scores.nearest, scores.similarity, tmp_path / "fig" / "pairs.png",
-                                 n=4, metric=scores.embedder)
+    path = te.similar_pairs_grid(
+        images, train, scores.nearest, scores.similarity, tmp_path / "fig" / "pairs.png", n=4, metric=scores.embedder
+    )
     assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from PIL import Image
 

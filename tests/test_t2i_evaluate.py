@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from fl_ietagc import latent
-from fl_ietagc import t2i_evaluate as t2e
-from fl_ietagc.captions import captioned_splits
-from fl_ietagc.checkpoints import save_checkpoint
 from fl_ietagc.cli import main as cli
-from fl_ietagc.evaluate import load_samples
-from fl_ietagc.rundir import RunDir
-from fl_ietagc.t2i_eval import PixelEmbedder, memorization_scores
+from fl_ietagc.data import latent
+from fl_ietagc.data.captions import captioned_splits
+from fl_ietagc.evaluation import t2i_evaluate as t2e
+from fl_ietagc.evaluation.evaluate import load_samples
+from fl_ietagc.evaluation.t2i_eval import PixelEmbedder, memorization_scores
+from fl_ietagc.runs.checkpoints import save_checkpoint
+from fl_ietagc.runs.rundir import RunDir
 
 N, HELD_OUT = 10, 2  # holdout-fraction 0.2 of 10 pairs
 
@@ -33,9 +33,17 @@ def caption_folder(root):
 def t2i_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("t2i-eval")
     parts = latent.tiny_components(seed=0, image_size=16)
-    conf = {"model-type": "latent-t2i", "dataset": "captions", "data-root": str(caption_folder(base / "pairs")),
-            "pretrained-dir": str(latent.save_components(parts, base / "tiny-sd")), "image-size": 16,
-            "holdout-fraction": 0.2, "diffusion-steps": 20, "seed": 0, "sample-count": 0}
+    conf = {
+        "model-type": "latent-t2i",
+        "dataset": "captions",
+        "data-root": str(caption_folder(base / "pairs")),
+        "pretrained-dir": str(latent.save_components(parts, base / "tiny-sd")),
+        "image-size": 16,
+        "holdout-fraction": 0.2,
+        "diffusion-steps": 20,
+        "seed": 0,
+        "sample-count": 0,
+    }
     run = RunDir(base / "run")
     run.write_config(conf, kind="centralized", **{"num-clients": 1})
     net = parts.unet.state_dict()
@@ -54,18 +62,29 @@ def pairs(t2i_run):
 
 
 def opts(out, **kw):
-    return t2e.T2IOptions(**{"num_captions": 0, "seeds_per_caption": 2, "steps": 2, "batch_size": 8,
-                             "device": "cpu", "out": str(out), **kw})
+    return t2e.T2IOptions(
+        **{
+            "num_captions": 0,
+            "seeds_per_caption": 2,
+            "steps": 2,
+            "batch_size": 8,
+            "device": "cpu",
+            "out": str(out),
+            **kw,
+        }
+    )
 
 
 def planted_sampler(train, plants: dict[int, int]):
     """Stand-in for `sample_from_captions`: noise, except generation k = training image plants[k]."""
+
     def fake(parts, schedule, captions, seeds_per_caption, **kw):
         n = len(captions) * seeds_per_caption
         images = torch.randint(0, 256, (n, 3, 16, 16), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
         for k, j in plants.items():
             images[k] = train.images[j]
         return images, torch.arange(len(captions)).repeat_interleave(seeds_per_caption)
+
     return fake
 
 
@@ -77,8 +96,10 @@ def test_a_planted_copy_is_found_with_its_caption_and_reported(t2i_run, pairs, t
     results = t2e.evaluate_t2i(run.path, opts(tmp_path), progress=False)
     assert results["model-type"] == "latent-t2i" and results["num_train"] == N - HELD_OUT
     assert results["num_generations"] == 2 * (N - HELD_OUT) and results["embedder"] == "latent-cosine"
-    assert results["memorization"]["embedder"] == "latent-cosine" and set(results["by_embedder"]) == \
-        {"latent-cosine", "pixel-cosine"}
+    assert results["memorization"]["embedder"] == "latent-cosine" and set(results["by_embedder"]) == {
+        "latent-cosine",
+        "pixel-cosine",
+    }
     pixel = results["by_embedder"]["pixel-cosine"]
     top = pixel["most_similar"][:2]
     assert {(t["generation"], t["nearest"], t["own_caption"]) for t in top} == {(3, 5, False), (6, 3, True)}
@@ -135,8 +156,11 @@ def test_without_held_out_images_the_null_is_not_measured(t2i_run, pairs, tmp_pa
     assert "(null not measured)" in capsys.readouterr().out
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["num_heldout"] == 0 and results["num_train"] == N
-    assert results["null"] == {"embedder": "latent-cosine", "measured": False,
-                               "reason": "holdout-fraction = 0: no held-out images"}
+    assert results["null"] == {
+        "embedder": "latent-cosine",
+        "measured": False,
+        "reason": "holdout-fraction = 0: no held-out images",
+    }
     assert "null_similarity_pixel_cosine" not in load_samples(tmp_path / "run" / "samples.npz")
     assert "No null rate: holdout-fraction = 0" in (tmp_path / "run" / "report.html").read_text()
 
@@ -169,7 +193,7 @@ def tiny_clip(tmp_path_factory):
 
 
 def test_the_clip_score_is_measured_only_with_a_clip_dir(t2i_run, pairs, tmp_path, monkeypatch, tiny_clip):
-    from fl_ietagc.t2i_eval import clip_score
+    from fl_ietagc.evaluation.t2i_eval import clip_score
 
     run, _ = t2i_run
     train, _ = pairs
@@ -180,8 +204,9 @@ def test_the_clip_score_is_measured_only_with_a_clip_dir(t2i_run, pairs, tmp_pat
     results = t2e.evaluate_t2i(run.path, opts(tmp_path / "with", clip_dir=str(tiny_clip)), progress=False)
     arrays = load_samples(tmp_path / "with" / "samples.npz")
     assert arrays["clip_score"].shape == (16,) and 0 <= results["clip_score"] <= 100
-    expected = clip_score(torch.from_numpy(arrays["samples"]), [train.captions[i] for i in arrays["caption_index"]],
-                          tiny_clip)
+    expected = clip_score(
+        torch.from_numpy(arrays["samples"]), [train.captions[i] for i in arrays["caption_index"]], tiny_clip
+    )
     assert results["clip_score"] == pytest.approx(float(expected.mean()), abs=1e-4)
     assert comparable(without)["by_embedder"] == comparable(results)["by_embedder"]
 
@@ -194,20 +219,24 @@ def no_sampling(monkeypatch):
     monkeypatch.setattr(t2e, "sample_from_captions", refuse)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--k", "5", "--fid-weights", "w.pth"], r"--k, --fid-weights: only for pixel runs; .* is a latent-t2i run"),
-    (["--num-samples", "8"], r"--num-samples: only for pixel runs"),
-    (["--seeds-per-caption", "0"], r"--seeds-per-caption 0: must be >= 1"),
-    (["--num-captions", "-1", "--steps", "0"], r"--num-captions -1: must be >= 0 .*; --steps 0: must be >= 1"),
-    (["--guidance-scale", "nan"], r"--guidance-scale nan: must be a finite number"),
-    (["--steps", "21"], r"--steps 21: must be <= 20 \(the run's diffusion timesteps\)"),
-    (["--round", "7"], r"--round 7: no checkpoint of round 7 in .*checkpoints \(saved rounds: 1\)"),
-    (["--sscd", "{tmp}/nope.torchscript.pt"], r"--sscd: SSCD model '.*nope.torchscript.pt': not found"),
-    (["--clip-dir", "{tmp}/nowhere"], r"--clip-dir: CLIP directory '.*nowhere': not a directory"),
-    (["--out", "{tmp}/file.txt/x"], r"--out .*: .*file.txt is not a directory"),
-])
-def test_bad_options_fail_in_one_line_naming_the_option_before_sampling(t2i_run, tmp_path, capsys, no_sampling,
-                                                                        args, message):
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--k", "5", "--fid-weights", "w.pth"], r"--k, --fid-weights: only for pixel runs; .* is a latent-t2i run"),
+        (["--num-samples", "8"], r"--num-samples: only for pixel runs"),
+        (["--seeds-per-caption", "0"], r"--seeds-per-caption 0: must be >= 1"),
+        (["--num-captions", "-1", "--steps", "0"], r"--num-captions -1: must be >= 0 .*; --steps 0: must be >= 1"),
+        (["--guidance-scale", "nan"], r"--guidance-scale nan: must be a finite number"),
+        (["--steps", "21"], r"--steps 21: must be <= 20 \(the run's diffusion timesteps\)"),
+        (["--round", "7"], r"--round 7: no checkpoint of round 7 in .*checkpoints \(saved rounds: 1\)"),
+        (["--sscd", "{tmp}/nope.torchscript.pt"], r"--sscd: SSCD model '.*nope.torchscript.pt': not found"),
+        (["--clip-dir", "{tmp}/nowhere"], r"--clip-dir: CLIP directory '.*nowhere': not a directory"),
+        (["--out", "{tmp}/file.txt/x"], r"--out .*: .*file.txt is not a directory"),
+    ],
+)
+def test_bad_options_fail_in_one_line_naming_the_option_before_sampling(
+    t2i_run, tmp_path, capsys, no_sampling, args, message
+):
     run, _ = t2i_run
     (tmp_path / "file.txt").write_text("x")
     steps = [] if "--steps" in args else ["--steps", "2"]  # (an option given twice is refused on its own)
@@ -218,7 +247,7 @@ def test_bad_options_fail_in_one_line_naming_the_option_before_sampling(t2i_run,
 
 
 def test_text_to_image_options_on_a_pixel_run_are_refused_before_any_model(tmp_path, capsys, monkeypatch):
-    import fl_ietagc.evaluate as ev
+    import fl_ietagc.evaluation.evaluate as ev
 
     monkeypatch.setattr(ev, "prepare", lambda *a, **k: pytest.fail("the pixel run was prepared"))
     RunDir(tmp_path / "pixel").write_config({"dataset": "digits"}, kind="centralized")
@@ -231,8 +260,28 @@ def test_text_to_image_options_on_a_pixel_run_are_refused_before_any_model(tmp_p
 def test_fl_ietagc_evaluate_dispatches_a_text_to_image_run(t2i_run, tmp_path, capsys):
     run, _ = t2i_run
     out = tmp_path / "cli"
-    code = cli(["evaluate", str(run.path), "--num-captions", "2", "--seeds-per-caption", "1", "--steps", "2",
-                "--guidance-scale", "3", "--round", "1", "--weights", "ema", "--device", "cpu", "--out", str(out)])
+    code = cli(
+        [
+            "evaluate",
+            str(run.path),
+            "--num-captions",
+            "2",
+            "--seeds-per-caption",
+            "1",
+            "--steps",
+            "2",
+            "--guidance-scale",
+            "3",
+            "--round",
+            "1",
+            "--weights",
+            "ema",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
     stdout = capsys.readouterr().out
     assert code == 0
     assert "latent-cosine: mean top-1 similarity" in stdout and "CLIP score: not measured" in stdout
@@ -246,16 +295,31 @@ def test_fl_ietagc_evaluate_dispatches_a_text_to_image_run(t2i_run, tmp_path, ca
 
 
 def t2i_results(run: str, mean: float, clip) -> dict:
-    return {"model-type": "latent-t2i", "run": run, "kind": "federated", "num_generations": 8, "sampler": "ddim",
-            "steps": 5, "weights": "raw", "round": 2, "clip_score": clip,
-            "memorization": {"embedder": "sscd", "threshold": 0.5, "mean_top1": mean, "q95_top1": mean + 0.1,
-                             "fraction_above": 0.25, "fraction_nearest_own_caption": 0.5},
-            "null": {"embedder": "sscd", "mean_top1": 0.3}}
+    return {
+        "model-type": "latent-t2i",
+        "run": run,
+        "kind": "federated",
+        "num_generations": 8,
+        "sampler": "ddim",
+        "steps": 5,
+        "weights": "raw",
+        "round": 2,
+        "clip_score": clip,
+        "memorization": {
+            "embedder": "sscd",
+            "threshold": 0.5,
+            "mean_top1": mean,
+            "q95_top1": mean + 0.1,
+            "fraction_above": 0.25,
+            "fraction_nearest_own_caption": 0.5,
+        },
+        "null": {"embedder": "sscd", "mean_top1": 0.3},
+    }
 
 
 def test_compare_tables_text_to_image_runs_and_refuses_mixing_them_with_pixel_runs(tmp_path, capsys):
     from fl_ietagc.cli import main
-    from fl_ietagc.compare import compare
+    from fl_ietagc.evaluation.compare import compare
 
     for name, mean, clip in (("plain", 0.5, 30.0), ("iet", 0.4, "not measured (no --clip-dir)")):
         (tmp_path / name).mkdir()

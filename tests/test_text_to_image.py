@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from fl_ietagc.agc import MemoryBank
-from fl_ietagc.captions import load_captioned
-from fl_ietagc.config import ConfigError
-from fl_ietagc.diffusion import Diffusion
-from fl_ietagc import latent
+from fl_ietagc.data import latent
+from fl_ietagc.data.captions import load_captioned
+from fl_ietagc.settings.config import ConfigError
+from fl_ietagc.training.agc import MemoryBank
+from fl_ietagc.training.diffusion import Diffusion
 
 
 def write_folder(root, n=4, size=(20, 12)):
@@ -43,14 +43,17 @@ def test_a_csv_of_paths_and_captions(tmp_path):
     assert torch.equal(data.images[1], load_captioned(folder, 8).images[0])
 
 
-@pytest.mark.parametrize("csv_text, message", [
-    ("path\nd/img0.png\n", r"list.csv: no caption column \(one of text, caption\); columns: path"),
-    ("path,caption\nd/img0.png,\n", r"list.csv: row 1 \(d/img0.png\): empty caption"),
-    ("path,caption\nd/img0.png,a\nd/nope.png,b\n", r"list.csv: row 2: image d/nope.png not found"),
-    ("path,caption\n../../etc/passwd,a\n", r"list.csv: row 1: ../../etc/passwd is outside the dataset folder"),
-    ("path,caption\nd/bad.png,a\n", r"bad.png: not a readable image"),
-    ("path,caption\n", r"list.csv: no rows"),
-])
+@pytest.mark.parametrize(
+    "csv_text, message",
+    [
+        ("path\nd/img0.png\n", r"list.csv: no caption column \(one of text, caption\); columns: path"),
+        ("path,caption\nd/img0.png,\n", r"list.csv: row 1 \(d/img0.png\): empty caption"),
+        ("path,caption\nd/img0.png,a\nd/nope.png,b\n", r"list.csv: row 2: image d/nope.png not found"),
+        ("path,caption\n../../etc/passwd,a\n", r"list.csv: row 1: ../../etc/passwd is outside the dataset folder"),
+        ("path,caption\nd/bad.png,a\n", r"bad.png: not a readable image"),
+        ("path,caption\n", r"list.csv: no rows"),
+    ],
+)
 def test_bad_caption_data_is_named_by_file_and_row(tmp_path, csv_text, message):
     write_folder(tmp_path / "d")
     (tmp_path / "d" / "bad.png").write_bytes(b"not a png")
@@ -83,8 +86,12 @@ def test_tiny_parts_save_and_load_as_a_local_checkpoint(tiny):
     assert loaded.latent_shape == (4, 8, 8) and not any(p.requires_grad for p in loaded.vae.parameters())
     assert all(p.requires_grad for p in loaded.unet.parameters())
     ids = loaded.tokenizer(["a cat"], padding="max_length", max_length=16, return_tensors="pt").input_ids
-    assert ids[0, :4].tolist() == [0, parts.tokenizer.convert_tokens_to_ids("a</w>"),
-                                   parts.tokenizer.convert_tokens_to_ids("c"), parts.tokenizer.convert_tokens_to_ids("a")]
+    assert ids[0, :4].tolist() == [
+        0,
+        parts.tokenizer.convert_tokens_to_ids("a</w>"),
+        parts.tokenizer.convert_tokens_to_ids("c"),
+        parts.tokenizer.convert_tokens_to_ids("a"),
+    ]
     with torch.no_grad():
         assert torch.equal(loaded.text_encoder(ids).last_hidden_state, parts.text_encoder(ids).last_hidden_state)
     bf16 = latent.load_components(directory, frozen_dtype=torch.bfloat16)
@@ -105,8 +112,11 @@ def test_a_checkpoint_folder_missing_a_part_or_with_pickled_weights_is_refused(t
     for f in (pickled / "vae").glob("*.safetensors"):
         f.unlink()
     (pickled / "vae" / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04pickle")
-    with pytest.raises(ConfigError, match=r"vae/ has no .safetensors weights \(found diffusion_pytorch_model.bin: "
-                                          r"pickled weights are refused"):
+    with pytest.raises(
+        ConfigError,
+        match=r"vae/ has no .safetensors weights \(found diffusion_pytorch_model.bin: "
+        r"pickled weights are refused",
+    ):
         latent.load_components(pickled)
 
 
@@ -169,15 +179,16 @@ def test_the_local_trainer_trains_the_conditional_latent_unet_with_agc_and_state
     over, only the UNet changes, and a second identical client ends bit-identical (seeded)."""
     import copy
 
-    from fl_ietagc.config import parse_config
-    from fl_ietagc.trainer import LocalTrainer, TrainState
+    from fl_ietagc.settings.config import parse_config
+    from fl_ietagc.training.trainer import LocalTrainer, TrainState
 
     monkeypatch.setenv("FL_IETAGC_CACHE", str(tmp_path))
     parts, _ = tiny
     data = load_captioned(write_folder(tmp_path / "d", n=8, size=(16, 16)), size=16)
     lat, emb = latent.encode(parts, data.images, data.captions)
-    cfg = parse_config({"batch-size": 4, "diffusion-steps": 10, "agc-lambda": 1.05, "warmup-steps": 2,
-                        "hflip": "off", "lr": 1e-3})
+    cfg = parse_config(
+        {"batch-size": 4, "diffusion-steps": 10, "agc-lambda": 1.05, "warmup-steps": 2, "hflip": "off", "lr": 1e-3}
+    )
 
     def client():
         unet = copy.deepcopy(parts.unet)
@@ -195,5 +206,6 @@ def test_the_local_trainer_trains_the_conditional_latent_unet_with_agc_and_state
     again, _, _ = client()
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in unet.state_dict().items())
     with pytest.raises(ValueError, match="shard has 8 images but 7 text embeddings"):
-        LocalTrainer(cfg, unet, copy.deepcopy(unet), lat, TrainState.fresh(np.arange(8)), torch.device("cpu"),
-                     cond=emb[:7])
+        LocalTrainer(
+            cfg, unet, copy.deepcopy(unet), lat, TrainState.fresh(np.arange(8)), torch.device("cpu"), cond=emb[:7]
+        )

@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 
-from fl_ietagc.config import parse_config
-from fl_ietagc.data import load_splits
-from fl_ietagc.models import build_for_config
-from fl_ietagc.trainer import LocalTrainer, TrainState, warmup_lr
+from fl_ietagc.data.datasets import load_splits
+from fl_ietagc.settings.config import parse_config
+from fl_ietagc.training.run_model import build_for_config
+from fl_ietagc.training.trainer import LocalTrainer, TrainState, warmup_lr
 
 
 def test_warmup_is_linear_then_constant():
@@ -87,7 +87,7 @@ def test_a_shard_smaller_than_a_batch_is_an_error_not_a_hang():
 
 
 def test_mean_loss_is_the_mean_of_every_per_sample_loss_seen(monkeypatch):
-    from fl_ietagc import diffusion
+    from fl_ietagc.training import diffusion
 
     seen = []
     real = diffusion.Diffusion.per_sample_loss
@@ -106,12 +106,15 @@ def test_mean_loss_is_the_mean_of_every_per_sample_loss_seen(monkeypatch):
 
 def test_horizontal_flip_flips_about_half_the_images_in_the_batch(monkeypatch):
     """hflip on (the default for every dataset but digits): each image is flipped with probability 1/2."""
-    from fl_ietagc import diffusion
+    from fl_ietagc.training import diffusion
 
     batches = []
     real = diffusion.Diffusion.per_sample_loss
-    monkeypatch.setattr(diffusion.Diffusion, "per_sample_loss",
-                        lambda self, model, x0, t, noise: batches.append(x0.clone()) or real(self, model, x0, t, noise))
+    monkeypatch.setattr(
+        diffusion.Diffusion,
+        "per_sample_loss",
+        lambda self, model, x0, t, noise: batches.append(x0.clone()) or real(self, model, x0, t, noise),
+    )
     cfg = parse_config({"batch-size": 96, "hflip": "on"})
     trainer, _ = make_trainer(cfg)
     trainer.run(epochs=1, seed=5)
@@ -152,14 +155,15 @@ def test_fedprox_term_pulls_towards_the_round_start():
         return sum(float((p.detach() - s).pow(2).sum()) for p, s in zip(t.params, start))
 
     assert drift(prox) < drift(plain)
-    from fl_ietagc.trainer import proximal_term
+    from fl_ietagc.training.trainer import proximal_term
 
     assert float(proximal_term([torch.ones(2), torch.zeros(1)], [torch.zeros(2), torch.ones(1)])) == 3.0
 
 
 def test_taa_sets_strengths_and_translates_inside_run():
-    cfg = parse_config({"batch-size": 16, "diffusion-steps": 4, "agc-lambda": 1.01, "taa": True, "taa-gamma": 3.0,
-                        "warmup-steps": 0})
+    cfg = parse_config(
+        {"batch-size": 16, "diffusion-steps": 4, "agc-lambda": 1.01, "taa": True, "taa-gamma": 3.0, "warmup-steps": 0}
+    )
     trainer, state = make_trainer(cfg)
     trainer.run(epochs=2, seed=4)
     s = state.aug_strength
@@ -175,7 +179,7 @@ def test_shard_and_state_of_different_sizes_is_an_error():
 
 
 def test_a_nan_loss_is_reported_with_its_step_within_the_check_period():
-    from fl_ietagc.trainer import NONFINITE_CHECK_EVERY, NonFiniteError
+    from fl_ietagc.training.trainer import NONFINITE_CHECK_EVERY, NonFiniteError
 
     trainer, state = make_trainer(parse_config({"batch-size": 16, "lr": 1e30, "warmup-steps": 0}))
     with pytest.raises(NonFiniteError) as e:

@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from fl_ietagc.cli import _fid_text
-from fl_ietagc.images import save_grid
+from fl_ietagc.evaluation.images import save_grid
 
 
 def test_sample_grids_are_enlarged_by_pixel_repetition_to_at_least_512_px(tmp_path):
@@ -27,13 +27,15 @@ def test_sample_grids_are_enlarged_by_pixel_repetition_to_at_least_512_px(tmp_pa
 
 def test_evaluate_prints_why_fid_was_not_computed():
     assert _fid_text({"computed": False, "reason": "disabled (--no-fid)"}) == "not computed (disabled (--no-fid))"
-    assert _fid_text({"computed": False, "reason": "no Inception\n weights at /x"}) == \
-        "not computed (no Inception weights at /x)"
+    assert (
+        _fid_text({"computed": False, "reason": "no Inception\n weights at /x"})
+        == "not computed (no Inception weights at /x)"
+    )
     assert _fid_text({"computed": True, "fid": 12.5}) == "12.5"
 
 
 def test_skip_histogram_bins_hold_whole_counts_so_no_bin_is_falsely_empty():
-    from fl_ietagc.report import skip_bins
+    from fl_ietagc.evaluation.report import skip_bins
 
     np.testing.assert_array_equal(skip_bins(3), [-0.5, 0.5, 1.5, 2.5, 3.5])
     np.testing.assert_array_equal(skip_bins(0), [-0.5, 0.5])
@@ -46,7 +48,7 @@ def test_skip_histogram_bins_hold_whole_counts_so_no_bin_is_falsely_empty():
 
 
 def test_the_server_log_names_the_text_to_image_unet_not_a_preset():
-    from fl_ietagc.config import parse_config
+    from fl_ietagc.settings.config import parse_config
     from strategies.server_app import model_description
 
     assert model_description(parse_config({})) == "tiny preset"
@@ -74,12 +76,13 @@ def test_compare_refuses_runs_evaluated_with_different_sample_counts(tmp_path, c
     assert cli(["compare", a, b, "--out", str(tmp_path / "cmp")]) == 2
     assert capsys.readouterr().err == (
         "fl-ietagc compare: these runs were evaluated with different numbers of samples (a: 100, b: 64); evaluate "
-        "them again with the same --num-samples (text-to-image: --num-captions x --seeds-per-caption) and compare\n")
+        "them again with the same --num-samples (text-to-image: --num-captions x --seeds-per-caption) and compare\n"
+    )
     assert not (tmp_path / "cmp").exists()
 
 
 def test_compare_keeps_evaluates_unreliable_flag_on_mq(tmp_path):
-    from fl_ietagc.compare import compare, to_markdown
+    from fl_ietagc.evaluation.compare import compare, to_markdown
 
     a = _write_results(tmp_path, "a", 0.2)
     b = _write_results(tmp_path, "b", 0.1)
@@ -96,8 +99,10 @@ def test_compare_keeps_evaluates_unreliable_flag_on_mq(tmp_path):
     assert "| MQ r<0.2 | 0.2 | 0.1 (-50.0%) unreliable |" in md
     assert "| 1/3 rule | 0.2 | 0.1 (-50.0%) |" in md  # other rules unmarked
     assert "| null: MQ r<0.2 | 0.01 | 0.01 (+0.0%) unreliable |" in md
-    assert md[-1].endswith("MQ is marked unreliable for b: the training set is small for its k nearest neighbours "
-                           "(fl-ietagc evaluate's flag); lean on the 1/3 rule.")
+    assert md[-1].endswith(
+        "MQ is marked unreliable for b: the training set is small for its k nearest neighbours "
+        "(fl-ietagc evaluate's flag); lean on the 1/3 rule."
+    )
 
 
 def test_pytest_names_each_slow_test_as_it_starts_and_fast_tests_stay_dots(tmp_path):
@@ -109,11 +114,17 @@ def test_pytest_names_each_slow_test_as_it_starts_and_fast_tests_stay_dots(tmp_p
 
     root = Path(__file__).resolve().parent
     shutil.copy(root / "conftest.py", tmp_path / "conftest.py")
-    (tmp_path / "test_inner.py").write_text("import pytest\n\n\ndef test_fast():\n    pass\n\n\n"
-                                            "@pytest.mark.slow\ndef test_long():\n    pass\n")
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "markers=slow",
-                          str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    (tmp_path / "test_inner.py").write_text(
+        "import pytest\n\n\ndef test_fast():\n    pass\n\n\n@pytest.mark.slow\ndef test_long():\n    pass\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "markers=slow", str(tmp_path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     lines = out.stdout.splitlines()
     started = [x for x in lines if x.startswith("slow test started ")]
@@ -122,7 +133,7 @@ def test_pytest_names_each_slow_test_as_it_starts_and_fast_tests_stay_dots(tmp_p
 
 
 def test_smoke_figures_carry_a_red_pipeline_check_banner_once(tmp_path):
-    from experiments.pipeline_check import is_labelled, label_figures
+    from experiments.studies.pipeline_check import is_labelled, label_figures
 
     (tmp_path / "run" / "report").mkdir(parents=True)
     Image.new("RGB", (530, 530), (0, 0, 255)).save(tmp_path / "run" / "samples.png")

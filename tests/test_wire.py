@@ -1,4 +1,4 @@
-"""Weights on the wire (fl_ietagc/wire.py): a few flat arrays per message, their layout, bf16 transport, and that
+"""Weights on the wire (fl_ietagc/federation/wire.py): a few flat arrays per message, their layout, bf16 transport, and that
 averaging flat arrays is bit for bit averaging the tensors."""
 
 import numpy as np
@@ -8,10 +8,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-from fl_ietagc.checkpoints import pack_weights
-from fl_ietagc.config import parse_config
-from fl_ietagc.initial_weights import initial_weights
-from fl_ietagc.wire import Layout, decode, encode, flatten, unflatten, wire_bytes
+from fl_ietagc.federation.wire import Layout, decode, encode, flatten, unflatten, wire_bytes
+from fl_ietagc.runs.checkpoints import pack_weights
+from fl_ietagc.settings.config import parse_config
+from fl_ietagc.training.run_model import initial_weights
 from strategies.base import as_record, numpy_arrays
 from strategies.iet import IETFedAvg
 from tests.local_grid import set_task_identity
@@ -60,9 +60,11 @@ def test_averaging_flat_arrays_is_bit_identical_to_averaging_tensors(packed):
 
     per_tensor = aggregate_arrayrecords(
         [reply(ArrayRecord({k: Array(v.numpy()) for k, v in c.items()}), n) for c, n in zip(clients, sizes)],
-        "num-examples")
-    flat = aggregate_arrayrecords([reply(as_record(flatten(c, layout)), n) for c, n in zip(clients, sizes)],
-                                  "num-examples")
+        "num-examples",
+    )
+    flat = aggregate_arrayrecords(
+        [reply(as_record(flatten(c, layout)), n) for c, n in zip(clients, sizes)], "num-examples"
+    )
     got = unflatten(numpy_arrays(flat), layout)
     assert all(np.array_equal(got[k].numpy(), per_tensor[k].numpy()) for k in packed)
 
@@ -75,7 +77,7 @@ def test_bf16_transport_halves_the_bytes_and_stays_within_its_rounding(packed):
     back = unflatten(decode(wire, bf16), bf16)
     for k, v in packed.items():  # round to nearest bfloat16 (8 significant bits): relative error <= 2^-8
         assert torch.equal(back[k], v.to(torch.bfloat16).float())
-        assert torch.all((back[k] - v).abs() <= v.abs() * 2.0 ** -8)
+        assert torch.all((back[k] - v).abs() <= v.abs() * 2.0**-8)
 
 
 def test_a_float64_aggregate_travels_in_the_layout_dtype_and_is_committed_as_it_is(packed):
@@ -85,14 +87,20 @@ def test_a_float64_aggregate_travels_in_the_layout_dtype_and_is_committed_as_it_
     assert all(a.dtype == np.float32 and np.array_equal(a, wide[g].astype(np.float32)) for g, a in sent.items())
     got = unflatten(wide, layout)  # what the server commits (and resumes from): the strategy's values, unrounded
     w = got["net.conv_in.weight"]
-    assert w.dtype == torch.float64 and torch.equal(w.reshape(-1), torch.from_numpy(wide["net"][:w.numel()]))
+    assert w.dtype == torch.float64 and torch.equal(w.reshape(-1), torch.from_numpy(wide["net"][: w.numel()]))
 
 
-@pytest.mark.parametrize("change,error", [
-    (lambda f: {"net": f["net"]}, "weights hold arrays ['net'], the layout expects ['ema', 'net']"),
-    (lambda f: {**f, "net": f["net"][:-1]}, "weights: array 'net' has shape"),
-    (lambda f: {**f, "net": f["net"].astype(np.int32)}, "weights: array 'net' is int32, the layout expects float32"),
-])
+@pytest.mark.parametrize(
+    "change,error",
+    [
+        (lambda f: {"net": f["net"]}, "weights hold arrays ['net'], the layout expects ['ema', 'net']"),
+        (lambda f: {**f, "net": f["net"][:-1]}, "weights: array 'net' has shape"),
+        (
+            lambda f: {**f, "net": f["net"].astype(np.int32)},
+            "weights: array 'net' is int32, the layout expects float32",
+        ),
+    ],
+)
 def test_weights_that_do_not_fit_the_layout_are_refused_naming_the_array(packed, change, error):
     layout = Layout.of(packed)
     with pytest.raises(ValueError, match=error.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
@@ -110,15 +118,19 @@ def _reply(arrays, partition, n, digest):
     request = Message(RecordDict(), dst_node_id=1000 + partition, message_type="train")
     info = {"partition-id": partition, "image-ids": [0], "skip-counts": [0], "layout-digest": digest}
     metrics = {"num-examples": n, "loss": 0.1, "kept": 1, "skipped": 0, "steps": 1, "seconds": 0.1, "client-step": 1}
-    return Message(RecordDict({"arrays": as_record(arrays), "metrics": MetricRecord(metrics),
-                               "info": ConfigRecord(info)}), reply_to=request)
+    return Message(
+        RecordDict({"arrays": as_record(arrays), "metrics": MetricRecord(metrics), "info": ConfigRecord(info)}),
+        reply_to=request,
+    )
 
 
 def test_the_strategy_averages_bf16_replies_as_fp32_and_names_a_non_finite_tensor(packed):
     layout = Layout.of(packed, "bf16")
     clients = [perturbed(packed, s) for s in range(2)]
-    replies = [_reply(encode(flatten(c, layout), layout), p, n, layout.digest()) for p, (c, n) in
-               enumerate(zip(clients, [10, 30]))]
+    replies = [
+        _reply(encode(flatten(c, layout), layout), p, n, layout.digest())
+        for p, (c, n) in enumerate(zip(clients, [10, 30]))
+    ]
     arrays, _ = _strategy(layout).aggregate_train(1, replies)
     got = unflatten(numpy_arrays(arrays), layout)
     rounded = [{k: v.to(torch.bfloat16).float() for k, v in c.items()} for c in clients]
@@ -128,7 +140,7 @@ def test_the_strategy_averages_bf16_replies_as_fp32_and_names_a_non_finite_tenso
     # float32 sum's own rounding)
     for k in packed:
         exact = clients[0][k].double() * 0.25 + clients[1][k].double() * 0.75
-        bound = (clients[0][k].double().abs() * 0.25 + clients[1][k].double().abs() * 0.75) * (2.0 ** -8 + 2.0 ** -22)
+        bound = (clients[0][k].double().abs() * 0.25 + clients[1][k].double().abs() * 0.75) * (2.0**-8 + 2.0**-22)
         assert torch.all((got[k].double() - exact).abs() <= bound)
 
     broken = dict(clients[1])
@@ -136,19 +148,25 @@ def test_the_strategy_averages_bf16_replies_as_fp32_and_names_a_non_finite_tenso
     broken["ema.conv_out.bias"][0] = float("nan")
     s = _strategy(layout)
     first = _reply(encode(flatten(clients[0], layout), layout), 0, 10, layout.digest())
-    good, failures = s.sort_replies(1, [first, _reply(encode(flatten(broken, layout), layout), 1, 30,
-                                                      layout.digest())])
-    assert len(good) == 1 and failures[0].line() == ("partition 1, round 1: returned non-finite weights (1 arrays, "
-                                                     "e.g. ema.conv_out.bias[0])")
+    good, failures = s.sort_replies(1, [first, _reply(encode(flatten(broken, layout), layout), 1, 30, layout.digest())])
+    assert len(good) == 1 and failures[0].line() == (
+        "partition 1, round 1: returned non-finite weights (1 arrays, e.g. ema.conv_out.bias[0])"
+    )
 
 
 def test_a_reply_of_another_layout_is_a_failure_naming_the_partition(packed):
     layout = Layout.of(packed)
     s = _strategy(layout)
-    good, failures = s.sort_replies(3, [_reply(flatten(packed, layout), 0, 10, layout.digest()),
-                                        _reply(flatten(packed, layout), 1, 10, "0123456789abcdef")])
+    good, failures = s.sort_replies(
+        3,
+        [
+            _reply(flatten(packed, layout), 0, 10, layout.digest()),
+            _reply(flatten(packed, layout), 1, 10, "0123456789abcdef"),
+        ],
+    )
     assert len(good) == 1 and failures[0].line().startswith(
-        "partition 1, round 3: returned weights of another layout (digest 0123456789abcdef, sent ")
+        "partition 1, round 3: returned weights of another layout (digest 0123456789abcdef, sent "
+    )
 
 
 def test_the_mixin_sends_the_layout_and_bf16_arrays_with_every_instruction(packed):

@@ -1,0 +1,531 @@
+"""The small-data memorization study: on a training set small enough to memorize on a CPU, does IET-AGC (and
+AGC alone, IET alone, RET) copy fewer training images than default training at the same number of steps?
+
+    fl-ietagc-study small-data --full  [--out studies/] [--workers 2]    # <= 30 min on 2 CPU cores
+    fl-ietagc-study small-data --smoke                                   # the tests' size, about a minute
+    fl-ietagc-study small-data --full --set train-images=64 --set agc-lambda=3   # a variation (own directory)
+
+Five variants x seeds; every run trains through the project's core (`run_centralized` for the centralized runs,
+`run_iet_loop` for the federated ones: the Flower-free loop that the tests prove bit-identical to the Flower app,
+RET included, chosen here because 15 Ray starts would eat a third of a CPU budget). Every run writes an ordinary
+run directory (resumable; a killed study continues where it stopped), then every round's checkpoint is sampled
+(DDIM, raw weights) and matched against the training set by one exact nearest-neighbour pass; samples, neighbour
+indices and squared distances are saved per round (`eval/round_RRRR.npz`), so every rate can be recomputed.
+
+Reported per variant, at the last round, with hierarchical bootstrap 95% intervals (seeds, then samples):
+the 1/3 rule (l2 1st / 2nd < 1/3) and Carlini's rule (l2 1st < 0.5 x mean l2 of the k nearest) as the primary
+copy measures, MQ at tau = 0.2 and 0.3 (k = min(50, training images): with a training set this small, k covers
+most of it, so MQ says little: reported, not relied on), each next to the null rate of held-out real images; and
+an offline quality score (fl_ietagc/evaluation/classifier_quality.py: CFD and precision/recall in a small digit classifier's
+features, never called FID) next to the same score of real held-out images and of the untrained model.
+Figures: copy rate vs optimizer steps per variant (every round), and the most similar generated/training pairs of
+default training next to IET-AGC's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fl_ietagc.settings.config import ConfigError
+from fl_ietagc.evaluation.evaluate import load_samples, save_samples
+
+RET_ONLY = ("ret-", "taa")  # --set keys of RET's rules apply to the ret variant only
+RULES = ("one_third", "carlini", "mq_0.2", "mq_0.3")
+RULE_NAMES = {"one_third": "1/3 rule", "carlini": "Carlini", "mq_0.2": "MQ tau=0.2", "mq_0.3": "MQ tau=0.3"}
+BOOTSTRAP = 2000
+
+
+@dataclass(frozen=True)
+class Size:
+    """The study's scale; `--set name=value` changes any field (dashes for underscores)."""
+    train_images: int
+    image_size: int
+    clients: int  # K of the federated variants
+    batch_size: int
+    rounds: int
+    local_epochs: int  # per round, of each federated client; centralized runs take the same total steps
+    seeds: tuple[int, ...]
+    samples: int  # generated images at the last round
+    round_samples: int  # generated images at every earlier round (copy rate vs steps)
+    sample_steps: int  # DDIM steps
+    diffusion_steps: int
+    lr: float
+    agc_lambda: float
+    ret_fraction: float
+    variants: tuple[str, ...] = ("default", "agc", "iet", "iet-agc", "ret")  # a subset with --set variants=a,b
+
+    def run_config(self, seed: int) -> dict:
+        return {"dataset": "digits", "preset": "tiny", "image-size": self.image_size,
+                "max-images": self.train_images, "batch-size": self.batch_size, "num-server-rounds": self.rounds,
+                "local-epochs": self.local_epochs, "lr": self.lr, "warmup-steps": 20, "hflip": "off",
+                "diffusion-steps": self.diffusion_steps, "agc-lambda": self.agc_lambda, "seed": seed,
+                "device": "cpu", "sample-count": 0, "checkpoint-every": 1}
+
+
+SIZES = {
+    # calibrated on 2 CPU cores (docs/small-data-calibration.md): 32 digits at 8x8, 4,000 optimizer steps per run
+    "full": Size(train_images=32, image_size=8, clients=2, batch_size=16, rounds=10, local_epochs=200,
+                 seeds=(0, 1, 2), samples=256, round_samples=64, sample_steps=50, diffusion_steps=1000, lr=1e-3,
+                 agc_lambda=2.0, ret_fraction=0.25),
+    "smoke": Size(train_images=16, image_size=8, clients=2, batch_size=8, rounds=2, local_epochs=2, seeds=(0, 1),
+                  samples=16, round_samples=8, sample_steps=5, diffusion_steps=100, lr=1e-3, agc_lambda=2.0,
+                  ret_fraction=0.25),
+}
+
+VARIANTS = {  # name: (run-config overrides, federated?)
+    "default": ({"agc": False}, False),
+    "agc": ({"agc": True}, False),
+    "iet": ({"agc": False}, True),
+    "iet-agc": ({"agc": True}, True),
+    "ret": ({"agc": True, "ret-every": 1, "taa": True}, True),
+}
+
+
+# run-config keys the study sets itself, per run: --set of one would be overwritten or would break the design
+# (one seed for every replicate, one run-name for every run); the setting to use instead, if there is one
+CONTROLLED = {"seed": "seeds (e.g. --set seeds=5,6,7)", "run-name": None, "output-dir": "--out",
+              "max-images": "train-images", "num-server-rounds": "rounds", "image-size": "image-size",
+              "agc": "variants", "ret-every": "variants", "taa": "variants", "sample-count": "samples",
+              "checkpoint-every": None, "dataset": None, "preset": None, "resume-from": None}
+
+
+def apply_settings(size: Size, settings: list[str]) -> tuple[Size, dict]:
+    """`--set KEY=VALUE`: a Size field (e.g. train-images=64) or a run-config key (e.g. ema-decay=0.999).
+    Raises ConfigError naming the setting."""
+    from fl_ietagc.settings.config import config_keys, parse_overrides
+
+    fields = {f.name.replace("_", "-"): f for f in dataclasses.fields(Size)}
+    run_keys = {f.metadata["key"] for f in config_keys()}
+    changes, extra, seen_run_keys = {}, {}, set()
+    for item in settings:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not value.strip():
+            raise ConfigError(f"--set {item!r}: must be KEY=VALUE")
+        if key in fields:
+            f = fields[key]
+            try:
+                if f.name == "variants":
+                    parsed = tuple(v.strip() for v in value.split(","))
+                    if len(set(parsed)) != len(parsed) or not set(parsed) <= set(VARIANTS):
+                        raise ValueError
+                elif f.name == "seeds":
+                    parsed = tuple(int(v) for v in value.split(","))
+                    if not parsed or len(set(parsed)) != len(parsed) or min(parsed) < 0:
+                        raise ValueError
+                else:
+                    parsed = float(value) if f.type == "float" else int(value)
+            except ValueError:
+                what = {"seeds": "distinct integers >= 0, comma-separated",
+                        "variants": f"distinct names among {', '.join(VARIANTS)}, comma-separated"}.get(f.name, f.type)
+                raise ConfigError(f"--set {key}={value}: must be {what}") from None
+            if f.name in changes:
+                raise ConfigError(f"--set {key}: given twice; give each setting once")
+            changes[f.name] = parsed
+        elif key in CONTROLLED:
+            instead = CONTROLLED[key]
+            raise ConfigError(f"--set {key}: the small-data study sets {key} for each run itself"
+                              + (f"; use {instead}" if instead and instead.startswith("--") else
+                                 f"; use --set {instead}" if instead else ""))
+        elif key in run_keys:
+            if key in seen_run_keys:
+                raise ConfigError(f"--set {key}: given twice; give each key once")
+            seen_run_keys.add(key)
+            try:
+                extra.update(parse_overrides(f"{key}={value}"))
+            except ConfigError as e:
+                raise ConfigError(f"--set {item}: {e}") from None
+        else:
+            raise ConfigError(f"--set {key}: not a study setting ({', '.join(fields)}) nor a run-config key")
+    size = dataclasses.replace(size, **changes)
+    for name in ("train_images", "image_size", "clients", "batch_size", "rounds", "local_epochs", "samples",
+                 "round_samples", "sample_steps", "diffusion_steps"):
+        if getattr(size, name) < 1:
+            raise ConfigError(f"--set {name.replace('_', '-')}={getattr(size, name)}: must be >= 1")
+    if size.clients < 2:
+        raise ConfigError(f"--set clients={size.clients}: must be >= 2 (the federated variants need 2 shards)")
+    if size.samples < 2:
+        raise ConfigError(f"--set samples={size.samples}: must be >= 2 (the quality score needs 2 images)")
+    return size, extra
+
+
+def configs(size: Size, extra: dict, out: Path) -> list[tuple[str, int, object, bool]]:
+    """(variant, seed, RunConfig, federated) of every run, validated before any work (ConfigError names the run)."""
+    from fl_ietagc.settings.config import parse_config
+    from fl_ietagc.data.shards import shards_for_config
+    from fl_ietagc.validate import check_device, check_input_paths, check_model, check_output_dir
+
+    check_output_dir(str(out))
+    jobs = []
+    for seed in size.seeds:
+        for name, (overrides, federated) in VARIANTS.items():
+            if name not in size.variants:
+                continue
+            mine = {k: v for k, v in extra.items() if not k.startswith(RET_ONLY) or "ret-every" in overrides}
+            conf = {**size.run_config(seed), **overrides, **mine, "output-dir": str(out / "runs"),
+                    "run-name": f"{name}-s{seed}"}
+            if "ret-every" in overrides:
+                conf["ret-fraction"] = size.ret_fraction
+            try:
+                cfg = parse_config(conf)
+                check_input_paths(cfg)
+                check_model(cfg)  # image size: fits the UNet, and memory
+                check_device(cfg)
+                check_train_images(cfg, size)
+                shards_for_config(cfg, size.clients)  # data, K and batch size agree
+            except ConfigError as e:
+                raise ConfigError(f"[{name}-s{seed}] {e}") from e
+            jobs.append((name, seed, cfg, federated))
+    return jobs
+
+
+def check_train_images(cfg, size: Size) -> None:
+    """train-images within the training set (max-images would cap it silently: a study of fewer images than it
+    says)."""
+    from fl_ietagc.data.datasets import load_splits
+
+    have = len(load_splits(cfg.replace(**{"max-images": 0})).train)
+    if size.train_images > have:
+        raise ConfigError(f"--set train-images={size.train_images}: the {cfg.dataset} training set has {have} "
+                          f"images (after the held-out part); must be in [1, {have}]")
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Worker initializer: end this worker when the study process is gone (killed, even by SIGKILL), instead of
+    training on as an orphan. A run cut short this way is resumed by the next call of the study."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(143)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
+def train_and_evaluate(name: str, seed: int, cfg, federated: bool, size: Size, threads: int = 1) -> dict:
+    """One run (kept if completed, resumed if cut short, else started), then every round evaluated (cached)."""
+    import torch
+
+    from fl_ietagc.loops.centralized import run_centralized
+    from fl_ietagc.loops.iet import run_iet_loop
+    from fl_ietagc.runs.rundir import RunDir
+
+    torch.set_num_threads(threads)
+    t0 = time.time()
+    run = RunDir(Path(cfg.output_dir) / cfg.run_name)
+    state = run.liveness() if run.config_path.is_file() else "new"
+    if state == "running":
+        raise RuntimeError(f"[{name}-s{seed}] {run.path} is being written by another process")
+    kept = state == "completed"
+    if not kept:
+        resume = state in ("failed", "interrupted", "stale")
+        if federated:
+            run_iet_loop(cfg, size.clients, torch.device("cpu"),
+                         RunDir.reopen(run.path) if resume else RunDir.create(cfg.output_dir, cfg.run_name, ""))
+        else:
+            run_centralized(cfg, match_federated=size.clients, progress=False, resume=str(run.path) if resume else None)
+    trained = time.time() - t0
+    rounds = [evaluate_round(run, cfg, r, size) for r in range(1, cfg.num_server_rounds + 1)]
+    return {"variant": name, "seed": seed, "run": str(run.path), "kept": kept, "train_s": trained,
+            "eval_s": time.time() - t0 - trained, "rounds": rounds}
+
+
+def evaluate_round(run, cfg, server_round: int, size: Size) -> dict:
+    """Sample round R's raw weights, match against the training set; saved to eval/round_RRRR.npz."""
+    from fl_ietagc.runs.checkpoints import load_checkpoint
+    from fl_ietagc.data.datasets import load_splits
+    from fl_ietagc.training.diffusion import Diffusion, sample
+    from fl_ietagc.evaluation.memorization import nearest_neighbours
+    from fl_ietagc.training.models import load_weights
+    from fl_ietagc.training.run_model import build_for_config
+    from fl_ietagc.data.pixels import to_uint8
+
+    path = run.path / "eval" / f"round_{server_round:04d}.npz"
+    last = server_round == cfg.num_server_rounds
+    train = load_splits(cfg).train.images
+    if not path.is_file():
+        model = build_for_config(cfg)
+        load_weights(model, load_checkpoint(run.checkpoint(server_round))["net"], f"round {server_round}")
+        n = size.samples if last else size.round_samples
+        samples = to_uint8(sample(model, Diffusion.for_config(cfg), n, tuple(train.shape[1:]),
+                                  steps=size.sample_steps, seed=10_000 + server_round, batch_size=n))
+        nb = nearest_neighbours(samples, train, min(50, len(train)))
+        save_samples(path, samples, nb)
+    blob = load_samples(path)
+    metrics = run.read_metrics()
+    steps = int(sum(m["steps"] for m in metrics[:server_round]))  # all clients' steps (federated) or the run's
+    return {"round": server_round, "steps": steps, "flags": {k: v.tolist() for k, v in flags(blob["d2"]).items()},
+            "eval_file": str(path)}
+
+
+def flags(d2: np.ndarray) -> dict[str, np.ndarray]:
+    """Per query, whether each rule calls it a copy, from its k exact squared distances (ascending)."""
+    import torch
+
+    from fl_ietagc.evaluation.memorization import Neighbours, ratios
+
+    r = ratios(Neighbours(torch.from_numpy(d2), torch.zeros(d2.shape, dtype=torch.long), 1))
+    return {"one_third": r["gu"] < 1 / 3, "carlini": r["carlini"] < 1.0, "mq_0.2": r["mq"] < 0.2,
+            "mq_0.3": r["mq"] < 0.3}
+
+
+def bootstrap_rate(per_seed: list[np.ndarray], rng: np.random.Generator, n: int = BOOTSTRAP) -> dict:
+    """Mean rate over seeds and its hierarchical bootstrap 95% interval (resample seeds, then samples per seed)."""
+    per_seed = [np.asarray(f, dtype=float) for f in per_seed]
+    mean = float(np.mean([f.mean() for f in per_seed]))
+    s = len(per_seed)
+    draws = np.empty(n)
+    for b in range(n):
+        picks = rng.integers(0, s, s)
+        draws[b] = np.mean([per_seed[i][rng.integers(0, len(per_seed[i]), len(per_seed[i]))].mean() for i in picks])
+    lo, hi = np.quantile(draws, [0.025, 0.975])
+    return {"rate": mean, "lo": float(lo), "hi": float(hi), "per_seed": [float(f.mean()) for f in per_seed]}
+
+
+def null_and_reference(cfg, size: Size) -> dict:
+    """Held-out real images against the training set: the rate each rule gives real, uncopied images."""
+    from fl_ietagc.data.datasets import load_splits
+    from fl_ietagc.evaluation.memorization import nearest_neighbours
+
+    sp = load_splits(cfg)
+    nb = nearest_neighbours(sp.heldout.images, sp.train.images, min(50, len(sp.train.images)))
+    rng = np.random.default_rng(0)
+    return {k: bootstrap_rate([v], rng) for k, v in flags(nb.d2.numpy()).items()} | \
+        {"num_heldout": len(sp.heldout.images), "num_train": len(sp.train.images)}
+
+
+def quality_rows(jobs, results: list[dict], size: Size) -> dict:
+    """CFD / precision / recall of every variant's last-round samples, of real held-out images and of the
+    untrained model, all at the same number of images."""
+    import torch
+
+    from fl_ietagc.evaluation import classifier_quality as cq
+    from fl_ietagc.data.datasets import load_splits
+    from fl_ietagc.training.diffusion import Diffusion, sample
+    from fl_ietagc.training.run_model import initial_weights
+    from fl_ietagc.training.models import load_weights
+    from fl_ietagc.training.run_model import build_for_config
+    from fl_ietagc.data.pixels import to_uint8
+
+    cfg = jobs[0][2]
+    full = load_splits(cfg.replace(**{"max-images": 0}))
+    clf = cq.classifier_for(cfg.dataset, full.train.images, full.train.labels, full.heldout.images, full.heldout.labels)
+    ref = clf.features(full.train.images)
+    n = min(size.samples, len(full.heldout.images))
+    rows = {}
+    for r in results:
+        blob = load_samples(r["rounds"][-1]["eval_file"])
+        rows.setdefault(r["variant"], []).append(cq.score(clf, torch.from_numpy(blob["samples"][:n]), ref))
+    rows["held-out real"] = [cq.score(clf, full.heldout.images[:n], ref)]
+    model = build_for_config(cfg)
+    load_weights(model, initial_weights(cfg)[0], "initial weights")
+    untrained = to_uint8(sample(model, Diffusion.for_config(cfg), n, tuple(full.train.images.shape[1:]),
+                                steps=size.sample_steps, seed=10_000, batch_size=n))
+    rows["untrained"] = [cq.score(clf, untrained, ref)]
+    return {"classifier_accuracy": clf.accuracy, "classifier": clf.key, "num_images": n, "dataset": cfg.dataset,
+            "rows": {k: {m: float(np.mean([x[m] for x in v])) for m in ("cfd", "precision", "recall")} |
+                     {"cfd_per_seed": [x["cfd"] for x in v]} for k, v in rows.items()}}
+
+
+def summarize(results: list[dict], null: dict, quality: dict, size: Size, seconds: float) -> dict:
+    rng = np.random.default_rng(12)
+    variants = {}
+    for name in VARIANTS:
+        runs = sorted((r for r in results if r["variant"] == name), key=lambda r: r["seed"])
+        if not runs:
+            continue
+        final = {rule: bootstrap_rate([np.array(r["rounds"][-1]["flags"][rule]) for r in runs], rng)
+                 for rule in RULES}
+        curve = [{"steps": runs[0]["rounds"][i]["steps"],
+                  **{rule: bootstrap_rate([np.array(r["rounds"][i]["flags"][rule]) for r in runs], rng, 400)
+                     for rule in ("one_third", "carlini")}} for i in range(len(runs[0]["rounds"]))]
+        variants[name] = {"final": final, "curve": curve, "seeds": [r["seed"] for r in runs],
+                          "train_s": [r["train_s"] for r in runs]}
+    return {"size": dataclasses.asdict(size), "dataset": quality["dataset"], "variants": variants, "null": null, "quality": quality,
+            "seconds": seconds}
+
+
+def to_markdown(summary: dict) -> str:
+    size, null, q = summary["size"], summary["null"], summary["quality"]
+
+    def cell(x: dict) -> str:
+        return f"{100 * x['rate']:.1f}% [{100 * x['lo']:.1f}, {100 * x['hi']:.1f}]"
+
+    check = summary.get("pipeline_check")  # smoke: said in the header and, in full, under the table
+    head = ["variant (SMOKE RUN: pipeline check, not a finding)" if check else "variant",
+            *(RULE_NAMES[r] for r in RULES), "CFD (lower is better)", "precision", "recall"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, v in summary["variants"].items():
+        qr = q["rows"].get(name, {})
+        lines.append(f"| {name} | " + " | ".join(cell(v["final"][r]) for r in RULES) +
+                     f" | {qr.get('cfd', float('nan')):.1f} | {qr.get('precision', float('nan')):.2f} | "
+                     f"{qr.get('recall', float('nan')):.2f} |")
+    for name in ("held-out real", "untrained"):
+        qr = q["rows"][name]
+        rates = " | ".join(cell(null[r]) for r in RULES) if name == "held-out real" else \
+            " | ".join("-" for _ in RULES)
+        label = f"{name} (null)" if name == "held-out real" else name
+        lines.append(f"| {label} | {rates} | {qr['cfd']:.1f} | {qr['precision']:.2f} | {qr['recall']:.2f} |")
+    steps = summary["variants"][next(iter(summary["variants"]))]["curve"][-1]["steps"]
+    lines += ["", f"{size['train_images']} training images ({summary.get('dataset', 'digits')}) at "
+              f"{size['image_size']}x{size['image_size']}, `tiny` UNet, "
+              f"{steps:,} optimizer steps per run (batch {size['batch_size']}), K = {size['clients']} for the "
+              f"federated variants, lambda = {size['agc_lambda']:g}; seeds {', '.join(map(str, size['seeds']))}; "
+              f"{size['samples']} DDIM-{size['sample_steps']} samples per run (raw weights). Copy rates: mean over "
+              f"seeds [hierarchical bootstrap 95% interval]; the null row is {null['num_heldout']} held-out real "
+              f"images against the same {null['num_train']} training images. Quality: CFD and precision/recall "
+              f"(k = 3) of {q['num_images']} images in the features of a small classifier trained on the "
+              f"{summary.get('dataset', 'digits')} training split (held-out accuracy {100 * q['classifier_accuracy']:.1f}%); not FID. "
+              f"Wall time of this call {summary['seconds'] / 60:.1f} min"
+              + (f" ({summary['kept']} of the runs were kept from an earlier call, not retrained)."
+                 if summary.get("kept") else ".")]
+    if check:
+        from experiments.studies.pipeline_check import NOTE
+
+        lines += ["", NOTE]
+    return "\n".join(lines)
+
+
+def make_figures(summary: dict, results: list[dict], fig_dir: Path) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    out = {}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, rule in zip(axes, ("one_third", "carlini")):
+        for name, v in summary["variants"].items():
+            x = [c["steps"] for c in v["curve"]]
+            ax.plot(x, [100 * c[rule]["rate"] for c in v["curve"]], marker="o", ms=3, label=name)
+            ax.fill_between(x, [100 * c[rule]["lo"] for c in v["curve"]], [100 * c[rule]["hi"] for c in v["curve"]],
+                            alpha=0.15)
+        ax.axhline(100 * summary["null"][rule]["rate"], color="k", ls="--", lw=1, label="held-out real (null)")
+        ax.set_title(f"copy rate ({RULE_NAMES[rule]})")
+        ax.set_xlabel("optimizer steps")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("% of generated images")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    out["copy_rate_vs_steps"] = fig_dir / "copy_rate_vs_steps.png"
+    fig.savefig(out["copy_rate_vs_steps"], dpi=110)
+    plt.close(fig)
+
+    first = min(summary["size"]["seeds"])
+    shown = [r for name in summary["variants"] for r in results if r["variant"] == name and r["seed"] == first]
+    if shown:  # what each variant generates: a low copy rate means little if the samples are not digits
+        fig, axes = plt.subplots(len(shown), 1, figsize=(8, 0.75 * len(shown) + 0.4))
+        for ax, r in zip(np.atleast_1d(axes), shown):
+            imgs = load_samples(r["rounds"][-1]["eval_file"])["samples"][:16, 0]
+            ax.imshow(np.concatenate(list(np.pad(imgs, ((0, 0), (0, 0), (0, 1)), constant_values=255)), axis=1),
+                      cmap="gray", vmin=0, vmax=255)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_ylabel(r["variant"], rotation=0, ha="right", va="center", fontsize=8)
+        fig.suptitle(f"first 16 samples of each variant, last round (seed {first})", fontsize=9)
+        fig.tight_layout()
+        out["samples"] = fig_dir / "samples.png"
+        fig.savefig(out["samples"], dpi=110)
+        plt.close(fig)
+
+    pairs = [r for r in results if r["variant"] in ("default", "iet-agc") and r["seed"] == min(summary["size"]["seeds"])]
+    if pairs:
+        from fl_ietagc.data.datasets import load_splits
+        from fl_ietagc.runs.rundir import RunDir
+
+        fig, axes = plt.subplots(2 * len(pairs), 8, figsize=(8, 2.2 * len(pairs)))
+        axes = np.atleast_2d(axes)
+        for j, r in enumerate(sorted(pairs, key=lambda r: r["variant"] != "default")):
+            blob = load_samples(r["rounds"][-1]["eval_file"])
+            from fl_ietagc.settings.config import parse_config
+
+            train = load_splits(parse_config({k: v for k, v in RunDir(r["run"]).read_config().items()
+                                              if k in _run_keys()})).train.images.numpy()
+            order = np.argsort(blob["d2"][:, 0], kind="stable")[:8]
+            for i, q in enumerate(order):
+                for row, img in ((2 * j, blob["samples"][q]), (2 * j + 1, train[blob["index"][q, 0]])):
+                    axes[row, i].imshow(img[0], cmap="gray", vmin=0, vmax=255)
+                    axes[row, i].set_xticks([])
+                    axes[row, i].set_yticks([])
+            axes[2 * j, 0].set_ylabel(f"{r['variant']}\ngenerated", fontsize=8)
+            axes[2 * j + 1, 0].set_ylabel("nearest\ntraining", fontsize=8)
+        fig.suptitle("most similar generated / training pairs (seed %d)" % min(summary["size"]["seeds"]), fontsize=9)
+        fig.tight_layout()
+        out["similar_pairs"] = fig_dir / "similar_pairs.png"
+        fig.savefig(out["similar_pairs"], dpi=110)
+        plt.close(fig)
+    return out
+
+
+def _run_keys() -> set[str]:
+    from fl_ietagc.settings.config import config_keys
+
+    return {f.metadata["key"] for f in config_keys()}
+
+
+def run_small_data(size_name: str, out: Path, *, workers: int = 2, settings: list[str] | None = None,
+                   progress: bool = True, dry_run: bool = False) -> dict | None:
+    """The whole study; returns the summary (also written as results.json / comparison.md / figures/)."""
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing
+
+    if workers < 1:
+        raise ConfigError(f"--workers {workers}: must be >= 1")
+    size, extra = apply_settings(SIZES[size_name], settings or [])
+    study_dir = out / ("small-data-" + size_name + ("-" + "-".join(s.replace("=", "") for s in settings)
+                                                     if settings else ""))
+    jobs = configs(size, extra, study_dir)
+    if dry_run:  # the plan, checked, and nothing written
+        print(f"small-data study ({size_name}), dry run: {len(jobs)} runs ({len(size.variants)} variants x "
+              f"{len(size.seeds)} seeds) into {study_dir}: {', '.join(f'{n}-s{s}' for n, s, _, _ in jobs)}; "
+              f"{size.rounds} rounds x {size.local_epochs} local epochs, {size.train_images} training images",
+              flush=True)
+        return None
+    study_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    total = len(jobs)
+    print(f"small-data study ({size_name}): {total} runs ({len(size.variants)} variants x {len(size.seeds)} seeds), "
+          f"{workers} worker(s), in {study_dir}", flush=True)
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    results = []
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
+        futures = [pool.submit(train_and_evaluate, name, seed, cfg, fed, size, threads)
+                   for name, seed, cfg, fed in jobs]
+        for i, f in enumerate(futures, start=1):
+            r = f.result()
+            results.append(r)
+            elapsed = time.time() - t0
+            done = sum(x.done() for x in futures)  # workers finish in parallel: the rate counts all of them
+            if progress:
+                print(f"[{i}/{total}] {r['variant']}-s{r['seed']}: train {r['train_s']:.0f}s eval {r['eval_s']:.0f}s"
+                      f"  1/3-rule {100 * np.mean(r['rounds'][-1]['flags']['one_third']):.1f}%  elapsed "
+                      f"{elapsed / 60:.1f} min, eta {elapsed / done * (total - done) / 60:.1f} min", flush=True)
+    null = null_and_reference(jobs[0][2], size)
+    quality = quality_rows(jobs, results, size)
+    summary = summarize(results, null, quality, size, time.time() - t0)
+    summary["kept"] = sum(r["kept"] for r in results)
+    summary["pipeline_check"] = size_name == "smoke"
+    summary["figures"] = {k: str(v) for k, v in make_figures(summary, results, study_dir / "figures").items()}
+    if summary["pipeline_check"]:  # every figure of the study, the runs' own included
+        from experiments.studies.pipeline_check import label_figures
+
+        label_figures(study_dir)
+    summary["runs"] = [{k: v for k, v in r.items() if k != "rounds"} for r in results]
+    from fl_ietagc.runs.checkpoints import atomic_write_bytes, atomic_write_json
+
+    atomic_write_json(study_dir / "results.json", summary)
+    table = to_markdown(summary)
+    atomic_write_bytes(study_dir / "comparison.md", lambda f: f.write((table + "\n").encode()))
+    print(table)
+    print(f"results: {study_dir / 'results.json'}  table: {study_dir / 'comparison.md'}  figures: "
+          f"{study_dir / 'figures'}", flush=True)
+    return summary
