@@ -330,7 +330,7 @@ def check_init_checkpoint(cfg: RunConfig) -> None:
 def check_input_paths(cfg: RunConfig) -> None:
     """Paths the run reads, for what they are, before anything opens them (a pipe would block a reader, a link
     loop fail deep in a loader): data-root, pretrained-dir, init-checkpoint. A missing one is left to the check
-    that knows what it should hold (data.py, latent.py, initial_weights.py)."""
+    that knows what it should hold (data/datasets.py, data/latent.py, training/run_model.py)."""
     from fl_ietagc.settings.paths import check_existing
 
     wants = {
