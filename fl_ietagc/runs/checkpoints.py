@@ -14,13 +14,14 @@ import json
 import math
 import os
 import threading
+import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from fl_ietagc.settings.config import ConfigError
 from fl_ietagc.runs.faults import fault_point
+from fl_ietagc.settings.config import ConfigError
 
 CHECKPOINT_FORMAT = "fl-ietagc-checkpoint/1"
 NET, EMA = "net.", "ema."
@@ -93,8 +94,8 @@ def pack_weights(net: dict[str, torch.Tensor], ema: dict[str, torch.Tensor]) -> 
 
 
 def unpack_weights(packed: dict[str, torch.Tensor]) -> tuple[dict, dict]:
-    net = {k[len(NET):]: v for k, v in packed.items() if k.startswith(NET)}
-    ema = {k[len(EMA):]: v for k, v in packed.items() if k.startswith(EMA)}
+    net = {k[len(NET) :]: v for k, v in packed.items() if k.startswith(NET)}
+    ema = {k[len(EMA) :]: v for k, v in packed.items() if k.startswith(EMA)}
     if not net or not ema or len(net) + len(ema) != len(packed):
         raise ValueError("packed weights must hold only 'net.*' and 'ema.*' entries, both non-empty")
     return net, ema
@@ -146,15 +147,27 @@ def load_torch(path: str | Path, what: str, map_location="cpu"):
     if path.stat().st_size == 0:
         raise BadFileError(f"{path}: empty file, not a {what}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            # torch's weights-only unpickler warns about a file pickled with another protocol; the file is then
+            # either read safely or refused below with one line naming it, so the warning would only add noise
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, not a torch file, or a pickle that would run code
-        raise BadFileError(f"{path}: not a readable {what} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") \
-            from e
+        raise BadFileError(f"{path}: not a readable {what} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
 
 
 def save_checkpoint(path: Path, net: dict, ema: dict, *, server_round: int, config: dict, **meta) -> None:
-    save_torch(path, {"format": CHECKPOINT_FORMAT, "round": server_round, "config": config,
-                      "net": cpu_state(net), "ema": cpu_state(ema), **meta})
+    save_torch(
+        path,
+        {
+            "format": CHECKPOINT_FORMAT,
+            "round": server_round,
+            "config": config,
+            "net": cpu_state(net),
+            "ema": cpu_state(ema),
+            **meta,
+        },
+    )
 
 
 def load_checkpoint(path: str | Path) -> dict:
