@@ -258,3 +258,22 @@ def test_the_step_loop_never_reads_the_device(monkeypatch, taa):
     monkeypatch.undo()
     assert stats.steps == NONFINITE_CHECK_EVERY + 2 and 0 < stats.kept
     assert reads == ["_raise_if_nonfinite", "_raise_if_nonfinite", "_round_stats"]
+
+
+def test_a_saved_bank_made_with_another_agc_lambda_is_refused_naming_the_state_file(tmp_path):
+    """agc-lambda has one source, the run config: the bank's saved lambda is checked against it, never used."""
+    import re
+
+    trainer, state = make_trainer(CFG)
+    trainer.run(epochs=0, seed=1, max_steps=1)
+    path = tmp_path / "round_1.pt"
+    state.save(path)
+    changed = CFG.replace(**{"agc-lambda": 3.0})
+    with pytest.raises(
+        ValueError,
+        match=rf"^client state {re.escape(str(path))}: its memory bank was made with agc-lambda = 2.0, the run "
+        rf"config has agc-lambda = 3.0 \(a resumed run keeps its config\)$",
+    ):
+        make_trainer(changed, TrainState.load(path, "", torch.arange(96)))
+    same, _ = make_trainer(CFG, TrainState.load(path, "", torch.arange(96)))
+    assert same.bank.lam == CFG.agc_lambda and torch.equal(same.bank.values, state.bank["values"])

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -47,6 +47,8 @@ class TrainState:
     optimizer: dict | None = None
     bank: dict | None = None
     token: str = ""  # identifies the run this state belongs to
+    # the file it was loaded from, or will be saved as, for errors (set by `check`; not saved)
+    source: str = field(default="", compare=False)
 
     @classmethod
     def fresh(cls, image_ids, token: str = "") -> TrainState:
@@ -106,6 +108,7 @@ class TrainState:
             if not allow_remap:
                 raise RuntimeError(f"client state {path} was made for a different shard")
             self.remap(image_ids)
+        self.source = str(path)
         return self
 
 
@@ -195,8 +198,8 @@ class LocalTrainer:
         if state.optimizer is not None:
             self.optimizer.load_state_dict(state.optimizer)
         self.bank = MemoryBank(cfg.diffusion_steps, cfg.agc_lambda, cfg.agc_bank_decay, device=device)
-        if state.bank is not None:
-            self.bank.load_state_dict(state.bank)
+        if state.bank is not None:  # the bank's values; its lambda and decay are the config's, checked
+            self.bank.load_state_dict(state.bank, f"client state {state.source}" if state.source else "client state")
 
     def steps_per_epoch(self) -> int:
         return self.images.shape[0] // self.cfg.batch_size  # drop_last, as the paper
