@@ -91,17 +91,34 @@ def test_bank_state_roundtrip_and_size_check():
         MemoryBank(20).load_state_dict(bank.state_dict())
 
 
-def test_bank_state_restores_lambda_and_decay():
+def test_bank_state_keeps_lambda_and_decay():
     saved = bank_with({3: 0.5}, lam=3.0, decay=0.5).state_dict()
     assert saved["lam"] == 3.0 and saved["decay"] == 0.5
-    other = MemoryBank(10)  # defaults: lambda 2, decay 0.8
+    other = MemoryBank(10, 3.0, 0.5)  # lambda and decay come from the run config; the saved ones are checked
     other.load_state_dict(saved)
     assert (other.lam, other.decay) == (3.0, 0.5)
     assert other.values.dtype == torch.float64 and other.values[3].item() == 0.5
-    # the restored lambda decides: threshold 0.5 / 3; the restored decay updates: 0.5*0.5 + 0.5*0.2 = 0.35
+    # lambda 3 decides: threshold 0.5 / 3; decay 0.5 updates: 0.5*0.5 + 0.5*0.2 = 0.35
     assert other.step(torch.tensor([0.17, 0.16, 0.2]), torch.tensor([3, 3, 0])).tolist() == [True, False, True]
     # slot 3: 0.5 -> 0.5*0.5+0.5*0.17 = 0.335 -> 0.5*0.335+0.5*0.16 = 0.2475; slot 0: 0 -> 0.5*0.2 = 0.1
     assert other.values[3].item() == pytest.approx(0.2475, abs=1e-7) and other.values[0].item() == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    "lam, decay, key, saved, ours",
+    [(2.0, 0.8, "agc-lambda", "3.0", "2.0"), (3.0, 0.5, "agc-bank-decay", "0.8", "0.5")],
+)
+def test_bank_state_lambda_and_decay_are_checked_never_taken(lam, decay, key, saved, ours):
+    """The run config is the one source of agc-lambda and agc-bank-decay: a saved bank made with others is refused,
+    naming the key, both values and the state file, and the bank is left as it was."""
+    state = bank_with({3: 0.5}, lam=3.0, decay=0.8).state_dict()
+    bank = MemoryBank(10, lam, decay)
+    with pytest.raises(
+        ValueError,
+        match=rf"^client state s\.pt: its memory bank was made with {key} = {saved}, the run config has {key} = {ours} ",
+    ):
+        bank.load_state_dict(state, "client state s.pt")
+    assert (bank.lam, bank.decay) == (lam, decay) and not bank.values.any()
 
 
 @pytest.mark.parametrize(

@@ -187,3 +187,93 @@ def test_a_nan_loss_is_reported_with_its_step_within_the_check_period():
     assert e.value.step == 2 and e.value.lr == 1e30 and str(e.value).startswith("step 2: loss is")
     assert state.step <= NONFINITE_CHECK_EVERY  # stopped at the first check, not after 100 epochs
     assert state.rounds == 0 and state.optimizer is None  # the state was not advanced
+
+
+@pytest.mark.parametrize(
+    "taa",
+    [
+        False,
+        pytest.param(
+            True,
+            marks=pytest.mark.xfail(
+                raises=AssertionError,
+                strict=True,
+                reason="known exception: ret.translate reads bool((limit > 0).any()) every step with taa on",
+            ),
+        ),
+    ],
+)
+def test_the_step_loop_never_reads_the_device(monkeypatch, taa):
+    """LocalTrainer._run's invariant: no host synchronisation inside a step. Every way Python reads a tensor's
+    value (.item(), .tolist(), .cpu(), .numpy(), bool/int/float/index of a tensor) and torch.cuda.synchronize
+    raise while the loop runs, except inside its two read points: the non-finite check (every
+    NONFINITE_CHECK_EVERY steps) and the round's statistics at its end. Adam on CPU reads its own step counter
+    (torch/optim; fused Adam on CUDA does not): let through."""
+    import os
+    import sys
+
+    from fl_ietagc.runs.progress import StepProgress
+    from fl_ietagc.training.trainer import NONFINITE_CHECK_EVERY
+
+    cfg = parse_config({"batch-size": 16, "hflip": "on", "agc-lambda": 1.2, "diffusion-steps": 20, "taa": taa})
+    trainer, _ = make_trainer(cfg)
+    optim_dir = os.path.join(os.path.dirname(torch.__file__), "optim", "")
+    reading, reads = [False], []
+
+    def guarded(name, real):
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code
+            if not reading[0] and not caller.co_filename.startswith(optim_dir):
+                raise AssertionError(f"Tensor.{name} in the step loop, from {caller.co_filename} {caller.co_name}")
+            return real(self, *args, **kwargs)
+
+        return read
+
+    def read_point(real):
+        def point(*args, **kwargs):
+            reads.append(real.__name__)
+            reading[0] = True
+            try:
+                return real(*args, **kwargs)
+            finally:
+                reading[0] = False
+
+        return point
+
+    def synchronize(*args, **kwargs):
+        raise AssertionError("torch.cuda.synchronize in the step loop")
+
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, guarded(name, getattr(torch.Tensor, name)))
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    for name in ("_raise_if_nonfinite", "_round_stats"):
+        monkeypatch.setattr(LocalTrainer, name, read_point(getattr(LocalTrainer, name)))
+    stats = trainer.run(
+        epochs=0,
+        seed=1,
+        max_steps=NONFINITE_CHECK_EVERY + 2,
+        prox_mu=0.01,
+        progress=lambda total: StepProgress("test", total, 16, write=lambda line: None),
+    )
+    monkeypatch.undo()
+    assert stats.steps == NONFINITE_CHECK_EVERY + 2 and 0 < stats.kept
+    assert reads == ["_raise_if_nonfinite", "_raise_if_nonfinite", "_round_stats"]
+
+
+def test_a_saved_bank_made_with_another_agc_lambda_is_refused_naming_the_state_file(tmp_path):
+    """agc-lambda has one source, the run config: the bank's saved lambda is checked against it, never used."""
+    import re
+
+    trainer, state = make_trainer(CFG)
+    trainer.run(epochs=0, seed=1, max_steps=1)
+    path = tmp_path / "round_1.pt"
+    state.save(path)
+    changed = CFG.replace(**{"agc-lambda": 3.0})
+    with pytest.raises(
+        ValueError,
+        match=rf"^client state {re.escape(str(path))}: its memory bank was made with agc-lambda = 2.0, the run "
+        rf"config has agc-lambda = 3.0 \(a resumed run keeps its config\)$",
+    ):
+        make_trainer(changed, TrainState.load(path, "", torch.arange(96)))
+    same, _ = make_trainer(CFG, TrainState.load(path, "", torch.arange(96)))
+    assert same.bank.lam == CFG.agc_lambda and torch.equal(same.bank.values, state.bank["values"])

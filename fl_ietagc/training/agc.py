@@ -53,9 +53,13 @@ class MemoryBank:
         return keep
 
     def state_dict(self) -> dict:
+        # lambda and decay are saved only to be checked on load: the run config is their one source
         return {"values": self.values.cpu(), "lam": self.lam, "decay": self.decay}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, source: str = "saved memory bank") -> None:
+        """Take the saved bank's values. Its lambda and decay must be this bank's (the run config's): a resumed
+        run keeps its config (settings/config.py check_resumed_config), so a mismatch is an error naming
+        `source` (the client state file), never a value to use."""
         if state["values"].numel() != self.values.numel():
             raise ValueError(
                 f"memory bank has {state['values'].numel()} slots, expected {self.values.numel()} "
@@ -66,8 +70,13 @@ class MemoryBank:
             raise ValueError(f"agc-lambda must be > 0, got {lam}")
         if not 0 <= decay < 1:
             raise ValueError(f"agc-bank-decay must be in [0, 1), got {decay}")
+        for key, saved, ours in (("agc-lambda", lam, self.lam), ("agc-bank-decay", decay, self.decay)):
+            if saved != ours:
+                raise ValueError(
+                    f"{source}: its memory bank was made with {key} = {saved!r}, the run config has "
+                    f"{key} = {ours!r} (a resumed run keeps its config)"
+                )
         self.values = state["values"].to(device=self.values.device, dtype=torch.float64)
-        self.lam, self.decay = lam, decay
 
 
 def masked_mean(losses: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

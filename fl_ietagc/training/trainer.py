@@ -12,7 +12,8 @@ clip, Adam with linear warmup, EMA update.
 Speed keys (fl_ietagc/training/precision.py, compiled.py): `precision` = bf16 autocasts the UNet forward only (losses,
 bank and skip rule stay fp32/float64); `channels-last` stores the weights and inputs channels-last; `compile`
 runs the forward through the process's cached compiled UNet, bound to this trainer's model for the call.
-None of them adds a host synchronisation: the loop reads the device only every NONFINITE_CHECK_EVERY steps.
+None of them adds a host synchronisation: the loop reads the device only every NONFINITE_CHECK_EVERY steps and
+when the round ends (the loop's invariant: `LocalTrainer._run`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -46,6 +47,8 @@ class TrainState:
     optimizer: dict | None = None
     bank: dict | None = None
     token: str = ""  # identifies the run this state belongs to
+    # the file it was loaded from, or will be saved as, for errors (set by `check`; not saved)
+    source: str = field(default="", compare=False)
 
     @classmethod
     def fresh(cls, image_ids, token: str = "") -> TrainState:
@@ -105,6 +108,7 @@ class TrainState:
             if not allow_remap:
                 raise RuntimeError(f"client state {path} was made for a different shard")
             self.remap(image_ids)
+        self.source = str(path)
         return self
 
 
@@ -194,8 +198,8 @@ class LocalTrainer:
         if state.optimizer is not None:
             self.optimizer.load_state_dict(state.optimizer)
         self.bank = MemoryBank(cfg.diffusion_steps, cfg.agc_lambda, cfg.agc_bank_decay, device=device)
-        if state.bank is not None:
-            self.bank.load_state_dict(state.bank)
+        if state.bank is not None:  # the bank's values; its lambda and decay are the config's, checked
+            self.bank.load_state_dict(state.bank, f"client state {state.source}" if state.source else "client state")
 
     def steps_per_epoch(self) -> int:
         return self.images.shape[0] // self.cfg.batch_size  # drop_last, as the paper
@@ -233,87 +237,129 @@ class LocalTrainer:
         progress: Callable[[int], StepProgress] | None = None,
     ) -> RoundStats:
         """The loop. `net` is the UNet forward on self.model's parameters: the model itself by default, else
-        its compiled form and/or a bf16 / channels-last wrapper (precision.unet_forward)."""
+        its compiled form and/or a bf16 / channels-last wrapper (precision.unet_forward).
+
+        Each step: draw the batch (`_draw`), per-sample loss, AGC keep (`_keep`), update (`_update`), EMA, account
+        (`_Tally.count`). INVARIANT: no host synchronisation inside the step loop, so the device never waits for
+        Python: no `.item()`, `.cpu()`, `.tolist()`, `int()`/`float()`/`bool()` of a tensor, and no Python branch
+        on a tensor's value. Statistics are accumulated on the device (`_Tally`) and read once, when the round
+        ends (`_round_stats`); the non-finite flag is read every NONFINITE_CHECK_EVERY steps
+        (`_raise_if_nonfinite`). tests/test_trainer.py pins this. (One known exception: with `taa` on,
+        ret.translate reads whether any image of the batch has a strength, once a step.)"""
         cfg, dev = self.cfg, self.device
+        n, bs = self.images.shape[0], cfg.batch_size
+        per_epoch = self.steps_per_epoch()
+        total = per_epoch * epochs if max_steps is None else max_steps
+        if per_epoch == 0 and (epochs > 0 or max_steps):
+            raise ValueError(f"batch-size = {bs}: larger than this shard's {n} images (no full batch)")
+
+        # Seed the round: one generator draws every permutation, flip, shift, t and noise, in that order.
         torch.manual_seed(seed)  # dropout
         gen = torch.Generator(device=dev).manual_seed(seed)
-        n, bs, shape = self.images.shape[0], cfg.batch_size, self.images.shape[1:]
-        flip = cfg.resolved_hflip
-        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
-        kept_sum = torch.zeros((), dtype=torch.long, device=dev)
-        round_skips = torch.zeros(n, dtype=torch.long, device=dev)
+
+        # Set up what the round carries from step to step, all of it on the device.
+        tally = _Tally.start(n, self.state.step, dev)
         # the EMA follows the trained parameters only (with LoRA: the adapters; the frozen base is the same in both)
-        trained = [name for name, p in self.model.named_parameters() if p.requires_grad]
         ema_by_name = dict(self.ema.named_parameters())
-        ema_params = [ema_by_name[name] for name in trained]
-        aug = self.state.aug_strength.to(dev) if cfg.taa else None
+        ema_params = [ema_by_name[name] for name, p in self.model.named_parameters() if p.requires_grad]
+        aug = self.state.aug_strength.to(dev) if cfg.taa else None  # TAA strength per shard image, for its next draw
         anchor = [p.detach().clone() for p in self.params] if prox_mu > 0 else None
-        steps, t0 = 0, time.perf_counter()
-        step_no = torch.tensor(self.state.step, device=dev)  # the client's step counter, kept on the device
-        first_bad = torch.full((), -1, dtype=torch.long, device=dev)  # first step with a non-finite loss/grad
-        bad_loss = torch.zeros((), device=dev)
-        total = self.steps_per_epoch() * epochs if max_steps is None else max_steps
-        if self.steps_per_epoch() == 0 and (epochs > 0 or max_steps):
-            raise ValueError(f"batch-size = {bs}: larger than this shard's {n} images (no full batch)")
         report = progress(total) if progress is not None else None
+        steps, t0 = 0, time.perf_counter()
+
         while steps < total:
             perm = torch.randperm(n, generator=gen, device=dev)
-            for b in range(self.steps_per_epoch()):
-                if steps >= total:
-                    break
+            for b in range(min(per_epoch, total - steps)):
+                # No host synchronisation from here to the end of the step (see the docstring): an augmentation
+                # goes into `_draw`, as device ops drawing from `gen`.
                 if self._mark_step:
                     torch.compiler.cudagraph_mark_step_begin()
                 idx = perm[b * bs : (b + 1) * bs]
-                x0 = to_model_range(self.images[idx]) if self.images.dtype == torch.uint8 else self.images[idx]
-                if flip:
-                    mask = torch.rand(bs, generator=gen, device=dev) < 0.5
-                    x0 = torch.where(mask.view(-1, 1, 1, 1), x0.flip(3), x0)
-                if aug is not None:
-                    x0 = translate(x0, aug[idx], cfg.taa_max_shift, gen)
-                t = torch.randint(0, cfg.diffusion_steps, (bs,), generator=gen, device=dev)
-                noise = torch.randn((bs, *shape), generator=gen, device=dev)
+
+                # Draw the batch.
+                x0, t, noise = self._draw(idx, gen, aug)
+
+                # Per-sample loss.
                 losses = (
                     self.diffusion.per_sample_loss(net, x0, t, noise)
                     if self.cond is None
-                    else self.diffusion.per_sample_loss(net, x0, t, noise, cond=self.cond[idx])
+                    else self.diffusion.per_sample_loss(net, x0, t, noise, cond=self.cond[idx])  # text-to-image
                 )
-                if cfg.agc:
-                    if aug is not None:  # strength for the next draw, from the bank before this update
-                        aug[idx] = taa_strength(losses, self.bank.threshold(t), cfg.taa_gamma)
-                    keep = self.bank.step(losses, t)
-                else:
-                    keep = torch.ones(bs, dtype=torch.bool, device=dev)
+
+                # AGC keep.
+                keep = self._keep(losses, t, idx, aug)
+
+                # Update.
                 loss = masked_mean(losses, keep)
                 if anchor is not None:
                     loss = loss + 0.5 * prox_mu * proximal_term(self.params, anchor)
-                lr = warmup_lr(cfg.lr, self.state.step, cfg.warmup_steps)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                step_no += 1
-                bad = ~torch.isfinite(losses.detach()).all()
-                if cfg.grad_clip > 0:
-                    bad |= ~torch.isfinite(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip))
-                first = bad & (first_bad < 0)
-                first_bad = torch.where(first, step_no, first_bad)
-                bad_loss = torch.where(first, losses.detach().float().sum(), bad_loss)
-                self.optimizer.step()
+                self._update(loss, losses, tally)
+
+                # EMA.
                 with torch.no_grad():
                     torch._foreach_lerp_(ema_params, self.params, 1.0 - cfg.ema_decay)
-                loss_sum += losses.detach().double().sum()
-                kept_sum += keep.sum()
-                round_skips.index_add_(0, idx, (~keep).long())
+
+                # Account.
+                tally.count(losses, keep, idx)
                 self.state.step += 1
                 steps += 1
                 if steps % NONFINITE_CHECK_EVERY == 0:
-                    self._raise_if_nonfinite(first_bad, bad_loss)
+                    self._raise_if_nonfinite(tally)
                 if report is not None:
                     report.update(steps)  # a host clock read; a line every PROGRESS_EVERY_S
-        self._raise_if_nonfinite(first_bad, bad_loss)
-        samples = steps * bs
-        kept = int(kept_sum)
-        round_skips = round_skips.cpu()
+
+        # Read the round's results (the device is read here, once).
+        self._raise_if_nonfinite(tally)
+        return self._round_stats(tally, steps, aug, time.perf_counter() - t0)
+
+    def _draw(
+        self, idx: torch.Tensor, gen: torch.Generator, aug: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The batch of shard images `idx` in the model's range, augmented, with its timesteps t and noise.
+
+        Augmentations go here, after the flip and TAA's translation and before t and noise: device ops only,
+        drawing from `gen`. Every draw shifts the ones after it, so an augmentation that is off must draw nothing
+        (a run without it then keeps its exact draws)."""
+        cfg, dev, bs = self.cfg, self.device, self.cfg.batch_size
+        x0 = to_model_range(self.images[idx]) if self.images.dtype == torch.uint8 else self.images[idx]
+        if cfg.resolved_hflip:
+            mask = torch.rand(bs, generator=gen, device=dev) < 0.5
+            x0 = torch.where(mask.view(-1, 1, 1, 1), x0.flip(3), x0)
+        if aug is not None:
+            x0 = translate(x0, aug[idx], cfg.taa_max_shift, gen)
+        t = torch.randint(0, cfg.diffusion_steps, (bs,), generator=gen, device=dev)
+        noise = torch.randn((bs, *self.images.shape[1:]), generator=gen, device=dev)
+        return x0, t, noise
+
+    def _keep(self, losses: torch.Tensor, t: torch.Tensor, idx: torch.Tensor, aug: torch.Tensor | None) -> torch.Tensor:
+        """AGC's keep mask (the bank read before this step's update, then updated); every sample without AGC.
+        With TAA, each image's strength for its next draw, from the same bank read."""
+        if not self.cfg.agc:
+            return torch.ones(losses.shape[0], dtype=torch.bool, device=self.device)
+        if aug is not None:
+            aug[idx] = taa_strength(losses, self.bank.threshold(t), self.cfg.taa_gamma)
+        return self.bank.step(losses, t)
+
+    def _update(self, loss: torch.Tensor, losses: torch.Tensor, tally: _Tally) -> None:
+        """One optimizer step on `loss` (warmup LR, gradient-norm clip); a non-finite loss or gradient norm is
+        flagged in `tally`, not raised here (reading it would synchronise)."""
+        cfg = self.cfg
+        lr = warmup_lr(cfg.lr, self.state.step, cfg.warmup_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip) if cfg.grad_clip > 0 else None
+        tally.flag_nonfinite(losses, grad_norm)
+        self.optimizer.step()
+
+    def _round_stats(self, tally: _Tally, steps: int, aug: torch.Tensor | None, seconds: float) -> RoundStats:
+        """The round's statistics, read from the device once; the per-image records and the optimizer and bank
+        states go into self.state."""
+        cfg = self.cfg
+        samples = steps * cfg.batch_size
+        kept = int(tally.kept_sum)
+        round_skips = tally.skips.cpu()
         self.state.skip_counts += round_skips
         if aug is not None:
             self.state.aug_strength = aug.cpu()
@@ -325,17 +371,17 @@ class LocalTrainer:
             samples=samples,
             kept=kept,
             skipped=samples - kept,
-            mean_loss=float(loss_sum) / max(samples, 1),
+            mean_loss=float(tally.loss_sum) / max(samples, 1),
             skip_counts=round_skips,
-            seconds=time.perf_counter() - t0,
+            seconds=seconds,
             lr=warmup_lr(cfg.lr, max(self.state.step - 1, 0), cfg.warmup_steps),
         )
 
-    def _raise_if_nonfinite(self, first_bad: torch.Tensor, bad_loss: torch.Tensor) -> None:
-        step = int(first_bad)  # the one host synchronisation, every NONFINITE_CHECK_EVERY steps
+    def _raise_if_nonfinite(self, tally: _Tally) -> None:
+        step = int(tally.first_bad)  # the one host synchronisation, every NONFINITE_CHECK_EVERY steps
         if step < 0:
             return
-        value = float(bad_loss)
+        value = float(tally.bad_loss)
         what = (
             "loss is NaN"
             if value != value
@@ -344,6 +390,45 @@ class LocalTrainer:
             else "gradient norm is not finite"
         )
         raise NonFiniteError(step, what, warmup_lr(self.cfg.lr, step - 1, self.cfg.warmup_steps))
+
+
+@dataclass
+class _Tally:
+    """What a round accumulates, on the training device: nothing here is read during the round's steps but the
+    non-finite flag, every NONFINITE_CHECK_EVERY steps."""
+
+    loss_sum: torch.Tensor  # () float64: per-sample losses, kept and skipped
+    kept_sum: torch.Tensor  # () int64: kept samples
+    skips: torch.Tensor  # (n,) int64: skips of each shard image
+    step_no: torch.Tensor  # () int64: the client's step counter (TrainState.step), mirrored on the device
+    first_bad: torch.Tensor  # () int64: first 1-based step with a non-finite loss or gradient norm, -1 if none
+    bad_loss: torch.Tensor  # () float32: that step's summed losses (NaN, Inf, or finite: the gradient was bad)
+
+    @classmethod
+    def start(cls, n: int, step: int, device: torch.device) -> _Tally:
+        return cls(
+            loss_sum=torch.zeros((), dtype=torch.float64, device=device),
+            kept_sum=torch.zeros((), dtype=torch.long, device=device),
+            skips=torch.zeros(n, dtype=torch.long, device=device),
+            step_no=torch.tensor(step, device=device),
+            first_bad=torch.full((), -1, dtype=torch.long, device=device),
+            bad_loss=torch.zeros((), device=device),
+        )
+
+    def flag_nonfinite(self, losses: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
+        """Count a step; remember it if its losses or gradient norm are not finite and none was before."""
+        self.step_no += 1
+        bad = ~torch.isfinite(losses.detach()).all()
+        if grad_norm is not None:
+            bad |= ~torch.isfinite(grad_norm)
+        first = bad & (self.first_bad < 0)
+        self.first_bad = torch.where(first, self.step_no, self.first_bad)
+        self.bad_loss = torch.where(first, losses.detach().float().sum(), self.bad_loss)
+
+    def count(self, losses: torch.Tensor, keep: torch.Tensor, idx: torch.Tensor) -> None:
+        self.loss_sum += losses.detach().double().sum()
+        self.kept_sum += keep.sum()
+        self.skips.index_add_(0, idx, (~keep).long())
 
 
 def proximal_term(params: list[torch.Tensor], anchor: list[torch.Tensor]) -> torch.Tensor:
