@@ -10,7 +10,9 @@ end, `final.pt` and a grid of samples.
 
 The rounds are this module's own loop over the strategy's `configure_train` / `aggregate_train`
 (Flower's `Strategy.start` always begins at round 1 and cannot resume): true round numbers reach the
-clients (their seeds) and the strategy (FedAdam's bias correction). A failure is written to
+clients (their seeds) and the strategy (FedAdam's bias correction). Each round the ServerApp hands the strategy
+its instruction as configure_train's `config` and gets the sorted replies back from `aggregate_round` (base.py).
+The run lives inside `run_lifecycle` (fl_ietagc/runs/lifecycle.py): a failure is written to
 `status.json` as one line (client tracebacks go to `logs/client-p<P>-r<R>.log`, the server's to
 `logs/failure.log`) and re-raised, so the run fails visibly.
 """
