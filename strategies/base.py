@@ -5,8 +5,10 @@ Mixed in front of a Flower strategy (e.g. `class IETFedAvg(AppStrategyMixin, Fed
 - waits at most `node-wait-s` at the start of a round for the K SuperNodes to be connected (Flower's own
   sampling would wait forever for a SuperNode that is gone); the missing ones then fall under the failure
   policy below;
-- sends the run's settings to the clients with every round (run dir, run token, K, the round of each
-  client's state to start from, RET shards), through `configure_train`;
+- sends each round's instruction to the clients: `configure_train(server_round, arrays, config, grid)`'s
+  `config`, which the ServerApp builds every round (run dir, run token, K, the round of each client's state to
+  start from), copied into every train message with the strategy's own flags and each client's RET shard (the
+  ServerApp hands new shards over with `use_shards`);
 - sorts out the replies before Flower aggregates them: a client that reported an error, a Flower error
   (a dead actor or SuperNode), a missing reply and a reply with non-finite weights are each a
   `ClientFailure` naming its partition and round. With `client-failures = "fail"` any failure stops the
@@ -14,7 +16,11 @@ Mixed in front of a Flower strategy (e.g. `class IETFedAvg(AppStrategyMixin, Fed
   (weights renormalised over them) as long as at least `min-clients-fraction` of K replied;
 - sorts the good replies by partition id before aggregating, so float sums, and hence the final
   weights, are the same in every run with the same seed and config;
-- keeps the round's summary (`last_round`, `last_failures`) for the ServerApp to log and write.
+- returns what it sorted out as a value: `aggregate_round(server_round, replies) -> (arrays, RoundReplies)`,
+  the good replies, the failures, each client's summary and the round's metrics (computed once, there). The
+  ServerApp calls it and hands the RoundReplies on (logs, metrics.json, the round's commit); Flower's own
+  `aggregate_train` is `aggregate_round` with the metrics as a MetricRecord. A round the failure policy stops
+  raises ClientRoundError, which names its failures.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import io
 import math
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from logging import INFO, WARNING
 
 import numpy as np
@@ -50,9 +57,21 @@ def client_round(content: RecordDict) -> ClientRound:
     return ClientRound.from_records(content.metric_records[P.METRICS], content.config_records[P.INFO])
 
 
-def aggregate_client_metrics(contents: list[RecordDict], weighted_by_key: str) -> MetricRecord:
-    """Flower's `train_metrics_aggr_fn` hook: our round metrics instead of a blind weighted mean."""
-    return MetricRecord(round_metrics([client_round(c) for c in contents]))
+def metrics_of_the_mixin(contents: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+    """Flower's `train_metrics_aggr_fn` hook: nothing to compute. The mixin computes the round's metrics once, from
+    the replies it sorted (RoundReplies.metrics), and returns those from `aggregate_train` instead of Flower's
+    (a blind weighted mean of every metric, by default)."""
+    return MetricRecord()
+
+
+@dataclass
+class RoundReplies:
+    """A round's replies, sorted out by `AppStrategyMixin.aggregate_round`: what the ServerApp logs and writes."""
+
+    good: list[Message]  # the replies that were aggregated, in partition order
+    failures: list[ClientFailure]  # the clients that failed (the policy tolerated them), in partition order
+    clients: list[ClientRound]  # the good replies' summaries, in partition order
+    metrics: dict  # protocol.round_metrics(clients): loss, skip rates, ... (computed here, once per round)
 
 
 def partition_of(reply: Message) -> int:
@@ -97,42 +116,41 @@ def numpy_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
 class AppStrategyMixin:
     """Put in front of a Flower strategy class. Call `setup_app(...)` before the first round."""
 
-    client_flags: dict = {}  # extra round config for the clients, e.g. {"reset-optimizer": True}
+    client_flags: dict = {}  # the strategy's own entries in every train instruction, e.g. {"reset-optimizer": True}
 
     def setup_app(
         self,
         num_clients: int,
-        round_config: dict,
         failure_policy: str = "fail",
         min_clients_fraction: float = 1.0,
         node_wait_s: float = 600.0,
         layout: Layout | None = None,
+        decodes_replies: bool = True,
     ) -> None:
         self.num_clients = num_clients
-        self.round_config = dict(round_config)
         self.failure_policy = failure_policy
         self.min_clients = max(1, math.ceil(min_clients_fraction * num_clients - 1e-9))
         self.node_wait_s = node_wait_s
-        self.last_round: list[ClientRound] = []
-        self.last_failures: list[ClientFailure] = []
-        self.sent: list[Message] = []  # this round's train messages
+        self.sent: list[Message] = []  # this round's train messages (their ids name the node an error answers for)
         self.absent: list[ClientFailure] = []  # partitions whose SuperNode was not connected at the round's start
         self.node_partitions: dict[int, int] = {}  # Flower node id -> partition, learnt from replies
-        self.shard_assignment: ShardAssignment | None = None  # RET: the current shards (see use_shards)
-        # the flat weights' layout (fl_ietagc/federation/wire.py): sent with every instruction; replies must match it and are
-        # decoded (bf16 transport) before anything is averaged. None: arrays travel and average as they are given.
+        self.shards: ShardAssignment | None = None  # RET: the current shards (see use_shards)
+        # the flat weights' layout (fl_ietagc/federation/wire.py): sent with every instruction; replies must match it
+        # and are decoded (bf16 transport) before anything is averaged. None: arrays travel and average as given.
         self.layout = layout
-        self.decodes_replies = True  # False for a strategy wrapped by another that already decoded them (DP)
+        self.decodes_replies = decodes_replies  # False for a strategy wrapped by another that decoded them (DP)
 
     def use_shards(self, assignment: ShardAssignment) -> None:
-        """RET: tell each client its shard from `assignment` (which the ServerApp updates)."""
-        self.shard_assignment = assignment
+        """RET: from the next round on, tell each client its shard from `assignment` (the ServerApp calls this
+        with the run's shards at the start, and with new ones whenever RET moves images)."""
+        self.shards = assignment
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        for key, value in {**self.round_config, **self.client_flags}.items():
-            config[key] = value
+        """The round's train messages: `config` is the ServerApp's instruction for this round (not changed here);
+        every message gets a copy of it with the strategy's flags (and, with RET, its client's shard)."""
+        config = ConfigRecord({**config, **self.client_flags})
         nodes = self.connected_nodes(server_round, grid)
         if nodes is None:
             self.sent = self.with_layout(list(super().configure_train(server_round, arrays, config, grid)))
@@ -184,10 +202,10 @@ class AppStrategyMixin:
 
     def with_shards(self, messages: list[Message]) -> list[Message]:
         """Each message with its own copy of the train config, holding its client's shard (RET), if any."""
-        if self.shard_assignment is None or not self.shard_assignment.redistributed:
+        if self.shards is None or not self.shards.redistributed:
             return messages
         for m in messages:
-            shards = self.shard_assignment.instruction(self.node_partitions.get(m.metadata.dst_node_id))
+            shards = self.shards.instruction(self.node_partitions.get(m.metadata.dst_node_id))
             content = m.content  # (Flower's strategies give every message the same RecordDict)
             key = self.configrecord_key
             m.content = RecordDict({**content, key: ConfigRecord({**content[key], **shards})})
@@ -219,7 +237,6 @@ class AppStrategyMixin:
         ]
         summary = f"; only {len(nodes)} of {self.num_clients} SuperNodes connected"
         if self.failure_policy == "fail" or len(nodes) < self.min_clients:
-            self.last_failures = self.absent
             raise ClientRoundError(
                 self.absent,
                 summary + ("" if self.failure_policy == "fail" else f", min-clients-fraction needs {self.min_clients}"),
@@ -302,13 +319,20 @@ class AppStrategyMixin:
         return ""
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        return super().aggregate_train(server_round, self.check_replies(server_round, replies))
+        """Flower's API: (arrays, metrics), the metrics those `aggregate_round` computed."""
+        arrays, round_replies = self.aggregate_round(server_round, replies)
+        return arrays, MetricRecord(round_replies.metrics)
 
-    def check_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
-        """The good replies in partition order, after the failure policy."""
+    def aggregate_round(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, RoundReplies]:
+        """The round's new global arrays (None: the strategy aggregated nothing) and its sorted replies: the
+        ServerApp's call, in place of Flower's aggregate_train."""
+        round_replies = self.check_replies(server_round, replies)
+        arrays, _ = super().aggregate_train(server_round, round_replies.good)  # (metrics: see metrics_of_the_mixin)
+        return arrays, round_replies
+
+    def check_replies(self, server_round: int, replies: Iterable[Message]) -> RoundReplies:
+        """The replies sorted out, after the failure policy (ClientRoundError when it stops the round)."""
         good, failures = self.sort_replies(server_round, list(replies))
-        self.last_failures = failures
-        self.last_round = [client_round(m.content) for m in good]
         if failures and self.failure_policy == "fail":
             raise ClientRoundError(failures)
         if len(good) < self.min_clients:
@@ -317,16 +341,21 @@ class AppStrategyMixin:
                 f"; only {len(good)} of {self.num_clients} clients replied, "
                 f"min-clients-fraction needs {self.min_clients}",
             )
-        return good
+        clients = [client_round(m.content) for m in good]
+        return RoundReplies(good, failures, clients, round_metrics(clients))
 
-    def aggregate_secure(self, server_round: int, replies: list[Message], mean: ArrayRecord | None, why: str):
-        """SecAgg+ (secure_aggregation.py): `replies` hold metrics but no weights, `mean` is the protocol's
-        shard-size weighted mean of the good replies' weights (None: the protocol stopped, `why`). The
-        strategy's rule runs on that mean as on one reply of weight 1 (FedAvg returns it unchanged; FedAdam,
-        FedAvgM, FedYogi take their step from it)."""
-        good = self.check_replies(server_round, replies)
+    def aggregate_secure(
+        self, server_round: int, replies: list[Message], sent: list[Message], mean: ArrayRecord | None
+    ) -> tuple[ArrayRecord | None, RoundReplies]:
+        """SecAgg+ (secure_aggregation.py): `replies` hold metrics but no weights, `sent` are the train messages the
+        protocol pushed, `mean` is the protocol's shard-size weighted mean of the good replies' weights (None: the
+        protocol stopped; then no arrays either). The strategy's rule runs on that mean as on one reply of weight 1
+        (FedAvg returns it unchanged; FedAdam, FedAvgM, FedYogi take their step from it)."""
+        self.sent = sent
+        round_replies = self.check_replies(server_round, replies)
         if mean is None:
-            raise RuntimeError(f"round {server_round}: SecAgg+ could not unmask the sum: {why}")
+            return None, round_replies
+        good = round_replies.good
         one = Message(
             RecordDict(
                 {
@@ -338,4 +367,5 @@ class AppStrategyMixin:
             good[0].metadata.src_node_id,
             MessageType.TRAIN,
         )
-        return super().aggregate_train(server_round, [one])
+        arrays, _ = super().aggregate_train(server_round, [one])
+        return arrays, round_replies

@@ -52,16 +52,17 @@ from flwr.serverapp.strategy import (
     QFedAvg,
 )
 
-from .base import AppStrategyMixin, aggregate_client_metrics
+from .base import AppStrategyMixin, metrics_of_the_mixin
 
 
 def common_args(num_clients: int) -> dict:
-    """Every client trains every round; our round metrics. No federated evaluation: see no_evaluation."""
+    """Every client trains every round; the round metrics are the mixin's. No federated evaluation: see
+    no_evaluation."""
     return dict(
         fraction_train=1.0,
         min_train_nodes=num_clients,
         min_available_nodes=num_clients,
-        train_metrics_aggr_fn=aggregate_client_metrics,
+        train_metrics_aggr_fn=metrics_of_the_mixin,
     )
 
 
@@ -135,17 +136,19 @@ class AppDPWrapper(AppStrategyMixin):
     def setup_app(
         self,
         num_clients: int,
-        round_config: dict,
         failure_policy: str = "fail",
         min_clients_fraction: float = 1.0,
         node_wait_s: float = 600.0,
         layout=None,
+        decodes_replies: bool = True,
     ) -> None:
-        super().setup_app(num_clients, round_config, failure_policy, min_clients_fraction, node_wait_s, layout)
-        self.strategy.setup_app(num_clients, round_config, failure_policy, min_clients_fraction, node_wait_s, layout)
-        self.strategy.decodes_replies = False  # the wrapper sorted and decoded the replies before clipping them
-        self.strategy.round_config = self.round_config  # one dict: what the ServerApp updates, both send
-        self.client_flags = getattr(self.strategy, "client_flags", {})
+        super().setup_app(num_clients, failure_policy, min_clients_fraction, node_wait_s, layout, decodes_replies)
+        # the wrapper sorts and decodes the replies before clipping them; the wrapped strategy sorts them again
+        # (its aggregate_train, which Flower's wrapper calls) but need not decode them
+        self.strategy.setup_app(num_clients, failure_policy, min_clients_fraction, node_wait_s, layout, False)
+
+    # (configure_train: Flower's wrapper hands the instruction, `config`, to the wrapped strategy, which adds its
+    # own flags and the RET shards to every message)
 
     def use_shards(self, assignment) -> None:
         super().use_shards(assignment)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from flwr.serverapp.strategy import FedAvg
 
-from .base import AppStrategyMixin, aggregate_client_metrics
+from .base import AppStrategyMixin, metrics_of_the_mixin
 
 
 class IETFedAvg(AppStrategyMixin, FedAvg):
@@ -22,6 +22,6 @@ class IETFedAvg(AppStrategyMixin, FedAvg):
             fraction_train=1.0,
             min_train_nodes=num_clients,
             min_available_nodes=num_clients,
-            train_metrics_aggr_fn=aggregate_client_metrics,
+            train_metrics_aggr_fn=metrics_of_the_mixin,
         )
         self.fraction_evaluate, self.min_evaluate_nodes = 0.0, 0  # see flower_strategies.no_evaluation

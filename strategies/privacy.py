@@ -19,10 +19,7 @@ class AppDPClientClipping(AppDPWrapper, DifferentialPrivacyClientSideFixedClippi
     """Client-side fixed clipping (the clients' fixedclipping_mod) + Gaussian noise on the aggregate, around
     another strategy of this app; also on SecAgg+'s masked mean."""
 
-    def aggregate_secure(self, server_round: int, replies, mean, why: str):
-        self.strategy.sent = self.sent
-        try:
-            arrays, metrics = self.strategy.aggregate_secure(server_round, replies, mean, why)
-        finally:
-            self.last_round, self.last_failures = self.strategy.last_round, self.strategy.last_failures
-        return self._add_noise_to_aggregated_arrays(arrays), metrics
+    def aggregate_secure(self, server_round: int, replies, sent, mean):
+        """The wrapped strategy sorts the replies and runs its rule on the mean; the noise goes on its result."""
+        arrays, round_replies = self.strategy.aggregate_secure(server_round, replies, sent, mean)
+        return (None if arrays is None else self._add_noise_to_aggregated_arrays(arrays)), round_replies

@@ -7,8 +7,8 @@ strategies (`flwr.serverapp.strategy`) have no secure-aggregation counterpart. T
 protocol code whole (key agreement, Shamir shares, masking, dropout recovery, dequantization) and calls its
 four public stage methods itself, with three small stand-ins around them:
 
-- the clients and the train instruction come from this app's Message-API strategy (`configure_train`:
-  node wait, run settings, RET shards); after the setup stage each client's legacy FitIns is replaced by
+- the clients and the train instruction come from this app's Message-API strategy (`configure_train` with the
+  ServerApp's round instruction: node wait, run settings, RET shards); after the setup stage each client's legacy FitIns is replaced by
   its own copy of that instruction, which the collect stage sends with the client's key shares;
 - `_Aggregate`, the legacy strategy the stages call, only keeps the unmasked aggregate;
 - `_ProtocolGrid` moves each stage's messages with the ServerApp's own `exchange` (at most `round-timeout-s`
@@ -41,6 +41,8 @@ from fl_ietagc.federation import protocol as P
 from fl_ietagc.federation.secure_sum import max_weight, shares_and_threshold
 from fl_ietagc.runs.faults import fault_point
 from fl_ietagc.settings.config import RunConfig
+
+from .base import RoundReplies
 
 
 class _Aggregate:
@@ -80,10 +82,12 @@ class _ProtocolGrid:
 
 @dataclass
 class SecureRound:
-    arrays: ArrayRecord | None  # what the strategy's aggregate_train would return
+    arrays: ArrayRecord | None  # what the strategy's aggregate_train would return (None: see `why`)
+    outcome: RoundReplies  # the train stage's replies as the strategy sorted them out
     replies: list  # the train stage's replies (metrics, no weights)
     timing: dict  # the train stage's exchange timing (server_app.exchange)
     train_done_at: float
+    why: str = ""  # why the protocol could not unmask the sum, when it could not
 
 
 def workflow_for(cfg: RunConfig, num_clients: int, shard_sizes) -> SecAggPlusWorkflow:
@@ -99,11 +103,12 @@ def workflow_for(cfg: RunConfig, num_clients: int, shard_sizes) -> SecAggPlusWor
 
 
 def secure_round(
-    grid, strategy, cfg: RunConfig, server_round: int, arrays: ArrayRecord, shards, exchange
+    grid, strategy, cfg: RunConfig, server_round: int, arrays: ArrayRecord, instruction: ConfigRecord, shards, exchange
 ) -> SecureRound:
     """One round under SecAgg+. `arrays`: the global flat weights (float32, as the strategy aggregates them);
+    `instruction`: the ServerApp's train instruction of this round (as for configure_train);
     `exchange(grid, messages, timeout) -> (replies, timing)`: how the ServerApp pushes and pulls a stage."""
-    messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+    messages = list(strategy.configure_train(server_round, arrays, instruction, grid))
     # one RecordDict per client: the collect stage writes each client's key shares into it
     instructions = {m.metadata.dst_node_id: RecordDict(dict(m.content.items())) for m in messages}
     workflow = workflow_for(cfg, strategy.num_clients, [len(s) for s in shards])
@@ -125,7 +130,6 @@ def secure_round(
     for stage in (workflow.share_keys_stage, workflow.collect_masked_vectors_stage, workflow.unmask_stage):
         done = done and stage(proto_grid, context, state)
     fault_point("after-replies", server_round)
-    strategy.sent = proto_grid.train_sent
     mean = None
     if done and legacy.parameters is not None:
         # the clients sent their arrays in the order of the instruction's ArrayRecord (clients/secure_aggregation.py)
@@ -137,9 +141,19 @@ def secure_round(
                 for k, v in zip(order, sums, strict=True)
             }
         )
+    new_arrays, outcome = strategy.aggregate_secure(server_round, proto_grid.train_replies, proto_grid.train_sent, mean)
     why = (
-        f"fewer than secagg-reconstruction-threshold = {workflow.reconstruction_threshold} share holders "
-        f"stayed connected for some client, or fewer than 2 clients took part"
+        ""
+        if mean is not None
+        else f"SecAgg+ could not unmask the sum: fewer than secagg-reconstruction-threshold = "
+        f"{workflow.reconstruction_threshold} share holders stayed connected for some client, or fewer than 2 "
+        f"clients took part"
     )
-    new_arrays, _ = strategy.aggregate_secure(server_round, proto_grid.train_replies, mean, why)
-    return SecureRound(new_arrays, proto_grid.train_replies, proto_grid.train_timing, proto_grid.train_done_at)
+    return SecureRound(
+        new_arrays,
+        outcome,
+        proto_grid.train_replies,
+        proto_grid.train_timing,
+        proto_grid.train_done_at,
+        why,
+    )

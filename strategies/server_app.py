@@ -10,7 +10,9 @@ end, `final.pt` and a grid of samples.
 
 The rounds are this module's own loop over the strategy's `configure_train` / `aggregate_train`
 (Flower's `Strategy.start` always begins at round 1 and cannot resume): true round numbers reach the
-clients (their seeds) and the strategy (FedAdam's bias correction). A failure is written to
+clients (their seeds) and the strategy (FedAdam's bias correction). Each round the ServerApp hands the strategy
+its instruction as configure_train's `config` and gets the sorted replies back from `aggregate_round` (base.py).
+The run lives inside `run_lifecycle` (fl_ietagc/runs/lifecycle.py): a failure is written to
 `status.json` as one line (client tracebacks go to `logs/client-p<P>-r<R>.log`, the server's to
 `logs/failure.log`) and re-raised, so the run fails visibly.
 """
@@ -19,8 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -36,12 +36,13 @@ from fl_ietagc.data.datasets import image_size, load_splits
 from fl_ietagc.data.shards import shards_for_config
 from fl_ietagc.evaluation.images import write_sample_grid
 from fl_ietagc.federation import protocol as P
-from fl_ietagc.federation.protocol import round_metrics
+from fl_ietagc.federation.protocol import ClientFailure
 from fl_ietagc.federation.wire import Layout, flatten, unflatten, wire_bytes
 from fl_ietagc.runs import phases
 from fl_ietagc.runs.checkpoints import pack_weights, unpack_weights
 from fl_ietagc.runs.faults import fault_point
-from fl_ietagc.runs.rundir import ACTIVE_RUNS, RunDir, register_active
+from fl_ietagc.runs.lifecycle import round_record, run_lifecycle
+from fl_ietagc.runs.rundir import RunDir
 from fl_ietagc.settings.config import ConfigError, RunConfig, parse_config
 from fl_ietagc.training import ret
 from fl_ietagc.training.models import load_weights
@@ -50,7 +51,7 @@ from fl_ietagc.training.run_model import build_for_config, initial_weights
 from fl_ietagc.training.trainer import pick_device
 from fl_ietagc.validate import check_device, check_model, check_run_dir, check_secure_aggregation
 
-from .base import as_record, numpy_arrays
+from .base import ClientRoundError, RoundReplies, as_record, numpy_arrays
 from .registry import build_strategy
 from .secure_aggregation import secure_round
 from .state import export_state, import_state
@@ -111,53 +112,20 @@ def main(grid: Grid, context: Context) -> None:
         run = RunDir.create(cfg.output_dir, cfg.run_name, f"{cfg.dataset}-{cfg.preset}-k{num_clients}")
         start_round, saved = 0, None
     log(INFO, "fl-ietagc: run directory %s%s", run.path, f" (resumed after round {start_round})" if saved else "")
-    register_active(run)
-    restore = mark_interrupted_on_signals()
-    try:
+    with run_lifecycle(run, start_round, cfg.num_server_rounds, on_failure=log_failure, mark_on_signals=True):
         if saved is None:
             saved = begin_run(cfg, run, num_clients, shards, net, ema)
         run_federated(grid, cfg, run, num_clients, start_round, net, ema, saved)
-    except BaseException as exc:
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)):  # (SystemExit: Flower's exit on SIGTERM/SIGINT)
-            if run.read_status().get("status") != "interrupted":
-                run.mark_interrupted(type(exc).__name__)
-        else:
-            run.mark_failed(exc)
-            log(
-                ERROR,
-                "fl-ietagc: run failed: %s | status, tracebacks: %s, %s",
-                run.read_status()["error"],
-                run.status_path,
-                run.logs_dir,
-            )
-        raise
-    finally:
-        restore()
-        ACTIVE_RUNS.discard(run)
 
 
-def mark_interrupted_on_signals():
-    """In a process where the ServerApp runs on the main thread (Flower's flwr-serverapp in deployment), SIGTERM
-    and SIGINT first mark the active run interrupted (resumable), then do what they did before (Flower's graceful
-    exit). Returns the function that puts the previous handlers back."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None  # (simulation: flower-simulation's own process marks the run and ends Ray)
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def handler(signum, frame):
-        for run in list(ACTIVE_RUNS):
-            run.mark_interrupted(signal.Signals(signum).name)
-        before = previous[signum]
-        if callable(before):
-            before(signum, frame)
-        elif before == signal.SIG_IGN:
-            return
-        else:
-            raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    for s in previous:
-        signal.signal(s, handler)
-    return lambda: [signal.signal(s, h) for s, h in previous.items()]
+def log_failure(run: RunDir) -> None:
+    log(
+        ERROR,
+        "fl-ietagc: run failed: %s | status, tracebacks: %s, %s",
+        run.read_status()["error"],
+        run.status_path,
+        run.logs_dir,
+    )
 
 
 def resolve_num_clients(cfg: RunConfig, grid: Grid, settle_s: float = NODE_SETTLE_S, poll_s: float = 0.5) -> int:
@@ -238,18 +206,9 @@ def run_federated(
     strategy = build_strategy(cfg, num_clients)
     import_state(strategy, saved["strategy"])
     layout = Layout.of(pack_weights(net, ema), cfg.transport_dtype)
-    strategy.setup_app(
-        num_clients,
-        {P.RUN_DIR: str(run.path), P.RUN_TOKEN: state.token, P.NUM_CLIENTS: num_clients},
-        cfg.client_failures,
-        cfg.min_clients_fraction,
-        cfg.node_wait_s,
-        layout=layout,
-    )
-    shards = ret.ShardAssignment(state.shards, redistributed=state.ret_events > 0)
-    strategy.use_shards(shards)
+    strategy.setup_app(num_clients, cfg.client_failures, cfg.min_clients_fraction, cfg.node_wait_s, layout=layout)
+    strategy.use_shards(ret.ShardAssignment(state.shards, redistributed=state.ret_events > 0))
     run.write_shards(state.shards)
-    run.write_status("running", round=start_round, num_rounds=cfg.num_server_rounds)
     log(
         INFO,
         "fl-ietagc: %d clients, shard sizes %s, %s (%s parameters), rounds %d..%d of %d x %d local epochs",
@@ -274,31 +233,30 @@ def run_federated(
     t_start = time.time()
     before = (run.read_metrics() or [{}])[-1].get("elapsed-s", 0.0)  # training time of earlier sessions
     for server_round in range(start_round + 1, cfg.num_server_rounds + 1):
-        strategy.round_config[P.STATE_ROUNDS] = list(state.state_rounds)
+        # Train: the instruction out, the replies in, sorted out and aggregated by the strategy.
+        instruction = round_instruction(run, state, num_clients)
         if cfg.secure_aggregation == "off":
-            messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
+            messages = strategy.configure_train(server_round, arrays, instruction, grid)
             replies, timing = exchange(grid, messages, cfg.round_timeout_s)
             fault_point("after-replies", server_round)
-            t_aggregate = time.time()
+            t_aggregate, why = time.time(), ""
         try:
             if cfg.secure_aggregation == "off":
-                new_arrays, _ = strategy.aggregate_train(server_round, replies)
+                new_arrays, outcome = strategy.aggregate_round(server_round, replies)
             else:  # no reply holds one client's weights: Flower's SecAgg+ stages give their masked sum
-                secure = secure_round(grid, strategy, cfg, server_round, arrays, state.shards, exchange)
-                new_arrays, replies, timing, t_aggregate = (
-                    secure.arrays,
-                    secure.replies,
-                    secure.timing,
-                    secure.train_done_at,
-                )  # (aggregate-s: the unmask stage and the strategy's rule)
-        finally:
-            for f in strategy.last_failures:
-                run.write_log(f"client-p{f.partition_id}-r{server_round}.log", f.traceback or f.line())
+                secure = secure_round(grid, strategy, cfg, server_round, arrays, instruction, state.shards, exchange)
+                new_arrays, outcome, replies, timing = secure.arrays, secure.outcome, secure.replies, secure.timing
+                t_aggregate, why = secure.train_done_at, secure.why  # (aggregate-s: the unmask stage and the rule)
+        except ClientRoundError as e:
+            write_client_logs(run, server_round, e.failures)
+            raise
+        write_client_logs(run, server_round, outcome.failures)
         if new_arrays is None:
-            raise RuntimeError(f"round {server_round}: the strategy aggregated nothing")
+            raise RuntimeError(f"round {server_round}: {why or 'the strategy aggregated nothing'}")
         arrays = new_arrays
         timing["aggregate-s"] = time.time() - t_aggregate
         phases.add("server: aggregation", timing["aggregate-s"])
+        # Commit: server state (RET included), metrics.json, checkpoint, resume point.
         t0 = time.perf_counter()
         record = end_round(
             cfg,
@@ -306,6 +264,7 @@ def run_federated(
             strategy,
             state,
             server_round,
+            outcome,
             arrays,
             before + time.time() - t_start,
             layout,
@@ -346,6 +305,26 @@ def run_federated(
         run.final_checkpoint,
         run.samples_path if cfg.sample_count else "(sample-count = 0)",
     )
+
+
+def round_instruction(run: RunDir, state: ServerState, num_clients: int) -> ConfigRecord:
+    """This round's train instruction (fl_ietagc/federation/protocol.py): configure_train's `config`, which the
+    strategy copies into every client's message (Flower adds server-round, the strategy its own flags and RET
+    shards)."""
+    return ConfigRecord(
+        {
+            P.RUN_DIR: str(run.path),
+            P.RUN_TOKEN: state.token,
+            P.NUM_CLIENTS: num_clients,
+            P.STATE_ROUNDS: list(state.state_rounds),
+        }
+    )
+
+
+def write_client_logs(run: RunDir, server_round: int, failures: list[ClientFailure]) -> None:
+    """Each failed client's traceback (or its one line) in logs/client-p<P>-r<R>.log."""
+    for f in failures:
+        run.write_log(f"client-p{f.partition_id}-r{server_round}.log", f.traceback or f.line())
 
 
 def exchange(grid: Grid, messages, timeout: float, poll_s: float = REPLY_POLL_S) -> tuple[list, dict]:
@@ -401,13 +380,14 @@ def end_round(
     strategy,
     state: ServerState,
     server_round: int,
+    outcome: RoundReplies,
     arrays: ArrayRecord,
     elapsed: float,
     layout: Layout,
     timing: dict | None = None,
 ) -> dict:
     """Fold the round's client reports into the server state (RET included) and commit the round."""
-    clients = strategy.last_round
+    clients = outcome.clients
     for c in clients:
         np.add.at(state.skip_totals, c.image_ids, c.skip_counts)
         np.add.at(state.skip_period, c.image_ids, c.skip_counts)
@@ -420,25 +400,23 @@ def end_round(
         state.shards = new
         state.skip_period[:] = 0
         run.write_shards(state.shards)
-        strategy.shard_assignment.assign(state.shards)
-    record = {
-        "round": server_round,
-        "elapsed-s": elapsed,
-        **round_metrics(clients),
-        "ret-moved": moved,
-        "clients": [c.to_json() for c in clients],
-        "failed": [{"partition-id": f.partition_id, "error": f.error, "step": f.step} for f in strategy.last_failures],
-    }
-    if timing is not None:
-        record["timing"] = timing
+        strategy.use_shards(ret.ShardAssignment(state.shards, redistributed=True))
     privacy = round_privacy(
         cfg,
         strategy.num_clients,
         [c.num_examples for c in clients],
         [m for m in run.read_metrics() if m["round"] < server_round],
     )
-    if privacy:
-        record["privacy"] = privacy
+    record = round_record(
+        server_round,
+        elapsed,
+        outcome.metrics,
+        ret_moved=moved,
+        clients=clients,
+        failures=outcome.failures,
+        timing=timing,
+        privacy=privacy,
+    )
     net, ema = unpack_weights(unflatten(numpy_arrays(arrays), layout))
     last = server_round == cfg.num_server_rounds
     run.commit_round(

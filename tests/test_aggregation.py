@@ -32,7 +32,7 @@ def reply(pid, n, net, ema, skips=None):
 
 def strategy(k, policy="fail", fraction=1.0):
     s = IETFedAvg(k)
-    s.setup_app(k, {"run-dir": "/tmp/x", "run-token": "t", "num-clients": k}, policy, fraction)
+    s.setup_app(k, policy, fraction)
     return s
 
 
@@ -71,9 +71,13 @@ def test_aggregation_is_order_independent_and_matches_the_plain_loop(flower_iden
 
 def test_summary_is_in_partition_order(flower_identity):
     s = strategy(2)
-    s.aggregate_train(1, [reply(1, 10, [1.0], [1.0], [4, 0, 0]), reply(0, 10, [1.0], [1.0])])
-    assert [c.partition_id for c in s.last_round] == [0, 1]
-    assert s.last_round[1].skip_counts.tolist() == [4, 0, 0] and s.last_round[1].image_ids.tolist() == [10, 11, 12]
+    _, outcome = s.aggregate_round(1, [reply(1, 10, [1.0], [1.0], [4, 0, 0]), reply(0, 10, [1.0], [1.0])])
+    assert [c.partition_id for c in outcome.clients] == [0, 1]
+    assert outcome.clients[1].skip_counts.tolist() == [4, 0, 0] and outcome.clients[1].image_ids.tolist() == [
+        10,
+        11,
+        12,
+    ]
 
 
 def test_a_failed_client_fails_the_round(flower_identity):
@@ -96,9 +100,9 @@ def test_a_lost_supernode_is_named_by_the_partition_it_trained_before(flower_ide
     s.sent = sent
     lost = create_message_error_unavailable_res_message(sent[1].metadata, "node_unavail")
     assert lost.metadata.src_node_id != 101
-    s.aggregate_train(2, [reply(0, 10, [1.0], [1.0]), lost])
-    assert [f.partition_id for f in s.last_failures] == [1]
-    assert s.last_failures[0].error.startswith("Flower error on node 101: Error: Node Unavailable")
+    _, outcome = s.aggregate_round(2, [reply(0, 10, [1.0], [1.0]), lost])
+    assert [f.partition_id for f in outcome.failures] == [1]
+    assert outcome.failures[0].error.startswith("Flower error on node 101: Error: Node Unavailable")
 
 
 def test_a_missing_client_fails_the_round(flower_identity):
@@ -112,7 +116,7 @@ def test_a_client_error_is_one_line_naming_partition_round_and_step(flower_ident
     with pytest.raises(ClientRoundError) as e:
         s.aggregate_train(3, [reply(0, 10, [1.0], [1.0]), error_reply(1, "loss is NaN (lr 1e+30)", step=57)])
     assert str(e.value) == "partition 1, round 3, step 57: loss is NaN (lr 1e+30)"
-    assert s.last_failures[0].traceback.endswith("ValueError: x")  # for the run's logs, not the message
+    assert e.value.failures[0].traceback.endswith("ValueError: x")  # for the run's logs, not the message
 
 
 def test_non_finite_weights_are_never_aggregated(flower_identity):
@@ -123,13 +127,13 @@ def test_non_finite_weights_are_never_aggregated(flower_identity):
 
 def test_tolerate_aggregates_the_replies_it_got_renormalised(flower_identity):
     s = strategy(3, "tolerate", 0.5)
-    arrays, _ = s.aggregate_train(
+    arrays, outcome = s.aggregate_round(
         4, [reply(0, 10, [1.0], [2.0]), error_reply(1, "ValueError: boom"), reply(2, 30, [5.0], [6.0])]
     )
     np.testing.assert_allclose(arrays["net.w"].numpy(), [(10 * 1.0 + 30 * 5.0) / 40])
     np.testing.assert_allclose(arrays["ema.w"].numpy(), [(10 * 2.0 + 30 * 6.0) / 40])
-    assert [c.partition_id for c in s.last_round] == [0, 2]
-    assert [(f.partition_id, f.error) for f in s.last_failures] == [(1, "ValueError: boom")]
+    assert [c.partition_id for c in outcome.clients] == [0, 2]
+    assert [(f.partition_id, f.error) for f in outcome.failures] == [(1, "ValueError: boom")]
 
 
 def test_tolerate_still_fails_below_the_minimum_fraction(flower_identity):

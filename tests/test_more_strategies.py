@@ -50,10 +50,10 @@ def test_multikrum_averages_the_m_best_by_shard_size(flower_identity):
     want_net = sum(w_i * np.array(NETS[i]) for w_i, i in zip(w, chosen)) / w.sum()
     want_ema = sum(w_i * np.array(EMAS[i]) for w_i, i in zip(w, chosen)) / w.sum()
     s = built("multikrum", 5, **{"malicious-clients": 1, "multikrum-select": 3})
-    out, _ = s.aggregate_train(1, replies())
+    out, outcome = s.aggregate_round(1, replies())
     np.testing.assert_allclose(out["net.w"].numpy(), want_net, rtol=1e-6)
     np.testing.assert_allclose(out["ema.w"].numpy(), want_ema, rtol=1e-6)
-    assert [c.partition_id for c in s.last_round] == [0, 1, 2, 3, 4]  # every client's round is still reported
+    assert [c.partition_id for c in outcome.clients] == [0, 1, 2, 3, 4]  # every client's round is still reported
 
 
 def test_bulyan_trims_around_the_median_of_the_multikrum_selection(flower_identity):

@@ -18,7 +18,7 @@ class FakeGrid:
 
 def built(name, k, **keys):
     s = build_strategy(parse_config({"strategy": name, **keys}), k)
-    s.setup_app(k, {"run-dir": "/tmp/x", "run-token": "t", "num-clients": k})
+    s.setup_app(k)
     return s
 
 
@@ -96,12 +96,12 @@ def test_fedmedian_and_trimmed_mean_per_coordinate(flower_identity):
 def test_dp_wrapper_clips_each_update_and_keeps_app_behaviour(flower_identity):
     s = built("iet", 2, **{"dp-clip-norm": 0.1})  # noise 0: only clipping
     s.configure_train(1, arrays([0.0, 0.0], [0.0, 0.0]), ConfigRecord(), FakeGrid())
-    out, _ = s.aggregate_train(1, [reply(1, 10, [3.0, 4.0], [0.0, 0.0]), reply(0, 10, [0.03, 0.0], [0.0, 0.0])])
+    out, outcome = s.aggregate_round(1, [reply(1, 10, [3.0, 4.0], [0.0, 0.0]), reply(0, 10, [0.03, 0.0], [0.0, 0.0])])
     # client 1's update (norm 5 over raw + EMA) is scaled to norm 0.1 -> [0.06, 0.08]; client 0's (norm 0.03)
     # is under the clip norm and kept. (Flower divides by the norm: an exactly-zero update would crash it.)
     np.testing.assert_allclose(out["net.w"].numpy(), [(0.06 + 0.03) / 2, 0.04], rtol=1e-5)
     np.testing.assert_allclose(out["ema.w"].numpy(), [0.0, 0.0], atol=1e-7)
-    assert [c.partition_id for c in s.last_round] == [0, 1]
+    assert [c.partition_id for c in outcome.clients] == [0, 1]
 
 
 def test_dp_clips_raw_and_ema_as_one_vector(flower_identity):

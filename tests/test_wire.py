@@ -109,7 +109,7 @@ def test_weights_that_do_not_fit_the_layout_are_refused_naming_the_array(packed,
 
 def _strategy(layout, k=2):
     s = IETFedAvg(k)
-    s.setup_app(k, {"run-dir": "x", "run-token": "t", "num-clients": k}, layout=layout)
+    s.setup_app(k, layout=layout)
     return s
 
 

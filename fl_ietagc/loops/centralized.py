@@ -13,6 +13,7 @@ the same config performs (R * E * sum_k floor(|D_k| / B)), as the paper matches 
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
@@ -21,12 +22,20 @@ from fl_ietagc.data.datasets import image_size, load_splits
 from fl_ietagc.data.shards import shard_inputs, shards_for_config
 from fl_ietagc.evaluation.images import write_sample_grid
 from fl_ietagc.runs.faults import fault_point
-from fl_ietagc.runs.rundir import ACTIVE_RUNS, RunDir, register_active
+from fl_ietagc.runs.lifecycle import round_record, run_lifecycle
+from fl_ietagc.runs.rundir import RunDir
 from fl_ietagc.settings.config import ConfigError, RunConfig
 from fl_ietagc.training.lora import trained_state
 from fl_ietagc.training.models import load_weights
 from fl_ietagc.training.run_model import build_for_config, initial_weights
-from fl_ietagc.training.trainer import LocalTrainer, NonFiniteError, TrainState, client_seed, pick_device
+from fl_ietagc.training.trainer import (
+    LocalTrainer,
+    NonFiniteError,
+    RoundStats,
+    TrainState,
+    client_seed,
+    pick_device,
+)
 
 
 def federated_total_steps(cfg: RunConfig, num_clients: int) -> int:
@@ -88,35 +97,17 @@ def run_centralized(
         run.write_resume(0, net_sd, ema_sd, {"trainer": state.to_dict()})
     inputs, cond = shard_inputs(cfg, np.arange(n))
     trainer = LocalTrainer(cfg, model, ema, inputs, state, device, cond=cond)
-    register_active(run)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=int(per_round.sum()), initial=int(per_round[:start].sum()), desc="centralized", unit="step")
     before = (run.read_metrics() or [{}])[-1].get("elapsed-s", 0.0)
     t0 = time.time()
-    try:
-        run.write_status("running", round=start, num_rounds=len(per_round))
+    with run_lifecycle(run, start, len(per_round)), progress_bar(per_round, start, progress) as bar:
         for r in range(start + 1, len(per_round) + 1):
             try:
                 stats = trainer.run(epochs=0, seed=client_seed(cfg.seed, 0, r), max_steps=int(per_round[r - 1]))
             except NonFiniteError as e:
                 raise FloatingPointError(f"round {r}, step {e.step}: {e.what} (lr {e.lr:g})") from e
-            record = {
-                "round": r,
-                "elapsed-s": before + time.time() - t0,
-                "loss": stats.mean_loss,
-                "skip-rate": stats.skip_rate,
-                "kept": stats.kept,
-                "skipped": stats.skipped,
-                "steps": stats.steps,
-                "skip-rate-per-client": [stats.skip_rate],
-                "loss-per-client": [stats.mean_loss],
-            }
             run.commit_round(
                 r,
-                record,
+                round_record(r, before + time.time() - t0, trainer_metrics(stats)),
                 net=trained_state(model),
                 ema=trained_state(ema),
                 state={"trainer": state.to_dict()},
@@ -134,14 +125,27 @@ def run_centralized(
         if cfg.sample_count:
             write_sample_grid(cfg, model, run.samples_path, device)
         run.mark_completed(len(per_round), seconds_this_session=time.time() - t0)
-    except KeyboardInterrupt:
-        run.mark_interrupted("KeyboardInterrupt")
-        raise
-    except BaseException as exc:
-        run.mark_failed(exc)
-        raise
-    finally:
-        ACTIVE_RUNS.discard(run)
-        if bar is not None:
-            bar.close()
     return run
+
+
+def trainer_metrics(stats: RoundStats) -> dict:
+    """A centralized round's metrics, shaped as a federated round's of one client (without its per-client
+    seconds)."""
+    return {
+        "loss": stats.mean_loss,
+        "skip-rate": stats.skip_rate,
+        "kept": stats.kept,
+        "skipped": stats.skipped,
+        "steps": stats.steps,
+        "skip-rate-per-client": [stats.skip_rate],
+        "loss-per-client": [stats.mean_loss],
+    }
+
+
+def progress_bar(per_round: np.ndarray, start: int, progress: bool):
+    """A tqdm bar over the run's optimizer steps (as a context manager), or nullcontext (None) without progress."""
+    if not progress:
+        return contextlib.nullcontext()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=int(per_round.sum()), initial=int(per_round[:start].sum()), desc="centralized", unit="step")

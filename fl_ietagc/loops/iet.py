@@ -9,6 +9,7 @@ which the simulation's overhead is measured.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from fl_ietagc.data.datasets import load_splits
 from fl_ietagc.data.shards import shard_inputs, shards_for_config
 from fl_ietagc.federation.protocol import ClientRound, round_metrics
 from fl_ietagc.runs.checkpoints import pack_weights, unpack_weights
+from fl_ietagc.runs.lifecycle import round_record, run_lifecycle
 from fl_ietagc.runs.rundir import RunDir
 from fl_ietagc.settings.config import RunConfig
 from fl_ietagc.training import ret
@@ -83,75 +85,75 @@ def run_iet_loop(
     shards = [s.image_ids.numpy() for s in states]  # current shards: RET may have moved images
     result = LoopResult(net={}, ema={}, states=states)
     t0 = time.perf_counter()
-    for server_round in range(start + 1, cfg.num_server_rounds + 1):
-        t_round = time.perf_counter()
-        replies, stats = [], []
-        for pid, shard in enumerate(shards):
-            model = build_for_config(cfg)
-            load_weights(model, g_net, "global raw weights")
-            ema = copy.deepcopy(model)
-            load_weights(ema, g_ema, "global EMA weights")
-            inputs, cond = shard_inputs(cfg, shard)
-            trainer = LocalTrainer(cfg, model, ema, inputs, states[pid], device, cond=cond)
-            stats.append(trainer.run(cfg.local_epochs, client_seed(cfg.seed, pid, server_round)))
-            replies.append((len(shard), pack_weights(trained_state(trainer.model), trained_state(trainer.ema))))
-        g_net, g_ema = unpack_weights(weighted_average(replies))
-        result.rounds.append(stats)
-        result.round_seconds.append(time.perf_counter() - t_round)
-        clients = [
-            ClientRound(
-                pid,
-                len(shard),
-                st.mean_loss,
-                st.kept,
-                st.skipped,
-                st.steps,
-                st.seconds,
-                states[pid].step,
-                shard,
-                st.skip_counts.numpy(),
-            )
-            for pid, (shard, st) in enumerate(zip(shards, stats))
-        ]
-        for c in clients:
-            np.add.at(skip_period, c.image_ids, c.skip_counts)
-        new = ret.after_round(cfg, shards, skip_period, server_round)
-        moved = 0
-        if new is not None:  # as the ServerApp: next round's shards; each client's per-image records follow
-            moved = ret.moved_count(shards, new)
-            shards, skip_period[:] = new, 0
-            for state, shard in zip(states, shards):
-                state.remap(shard)
-        record = {
-            "round": server_round,
-            "elapsed-s": time.perf_counter() - t0,
-            **round_metrics(clients),
-            "ret-moved": moved,
-            "clients": [c.to_json() for c in clients],
-        }
-        if run is not None:
+    with run_lifecycle(run, start, cfg.num_server_rounds) if run is not None else contextlib.nullcontext():
+        for server_round in range(start + 1, cfg.num_server_rounds + 1):
+            # Train the K clients one after another, then average.
+            t_round = time.perf_counter()
+            replies, stats = [], []
+            for pid, shard in enumerate(shards):
+                model = build_for_config(cfg)
+                load_weights(model, g_net, "global raw weights")
+                ema = copy.deepcopy(model)
+                load_weights(ema, g_ema, "global EMA weights")
+                inputs, cond = shard_inputs(cfg, shard)
+                trainer = LocalTrainer(cfg, model, ema, inputs, states[pid], device, cond=cond)
+                stats.append(trainer.run(cfg.local_epochs, client_seed(cfg.seed, pid, server_round)))
+                replies.append((len(shard), pack_weights(trained_state(trainer.model), trained_state(trainer.ema))))
+            g_net, g_ema = unpack_weights(weighted_average(replies))
+            result.rounds.append(stats)
+            result.round_seconds.append(time.perf_counter() - t_round)
+            clients = [
+                ClientRound(
+                    pid,
+                    len(shard),
+                    st.mean_loss,
+                    st.kept,
+                    st.skipped,
+                    st.steps,
+                    st.seconds,
+                    states[pid].step,
+                    shard,
+                    st.skip_counts.numpy(),
+                )
+                for pid, (shard, st) in enumerate(zip(shards, stats))
+            ]
+            # RET, as the ServerApp: next round's shards; each client's per-image records follow.
+            for c in clients:
+                np.add.at(skip_period, c.image_ids, c.skip_counts)
+            new = ret.after_round(cfg, shards, skip_period, server_round)
+            moved = 0
             if new is not None:
-                run.write_shards(shards)
-            skips = np.zeros(n_train, np.int64)
-            for s in states:
-                np.add.at(skips, s.image_ids.numpy(), s.skip_counts.numpy())
-            run.commit_round(
-                server_round,
-                record,
-                net=g_net,
-                ema=g_ema,
-                state=_loop_state(states, skip_period),
-                config=cfg.to_dict(),
-                skip_counts=skips,
-                num_rounds=cfg.num_server_rounds,
-                keep_checkpoint=server_round == cfg.num_server_rounds or server_round % cfg.checkpoint_every == 0,
+                moved = ret.moved_count(shards, new)
+                shards, skip_period[:] = new, 0
+                for state, shard in zip(states, shards):
+                    state.remap(shard)
+            record = round_record(
+                server_round, time.perf_counter() - t0, round_metrics(clients), ret_moved=moved, clients=clients
             )
-        if progress is not None:
-            progress(server_round, record)
-    result.net, result.ema, result.seconds = g_net, g_ema, time.perf_counter() - t0
-    if run is not None:
-        run.finish(g_net, g_ema, cfg.num_server_rounds, cfg.to_dict())
-        run.mark_completed(cfg.num_server_rounds)
+            # Commit the round.
+            if run is not None:
+                if new is not None:
+                    run.write_shards(shards)
+                skips = np.zeros(n_train, np.int64)
+                for s in states:
+                    np.add.at(skips, s.image_ids.numpy(), s.skip_counts.numpy())
+                run.commit_round(
+                    server_round,
+                    record,
+                    net=g_net,
+                    ema=g_ema,
+                    state=_loop_state(states, skip_period),
+                    config=cfg.to_dict(),
+                    skip_counts=skips,
+                    num_rounds=cfg.num_server_rounds,
+                    keep_checkpoint=server_round == cfg.num_server_rounds or server_round % cfg.checkpoint_every == 0,
+                )
+            if progress is not None:
+                progress(server_round, record)
+        result.net, result.ema, result.seconds = g_net, g_ema, time.perf_counter() - t0
+        if run is not None:
+            run.finish(g_net, g_ema, cfg.num_server_rounds, cfg.to_dict())
+            run.mark_completed(cfg.num_server_rounds)
     return result
 
 
