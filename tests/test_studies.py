@@ -1,6 +1,7 @@
 """The experiment suite: plans, budgets, estimates, and smoke-size runs through the real app."""
 
 import json
+import shutil
 
 import pytest
 
@@ -109,12 +110,95 @@ def test_study_compares_every_run_with_the_first(tmp_path, capsys):
     assert capsys.readouterr().out.count("already evaluated, kept") == 3
 
 
+# A run trained by an earlier smoke study of this session, by what it trains: (name, K, overrides, ...) and the
+# study's base config. At smoke size the three paper studies are the same three runs on the same config (and the
+# ablations' iet-agc is theirs too): the first study trains them; a later one starts from a copy of each trained
+# run, which its run_study keeps ("already trained") and evaluates itself (evaluation outputs are not copied).
+_TRAINED: dict[str, object] = {}
+_EVALUATION_OUTPUTS = ("results.json", "report.html", "report", "samples.npz")
+
+
+def _trained_key(study: str, r) -> str | None:
+    if study == "finetune":  # (its runs start from a checkpoint trained in that study)
+        return None
+    fields = [r.name, r.clients, r.overrides, r.match_federated, r.centralized_agc, base_config(study, "smoke")]
+    return json.dumps(fields, sort_keys=True)
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """One single-node Ray head (this machine's CPUs, no GPU: what each run's private Ray would have) that every
+    federated run of the smoke studies attaches to (RAY_ADDRESS), instead of each starting and stopping a Ray of
+    its own (~20 runs). Stopped afterwards, always, by its pids (never `ray stop`, which stops every Ray here)."""
+    import os
+    import signal
+    import subprocess
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from experiments.launch import simulate
+    from tests.test_ray_cluster import RAY, free_ports, node_ports, ray_processes
+
+    log = tmp_path_factory.mktemp("ray-head") / "head.log"
+    temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths must stay < 108 chars
+    port, client_port = free_ports(2)
+    address = f"127.0.0.1:{port}"
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", "--disable-usage-stats", "--port", str(port), "--node-ip-address",
+         "127.0.0.1", "--temp-dir", str(temp), "--include-dashboard", "false", "--ray-client-server-port",
+         str(client_port), "--num-cpus", str(os.cpu_count()), "--num-gpus", "0", *node_ports()],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 90
+        while True:  # the head's GCS accepts connections
+            assert head.poll() is None, log.read_text()[-3000:]
+            assert time.time() < deadline, "the Ray head did not start within 90 s"
+            try:
+                simulate.check_ray_address(address)
+                break
+            except Exception:
+                time.sleep(0.5)
+        yield address
+    finally:
+        if head.poll() is None:
+            head.send_signal(signal.SIGTERM)  # `ray start --block` stops its node's processes on SIGTERM
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(head.pid, signal.SIGKILL)  # anything of the node still in its session
+        except ProcessLookupError:
+            pass
+        deadline = time.time() + 15
+        while (left := ray_processes([str(temp), address])) and time.time() < deadline:
+            time.sleep(0.5)
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(temp, ignore_errors=True)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("study", STUDIES)
-def test_smoke_study_runs_and_writes_a_comparison(study, tmp_path):
+def test_smoke_study_runs_and_writes_a_comparison(study, tmp_path, ray_head, monkeypatch):
     from fl_ietagc.evaluation.compare import metric_values, relative
     from fl_ietagc.evaluation.evaluate import read_results
 
+    monkeypatch.setenv("RAY_ADDRESS", ray_head)  # every federated run attaches to the module's Ray head
+    for r in plan(study, "smoke"):
+        trained = _TRAINED.get(_trained_key(study, r))
+        if trained is not None:
+            shutil.copytree(
+                trained, tmp_path / f"{study}-smoke" / r.name, ignore=shutil.ignore_patterns(*_EVALUATION_OUTPUTS)
+            )
     path = run_study(study, "smoke", tmp_path)
     table = json.loads((path.parent / "comparison.json").read_text())
     assert table["runs"] == [r.name for r in plan(study, "smoke")]
@@ -134,6 +218,10 @@ def test_smoke_study_runs_and_writes_a_comparison(study, tmp_path):
     for run in table["paths"]:
         status = json.loads((path.parent / run.split("/")[-1] / "status.json").read_text())
         assert status["status"] == "completed"
+    for r in plan(study, "smoke"):
+        key = _trained_key(study, r)
+        if key is not None:
+            _TRAINED.setdefault(key, path.parent / r.name)
 
 
 def test_a_study_keeps_finished_runs_and_resumes_half_finished_ones(tmp_path, monkeypatch):
