@@ -54,12 +54,19 @@ class LoopResult:
 
 
 def run_iet_loop(
-    cfg: RunConfig, num_clients: int, device: torch.device | None = None, run: RunDir | None = None, progress=None
+    cfg: RunConfig,
+    num_clients: int,
+    device: torch.device | None = None,
+    run: RunDir | None = None,
+    progress=None,
+    on_round=None,
 ) -> LoopResult:
     """K clients one after another, then the size-weighted average, for R rounds; RET (`ret-every`) moves images
     between shards as the ServerApp does. With `run`, the rounds are committed to that run directory as the
     ServerApp commits them, and a run directory that holds a resume point (`RunDir.reopen`) continues from it.
-    `progress(round, record)` is called after every round."""
+    `progress(round, record)` is called after every round; `on_round(round, [(shard ids, client raw weights)],
+    averaged raw weights)` after every average, before RET moves images (read-only: the small-data study's
+    per-client copy rates)."""
     device = device or pick_device(cfg.device)
     n_train = len(load_splits(cfg).train)
     start = 0
@@ -100,6 +107,8 @@ def run_iet_loop(
                 stats.append(trainer.run(cfg.local_epochs, client_seed(cfg.seed, pid, server_round)))
                 replies.append((len(shard), pack_weights(trained_state(trainer.model), trained_state(trainer.ema))))
             g_net, g_ema = unpack_weights(weighted_average(replies))
+            if on_round is not None:
+                on_round(server_round, [(s, unpack_weights(w)[0]) for s, (_, w) in zip(shards, replies)], g_net)
             result.rounds.append(stats)
             result.round_seconds.append(time.perf_counter() - t_round)
             clients = [
