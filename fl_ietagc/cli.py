@@ -33,10 +33,10 @@ from fl_ietagc.settings.config import (
     toml_value,
 )
 from fl_ietagc.settings.console import closed_stdout_is_quiet
-from fl_ietagc.validate import validate_run
 
-# The commands import the wings that train, evaluate or export when they run: those load torch and diffusers
-# (seconds), which `fl-ietagc --help`, `config` and every refused option (a tenth of a second) must not wait for.
+# Each command imports what it runs when it runs: the wings that train, evaluate or export load torch and diffusers
+# (seconds), validate.py a dozen modules (a tenth of a start); `fl-ietagc --help`, `config` or a refused option
+# need none of them.
 
 
 def main(argv=None) -> int:
@@ -220,6 +220,7 @@ def cmd_config(args) -> int:
 def cmd_centralized(args) -> int:
     """Train one model on all data (or continue such a run with --resume); AGC off unless --agc."""
     from fl_ietagc.loops.centralized import run_centralized
+    from fl_ietagc.validate import validate_run
 
     if args.resume:
         cfg = resume_config(args.resume, load_overrides(args.run_config), kind="centralized")
@@ -273,6 +274,7 @@ def cmd_resume(args) -> int:
         return 0
     if kind == "centralized":
         from fl_ietagc.loops.centralized import run_centralized
+        from fl_ietagc.validate import validate_run
 
         cfg = resume_config(args.run_dir, {})
         for option in ("backend_config", "ray_address"):
