@@ -41,7 +41,7 @@ def app_dir() -> Path:
 def check_app_project(folder: Path) -> dict:
     """The app's pyproject.toml, read strictly: TOML, with [tool.flwr.app] naming a serverapp and a clientapp
     component; else one line naming the file (Flower's own reader raises deep inside, without naming it)."""
-    from fl_ietagc.settings.paths import described, kind
+    from fl_ietagc.settings.paths import described, kind  # (tempfile, shutil: not at every flower-simulation start)
 
     path = Path(folder) / "pyproject.toml"
     what = kind(path)

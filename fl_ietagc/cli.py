@@ -5,6 +5,8 @@
                                            # latent-t2i runs: generations from training captions -> copy
                                            # scores (SSCD or fallbacks, null) + CLIP score -> report
     fl-ietagc compare RUN_DIR ...          # one table of the evaluated runs, relative to the first
+    fl-ietagc export RUN_DIR OUT           # the global model as a diffusers pipeline directory
+    fl-ietagc metrics RUN_DIR              # per-round metrics as JSON lines (or TensorBoard events)
     fl-ietagc resume RUN_DIR [--backend-config JSON] [--ray-address HOST:PORT]
                                            # continue a killed / failed / interrupted run
     fl-ietagc config                       # print every run-config key, default and meaning
@@ -239,13 +241,6 @@ def cmd_centralized(args) -> int:
     )
 
 
-def _fid_text(quality: dict) -> str:
-    """FID's value, or 'not computed (why)': the reason the report gives, in one line."""
-    if quality.get("computed", True) and "fid" in quality:
-        return f"{quality['fid']}"
-    return f"not computed ({' '.join(str(quality.get('reason', 'no reason recorded')).split())})"
-
-
 def resume_config(run_dir: str, overrides: dict, kind: str | None = None) -> RunConfig:
     """The config a run was started with (from its config.json); `overrides` may only repeat it."""
     from fl_ietagc.runs.rundir import RunDir
@@ -361,6 +356,13 @@ def cmd_evaluate(args) -> int:
     out = given.get("out") or results["run"]
     print(f"results: {out}/results.json | report: {out}/report.html")
     return 0
+
+
+def _fid_text(quality: dict) -> str:
+    """FID's value, or 'not computed (why)': the reason the report gives, in one line."""
+    if quality.get("computed", True) and "fid" in quality:
+        return f"{quality['fid']}"
+    return f"not computed ({' '.join(str(quality.get('reason', 'no reason recorded')).split())})"
 
 
 def _t2i_summary(results: dict) -> str:

@@ -17,6 +17,7 @@ import torch
 
 from experiments.launch import simulate
 from experiments.studies import cli as studies
+from experiments.studies import runner
 from fl_ietagc import cli
 from fl_ietagc.runs.rundir import RunDir
 
@@ -397,7 +398,7 @@ def test_a_bad_study_name_is_an_argparse_error(capsys):
     ],
 )
 def test_a_study_checks_every_run_before_the_first_trains(argv, message, files, no_work, capsys, monkeypatch):
-    monkeypatch.setattr(studies, "train_run", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))
+    monkeypatch.setattr(runner, "train_run", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))
     argv = [a.replace("{t}", str(files)) for a in argv] + ["--out", str(files / "studies")]
     if message is None:
         with pytest.raises(AssertionError, match="trained"):  # validation passed, the first run would start

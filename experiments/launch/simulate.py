@@ -47,6 +47,9 @@ from fl_ietagc.app_dir import check_app_project
 from fl_ietagc.settings.argcheck import refuse_repeated
 from fl_ietagc.settings.config import ConfigError, RunConfig, check_resumed_config, load_overrides, parse_config
 
+# `flower-simulation --help` and refused input answer before Flower, torch (runs/, which the run-directory
+# helpers come from), numpy (federation/protocol) or validate.py's dozen modules load: those are imported where used.
+
 QUIET_FLOWER_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
