@@ -34,9 +34,7 @@ import importlib
 import json
 import os
 import signal
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -175,7 +173,7 @@ RAY_INIT_RESOURCES = ("num_cpus", "num_gpus")  # ray.init args Ray refuses when 
 
 def check_ray_address(address: str, flag: str = "--ray-address") -> str:
     """`address` if a Ray cluster's head (its GCS) accepts connections there; else ConfigError, one line."""
-    import socket  # (as shutil below: milliseconds that `flower-simulation --help` need not wait)
+    import socket  # (as subprocess in supervise: milliseconds that `flower-simulation --help` need not wait)
 
     if "://" in address:
         raise ConfigError(
@@ -370,6 +368,8 @@ def supervise(
     is only a Ray driver: the cluster's processes are not ours and stay; Ray ends this job's workers when its
     driver goes."""
     import shutil
+    import subprocess
+    import tempfile
 
     from fl_ietagc.runs.rundir import ANNOUNCE_ENV, RunDir
 
