@@ -41,6 +41,8 @@ import threading
 import time
 from pathlib import Path
 
+from fl_ietagc.settings.config import parse_config, parse_overrides
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {
     "test": "local-epochs=1 max-images=128 batch-size=32 sample-count=0 diffusion-steps=20",
@@ -178,9 +180,9 @@ def split(timing: list[dict]) -> dict:
 
 
 def message_bytes(overrides: str) -> int:
+    # (torch, diffusers: only this measurement needs them, not the processes that orchestrate the deployments)
     from fl_ietagc.federation.wire import Layout, wire_bytes
     from fl_ietagc.runs.checkpoints import pack_weights
-    from fl_ietagc.settings.config import parse_config, parse_overrides
     from fl_ietagc.training.run_model import initial_weights
 
     net, ema = initial_weights(parse_config(parse_overrides(overrides)))

@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from fl_ietagc.settings.config import parse_config
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -133,13 +135,12 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.paper_round:
         a.steps_per_client = PAPER_ROUND_STEPS
-    import torch
+    import torch  # (after the options: a wrong one answers before torch loads)
 
     if a.device == "cuda" and not torch.cuda.is_available():
         print("gpu_packing: needs a CUDA GPU (torch.cuda.is_available() is False); nothing was run", file=sys.stderr)
         return 2
     from fl_ietagc.data.datasets import load_splits
-    from fl_ietagc.settings.config import parse_config
 
     base = (
         f"preset={a.preset} image-size={a.image_size} batch-size={a.batch_size} num-server-rounds={a.rounds} "

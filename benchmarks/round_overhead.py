@@ -42,6 +42,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.rounds < 2:
         raise SystemExit("round_overhead: --rounds must be >= 2 (round 1 has no state to load)")
+    # after the options: a wrong one answers before torch and Flower load
     import torch
     from flwr.app import Message
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import importlib
 import sys
+import tomllib
 from pathlib import Path
 from types import ModuleType
 
 from fl_ietagc.settings.config import ConfigError
+from fl_ietagc.settings.console import closed_stdout_is_quiet
 
 _PACKAGE = Path(__file__).resolve().parent
 APP_PACKAGES = ("strategies", "clients", "experiments")
@@ -39,9 +41,7 @@ def app_dir() -> Path:
 def check_app_project(folder: Path) -> dict:
     """The app's pyproject.toml, read strictly: TOML, with [tool.flwr.app] naming a serverapp and a clientapp
     component; else one line naming the file (Flower's own reader raises deep inside, without naming it)."""
-    import tomllib
-
-    from fl_ietagc.settings.paths import described, kind
+    from fl_ietagc.settings.paths import described, kind  # (tempfile, shutil: not at every flower-simulation start)
 
     path = Path(folder) / "pyproject.toml"
     what = kind(path)
@@ -82,13 +82,9 @@ def app_module(name: str) -> ModuleType:
 
 def flower_simulation() -> int:
     """Console script `flower-simulation`."""
-    from fl_ietagc.settings.console import closed_stdout_is_quiet
-
     return closed_stdout_is_quiet(lambda: app_module("experiments.launch.simulate").main())
 
 
 def study() -> int:
     """Console script `fl-ietagc-study`."""
-    from fl_ietagc.settings.console import closed_stdout_is_quiet
-
     return closed_stdout_is_quiet(lambda: app_module("experiments.studies.cli").main())

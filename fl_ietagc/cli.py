@@ -5,6 +5,8 @@
                                            # latent-t2i runs: generations from training captions -> copy
                                            # scores (SSCD or fallbacks, null) + CLIP score -> report
     fl-ietagc compare RUN_DIR ...          # one table of the evaluated runs, relative to the first
+    fl-ietagc export RUN_DIR OUT           # the global model as a diffusers pipeline directory
+    fl-ietagc metrics RUN_DIR              # per-round metrics as JSON lines (or TensorBoard events)
     fl-ietagc resume RUN_DIR [--backend-config JSON] [--ray-address HOST:PORT]
                                            # continue a killed / failed / interrupted run
     fl-ietagc config                       # print every run-config key, default and meaning
@@ -16,27 +18,27 @@ turns AGC off unless `--agc` is given (the "AGC alone" ablation).
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
+from fl_ietagc.settings.argcheck import refuse_repeated
 from fl_ietagc.settings.config import (
     ConfigError,
     RunConfig,
     check_resumed_config,
     config_keys,
+    defaults_as_toml,
+    keys_as_markdown,
     load_config_file,
     load_overrides,
     parse_config,
+    toml_value,
 )
 from fl_ietagc.settings.console import closed_stdout_is_quiet
 
-
-def load_run_config(config_file: str | None, overrides: str | None, **forced) -> RunConfig:
-    raw = {}
-    if config_file:
-        raw.update(load_config_file(config_file))
-    raw.update(forced)
-    raw.update(load_overrides(overrides))
-    return parse_config(raw)
+# Each command imports what it runs when it runs: the wings that train, evaluate or export load torch and diffusers
+# (seconds), validate.py a dozen modules (a tenth of a start); `fl-ietagc --help`, `config` or a refused option
+# need none of them.
 
 
 def main(argv=None) -> int:
@@ -45,6 +47,17 @@ def main(argv=None) -> int:
 
 
 def _main(argv=None) -> int:
+    parser = build_parser()
+    refuse_repeated(parser, argv, "fl-ietagc")
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as e:
+        print(f"fl-ietagc: invalid run config: {e}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fl-ietagc")
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser(
@@ -174,90 +187,58 @@ def _main(argv=None) -> int:
         help="parse and validate a --run-config / -c argument ('k=v ...' or a .toml file) strictly; "
         "exit 2 naming what is wrong (scripts/flwr-run.sh checks its -c arguments with this)",
     )
-    from fl_ietagc.settings.argcheck import refuse_repeated
-
-    refuse_repeated(p, argv, "fl-ietagc")
-    args = p.parse_args(argv)
-    try:
-        if args.command == "config":
-            from fl_ietagc.settings.config import defaults_as_toml, keys_as_markdown
-
-            if args.check is not None:
-                raw = {}
-                for text in args.check:
-                    items = load_overrides(text)
-                    twice = sorted(set(items) & set(raw))
-                    if twice:  # (which one was meant?)
-                        raise ConfigError(f"--check {text!r}: {', '.join(twice)} also given in an earlier --check")
-                    raw.update(items)
-                parse_config(raw)
-                return 0
-            if args.toml or args.markdown:
-                print(defaults_as_toml() if args.toml else keys_as_markdown(), end="")
-                return 0
-            for f in config_keys():
-                print(f"{f.metadata['key']:18s} {f.default!r:12}  {f.metadata['help']}")
-            return 0
-        if args.command in ("centralized", "baseline"):
-            from fl_ietagc.loops.centralized import run_centralized
-
-            if args.resume:
-                cfg = resume_config(args.resume, load_overrides(args.run_config), kind="centralized")
-            else:
-                forced = {} if args.agc else {"agc": False}
-                cfg = load_run_config(args.config, args.run_config, **forced)
-                if not args.agc and cfg.agc:
-                    raise ConfigError("agc = true: use --agc for a centralized run with AGC")
-                if args.agc and not cfg.agc:  # (agc defaults to true: false here was set by the user)
-                    raise ConfigError("agc = false contradicts --agc; give one of them")
-            from fl_ietagc.validate import validate_run
-
-            if args.match_federated < 0:
-                raise ConfigError(f"--match-federated = {args.match_federated}: must be >= 0")
-            validate_run(cfg.replace(**{"resume-from": args.resume or ""}), args.match_federated)
-            return _finish(
-                lambda: run_centralized(cfg, match_federated=args.match_federated, resume=args.resume), "centralized"
-            )
-        if args.command == "resume":
-            return _resume(args)
-        if args.command == "evaluate":
-            return _evaluate(args)
-        if args.command == "export":
-            from fl_ietagc.export import export_pipeline
-
-            try:
-                out = export_pipeline(args.run_dir, args.out, args.weights, args.round)
-            except (ValueError, OSError) as e:
-                print(f"fl-ietagc export: {' '.join(str(e).split())}", file=sys.stderr)
-                return 2
-            print(f"diffusers pipeline: {out} (DDIMPipeline.from_pretrained({str(out)!r}))")
-            return 0
-        if args.command == "metrics":
-            from fl_ietagc.runs.metrics_export import metrics_main
-
-            return metrics_main(args.run_dir, args.tensorboard)
-        if args.command == "compare":
-            from fl_ietagc.evaluation.compare import compare, to_markdown, write_comparison
-
-            try:
-                table = compare(args.run_dirs)
-            except (ValueError, OSError) as e:  # a missing, corrupt or incomplete results.json, named
-                print(f"fl-ietagc compare: {' '.join(str(e).split())}", file=sys.stderr)
-                return 2
-            print(to_markdown(table))
-            print(f"written: {write_comparison(table, args.out)}")
-            return 0
-    except ConfigError as e:
-        print(f"fl-ietagc: invalid run config: {e}", file=sys.stderr)
-        return 2
-    return 1
+    return p
 
 
-def _fid_text(quality: dict) -> str:
-    """FID's value, or 'not computed (why)': the reason the report gives, in one line."""
-    if quality.get("computed", True) and "fid" in quality:
-        return f"{quality['fid']}"
-    return f"not computed ({' '.join(str(quality.get('reason', 'no reason recorded')).split())})"
+def load_run_config(config_file: str | None, overrides: str | None, **forced) -> RunConfig:
+    raw = {}
+    if config_file:
+        raw.update(load_config_file(config_file))
+    raw.update(forced)
+    raw.update(load_overrides(overrides))
+    return parse_config(raw)
+
+
+def cmd_config(args) -> int:
+    """List the run-config keys (plain, --toml, --markdown), or check --check arguments strictly."""
+    if args.check is not None:
+        raw = {}
+        for text in args.check:
+            items = load_overrides(text)
+            twice = sorted(set(items) & set(raw))
+            if twice:  # (which one was meant?)
+                raise ConfigError(f"--check {text!r}: {', '.join(twice)} also given in an earlier --check")
+            raw.update(items)
+        parse_config(raw)
+        return 0
+    if args.toml or args.markdown:
+        print(defaults_as_toml() if args.toml else keys_as_markdown(), end="")
+        return 0
+    for f in config_keys():
+        print(f"{f.metadata['key']:18s} {f.default!r:12}  {f.metadata['help']}")
+    return 0
+
+
+def cmd_centralized(args) -> int:
+    """Train one model on all data (or continue such a run with --resume); AGC off unless --agc."""
+    from fl_ietagc.loops.centralized import run_centralized
+    from fl_ietagc.validate import validate_run
+
+    if args.resume:
+        cfg = resume_config(args.resume, load_overrides(args.run_config), kind="centralized")
+    else:
+        forced = {} if args.agc else {"agc": False}
+        cfg = load_run_config(args.config, args.run_config, **forced)
+        if not args.agc and cfg.agc:
+            raise ConfigError("agc = true: use --agc for a centralized run with AGC")
+        if args.agc and not cfg.agc:  # (agc defaults to true: false here was set by the user)
+            raise ConfigError("agc = false contradicts --agc; give one of them")
+    if args.match_federated < 0:
+        raise ConfigError(f"--match-federated = {args.match_federated}: must be >= 0")
+    validate_run(cfg.replace(**{"resume-from": args.resume or ""}), args.match_federated)
+    return _finish(
+        lambda: run_centralized(cfg, match_federated=args.match_federated, resume=args.resume), "centralized"
+    )
 
 
 def resume_config(run_dir: str, overrides: dict, kind: str | None = None) -> RunConfig:
@@ -275,14 +256,14 @@ def resume_config(run_dir: str, overrides: dict, kind: str | None = None) -> Run
     return cfg
 
 
-def _resume(args) -> int:
+def cmd_resume(args) -> int:
+    """Continue a run from its last completed round: a centralized one here, a federated one through the app's
+    simulation launcher; --print-config only prints the config that continues it."""
     from fl_ietagc.runs.rundir import RunDir
 
     run = RunDir.check_resumable(args.run_dir)
     kind = run.read_config().get("kind")
     if args.print_config:
-        from fl_ietagc.settings.config import toml_value
-
         conf = {**resume_config(args.run_dir, {}).to_dict(), "resume-from": str(run.path)}
         print("".join(f"{k} = {toml_value(v)}\n" for k, v in conf.items()), end="")
         return 0
@@ -296,19 +277,20 @@ def _resume(args) -> int:
                 raise ConfigError(f"--{option.replace('_', '-')}: {run.path} is a centralized run (no Ray)")
         validate_run(cfg.replace(**{"resume-from": str(run.path)}), 0)  # weights and state before training
         return _finish(lambda: run_centralized(cfg, resume=args.run_dir), "resume")
-    from fl_ietagc.app_dir import app_module
-
     backend = args.backend_config or (
         run.read_config().get("backend_config") or {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
     )
-    return app_module("experiments.launch.simulate").launch(
-        backend=backend, resume=str(run.path), ray_address=args.ray_address
-    )
+    # A federated run continues under flower-simulation's launcher. It lives in the Flower app (experiments/ sits
+    # above fl_ietagc/, which never imports it), a folder that an installed wheel ships as data: app_module puts
+    # that folder on sys.path and imports the launcher from it by name, as Flower loads the app's components.
+    from fl_ietagc.app_dir import app_module  # (pathlib: a few ms of every `fl-ietagc` start)
+
+    simulate = app_module("experiments.launch.simulate")
+    return simulate.launch(backend=backend, resume=str(run.path), ray_address=args.ray_address)
 
 
 def _finish(work, what: str) -> int:
     """Run `work` (returns a RunDir); exit 1 with the run's one-line error if it fails, 130 on Ctrl-C."""
-    import signal
 
     def terminate(signum, frame):
         raise KeyboardInterrupt(signal.Signals(signum).name)
@@ -322,7 +304,7 @@ def _finish(work, what: str) -> int:
     except ConfigError:
         raise
     except Exception as e:
-        from fl_ietagc.federation.protocol import one_line
+        from fl_ietagc.federation.protocol import one_line  # (loads numpy)
 
         print(f"fl-ietagc {what}: run FAILED: {type(e).__name__}: {one_line(str(e))}", file=sys.stderr)
         return 1
@@ -336,10 +318,11 @@ PIXEL_ONLY = ("num_samples", "sampler", "k", "fid_weights", "quality", "no_fid",
 T2I_ONLY = ("num_captions", "seeds_per_caption", "guidance_scale", "sscd", "clip_dir")
 
 
-def _evaluate(args) -> int:
+def cmd_evaluate(args) -> int:
     """Dispatch on the run's model-type (pixel: evaluate.py, latent-t2i: t2i_evaluate.py); options are checked
     against the kind of run first, then every check of that kind runs before any sampling: bad input exits 2."""
-    from fl_ietagc.evaluation.t2i_evaluate import MODEL_TYPE, run_model_type
+    from fl_ietagc.evaluation.evaluate import EvalOptions, evaluate_run, prepare
+    from fl_ietagc.evaluation.t2i_evaluate import MODEL_TYPE, T2IOptions, evaluate_t2i, prepare_t2i, run_model_type
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "run_dir")}
     try:
@@ -353,12 +336,8 @@ def _evaluate(args) -> int:
             )
         options = {("server_round" if k == "round" else k): v for k, v in given.items()}
         if t2i:
-            from fl_ietagc.evaluation.t2i_evaluate import T2IOptions, evaluate_t2i, prepare_t2i
-
             opts, prepare, evaluate = T2IOptions(**options), prepare_t2i, evaluate_t2i
         else:
-            from fl_ietagc.evaluation.evaluate import EvalOptions, evaluate_run, prepare
-
             if "no_fid" in options:
                 options["fid"] = not options.pop("no_fid")
             if "quality" in options:
@@ -373,25 +352,85 @@ def _evaluate(args) -> int:
     except (ValueError, OSError) as e:
         print(f"fl-ietagc evaluate: FAILED: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
-    if t2i:
-        mem, null, clip = results["memorization"], results["null"], results["clip_score"]
-        null_mean = f"{null['mean_top1']:.3f}" if "mean_top1" in null else "not measured"
-        print(
-            f"{mem['embedder']}: mean top-1 similarity {mem['mean_top1']:.3f} (null {null_mean}) | "
-            f"> {mem['threshold']}: {mem['count_above']}/{mem['num_generations']} | nearest is its caption's "
-            f"image: {100 * mem['fraction_nearest_own_caption']:.1f}% | CLIP score: "
-            f"{f'{clip:.2f}' if isinstance(clip, float) else clip}"
-        )
-    else:
-        mem, null = results["memorization"], results["null"]
-        print(
-            f"MQ r<0.2: {mem['mq']['0.2']['count']}/{mem['num_queries']} (null "
-            f"{100 * null['mq']['0.2']['fraction']:.2f}%) | 1/3 rule: {mem['one_third_rule']['count']} (null "
-            f"{100 * null['one_third_rule']['fraction']:.2f}%) | FID: {_fid_text(results['quality'])}"
-        )
+    print(_t2i_summary(results) if t2i else _pixel_summary(results))
     out = given.get("out") or results["run"]
     print(f"results: {out}/results.json | report: {out}/report.html")
     return 0
+
+
+def _fid_text(quality: dict) -> str:
+    """FID's value, or 'not computed (why)': the reason the report gives, in one line."""
+    if quality.get("computed", True) and "fid" in quality:
+        return f"{quality['fid']}"
+    return f"not computed ({' '.join(str(quality.get('reason', 'no reason recorded')).split())})"
+
+
+def _t2i_summary(results: dict) -> str:
+    """One line: copy scores of the generations against their null, and the CLIP score."""
+    mem, null, clip = results["memorization"], results["null"], results["clip_score"]
+    null_mean = f"{null['mean_top1']:.3f}" if "mean_top1" in null else "not measured"
+    return (
+        f"{mem['embedder']}: mean top-1 similarity {mem['mean_top1']:.3f} (null {null_mean}) | "
+        f"> {mem['threshold']}: {mem['count_above']}/{mem['num_generations']} | nearest is its caption's "
+        f"image: {100 * mem['fraction_nearest_own_caption']:.1f}% | CLIP score: "
+        f"{f'{clip:.2f}' if isinstance(clip, float) else clip}"
+    )
+
+
+def _pixel_summary(results: dict) -> str:
+    """One line: memorized counts (MQ, 1/3 rule) against their null, and FID."""
+    mem, null = results["memorization"], results["null"]
+    return (
+        f"MQ r<0.2: {mem['mq']['0.2']['count']}/{mem['num_queries']} (null "
+        f"{100 * null['mq']['0.2']['fraction']:.2f}%) | 1/3 rule: {mem['one_third_rule']['count']} (null "
+        f"{100 * null['one_third_rule']['fraction']:.2f}%) | FID: {_fid_text(results['quality'])}"
+    )
+
+
+def cmd_export(args) -> int:
+    """Write the run's global model as a diffusers pipeline directory."""
+    from fl_ietagc.export import export_pipeline
+
+    try:
+        out = export_pipeline(args.run_dir, args.out, args.weights, args.round)
+    except (ValueError, OSError) as e:
+        print(f"fl-ietagc export: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print(f"diffusers pipeline: {out} (DDIMPipeline.from_pretrained({str(out)!r}))")
+    return 0
+
+
+def cmd_metrics(args) -> int:
+    """A run's per-round metrics as JSON lines, or as TensorBoard event files."""
+    from fl_ietagc.runs.metrics_export import metrics_main
+
+    return metrics_main(args.run_dir, args.tensorboard)
+
+
+def cmd_compare(args) -> int:
+    """One table of evaluated runs, relative to the first: printed, and written to --out."""
+    from fl_ietagc.evaluation.compare import compare, to_markdown, write_comparison
+
+    try:
+        table = compare(args.run_dirs)
+    except (ValueError, OSError) as e:  # a missing, corrupt or incomplete results.json, named
+        print(f"fl-ietagc compare: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print(to_markdown(table))
+    print(f"written: {write_comparison(table, args.out)}")
+    return 0
+
+
+COMMANDS = {
+    "centralized": cmd_centralized,
+    "baseline": cmd_centralized,  # centralized's old name
+    "resume": cmd_resume,
+    "evaluate": cmd_evaluate,
+    "export": cmd_export,
+    "metrics": cmd_metrics,
+    "compare": cmd_compare,
+    "config": cmd_config,
+}
 
 
 if __name__ == "__main__":

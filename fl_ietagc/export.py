@@ -31,9 +31,11 @@ import shutil
 import uuid
 from pathlib import Path
 
+from fl_ietagc.evaluation.evaluate import load_run
 from fl_ietagc.runs.checkpoints import atomic_write_json, load_checkpoint
 from fl_ietagc.training.diffusion import Diffusion
-from fl_ietagc.training.models import load_weights
+from fl_ietagc.training.lora import ADAPTER_NAME, diffusers_lora_state, merged_copy
+from fl_ietagc.training.models import build_unet, load_weights
 from fl_ietagc.training.run_model import build_for_config
 
 
@@ -42,8 +44,6 @@ def export_pipeline(
 ) -> Path:
     """Write the pipeline directory; ValueError / FileExistsError with one line naming the problem."""
     from diffusers import DDIMPipeline, DDIMScheduler
-
-    from fl_ietagc.evaluation.evaluate import load_run
 
     if weights not in ("raw", "ema"):
         raise ValueError(f"--weights {weights}: must be raw or ema")
@@ -68,9 +68,6 @@ def export_pipeline(
     if cfg.lora_rank and cfg.model_type == "latent-t2i":
         return _write_atomically(out, lambda tmp: _save_lora(tmp, unet, cfg, weights, path))
     if cfg.lora_rank:  # pixel: one self-contained pipeline, adapters merged into the base
-        from fl_ietagc.training.lora import merged_copy
-        from fl_ietagc.training.models import build_unet
-
         unet = merged_copy(unet, build_unet(cfg.preset, unet.config.sample_size, unet.config.in_channels))
     scheduler = DDIMScheduler(**Diffusion.for_config(cfg).scheduler_config, set_alpha_to_one=True)
     return _write_atomically(out, lambda tmp: DDIMPipeline(unet=unet.eval(), scheduler=scheduler).save_pretrained(tmp))
@@ -114,8 +111,6 @@ def _umask() -> int:
 
 def _save_lora(tmp: Path, unet, cfg, weights: str, checkpoint: Path) -> None:
     from diffusers import StableDiffusionPipeline
-
-    from fl_ietagc.training.lora import ADAPTER_NAME, diffusers_lora_state
 
     # the adapter metadata (peft's LoraConfig: rank, alpha, targets) rides in the safetensors header; without it
     # diffusers would assume alpha = rank

@@ -10,8 +10,15 @@ training); a deployment's SuperNodes keep theirs on their own disks.
 
 from __future__ import annotations
 
+import torch
+
+from fl_ietagc.data.datasets import image_size, load_splits
+from fl_ietagc.runs.checkpoints import load_torch
 from fl_ietagc.runs.rundir import RunDir
 from fl_ietagc.settings.config import ConfigError, RunConfig
+from fl_ietagc.settings.paths import kind
+from fl_ietagc.training.models import build_unet, first_mismatch
+from fl_ietagc.training.trainer import TrainState
 
 
 def model_layout(cfg: RunConfig) -> dict | None:
@@ -19,10 +26,6 @@ def model_layout(cfg: RunConfig) -> dict | None:
     latent-t2i (its UNet is pretrained-dir's, read when the run starts)."""
     if cfg.model_type != "pixel":
         return None
-    import torch
-
-    from fl_ietagc.data.datasets import image_size, load_splits
-    from fl_ietagc.training.models import build_unet
 
     channels = load_splits(cfg).train.channels
     with torch.device("meta"):
@@ -33,8 +36,6 @@ def model_layout(cfg: RunConfig) -> dict | None:
 def check_resume_contents(cfg: RunConfig, client_states: bool = True) -> None:
     """`cfg` resumes cfg.resume_from: its resume.pt holds weights of cfg's model and (federated, `client_states`)
     every client state file the next round starts from exists, loads (weights_only) and belongs to this run."""
-    from fl_ietagc.training.models import first_mismatch
-
     run = RunDir(cfg.resume_from)
     try:
         blob = run.read_resume()
@@ -66,10 +67,6 @@ def check_resume_contents(cfg: RunConfig, client_states: bool = True) -> None:
 
 
 def check_client_state(run: RunDir, cfg: RunConfig, partition: int, server_round: int, token: str) -> None:
-    from fl_ietagc.runs.checkpoints import load_torch
-    from fl_ietagc.settings.paths import kind
-    from fl_ietagc.training.trainer import TrainState
-
     path = run.client_state(partition, server_round, cfg.client_state_dir or None)
     who = f"resume: client {partition}'s state after round {server_round}"
     what = kind(path)

@@ -7,13 +7,30 @@ simulation resources (GPUs and CPUs asked for against those present: Ray would w
 data (readable, enough images for K shards of a full batch) and `init-checkpoint` (read with
 weights_only, architecture checked). Every error is a `ConfigError` (exit code 2) that names the key
 and its allowed range, or the file and what is wrong with it, in one line.
+
+The checks import torch, diffusers, Ray and the data, model and run wings (seconds), and settings/paths (tempfile,
+shutil), where they use them: the launchers import this module before they know that a run will start, and input
+refused by the first checks answers before any of it has loaded.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
+import json
 import os
+import re
+import sys
 
-from fl_ietagc.settings.config import ConfigError, RunConfig, check_secure_clients, check_strategy_clients
+from fl_ietagc.federation.secure_sum import max_weight
+from fl_ietagc.settings.config import (
+    ConfigError,
+    RunConfig,
+    check_secure_clients,
+    check_strategy_clients,
+    ineffective_keys,
+)
+from fl_ietagc.training.privacy import rdp_accountant
 
 
 def check_model(cfg: RunConfig) -> None:
@@ -41,8 +58,6 @@ def check_lora(cfg: RunConfig) -> None:
     the meta device (no weights, no memory)."""
     if not cfg.lora_rank:
         return
-    import json
-
     import torch
 
     from fl_ietagc.training.lora import add_lora
@@ -104,8 +119,6 @@ def check_memory(cfg: RunConfig, first_channels: int, where: str) -> None:
 def check_latent_model(cfg: RunConfig) -> None:
     """pretrained-dir has every part in safetensors, and image-size fits the VAE's and the UNet's downsampling
     (read from their config.json files; no weights are loaded here)."""
-    import json
-
     from fl_ietagc.data.datasets import image_size
     from fl_ietagc.data.latent import check_components_dir, vae_factor
 
@@ -164,7 +177,6 @@ def check_latent_schedule(cfg: RunConfig) -> None:
 def check_optimizer(cfg: RunConfig) -> None:
     if cfg.optimizer != "adam8bit":
         return
-    import importlib.util
 
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(
@@ -288,9 +300,6 @@ RAY_INIT_RESERVED = {"runtime_env": "Flower sets it", "address": "use --ray-addr
 def ray_init_keywords() -> set[str]:
     """The keyword arguments the installed Ray's `ray.init` accepts (its named ones, and the hidden ones
     it takes from **kwargs; any other makes it raise "Unknown keyword argument(s)" once Ray is starting)."""
-    import inspect
-    import re
-
     try:
         from ray._private.worker import init
     except Exception as e:  # noqa: BLE001 - a broken Ray install: named in one line, not a traceback
@@ -346,10 +355,6 @@ def check_input_paths(cfg: RunConfig) -> None:
 
 def warn_ineffective(cfg: RunConfig) -> list[str]:
     """Print one warning line per key that has no effect in this configuration (config.ineffective_keys)."""
-    import sys
-
-    from fl_ietagc.settings.config import ineffective_keys
-
     lines = ineffective_keys(cfg)
     for line in lines:
         print(f"warning: {line}", file=sys.stderr)
@@ -380,8 +385,6 @@ def validate_run(
         check_resume_contents(cfg, client_states=not ray_address)  # (a cluster's nodes may keep their own)
     check_init_checkpoint(cfg)
     if cfg.dp_noise_multiplier:
-        from fl_ietagc.training.privacy import rdp_accountant
-
         rdp_accountant()  # (opacus installed, for the epsilon in metrics.json)
     if warn:
         warn_ineffective(cfg)
@@ -389,8 +392,6 @@ def validate_run(
 
 def check_secure_aggregation(cfg: RunConfig, shards) -> None:
     """SecAgg+ settings against K and the shard sizes (exact shard-size weights need a shard <= Q images)."""
-    from fl_ietagc.federation.secure_sum import max_weight
-
     if cfg.secure_aggregation == "off":
         return
     check_secure_clients(cfg, len(shards))

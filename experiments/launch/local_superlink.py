@@ -19,6 +19,8 @@ import os
 import signal
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 PID_FILE = "fl-ietagc-superlink.pid"
@@ -157,9 +159,6 @@ def _signal(pid: int, sig: int) -> None:
 
 def running(port: str | None = None, timeout_s: float = 2.0) -> bool:
     """Whether a local SuperLink answers on 127.0.0.1 at Flower's port (FLWR_LOCAL_SUPERLINK_HTTP_API_PORT)."""
-    import urllib.error
-    import urllib.request
-
     port = port or os.environ.get("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "39091")
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=timeout_s) as r:

@@ -35,7 +35,18 @@ import json
 import os
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
+
+from experiments.launch import simulation_runtime
+from fl_ietagc.app_dir import app_dir as default_app
+from fl_ietagc.app_dir import check_app_project
+from fl_ietagc.settings.argcheck import refuse_repeated
+from fl_ietagc.settings.config import ConfigError, RunConfig, check_resumed_config, load_overrides, parse_config
+
+# `flower-simulation --help` and refused input answer before Flower, torch (runs/, which the run-directory
+# helpers come from), numpy (federation/protocol) or validate.py's dozen modules load: those are imported where used.
 
 QUIET_FLOWER_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -80,15 +91,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--verbose", action="store_true", help="DEBUG logging")
     p.add_argument("--run-config-json", default=None, help=argparse.SUPPRESS)  # parent -> child: the fused config
-    from fl_ietagc.settings.argcheck import refuse_repeated
 
     refuse_repeated(p, argv)  # --run-config a --run-config b: exit 2
     return p.parse_args(argv)
 
 
 def parse_backend_config(text: str) -> dict:
-    from fl_ietagc.settings.config import ConfigError
-
     try:
         raw = json.loads(text) if text.strip() else {}
     except json.JSONDecodeError as e:
@@ -115,8 +123,6 @@ def load_app_config(app_dir: Path, overrides: dict) -> tuple[dict, dict]:
     """(components, fused run config) of the app: the pyproject's defaults with `overrides` on top, as
     `flwr run` fuses them (but strict: Flower's own parser silently drops items it cannot read)."""
     from flwr.common.config import get_project_config
-
-    from fl_ietagc.settings.config import parse_config
 
     project = get_project_config(app_dir)
     components = project["tool"]["flwr"]["app"]["components"]
@@ -167,9 +173,7 @@ RAY_INIT_RESOURCES = ("num_cpus", "num_gpus")  # ray.init args Ray refuses when 
 
 def check_ray_address(address: str, flag: str = "--ray-address") -> str:
     """`address` if a Ray cluster's head (its GCS) accepts connections there; else ConfigError, one line."""
-    import socket
-
-    from fl_ietagc.settings.config import ConfigError
+    import socket  # (as subprocess in supervise: milliseconds that `flower-simulation --help` need not wait)
 
     if "://" in address:
         raise ConfigError(
@@ -211,7 +215,6 @@ def validate_before_start(
     run_config: dict, num_supernodes: int, backend: dict | None = None, ray_address: str | None = None
 ) -> None:
     """Fail fast, before Ray starts: the one validation pass (parse_config, then fl_ietagc/validate.py)."""
-    from fl_ietagc.settings.config import ConfigError, parse_config
     from fl_ietagc.validate import validate_run
 
     cfg = parse_config(run_config)
@@ -223,7 +226,6 @@ def validate_before_start(
 def resume_run_config(run_dir: str, overrides: dict, num_supernodes: int | None) -> tuple[dict, int]:
     """(run config, K) to continue `run_dir`: its own config; `overrides` must not change it."""
     from fl_ietagc.runs.rundir import RunDir
-    from fl_ietagc.settings.config import ConfigError
 
     run = RunDir(run_dir)
     if not run.config_path.is_file():
@@ -231,7 +233,6 @@ def resume_run_config(run_dir: str, overrides: dict, num_supernodes: int | None)
     stored = run.read_config()
     if stored.get("kind") != "federated":
         raise ConfigError(f"--resume {run_dir}: a {stored.get('kind')} run; continue it with fl-ietagc resume")
-    from fl_ietagc.settings.config import RunConfig, check_resumed_config
 
     keys = RunConfig().to_dict()
     config = {k: stored[k] for k in keys if k in stored}
@@ -304,7 +305,6 @@ def launch(
 def _launch(args: argparse.Namespace) -> int:
     for k, v in QUIET_FLOWER_ENV.items():
         os.environ.setdefault(k, v)
-    from fl_ietagc.settings.config import ConfigError
 
     try:
         app_dir, backend, components, run_config, k, ray_address = prepare(args)
@@ -314,11 +314,9 @@ def _launch(args: argparse.Namespace) -> int:
     if not ray_address:
         warn_about_gpus(backend)
     if not os.environ.get(CHILD_ENV):
-        from experiments.launch.simulation_runtime import RuntimeMismatch, check_runtime
-
-        try:
-            check_runtime()  # before anything starts: the installed Flower has the runtime this command runs
-        except RuntimeMismatch as e:
+        try:  # (looked up at call time: tests swap check_runtime)
+            simulation_runtime.check_runtime()  # before anything starts: the installed Flower has its runtime
+        except simulation_runtime.RuntimeMismatch as e:
             print(f"flower-simulation: cannot run: {e}", file=sys.stderr)
             return 2
     if os.environ.get(CHILD_ENV):
@@ -327,10 +325,6 @@ def _launch(args: argparse.Namespace) -> int:
 
 
 def prepare(args):
-    from fl_ietagc.app_dir import app_dir as default_app
-    from fl_ietagc.app_dir import check_app_project
-    from fl_ietagc.settings.config import ConfigError, load_overrides
-
     app_dir = Path(args.app).resolve() if args.app else default_app()
     if not (app_dir / "pyproject.toml").is_file():
         raise ConfigError(f"--app {args.app}: no pyproject.toml there")
@@ -374,10 +368,8 @@ def supervise(
     is only a Ray driver: the cluster's processes are not ours and stay; Ray ends this job's workers when its
     driver goes."""
     import shutil
-    import signal
     import subprocess
     import tempfile
-    import threading
 
     from fl_ietagc.runs.rundir import ANNOUNCE_ENV, RunDir
 
@@ -501,10 +493,6 @@ def run_here(app_dir: Path, backend: dict, components: dict, run_config: dict, k
     """The child: run the simulation in this process. On SIGTERM/SIGINT, or when the parent dies, mark the
     run interrupted and end the whole process group (this process and Ray's). When the backend fails under a
     living ServerApp, report it to the parent (`report_backend_failure`) and end this process at once."""
-    import signal
-    import threading
-
-    from experiments.launch import simulation_runtime
     from fl_ietagc.runs.rundir import ACTIVE_RUNS
 
     def stop(why: str):
@@ -574,9 +562,6 @@ def report_backend_failure(failure) -> None:
     BACKEND_FAILURE_WAIT_S) until the ServerApp has its run directory, hand the cause to the supervising parent
     (which marks the run failed once this process group is gone) and end this process without waiting for the
     ServerApp thread."""
-    import time
-
-    from experiments.launch import simulation_runtime
     from fl_ietagc.runs.checkpoints import atomic_write_json
     from fl_ietagc.runs.rundir import ACTIVE_RUNS, ANNOUNCE_ENV
 

@@ -23,6 +23,7 @@ is still alive; the caller must end the process.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import logging
 import sys
@@ -58,8 +59,6 @@ class BackendFailed(RuntimeError):
 
 def check_runtime():
     """Flower's `_run_simulation`, after checking it takes the keywords used here."""
-    import importlib
-
     import flwr
 
     module = importlib.import_module("flwr.simulation.run_simulation")  # (the package re-exports a function so named)
@@ -86,7 +85,7 @@ def root_cause(exc: BaseException) -> BaseException:
 
 
 def cause_line(exc: BaseException) -> str:
-    from fl_ietagc.federation.protocol import one_line
+    from fl_ietagc.federation.protocol import one_line  # (numpy: flower-simulation imports this module at start)
 
     root = root_cause(exc)
     text = one_line(str(root)) if str(root).strip() else ""

@@ -16,6 +16,7 @@ was written against; with another Flower it says so in one line and runs Flower'
 
 from __future__ import annotations
 
+import importlib
 import sys
 import time
 import types
@@ -47,8 +48,6 @@ def split_args(argv: list[str]) -> tuple[float, list[str]]:
 def cap_sleeps(poll_s: float) -> bool:
     """Give Flower's SuperNode loop a `time` whose sleep lasts at most `poll_s`; False if the module is not the
     one this was written for (then nothing is changed)."""
-    import importlib
-
     import flwr
 
     module = importlib.import_module(PATCHED_MODULE)

@@ -34,6 +34,10 @@ from pathlib import Path
 
 from experiments.studies.plans import STUDIES
 from experiments.studies.runner import run_study
+from experiments.studies.sd_finetune import run_sd_finetune
+from fl_ietagc.settings.argcheck import refuse_repeated
+from fl_ietagc.settings.config import ConfigError
+from fl_ietagc.settings.paths import check_existing
 
 
 def main(argv=None) -> int:
@@ -60,12 +64,8 @@ def main(argv=None) -> int:
                                                              "default 2)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="small-data: change a study setting or run-config key (repeatable)")
-    from fl_ietagc.settings.argcheck import refuse_repeated
-
     refuse_repeated(p, argv, "fl-ietagc-study")
     a = p.parse_args(argv)
-    from fl_ietagc.settings.config import ConfigError
-
     try:
         return _run(a)
     except ConfigError as e:
@@ -94,8 +94,6 @@ def unused_options(a) -> list[str]:
 
 
 def _run(a) -> int:
-    from fl_ietagc.settings.config import ConfigError
-
     if a.set and a.study != "small-data":
         raise ConfigError("--set: only the small-data study takes settings")
     for option, value in (("--data", a.data), ("--sscd", a.sscd), ("--clip-dir", a.clip_dir)):
@@ -113,16 +111,12 @@ def _run(a) -> int:
     if a.eval_samples is not None and a.eval_samples < 2:
         raise ConfigError(f"--eval-samples = {a.eval_samples}: must be >= 2")
     if a.study == "small-data":
-        from experiments.studies.small_data import run_small_data
+        from experiments.studies.small_data import run_small_data  # (its evaluation loads torch, diffusers)
 
         run_small_data("smoke" if a.smoke else "full", Path(a.out), workers=a.workers, settings=a.set,
                        dry_run=a.dry_run)
         return 0
     if a.study == "sd-finetune":
-        from fl_ietagc.settings.paths import check_existing
-
-        from experiments.studies.sd_finetune import run_sd_finetune
-
         for option, value, kind in (("--sscd", a.sscd, "file"), ("--clip-dir", a.clip_dir, "directory")):
             if value is not None:  # read by the evaluation after training: checked now
                 check_existing(option, value, (kind,))

@@ -6,6 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fl_ietagc.settings.config import STRATEGIES, load_config_file, parse_config
+
+# fl-ietagc-study imports this module at start-up: the cost estimate imports torch and the model and data wings
+# (seconds) when it runs.
+
 ASSUMED_TFLOPS = 50.0  # sustained fp32/TF32 UNet training per H100-class GPU; an assumption, not a measurement
 FULL_TRAIN_SIZES = {"cifar10": 50_000, "cifar100": 50_000, "afhq-dog": 4_739}
 PAPER_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "paper-cifar10.toml"  # the one copy of the protocol
@@ -14,8 +19,6 @@ PAPER_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "paper-cifar10.
 def paper_config() -> dict:
     """The paper's CIFAR-10 protocol, read from experiments/configs/paper-cifar10.toml (strictly: an unknown or
     invalid key there fails here, naming the file)."""
-    from fl_ietagc.settings.config import load_config_file, parse_config
-
     raw = load_config_file(str(PAPER_CONFIG))
     parse_config(raw)
     return raw
@@ -63,8 +66,6 @@ def plan(study: str, size: str) -> list[RunSpec]:
                  for p in periods if p != base_config(study, size)["local-epochs"]]
         return runs
     if study == "strategies":
-        from fl_ietagc.settings.config import STRATEGIES
-
         k = max(k, 3)  # Krum and Bulyan (f = 0) need K >= 3: every strategy gets the same 3 clients at smoke size
         return [RunSpec(name, k, {"strategy": name}) for name in ["iet", *sorted(set(STRATEGIES) - {"iet"})]]
     if study == "finetune":
@@ -92,7 +93,6 @@ def forward_gflops(preset: str, image_size: int, channels: int) -> float:
 
 def estimate(study: str, size: str, runs: list[RunSpec], eval_samples: int, eval_steps: int) -> dict:
     """Optimizer steps, FLOPs and GPU hours of a study (training at 3x forward FLOPs per image)."""
-    from fl_ietagc.settings.config import parse_config
     from fl_ietagc.data.datasets import DEFAULT_IMAGE_SIZE, load_splits
 
     base = base_config(study, size)

@@ -7,7 +7,14 @@ import sys
 import time
 from pathlib import Path
 
+from experiments.launch import simulate
+from experiments.studies.pipeline_check import NOTE, label_figures
 from experiments.studies.plans import RunSpec, base_config, estimate, plan, print_estimate
+from fl_ietagc.settings.config import ConfigError, ineffective_keys, parse_config
+from fl_ietagc.validate import validate_run
+
+# fl-ietagc-study imports this module at start-up: training and evaluation import the wings they run (torch,
+# diffusers: seconds) when they run.
 
 
 def run_study(study: str, size: str, out: Path, *, data_root: str = "", fid_weights: str | None = None,
@@ -30,8 +37,6 @@ def run_study(study: str, size: str, out: Path, *, data_root: str = "", fid_weig
         base["data-root"] = data_root
     own_pretrained = study == "finetune" and smoke and not pretrained  # trained here, after every check
     if study == "finetune" and not smoke and not pretrained:
-        from fl_ietagc.settings.config import ConfigError
-
         raise ConfigError("--pretrained: finetune --full needs a diffusers UNet directory or a checkpoint")
     if study == "finetune" and pretrained:
         base["init-checkpoint"] = pretrained
@@ -42,7 +47,6 @@ def run_study(study: str, size: str, out: Path, *, data_root: str = "", fid_weig
     if own_pretrained:
         validate_study([RunSpec("pretrained", 0, {"sample-count": 0})], study_dir, base, {})
     if fid_weights:
-        from fl_ietagc.settings.config import ConfigError
         from fl_ietagc.evaluation.inception_quality import InceptionWeightsError, preflight_weights
 
         try:
@@ -65,8 +69,6 @@ def run_study(study: str, size: str, out: Path, *, data_root: str = "", fid_weig
         print(f"[{r.name}] trained and evaluated in {time.time() - t0:.0f}s", flush=True)
     table = compare([str(study_dir / r.name) for r in runs])
     if smoke:  # in the table and in every figure: smoke numbers are a pipeline check, not a finding
-        from experiments.studies.pipeline_check import NOTE, label_figures
-
         table["note"] = NOTE
         label_figures(study_dir)
     path = write_comparison(table, study_dir)
@@ -77,9 +79,6 @@ def run_study(study: str, size: str, out: Path, *, data_root: str = "", fid_weig
 
 def validate_study(runs: list[RunSpec], study_dir: Path, base: dict, backend: dict) -> None:
     """Every run's config, data and resources, before the first run trains (ConfigError naming the run)."""
-    from fl_ietagc.settings.config import ConfigError, parse_config
-    from fl_ietagc.validate import validate_run
-
     warnings: dict[str, None] = {}  # one line per ineffective key, however many runs set it
     for r in runs:
         if (study_dir / r.name / "results.json").is_file():
@@ -91,8 +90,6 @@ def validate_study(runs: list[RunSpec], study_dir: Path, base: dict, backend: di
             validate_run(cfg, r.clients or r.match_federated, backend if r.clients else None, warn=False)
         except ConfigError as e:
             raise ConfigError(f"[{r.name}] {e}") from e
-        from fl_ietagc.settings.config import ineffective_keys
-
         warnings.update(dict.fromkeys(ineffective_keys(cfg)))
     for line in warnings:
         print(f"warning: {line}", file=sys.stderr)
@@ -102,10 +99,8 @@ def train_run(r: RunSpec, study_dir: Path, base: dict, backend: dict, smoke: boo
     """Train one run of a study: skipped when it completed before, resumed when it was killed, failed or
     interrupted, started otherwise."""
     from fl_ietagc.loops.centralized import run_centralized
-    from fl_ietagc.settings.config import parse_config
     from fl_ietagc.runs.rundir import RunDir
 
-    from experiments.launch import simulate
     run = RunDir(study_dir / r.name)
     state = run.liveness() if run.config_path.is_file() else "new"
     if state == "completed":

@@ -20,12 +20,22 @@ measurement; the per-client memory line counts weights and optimizer state only 
 
 from __future__ import annotations
 
+import copy
 import json
+import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 from experiments.studies import runner
+from experiments.studies.pipeline_check import NOTE, label_figures
 from experiments.studies.plans import ASSUMED_TFLOPS, RunSpec
 from experiments.studies.plans import print_estimate as print_runs
+from fl_ietagc.cli import main as fl_ietagc
+from fl_ietagc.settings.config import ConfigError, parse_config
+from fl_ietagc.validate import validate_run
+
+# fl-ietagc-study imports this module at start-up: the functions import torch and the wings that load it (data,
+# training, evaluation: seconds) where they use them.
 
 K_FULL, K_SMOKE = 4, 2
 FULL = {"model-type": "latent-t2i", "dataset": "captions", "image-size": 256, "num-server-rounds": 25,
@@ -107,9 +117,6 @@ def run_sizes(unet, rank: int, cfg, federated: bool = True) -> dict:
     """Trained and frozen parameters of one run's UNet (LoRA of `rank` on a copy, or the whole UNet), its message
     (raw + EMA, fp32; 0 for centralized training) and its per-client trained state (weights, EMA, gradients, Adam
     moments)."""
-    import copy
-    from types import SimpleNamespace
-
     from fl_ietagc.training.lora import add_lora
 
     if rank:
@@ -135,9 +142,7 @@ def print_estimate(est: dict) -> None:
 
 def run_sd_finetune(size: str, out: Path, *, pretrained: str = "", data: str = "", gpus_per_client: float = 0.5,
                     dry_run: bool = False, eval_args: tuple[str, ...] = ()) -> Path | None:
-    from fl_ietagc.settings.config import ConfigError, parse_config
     from fl_ietagc.data.datasets import load_splits
-    from fl_ietagc.validate import validate_run
 
     smoke = size == "smoke"
     k = K_SMOKE if smoke else K_FULL
@@ -146,8 +151,6 @@ def run_sd_finetune(size: str, out: Path, *, pretrained: str = "", data: str = "
         if pretrained or data:
             raise ConfigError("--pretrained / --data: the smoke size makes its own tiny parts and pairs")
         if dry_run:  # the plan is checked against inputs made in a scratch folder: a dry run writes nothing
-            import tempfile
-
             scratch = tempfile.TemporaryDirectory(prefix="sd-finetune-dry-run-")
             parts_dir, pairs = smoke_inputs(Path(scratch.name))
         else:
@@ -186,7 +189,6 @@ def run_sd_finetune(size: str, out: Path, *, pretrained: str = "", data: str = "
 def evaluate_and_compare(study_dir: Path, runs: list[RunSpec], smoke: bool, eval_args: tuple[str, ...]) -> Path:
     """`fl-ietagc evaluate` on every run (kept when done), then `fl-ietagc compare`'s table of them, relative to
     plain fine-tuning: comparison.md / comparison.json in the study directory."""
-    from fl_ietagc.cli import main as fl_ietagc
     from fl_ietagc.evaluation.compare import compare, to_markdown, write_comparison
 
     size = ["--num-captions", "8", "--seeds-per-caption", "1", "--steps", "5"] if smoke else \
@@ -198,8 +200,6 @@ def evaluate_and_compare(study_dir: Path, runs: list[RunSpec], smoke: bool, eval
                 raise SystemExit(f"[{r.name}] evaluation failed (exit {code})")
     table = compare([str(study_dir / r.name) for r in runs])
     if smoke:  # in the table and in every figure: smoke numbers are a pipeline check, not a finding
-        from experiments.studies.pipeline_check import NOTE, label_figures
-
         table["note"] = NOTE
         label_figures(study_dir)
     path = write_comparison(table, study_dir)

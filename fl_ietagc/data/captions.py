@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fl_ietagc.data.imagesets import holdout_count
 from fl_ietagc.settings.config import ConfigError
 
 PATH_COLUMNS = ("file_name", "path", "image")
@@ -186,8 +187,6 @@ def captioned_splits(
     """(training pairs, held-out pairs), as a run with dataset = captions splits them: the last
     data.holdout_count(N) rows are held out (the null set of the memorization metrics, never trained on);
     `max_images` then caps the training pairs."""
-    from fl_ietagc.data.imagesets import holdout_count
-
     data = load_captioned(source, size)
     n_hold = holdout_count(len(data), holdout_fraction)
     if holdout_fraction > 0 and n_hold == 0:

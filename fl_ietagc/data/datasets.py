@@ -40,7 +40,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fl_ietagc.data.captions import load_captioned
 from fl_ietagc.data.imagesets import ImageSet, Splits, holdout_tail
+from fl_ietagc.runs.checkpoints import atomic_write_bytes
 from fl_ietagc.settings.cache import cache_root
 from fl_ietagc.settings.config import ConfigError, RunConfig
 
@@ -162,8 +164,6 @@ def _folder(root, download, size):
 
 
 def _captions(root, download, size):
-    from fl_ietagc.data.captions import load_captioned
-
     data = load_captioned(root, size)
     return ImageSet(data.images, torch.zeros(len(data), dtype=torch.long), tuple(data.captions)), None
 
@@ -454,8 +454,6 @@ def _read_folder_cache(cache: Path, n: int, size: int, labels: np.ndarray) -> np
 
 def _write_folder_cache(cache: Path, images: np.ndarray, labels: np.ndarray) -> None:
     """Write atomically (checkpoints.atomic_write_bytes); a cache that cannot be written is a warning."""
-    from fl_ietagc.runs.checkpoints import atomic_write_bytes
-
     try:
         atomic_write_bytes(
             cache, lambda f: np.savez(f, images=images, labels=labels, sha256=np.array(_arrays_sha256(images, labels)))

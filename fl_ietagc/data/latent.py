@@ -20,11 +20,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from fl_ietagc.data.datasets import load_splits
+from fl_ietagc.data.pixels import to_model_range
 from fl_ietagc.runs.checkpoints import load_torch, save_torch
 from fl_ietagc.settings.cache import cache_root
 from fl_ietagc.settings.config import ConfigError
@@ -200,8 +203,6 @@ def encode(
     device: str | torch.device = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(latents (N, 4, h, w) float32 = VAE posterior mean x scaling factor, text embeddings (N, L, D) float32)."""
-    from fl_ietagc.data.pixels import to_model_range
-
     if len(captions) != images_uint8.shape[0]:
         raise ValueError(f"{images_uint8.shape[0]} images but {len(captions)} captions")
     vae, text = parts.vae.to(device), parts.text_encoder.to(device)
@@ -270,8 +271,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def scheduler_config(directory: str | Path) -> dict | None:
     """The checkpoint's noise schedule (scheduler/scheduler_config.json), or None when it has none."""
-    import json
-
     path = Path(directory) / "scheduler" / "scheduler_config.json"
     if not path.is_file():
         return None
@@ -303,8 +302,6 @@ def unet_for(directory: str) -> torch.nn.Module:
 
 def vae_factor(directory: str | Path) -> int:
     """How many image pixels one latent pixel covers (2 ^ (VAE levels - 1), from vae/config.json)."""
-    import json
-
     config = json.loads((Path(directory) / "vae" / "config.json").read_text())
     return 2 ** (len(config["block_out_channels"]) - 1)
 
@@ -313,8 +310,6 @@ def vae_factor(directory: str | Path) -> int:
 def training_pairs(cfg, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """(latents, text embeddings) of every training pair of `cfg` (dataset = captions): from the disk cache,
     kept in memory for the process's next rounds."""
-    from fl_ietagc.data.datasets import load_splits
-
     train = load_splits(cfg).train
     return cached_encoding(
         train.images,

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from fl_ietagc.data.datasets import load_splits
+from fl_ietagc.data.latent import training_pairs
 from fl_ietagc.settings.config import ConfigError, RunConfig
 
 DIRICHLET_TRIES = 1000
@@ -104,8 +105,6 @@ def shard_inputs(cfg: RunConfig, ids) -> tuple[torch.Tensor, torch.Tensor | None
     model-type = latent-t2i their cached VAE latents and text embeddings (fl_ietagc/data/latent.py)."""
     index = torch.from_numpy(np.asarray(ids, dtype=np.int64))
     if cfg.model_type == "latent-t2i":
-        from fl_ietagc.data.latent import training_pairs  # (transformers, only for text-to-image)
-
         latents, text = training_pairs(cfg)
         return latents[index], text[index]
     return load_splits(cfg).train.images[index], None

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from fl_ietagc.data.pixels import to_model_range
 from fl_ietagc.runs.checkpoints import load_torch, save_torch
@@ -122,8 +123,6 @@ def _train(images: torch.Tensor, labels: torch.Tensor, num_classes: int, progres
         x_all, n, bs = to_model_range(images), len(images), RECIPE["batch_size"]
         epochs = range(RECIPE["epochs"])
         if progress:
-            from tqdm.auto import tqdm
-
             epochs = tqdm(epochs, desc="quality classifier", unit="epoch")
         net.train()
         for _ in epochs:

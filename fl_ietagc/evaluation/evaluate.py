@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,7 @@ import torch
 
 from fl_ietagc.data.datasets import image_size, load_splits
 from fl_ietagc.data.pixels import to_model_range, to_uint8
+from fl_ietagc.evaluation.inception_quality import FidUnavailable, compute_quality, preflight_weights
 from fl_ietagc.evaluation.memorization import TAUS, nearest_neighbours, ratios, summarize
 from fl_ietagc.runs.checkpoints import atomic_write_bytes, atomic_write_json, load_checkpoint, read_json
 from fl_ietagc.runs.rundir import RunDir
@@ -66,8 +69,6 @@ class EvalOptions:
 
     def validate(self) -> None:
         """The checks that need no run directory; every problem found, on one line, naming the option."""
-        import math
-
         problems = []
         if self.num_samples < 1:
             problems.append(f"--num-samples {self.num_samples}: must be >= 1")
@@ -157,8 +158,6 @@ def _saved_rounds(run: RunDir) -> str:
 
 def _check_writable(out: Path, what: str) -> None:
     """`out` is (or can be created as) a writable directory; ValueError "<what>: ..." otherwise."""
-    import os
-
     probe = out
     while not probe.exists():
         if probe.parent == probe:
@@ -216,13 +215,11 @@ def prepare(run_dir: str | Path, opts: EvalOptions) -> EvalPlan:
     if opts.sampler == "ddim" and opts.steps > cfg.diffusion_steps:
         raise ValueError(f"--steps {opts.steps}: must be <= {cfg.diffusion_steps} (the run's diffusion-steps)")
     out_dir = output_dir(run, opts.out)
-    from fl_ietagc.evaluation import report
+    from fl_ietagc.evaluation import report  # (matplotlib: compare and export import this module, make no report)
 
     report.read_round_metrics(run)  # a corrupt metrics.json fails now, not after sampling
     fid_weights = None
     if opts.fid:
-        from fl_ietagc.evaluation.inception_quality import FidUnavailable, preflight_weights
-
         try:
             fid_weights = preflight_weights(opts.fid_weights)
         except FidUnavailable as e:
@@ -341,7 +338,7 @@ def evaluate_run(run_dir: str | Path, opts: EvalOptions, progress: bool = True, 
     }
 
     t0 = time.perf_counter()
-    from fl_ietagc.evaluation import report  # matplotlib is imported only when a report is made
+    from fl_ietagc.evaluation import report  # (matplotlib, as in prepare)
 
     r = ratios(nb)
     if memorization["mq_reliable"]:
@@ -419,7 +416,6 @@ def compute_quality_or_reason(samples, train, cfg, opts: EvalOptions, device, we
     `weights_path` (the weights `prepare` verified) overrides opts.fid_weights."""
     if not opts.fid:
         return {"computed": False, "reason": "disabled (--no-fid)"}
-    from fl_ietagc.evaluation.inception_quality import FidUnavailable, compute_quality
 
     key = f"{cfg.dataset}-{image_size(cfg)}-n{len(train)}-{_tensor_digest(train)}"
     try:

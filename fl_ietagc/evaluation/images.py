@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
 import torch
 from torchvision.utils import make_grid, save_image
 
-from fl_ietagc.data.pixels import to_unit_range
+from fl_ietagc.data.datasets import image_size, load_splits
+from fl_ietagc.data.latent import parts_for, vae_factor
+from fl_ietagc.data.pixels import to_model_range, to_unit_range
+from fl_ietagc.evaluation.t2i_eval import sample_from_captions
+from fl_ietagc.runs.checkpoints import atomic_write_bytes
+from fl_ietagc.training.diffusion import Diffusion, sample
 
 MIN_GRID_WIDTH = 512  # px: small images (8-32 px) are enlarged so the grid can be looked at without zooming
 PADDING = 2
@@ -18,8 +24,6 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, m
     """Save images in [-1, 1] (N, C, H, W) as one PNG grid, about square, at least `min_width` px wide: each
     image is enlarged by the smallest whole factor that gets there, by pixel repetition (nearest), so the grid
     shows the generated pixels themselves, not an interpolation of them."""
-    from fl_ietagc.runs.checkpoints import atomic_write_bytes
-
     path = Path(path)
     nrow = nrow or max(1, int(math.ceil(math.sqrt(images.shape[0]))))
     images = upscale_for_width(images, min(nrow, images.shape[0]), min_width)
@@ -41,9 +45,6 @@ def upscale_for_width(images: torch.Tensor, columns: int, min_width: int) -> tor
 
 def write_sample_grid(cfg, model: torch.nn.Module, path: str | Path, device) -> Path:
     """`sample-count` DDIM (`sample-steps`) samples of `model`, seeded by `seed`, as one PNG grid."""
-    from fl_ietagc.data.datasets import image_size, load_splits
-    from fl_ietagc.training.diffusion import Diffusion, sample
-
     if cfg.model_type == "latent-t2i":  # from the first sample-count training captions, one seed each
         return save_grid(_t2i_samples(cfg, model, device), path)
     size, channels = image_size(cfg), load_splits(cfg).train.channels
@@ -65,14 +66,6 @@ def write_sample_grid(cfg, model: torch.nn.Module, path: str | Path, device) -> 
 
 
 def _t2i_samples(cfg, model: torch.nn.Module, device) -> torch.Tensor:
-    import dataclasses
-
-    from fl_ietagc.data.datasets import image_size, load_splits
-    from fl_ietagc.data.latent import parts_for, vae_factor
-    from fl_ietagc.data.pixels import to_model_range
-    from fl_ietagc.evaluation.t2i_eval import sample_from_captions
-    from fl_ietagc.training.diffusion import Diffusion
-
     parts = dataclasses.replace(parts_for(cfg.pretrained_dir, cfg.frozen_dtype), unet=model.to(device))
     captions = list(load_splits(cfg).train.captions[: cfg.sample_count])
     images, _ = sample_from_captions(

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from fl_ietagc.runs.checkpoints import save_torch
 from fl_ietagc.settings.cache import cache_root
 
 
@@ -335,8 +336,6 @@ def _read_cached(path: str):
 
 
 def _write_cached(path: str, item) -> None:
-    from fl_ietagc.runs.checkpoints import save_torch
-
     save_torch(Path(path), {"format": CACHE_FORMAT, "item": _encode(item)})
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 TAUS = (0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 CANDIDATE_MARGIN = 16
@@ -62,8 +63,6 @@ def nearest_neighbours(
     torch.backends.cuda.matmul.allow_tf32 = False
     starts = range(0, queries.shape[0], chunk)
     if progress:
-        from tqdm.auto import tqdm
-
         starts = tqdm(starts, desc="nearest neighbours", unit="chunk")
     try:
         for s in starts:

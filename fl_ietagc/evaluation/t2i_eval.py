@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import DDIMScheduler
+from tqdm.auto import tqdm
 
 from fl_ietagc.data.latent import LatentParts
 from fl_ietagc.data.pixels import to_model_range, to_uint8, uint8_to_unit_range
@@ -99,8 +100,6 @@ def sample_from_captions(
     out = []
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(
             total=-(-len(jobs) // batch_size) * len(sched.timesteps),
             unit="step",

@@ -50,6 +50,7 @@ from fl_ietagc.runs.checkpoints import atomic_write_bytes, atomic_write_json
 from fl_ietagc.runs.rundir import RunDir
 from fl_ietagc.settings.config import ConfigError
 from fl_ietagc.training.diffusion import Diffusion
+from fl_ietagc.training.lora import add_lora
 from fl_ietagc.training.models import load_weights
 from fl_ietagc.training.trainer import pick_device
 
@@ -145,8 +146,6 @@ def prepare_t2i(run_dir: str | Path, opts: T2IOptions) -> T2IPlan:
     except ConfigError as e:
         raise ValueError(f"{run.config_path}: {e}") from None
     if cfg.lora_rank:  # a LoRA run's checkpoints hold its adapters: into the pretrained UNet they go
-        from fl_ietagc.training.lora import add_lora
-
         parts = dataclasses.replace(parts, unet=add_lora(parts.unet, cfg))
     load_weights(parts.unet, state, f"{ckpt_path} ({opts.weights})")
     n = len(train)
@@ -339,7 +338,7 @@ def report_rows(results: dict) -> list[tuple[str, str, str]]:
 
 def write_report(path: Path, results: dict, figures: dict[str, Path]) -> Path:
     """report.html in report.py's layout: the settings, notes, the score table, the figures."""
-    from fl_ietagc.evaluation.report import write_page
+    from fl_ietagc.evaluation.report import write_page  # (matplotlib)
 
     notes = []
     if results["embedder"] != "sscd":

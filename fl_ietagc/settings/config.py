@@ -816,7 +816,7 @@ def parse_overrides(text: str | None) -> dict:
 def load_config_file(path: str) -> dict:
     """A TOML file of run-config keys (flat, or under [tool.flwr.app.config])."""
     if os.path.exists(path) and not os.path.isfile(path):  # a pipe would block the read; a folder is no file
-        from fl_ietagc.settings.paths import described, kind
+        from fl_ietagc.settings.paths import described, kind  # (loads tempfile, shutil: not at every start)
 
         raise ConfigError(f"config file {path}: {described(kind(path))}, not a TOML file")
     try:

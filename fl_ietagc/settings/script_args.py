@@ -76,7 +76,7 @@ def check_federation_config(args: list[str]) -> None:
             if have_what == "GPU":
                 if value == 0:
                     continue
-                import torch
+                import torch  # (seconds: only when GPUs are asked for)
 
                 have = torch.cuda.device_count()
             else:

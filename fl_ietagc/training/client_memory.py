@@ -24,6 +24,7 @@ least recently used first out.
 
 from __future__ import annotations
 
+import copy
 import os
 from collections import OrderedDict
 from collections.abc import Callable
@@ -119,6 +120,4 @@ def file_stamp(path: Path) -> tuple | None:
 
 
 def _copy_module(model: torch.nn.Module) -> torch.nn.Module:
-    import copy
-
     return copy.deepcopy(model)

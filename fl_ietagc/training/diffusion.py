@@ -16,7 +16,10 @@ import contextlib
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
+from tqdm.auto import tqdm
 
+from fl_ietagc.data.latent import scheduler_config
+from fl_ietagc.training.compiled import compiled_unet
 from fl_ietagc.training.precision import unet_forward
 
 
@@ -43,8 +46,6 @@ class Diffusion:
         pretrained-dir has scheduler/scheduler_config.json, that schedule (the one the checkpoint was trained with;
         validate.py checks it is epsilon-prediction with diffusion-steps timesteps)."""
         if cfg.model_type == "latent-t2i":
-            from fl_ietagc.data.latent import scheduler_config
-
             sched = scheduler_config(cfg.pretrained_dir)
             if sched is not None:
                 return cls(
@@ -116,8 +117,6 @@ def sample(
         model.to(memory_format=torch.channels_last)
     compiled = None
     if compile:
-        from fl_ietagc.training.compiled import compiled_unet
-
         compiled = compiled_unet(
             model, device, purpose="sample", precision=precision, channels_last=channels_last, mode=compile_mode
         )
@@ -127,8 +126,6 @@ def sample(
     batches = range(0, num_images, batch_size)
     bar = None
     if progress:  # one tick per denoising step of a batch: rate and ETA even when all images fit one batch
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=len(batches) * len(sched.timesteps), desc=f"sampling {num_images} ({sampler})", unit="step")
     try:
         with compiled.bound(model) if compiled is not None else contextlib.nullcontext(model) as net:

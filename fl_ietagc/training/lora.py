@@ -11,6 +11,7 @@ peft is imported only when adapters are built (it is in the t2i extra), so the c
 
 from __future__ import annotations
 
+import copy
 import re
 
 import torch
@@ -92,8 +93,6 @@ def diffusers_lora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def merged_copy(model: torch.nn.Module, plain: torch.nn.Module) -> torch.nn.Module:
     """`plain` (the same UNet class without adapters) holding base + alpha/rank * B A merged into each weight, as
     peft's merge does; `model` is left as it is."""
-    import copy
-
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     work = copy.deepcopy(model)

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import torch
 from diffusers import UNet2DModel
+from diffusers.utils import is_accelerate_available
 
 from fl_ietagc.settings.config import ConfigError
+from fl_ietagc.training.lora import adapter_keys
 
 _DDPM_COMMON = dict(
     layers_per_block=2,
@@ -96,8 +98,6 @@ def first_mismatch(expected: dict, given: dict) -> str | None:
 def load_weights(model: torch.nn.Module, state_dict: dict, what: str) -> None:
     """load_state_dict with a one-line error naming the first weight that does not fit, and its shapes. A model
     with LoRA adapters (fl_ietagc/training/lora.py) takes exactly its adapters: its base is not a run's weights."""
-    from fl_ietagc.training.lora import adapter_keys
-
     adapters = adapter_keys(model)
     expected = {k: v for k, v in model.state_dict().items() if not adapters or k in adapters}
     problem = first_mismatch(expected, state_dict)
@@ -127,8 +127,7 @@ def load_diffusers_unet(model: UNet2DModel, source: str) -> dict:
     """State dict of a diffusers UNet2DModel (a local directory, or a hub id such as google/ddpm-cifar10-32
     when online) after checking that its architecture is exactly `model`'s."""
     try:
-        from diffusers.utils import is_accelerate_available  # without it, say False (no 'install accelerate' block)
-
+        # without accelerate, say False (the default True falls back with an "install accelerate" warning)
         pretrained = UNet2DModel.from_pretrained(source, low_cpu_mem_usage=is_accelerate_available())
     except (OSError, ValueError) as e:  # missing directory/file, no network for a hub id, bad JSON, bad weights
         raise ConfigError(

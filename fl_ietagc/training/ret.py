@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fl_ietagc.federation.protocol import shard_key
+
 
 def redistribute(
     shards: list[np.ndarray], skip_counts: np.ndarray, fraction: float, event: int, seed: int
@@ -69,8 +71,6 @@ class ShardAssignment:
 
     def instruction(self, partition_id: int | None) -> dict[str, list[int]]:
         """Train-config entries for the client of `partition_id` (None: not known yet)."""
-        from fl_ietagc.federation.protocol import shard_key
-
         if not self.redistributed:
             return {}
         parts = range(len(self.shards)) if partition_id is None else (partition_id,)

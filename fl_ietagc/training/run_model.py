@@ -14,6 +14,7 @@ import re
 import torch
 
 from fl_ietagc.data.datasets import image_size, load_splits
+from fl_ietagc.data.latent import unet_for
 from fl_ietagc.runs.checkpoints import load_checkpoint
 from fl_ietagc.settings.config import ConfigError, RunConfig
 from fl_ietagc.training.lora import add_lora, trained_state
@@ -25,8 +26,6 @@ def build_for_config(cfg) -> torch.nn.Module:
     pretrained-dir's text-conditional UNet with its pretrained weights (latent-t2i); gradient checkpointing on
     request."""
     if cfg.model_type == "latent-t2i":
-        from fl_ietagc.data.latent import unet_for
-
         model = unet_for(cfg.pretrained_dir)
     else:
         model = build_unet(cfg.preset, image_size(cfg), load_splits(cfg).train.channels)
