@@ -49,21 +49,37 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="studies", help="parent directory of the study directory")
     p.add_argument("--data-root", default="", help="dataset location for --full")
     p.add_argument("--fid-weights", default=None, help="Inception weights (FID); smoke runs skip FID without it")
-    p.add_argument("--gpus-per-client", type=float, default=None, help="--full: GPU share per client (Ray; "
-                                                                       "default 0.5)")
-    p.add_argument("--pretrained", default="", help="finetune: diffusers UNet directory / hub id / checkpoint; "
-                                                    "sd-finetune: a local Stable Diffusion checkpoint folder")
-    p.add_argument("--data", default="", help="sd-finetune --full: image-caption pairs (a captioned folder or a "
-                                              ".csv / .parquet of paths and captions)")
-    p.add_argument("--sscd", default=None, help="sd-finetune: SSCD TorchScript file for the memorization score "
-                                                "(else the latent-cosine fallback, named as such)")
+    p.add_argument(
+        "--gpus-per-client", type=float, default=None, help="--full: GPU share per client (Ray; default 0.5)"
+    )
+    p.add_argument(
+        "--pretrained",
+        default="",
+        help="finetune: diffusers UNet directory / hub id / checkpoint; "
+        "sd-finetune: a local Stable Diffusion checkpoint folder",
+    )
+    p.add_argument(
+        "--data",
+        default="",
+        help="sd-finetune --full: image-caption pairs (a captioned folder or a .csv / .parquet of paths and captions)",
+    )
+    p.add_argument(
+        "--sscd",
+        default=None,
+        help="sd-finetune: SSCD TorchScript file for the memorization score "
+        "(else the latent-cosine fallback, named as such)",
+    )
     p.add_argument("--clip-dir", default=None, help="sd-finetune: local CLIP folder for the CLIP score")
     p.add_argument("--eval-samples", type=int, default=None, help="override the evaluation's sample count")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the estimate only")
-    p.add_argument("--workers", type=int, default=None, help="small-data: runs trained at once (processes; "
-                                                             "default 2)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="small-data: change a study setting or run-config key (repeatable)")
+    p.add_argument("--workers", type=int, default=None, help="small-data: runs trained at once (processes; default 2)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="small-data: change a study setting or run-config key (repeatable)",
+    )
     refuse_repeated(p, argv, "fl-ietagc-study")
     a = p.parse_args(argv)
     try:
@@ -74,8 +90,10 @@ def main(argv=None) -> int:
 
 
 # the options each study reads (besides --smoke/--full and --out); any other given is refused, never ignored
-STUDY_OPTIONS = {"small-data": ("workers", "set", "dry_run"),
-                 "sd-finetune": ("pretrained", "data", "sscd", "clip_dir", "gpus_per_client", "dry_run")}
+STUDY_OPTIONS = {
+    "small-data": ("workers", "set", "dry_run"),
+    "sd-finetune": ("pretrained", "data", "sscd", "clip_dir", "gpus_per_client", "dry_run"),
+}
 COMMON_OPTIONS = ("data_root", "fid_weights", "gpus_per_client", "eval_samples", "dry_run")
 OPTION_DEFAULTS = {"gpus_per_client": 0.5, "workers": 2}
 
@@ -87,9 +105,23 @@ def unused_options(a) -> list[str]:
         reads.add("pretrained")
     if a.smoke and a.study not in STUDY_OPTIONS:
         reads.discard("data_root")  # smoke runs: embedded digits (a GPU share stays harmless: CPU clients)
-    given = [k for k in ("data_root", "fid_weights", "gpus_per_client", "pretrained", "data", "sscd", "clip_dir",
-                         "eval_samples", "dry_run", "workers", "set")
-             if getattr(a, k) is not None and getattr(a, k) is not False and getattr(a, k) not in ("", [])]
+    given = [
+        k
+        for k in (
+            "data_root",
+            "fid_weights",
+            "gpus_per_client",
+            "pretrained",
+            "data",
+            "sscd",
+            "clip_dir",
+            "eval_samples",
+            "dry_run",
+            "workers",
+            "set",
+        )
+        if getattr(a, k) is not None and getattr(a, k) is not False and getattr(a, k) not in ("", [])
+    ]
     return ["--" + k.replace("_", "-") for k in given if k not in reads]
 
 
@@ -101,8 +133,10 @@ def _run(a) -> int:
             raise ConfigError(f"{option}: only the sd-finetune study takes it")
     unused = unused_options(a)
     if unused:
-        raise ConfigError(f"{', '.join(unused)}: not read by the {a.study} study"
-                          f"{' at --smoke size' if a.smoke else ''}; drop {'it' if len(unused) == 1 else 'them'}")
+        raise ConfigError(
+            f"{', '.join(unused)}: not read by the {a.study} study"
+            f"{' at --smoke size' if a.smoke else ''}; drop {'it' if len(unused) == 1 else 'them'}"
+        )
     for key, value in OPTION_DEFAULTS.items():
         if getattr(a, key) is None:
             setattr(a, key, value)
@@ -113,8 +147,9 @@ def _run(a) -> int:
     if a.study == "small-data":
         from experiments.studies.small_data import run_small_data  # (its evaluation loads torch, diffusers)
 
-        run_small_data("smoke" if a.smoke else "full", Path(a.out), workers=a.workers, settings=a.set,
-                       dry_run=a.dry_run)
+        run_small_data(
+            "smoke" if a.smoke else "full", Path(a.out), workers=a.workers, settings=a.set, dry_run=a.dry_run
+        )
         return 0
     if a.study == "sd-finetune":
         for option, value, kind in (("--sscd", a.sscd, "file"), ("--clip-dir", a.clip_dir, "directory")):
@@ -122,12 +157,27 @@ def _run(a) -> int:
                 check_existing(option, value, (kind,))
 
         extra = (*(["--sscd", a.sscd] if a.sscd else []), *(["--clip-dir", a.clip_dir] if a.clip_dir else []))
-        run_sd_finetune("smoke" if a.smoke else "full", Path(a.out), pretrained=a.pretrained, data=a.data,
-                        gpus_per_client=a.gpus_per_client, dry_run=a.dry_run, eval_args=extra)
+        run_sd_finetune(
+            "smoke" if a.smoke else "full",
+            Path(a.out),
+            pretrained=a.pretrained,
+            data=a.data,
+            gpus_per_client=a.gpus_per_client,
+            dry_run=a.dry_run,
+            eval_args=extra,
+        )
         return 0
-    run_study(a.study, "smoke" if a.smoke else "full", Path(a.out), data_root=a.data_root, fid_weights=a.fid_weights,
-              gpus_per_client=a.gpus_per_client, pretrained=a.pretrained, eval_samples=a.eval_samples,
-              dry_run=a.dry_run)
+    run_study(
+        a.study,
+        "smoke" if a.smoke else "full",
+        Path(a.out),
+        data_root=a.data_root,
+        fid_weights=a.fid_weights,
+        gpus_per_client=a.gpus_per_client,
+        pretrained=a.pretrained,
+        eval_samples=a.eval_samples,
+        dry_run=a.dry_run,
+    )
     return 0
 
 

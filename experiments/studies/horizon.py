@@ -89,8 +89,14 @@ def steps_to(steps, flags, target: float, rng: np.random.Generator, draws: int =
     point = crossing(steps, curve(flags), target)
     boot = np.array([crossing(steps, c, target) for c in bootstrap_curves(flags, rng, draws)])
     lo, hi = _interval(boot)
-    return {"target": target, "steps": _none_if_inf(point), "lo": _none_if_inf(lo), "hi": _none_if_inf(hi),
-            "first": not math.isinf(point) and point == steps[0], "budget": float(steps[-1])}
+    return {
+        "target": target,
+        "steps": _none_if_inf(point),
+        "lo": _none_if_inf(lo),
+        "hi": _none_if_inf(hi),
+        "first": not math.isinf(point) and point == steps[0],
+        "budget": float(steps[-1]),
+    }
 
 
 def rate_at(steps, flags, marks, rng: np.random.Generator, draws: int = BOOTSTRAP) -> list[dict | None]:

@@ -12,8 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 
 BANNER = "SMOKE RUN - pipeline check, not a finding"
-NOTE = (f"**{BANNER}.** A tiny model, a few optimizer steps and a handful of samples: these numbers show that every "
-        f"stage ran, not how the methods compare (an untrained model may score best). Use --full for results.")
+NOTE = (
+    f"**{BANNER}.** A tiny model, a few optimizer steps and a handful of samples: these numbers show that every "
+    f"stage ran, not how the methods compare (an untrained model may score best). Use --full for results."
+)
 _STAMP_KEY = "fl-ietagc-pipeline-check"  # PNG text chunk: a stamped figure is not stamped twice
 
 

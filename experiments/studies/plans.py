@@ -24,8 +24,18 @@ def paper_config() -> dict:
     return raw
 
 
-SMOKE = {"dataset": "digits", "preset": "tiny", "max-images": 240, "batch-size": 24, "num-server-rounds": 2,
-         "local-epochs": 1, "warmup-steps": 4, "diffusion-steps": 100, "sample-count": 16, "sample-steps": 10}
+SMOKE = {
+    "dataset": "digits",
+    "preset": "tiny",
+    "max-images": 240,
+    "batch-size": 24,
+    "num-server-rounds": 2,
+    "local-epochs": 1,
+    "warmup-steps": 4,
+    "diffusion-steps": 100,
+    "sample-count": 16,
+    "sample-steps": 10,
+}
 
 
 @dataclass
@@ -51,27 +61,37 @@ def plan(study: str, size: str) -> list[RunSpec]:
     smoke = size == "smoke"
     k = 2 if smoke else 10
     if study in ("paper-cifar10", "paper-cifar100", "paper-afhq-dog"):
-        return [RunSpec("default-training", 0, {"agc": False}, match_federated=k),
-                RunSpec("iet", k, {"agc": False}), RunSpec("iet-agc", k)]
+        return [
+            RunSpec("default-training", 0, {"agc": False}, match_federated=k),
+            RunSpec("iet", k, {"agc": False}),
+            RunSpec("iet-agc", k),
+        ]
     if study == "ablations":
         ks = (2, 3) if smoke else (2, 5, 10)
         lams = (1.5, 3.0) if smoke else (1.5, 2.0, 3.0)
         epochs = base_config(study, size)["local-epochs"] * base_config(study, size)["num-server-rounds"]
         periods = (1, 2) if smoke else (25, 50, 100, 200)  # local epochs between averagings, same total epochs
-        runs = [RunSpec("iet-agc", k), RunSpec("iet-alone", k, {"agc": False}),
-                RunSpec("agc-alone", 0, {}, match_federated=k, centralized_agc=True)]
+        runs = [
+            RunSpec("iet-agc", k),
+            RunSpec("iet-alone", k, {"agc": False}),
+            RunSpec("agc-alone", 0, {}, match_federated=k, centralized_agc=True),
+        ]
         runs += [RunSpec(f"k{kk}", kk) for kk in ks if kk != k]
         runs += [RunSpec(f"lambda{lam:g}", k, {"agc-lambda": lam}) for lam in lams if lam != 2.0]
-        runs += [RunSpec(f"period{p}", k, {"local-epochs": p, "num-server-rounds": max(1, epochs // p)})
-                 for p in periods if p != base_config(study, size)["local-epochs"]]
+        runs += [
+            RunSpec(f"period{p}", k, {"local-epochs": p, "num-server-rounds": max(1, epochs // p)})
+            for p in periods
+            if p != base_config(study, size)["local-epochs"]
+        ]
         return runs
     if study == "strategies":
         k = max(k, 3)  # Krum and Bulyan (f = 0) need K >= 3: every strategy gets the same 3 clients at smoke size
         return [RunSpec(name, k, {"strategy": name}) for name in ["iet", *sorted(set(STRATEGIES) - {"iet"})]]
     if study == "finetune":
         rounds = 2 if smoke else 3
-        return [RunSpec("pretrained-then-iet-agc", k, {"num-server-rounds": rounds,
-                                                       "local-epochs": 1 if smoke else 10})]
+        return [
+            RunSpec("pretrained-then-iet-agc", k, {"num-server-rounds": rounds, "local-epochs": 1 if smoke else 10})
+        ]
     raise SystemExit(f"unknown study {study!r}; one of: {', '.join(STUDIES)}")
 
 
@@ -109,14 +129,22 @@ def estimate(study: str, size: str, runs: list[RunSpec], eval_samples: int, eval
         flops = steps * c["batch-size"] * 3 * fwd + eval_samples * eval_steps * fwd
         rows.append({"run": r.name, "optimizer_steps": steps, "pflop": flops / 1e15})
         total += flops
-    return {"rows": rows, "total_pflop": total / 1e15, "gpu_hours": total / (ASSUMED_TFLOPS * 1e12) / 3600,
-            "assumed_tflops": ASSUMED_TFLOPS, "forward_gflop_per_image": fwd / 1e9}
+    return {
+        "rows": rows,
+        "total_pflop": total / 1e15,
+        "gpu_hours": total / (ASSUMED_TFLOPS * 1e12) / 3600,
+        "assumed_tflops": ASSUMED_TFLOPS,
+        "forward_gflop_per_image": fwd / 1e9,
+    }
 
 
 def print_estimate(est: dict) -> None:
     print(f"{'run':28s} {'optimizer steps':>16s} {'PFLOP':>10s}")
     for row in est["rows"]:
         print(f"{row['run']:28s} {row['optimizer_steps']:16,d} {row['pflop']:10.2f}")
-    print(f"total {est['total_pflop']:.1f} PFLOP ~ {est['gpu_hours']:.1f} GPU hours at an assumed "
-          f"{est['assumed_tflops']:.0f} TFLOP/s sustained (forward {est['forward_gflop_per_image']:.2f} GFLOP/image; "
-          f"an estimate, not a measurement)", flush=True)
+    print(
+        f"total {est['total_pflop']:.1f} PFLOP ~ {est['gpu_hours']:.1f} GPU hours at an assumed "
+        f"{est['assumed_tflops']:.0f} TFLOP/s sustained (forward {est['forward_gflop_per_image']:.2f} GFLOP/image; "
+        f"an estimate, not a measurement)",
+        flush=True,
+    )

@@ -17,9 +17,18 @@ from fl_ietagc.validate import validate_run
 # diffusers: seconds) when they run.
 
 
-def run_study(study: str, size: str, out: Path, *, data_root: str = "", fid_weights: str | None = None,
-              gpus_per_client: float = 0.5, pretrained: str = "", eval_samples: int | None = None,
-              dry_run: bool = False) -> Path | None:
+def run_study(
+    study: str,
+    size: str,
+    out: Path,
+    *,
+    data_root: str = "",
+    fid_weights: str | None = None,
+    gpus_per_client: float = 0.5,
+    pretrained: str = "",
+    eval_samples: int | None = None,
+    dry_run: bool = False,
+) -> Path | None:
     from fl_ietagc.evaluation.compare import compare, to_markdown, write_comparison
     from fl_ietagc.evaluation.evaluate import EvalOptions, evaluate_run
 
@@ -40,8 +49,11 @@ def run_study(study: str, size: str, out: Path, *, data_root: str = "", fid_weig
         raise ConfigError("--pretrained: finetune --full needs a diffusers UNet directory or a checkpoint")
     if study == "finetune" and pretrained:
         base["init-checkpoint"] = pretrained
-    backend = {"client_resources": {"num_cpus": 1}} if smoke else \
-        {"client_resources": {"num_cpus": 2, "num_gpus": gpus_per_client}}
+    backend = (
+        {"client_resources": {"num_cpus": 1}}
+        if smoke
+        else {"client_resources": {"num_cpus": 2, "num_gpus": gpus_per_client}}
+    )
     # every check before the study directory exists: refused input leaves nothing behind
     validate_study(runs, study_dir, base, backend)
     if own_pretrained:
@@ -62,10 +74,17 @@ def run_study(study: str, size: str, out: Path, *, data_root: str = "", fid_weig
             continue
         t0 = time.time()
         train_run(r, study_dir, base, backend, smoke)
-        evaluate_run(study_dir / r.name, EvalOptions(num_samples=eval_samples, steps=eval_steps,
-                                                     fid=fid_weights is not None or not smoke,
-                                                     fid_weights=fid_weights, loss_images=16 if smoke else 64),
-                     progress=not smoke)
+        evaluate_run(
+            study_dir / r.name,
+            EvalOptions(
+                num_samples=eval_samples,
+                steps=eval_steps,
+                fid=fid_weights is not None or not smoke,
+                fid_weights=fid_weights,
+                loss_images=16 if smoke else 64,
+            ),
+            progress=not smoke,
+        )
         print(f"[{r.name}] trained and evaluated in {time.time() - t0:.0f}s", flush=True)
     table = compare([str(study_dir / r.name) for r in runs])
     if smoke:  # in the table and in every figure: smoke numbers are a pipeline check, not a finding
@@ -113,13 +132,20 @@ def train_run(r: RunSpec, study_dir: Path, base: dict, backend: dict, smoke: boo
         print(f"[{r.name}] {state} at round {run.read_status().get('round')}: resuming")
     conf = {**base, **r.overrides, "output-dir": str(study_dir), "run-name": r.name}
     if r.clients:
-        code = (simulate.launch(backend=backend, resume=str(run.path)) if resume else
-                simulate.launch(conf, r.clients, backend))
+        code = (
+            simulate.launch(backend=backend, resume=str(run.path))
+            if resume
+            else simulate.launch(conf, r.clients, backend)
+        )
         if code:
             raise SystemExit(f"[{r.name}] federated run failed (exit {code}); run the study again to resume it")
     else:
-        run_centralized(parse_config({**conf, "agc": r.centralized_agc}), match_federated=r.match_federated,
-                     progress=not smoke, resume=str(run.path) if resume else None)
+        run_centralized(
+            parse_config({**conf, "agc": r.centralized_agc}),
+            match_federated=r.match_federated,
+            progress=not smoke,
+            resume=str(run.path) if resume else None,
+        )
 
 
 def _smoke_pretrained(study_dir: Path, base: dict) -> Path:

@@ -38,13 +38,35 @@ from fl_ietagc.validate import validate_run
 # training, evaluation: seconds) where they use them.
 
 K_FULL, K_SMOKE = 4, 2
-FULL = {"model-type": "latent-t2i", "dataset": "captions", "image-size": 256, "num-server-rounds": 25,
-        "local-epochs": 6, "batch-size": 8, "lr": 2.5e-6, "warmup-steps": 5000, "grad-clip": 1.0,
-        "frozen-dtype": "bf16", "precision": "bf16", "gradient-checkpointing": True, "sample-count": 16,
-        "holdout-fraction": 0.05}
-SMOKE = {"model-type": "latent-t2i", "dataset": "captions", "image-size": 16, "num-server-rounds": 2,
-         "local-epochs": 2, "batch-size": 4, "lr": 1e-3, "warmup-steps": 2, "diffusion-steps": 20,
-         "sample-count": 4, "sample-steps": 5}
+FULL = {
+    "model-type": "latent-t2i",
+    "dataset": "captions",
+    "image-size": 256,
+    "num-server-rounds": 25,
+    "local-epochs": 6,
+    "batch-size": 8,
+    "lr": 2.5e-6,
+    "warmup-steps": 5000,
+    "grad-clip": 1.0,
+    "frozen-dtype": "bf16",
+    "precision": "bf16",
+    "gradient-checkpointing": True,
+    "sample-count": 16,
+    "holdout-fraction": 0.05,
+}
+SMOKE = {
+    "model-type": "latent-t2i",
+    "dataset": "captions",
+    "image-size": 16,
+    "num-server-rounds": 2,
+    "local-epochs": 2,
+    "batch-size": 4,
+    "lr": 1e-3,
+    "warmup-steps": 2,
+    "diffusion-steps": 20,
+    "sample-count": 4,
+    "sample-steps": 5,
+}
 AGC = {"agc-lambda": 1.25}  # the AGC runs' lambda (plain fine-tuning has no bank: setting it there would be a no-op)
 RET = {**AGC, "ret-every": 1, "ret-fraction": 0.1, "taa": True, "taa-max-shift": 1}
 LORA_RANK = 4
@@ -52,8 +74,12 @@ LORA_RANK = 4
 
 def plan(k: int, smoke: bool = True) -> list[RunSpec]:
     lora = {**AGC, "lora-rank": LORA_RANK} if smoke else {**AGC, "lora-rank": LORA_RANK, "lr": 1e-4}
-    return [RunSpec("plain-finetune", 0, {"agc": False}, match_federated=k), RunSpec("iet-agc", k, AGC),
-            RunSpec("ret", k, RET), RunSpec("iet-agc-lora", k, lora)]
+    return [
+        RunSpec("plain-finetune", 0, {"agc": False}, match_federated=k),
+        RunSpec("iet-agc", k, AGC),
+        RunSpec("ret", k, RET),
+        RunSpec("iet-agc-lora", k, lora),
+    ]
 
 
 def smoke_inputs(study_dir: Path) -> tuple[Path, Path]:
@@ -92,8 +118,9 @@ def estimate(cfg, runs: list[RunSpec], n_train: int, generations: int, eval_step
     c = unet.config
     side = cfg.image_size // vae_factor(cfg.pretrained_dir)
     latent = torch.zeros(1, c.in_channels, side, side)
-    text = torch.zeros(1, 77, c.cross_attention_dim if isinstance(c.cross_attention_dim, int)
-                       else c.cross_attention_dim[0])
+    text = torch.zeros(
+        1, 77, c.cross_attention_dim if isinstance(c.cross_attention_dim, int) else c.cross_attention_dim[0]
+    )
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         unet(latent, torch.tensor([1]), encoder_hidden_states=text)
     fwd = counter.get_total_flops()
@@ -104,13 +131,25 @@ def estimate(cfg, runs: list[RunSpec], n_train: int, generations: int, eval_step
         steps = cfg.num_server_rounds * cfg.local_epochs * k * ((n_train // k) // cfg.batch_size)
         # (a LoRA run's backward skips the base's weight gradients: 3 x forward overestimates it)
         flops = steps * cfg.batch_size * 3 * fwd + generations * eval_steps * 2 * fwd
-        rows.append({"run": r.name, "optimizer_steps": steps, "pflop": flops / 1e15,
-                     **run_sizes(unet, r.overrides.get("lora-rank", 0), cfg, federated=bool(r.clients))})
+        rows.append(
+            {
+                "run": r.name,
+                "optimizer_steps": steps,
+                "pflop": flops / 1e15,
+                **run_sizes(unet, r.overrides.get("lora-rank", 0), cfg, federated=bool(r.clients)),
+            }
+        )
         total += flops
     state_bytes = params * (4 + 4 + 4 + (2 if cfg.optimizer == "adam8bit" else 8))  # weights, grads, EMA, Adam
-    return {"rows": rows, "total_pflop": total / 1e15, "gpu_hours": total / (ASSUMED_TFLOPS * 1e12) / 3600,
-            "assumed_tflops": ASSUMED_TFLOPS, "forward_gflop_per_image": fwd / 1e9, "unet_parameters": params,
-            "state_gib_per_client": state_bytes / 2 ** 30}
+    return {
+        "rows": rows,
+        "total_pflop": total / 1e15,
+        "gpu_hours": total / (ASSUMED_TFLOPS * 1e12) / 3600,
+        "assumed_tflops": ASSUMED_TFLOPS,
+        "forward_gflop_per_image": fwd / 1e9,
+        "unet_parameters": params,
+        "state_gib_per_client": state_bytes / 2**30,
+    }
 
 
 def run_sizes(unet, rank: int, cfg, federated: bool = True) -> dict:
@@ -120,28 +159,46 @@ def run_sizes(unet, rank: int, cfg, federated: bool = True) -> dict:
     from fl_ietagc.training.lora import add_lora
 
     if rank:
-        unet = add_lora(copy.deepcopy(unet), SimpleNamespace(lora_rank=rank, lora_alpha=0.0,
-                                                             lora_targets=cfg.lora_targets))
+        unet = add_lora(
+            copy.deepcopy(unet), SimpleNamespace(lora_rank=rank, lora_alpha=0.0, lora_targets=cfg.lora_targets)
+        )
     trained = sum(p.numel() for p in unet.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in unet.parameters() if not p.requires_grad)
     adam = 2 if cfg.optimizer == "adam8bit" else 8
-    return {"trained_parameters": trained, "message_mb": 2 * 4 * trained / 1e6 if federated else 0.0,
-            "state_mib": trained * (4 + 4 + 4 + adam) / 2 ** 20, "frozen_base_mib": 4 * frozen / 2 ** 20}
+    return {
+        "trained_parameters": trained,
+        "message_mb": 2 * 4 * trained / 1e6 if federated else 0.0,
+        "state_mib": trained * (4 + 4 + 4 + adam) / 2**20,
+        "frozen_base_mib": 4 * frozen / 2**20,
+    }
 
 
 def print_estimate(est: dict) -> None:
     print_runs(est)
     print(f"{'run':28s} {'trained params':>15s} {'message (raw+EMA)':>18s} {'client state':>13s} {'frozen base':>12s}")
     for row in est["rows"]:
-        print(f"{row['run']:28s} {row['trained_parameters']:15,d} {row['message_mb']:15.2f} MB "
-              f"{row['state_mib']:9.1f} MiB {row['frozen_base_mib']:8.1f} MiB")
-    print(f"per client: UNet {est['unet_parameters']:,} parameters -> {est['state_gib_per_client']:.1f} GiB of "
-          f"weights, gradients, EMA and Adam state, plus the frozen VAE and text encoder and the activations "
-          f"(unmeasured)", flush=True)
+        print(
+            f"{row['run']:28s} {row['trained_parameters']:15,d} {row['message_mb']:15.2f} MB "
+            f"{row['state_mib']:9.1f} MiB {row['frozen_base_mib']:8.1f} MiB"
+        )
+    print(
+        f"per client: UNet {est['unet_parameters']:,} parameters -> {est['state_gib_per_client']:.1f} GiB of "
+        f"weights, gradients, EMA and Adam state, plus the frozen VAE and text encoder and the activations "
+        f"(unmeasured)",
+        flush=True,
+    )
 
 
-def run_sd_finetune(size: str, out: Path, *, pretrained: str = "", data: str = "", gpus_per_client: float = 0.5,
-                    dry_run: bool = False, eval_args: tuple[str, ...] = ()) -> Path | None:
+def run_sd_finetune(
+    size: str,
+    out: Path,
+    *,
+    pretrained: str = "",
+    data: str = "",
+    gpus_per_client: float = 0.5,
+    dry_run: bool = False,
+    eval_args: tuple[str, ...] = (),
+) -> Path | None:
     from fl_ietagc.data.datasets import load_splits
 
     smoke = size == "smoke"
@@ -159,12 +216,17 @@ def run_sd_finetune(size: str, out: Path, *, pretrained: str = "", data: str = "
         base = {**SMOKE, "pretrained-dir": str(parts_dir), "data-root": str(pairs)}
     else:
         if not pretrained or not data:
-            raise ConfigError("sd-finetune --full needs --pretrained DIR (a local Stable Diffusion checkpoint) and "
-                              "--data SOURCE (image-caption pairs)")
+            raise ConfigError(
+                "sd-finetune --full needs --pretrained DIR (a local Stable Diffusion checkpoint) and "
+                "--data SOURCE (image-caption pairs)"
+            )
         base = {**FULL, "pretrained-dir": pretrained, "data-root": data}
     runs = plan(k, smoke)
-    backend = {"client_resources": {"num_cpus": 1}} if smoke else \
-        {"client_resources": {"num_cpus": 2, "num_gpus": gpus_per_client}}
+    backend = (
+        {"client_resources": {"num_cpus": 1}}
+        if smoke
+        else {"client_resources": {"num_cpus": 2, "num_gpus": gpus_per_client}}
+    )
     for r in runs:  # every run's config, data and resources before anything trains
         conf = {**base, **r.overrides, "output-dir": str(study_dir), "run-name": r.name}
         try:
@@ -191,8 +253,11 @@ def evaluate_and_compare(study_dir: Path, runs: list[RunSpec], smoke: bool, eval
     plain fine-tuning: comparison.md / comparison.json in the study directory."""
     from fl_ietagc.evaluation.compare import compare, to_markdown, write_comparison
 
-    size = ["--num-captions", "8", "--seeds-per-caption", "1", "--steps", "5"] if smoke else \
-        ["--num-captions", "1000", "--seeds-per-caption", "4"]  # 4000 generations, as the reference
+    size = (
+        ["--num-captions", "8", "--seeds-per-caption", "1", "--steps", "5"]
+        if smoke
+        else ["--num-captions", "1000", "--seeds-per-caption", "4"]
+    )  # 4000 generations, as the reference
     for r in runs:
         if not (study_dir / r.name / "results.json").is_file():
             code = fl_ietagc(["evaluate", str(study_dir / r.name), *size, *eval_args])

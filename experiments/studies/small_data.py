@@ -38,8 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fl_ietagc.settings.config import ConfigError
 from fl_ietagc.evaluation.evaluate import load_samples, save_samples
+from fl_ietagc.settings.config import ConfigError
 
 RET_ONLY = ("ret-", "taa")  # --set keys of RET's rules apply to the ret variant only
 RULES = ("one_third", "carlini", "mq_0.2", "mq_0.3")
@@ -50,6 +50,7 @@ BOOTSTRAP = 2000
 @dataclass(frozen=True)
 class Size:
     """The study's scale; `--set name=value` changes any field (dashes for underscores)."""
+
     train_images: int
     image_size: int
     clients: int  # K of the federated variants
@@ -81,12 +82,26 @@ class Size:
     speed: tuple = ()  # run-config (key, value) pairs of the size (bf16, compile, ...); not a --set setting
 
     def run_config(self, seed: int) -> dict:
-        return {"dataset": self.dataset, "preset": self.preset, "image-size": self.image_size,
-                "max-images": self.train_images, "batch-size": self.batch_size, "num-server-rounds": self.rounds,
-                "local-epochs": self.local_epochs, "lr": self.lr, "warmup-steps": 20, "hflip": "off",
-                "diffusion-steps": self.diffusion_steps, "agc-lambda": self.agc_lambda, "seed": seed,
-                "device": self.device, "sample-count": 0, "checkpoint-every": 1,
-                **({"data-root": self.data_root} if self.data_root else {}), **dict(self.speed)}
+        return {
+            "dataset": self.dataset,
+            "preset": self.preset,
+            "image-size": self.image_size,
+            "max-images": self.train_images,
+            "batch-size": self.batch_size,
+            "num-server-rounds": self.rounds,
+            "local-epochs": self.local_epochs,
+            "lr": self.lr,
+            "warmup-steps": 20,
+            "hflip": "off",
+            "diffusion-steps": self.diffusion_steps,
+            "agc-lambda": self.agc_lambda,
+            "seed": seed,
+            "device": self.device,
+            "sample-count": 0,
+            "checkpoint-every": 1,
+            **({"data-root": self.data_root} if self.data_root else {}),
+            **dict(self.speed),
+        }
 
 
 FASHION_ROOT = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist (apt-get install it)
@@ -94,48 +109,181 @@ FASHION_ROOT = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-m
 
 SIZES = {
     # calibrated on 2 CPU cores (docs/small-data-calibration.md): 32 digits at 8x8, 4,000 optimizer steps per run
-    "full": Size(train_images=32, image_size=8, clients=2, batch_size=16, rounds=10, local_epochs=200,
-                 seeds=(0, 1, 2), samples=256, round_samples=64, sample_steps=50, diffusion_steps=1000, lr=1e-3,
-                 agc_lambda=2.0, ret_fraction=0.25),
-    "smoke": Size(train_images=16, image_size=8, clients=2, batch_size=8, rounds=2, local_epochs=2, seeds=(0, 1),
-                  samples=16, round_samples=8, sample_steps=5, diffusion_steps=100, lr=1e-3, agc_lambda=2.0,
-                  ret_fraction=0.25),
+    "full": Size(
+        train_images=32,
+        image_size=8,
+        clients=2,
+        batch_size=16,
+        rounds=10,
+        local_epochs=200,
+        seeds=(0, 1, 2),
+        samples=256,
+        round_samples=64,
+        sample_steps=50,
+        diffusion_steps=1000,
+        lr=1e-3,
+        agc_lambda=2.0,
+        ret_fraction=0.25,
+    ),
+    "smoke": Size(
+        train_images=16,
+        image_size=8,
+        clients=2,
+        batch_size=8,
+        rounds=2,
+        local_epochs=2,
+        seeds=(0, 1),
+        samples=16,
+        round_samples=8,
+        sample_steps=5,
+        diffusion_steps=100,
+        lr=1e-3,
+        agc_lambda=2.0,
+        ret_fraction=0.25,
+    ),
     # the horizon on digits: default training until it levels off (<= 16,000 steps), every round 256 samples,
     # each client's own model sampled every round. UNMEASURED until run: about 4x the full study's training
-    "horizon": Size(train_images=32, image_size=8, clients=2, batch_size=16, rounds=10, local_epochs=200,
-                    seeds=(0, 1, 2), samples=256, round_samples=256, sample_steps=50, diffusion_steps=1000, lr=1e-3,
-                    agc_lambda=2.0, ret_fraction=0.25, max_steps=16_000, until_plateau=1, client_samples=64),
-    "horizon-smoke": Size(train_images=16, image_size=8, clients=2, batch_size=8, rounds=2, local_epochs=2,
-                          seeds=(0, 1), samples=16, round_samples=16, sample_steps=5, diffusion_steps=100, lr=1e-3,
-                          agc_lambda=2.0, ret_fraction=0.25, variants=("default", "iet-agc"), max_steps=32,
-                          until_plateau=1, plateau_window=1, plateau_floor=0.0, client_samples=4),
+    "horizon": Size(
+        train_images=32,
+        image_size=8,
+        clients=2,
+        batch_size=16,
+        rounds=10,
+        local_epochs=200,
+        seeds=(0, 1, 2),
+        samples=256,
+        round_samples=256,
+        sample_steps=50,
+        diffusion_steps=1000,
+        lr=1e-3,
+        agc_lambda=2.0,
+        ret_fraction=0.25,
+        max_steps=16_000,
+        until_plateau=1,
+        client_samples=64,
+    ),
+    "horizon-smoke": Size(
+        train_images=16,
+        image_size=8,
+        clients=2,
+        batch_size=8,
+        rounds=2,
+        local_epochs=2,
+        seeds=(0, 1),
+        samples=16,
+        round_samples=16,
+        sample_steps=5,
+        diffusion_steps=100,
+        lr=1e-3,
+        agc_lambda=2.0,
+        ret_fraction=0.25,
+        variants=("default", "iet-agc"),
+        max_steps=32,
+        until_plateau=1,
+        plateau_window=1,
+        plateau_floor=0.0,
+        client_samples=4,
+    ),
     # Fashion-MNIST at 16x16 on 2 CPU cores (docs/small-data-fashion-calibration.md): UNCALIBRATED, a first guess
     # from the digits' rule (copying tracks passes per image) and the 16x16 step rate
-    "fashion16": Size(train_images=32, image_size=16, clients=2, batch_size=16, rounds=10, local_epochs=200,
-                      seeds=(0, 1, 2), samples=256, round_samples=256, sample_steps=50, diffusion_steps=1000,
-                      lr=1e-3, agc_lambda=2.0, ret_fraction=0.25, dataset="fashion-mnist", data_root=FASHION_ROOT,
-                      quality_images=10_000, max_steps=16_000, until_plateau=1, client_samples=64),
-    "fashion16-smoke": Size(train_images=16, image_size=16, clients=2, batch_size=8, rounds=2, local_epochs=2,
-                            seeds=(0,), samples=16, round_samples=16, sample_steps=5, diffusion_steps=100, lr=1e-3,
-                            agc_lambda=2.0, ret_fraction=0.25, variants=("default", "iet-agc"),
-                            dataset="fashion-mnist", data_root=FASHION_ROOT, quality_images=2_000, client_samples=4),
+    "fashion16": Size(
+        train_images=32,
+        image_size=16,
+        clients=2,
+        batch_size=16,
+        rounds=10,
+        local_epochs=200,
+        seeds=(0, 1, 2),
+        samples=256,
+        round_samples=256,
+        sample_steps=50,
+        diffusion_steps=1000,
+        lr=1e-3,
+        agc_lambda=2.0,
+        ret_fraction=0.25,
+        dataset="fashion-mnist",
+        data_root=FASHION_ROOT,
+        quality_images=10_000,
+        max_steps=16_000,
+        until_plateau=1,
+        client_samples=64,
+    ),
+    "fashion16-smoke": Size(
+        train_images=16,
+        image_size=16,
+        clients=2,
+        batch_size=8,
+        rounds=2,
+        local_epochs=2,
+        seeds=(0,),
+        samples=16,
+        round_samples=16,
+        sample_steps=5,
+        diffusion_steps=100,
+        lr=1e-3,
+        agc_lambda=2.0,
+        ret_fraction=0.25,
+        variants=("default", "iet-agc"),
+        dataset="fashion-mnist",
+        data_root=FASHION_ROOT,
+        quality_images=2_000,
+        client_samples=4,
+    ),
     # one H100, bf16 + channels-last + compiled, Fashion-MNIST at 32x32, the paper UNet: about 8 min, UNMEASURED
     # until run on a GPU; gpu_estimate() below derives it from benchmarks/RESULTS.md's H100 throughputs
-    "gpu-fashion32": Size(train_images=256, image_size=32, clients=2, batch_size=128, rounds=20, local_epochs=50,
-                          seeds=(0, 1), samples=512, round_samples=128, sample_steps=50, diffusion_steps=1000,
-                          lr=2e-4, agc_lambda=2.0, ret_fraction=0.25, variants=("default", "iet-agc"),
-                          dataset="fashion-mnist", preset="ddpm-cifar10", device="cuda", data_root=FASHION_ROOT,
-                          quality_images=10_000, client_samples=64,
-                          speed=(("precision", "bf16"), ("channels-last", True), ("compile", True))),
-    "gpu-fashion32-smoke": Size(train_images=16, image_size=16, clients=2, batch_size=8, rounds=2, local_epochs=2,
-                                seeds=(0,), samples=16, round_samples=8, sample_steps=5, diffusion_steps=100,
-                                lr=1e-3, agc_lambda=2.0, ret_fraction=0.25, variants=("default", "iet-agc"),
-                                dataset="fashion-mnist", data_root=FASHION_ROOT, quality_images=2_000,
-                                client_samples=4),
+    "gpu-fashion32": Size(
+        train_images=256,
+        image_size=32,
+        clients=2,
+        batch_size=128,
+        rounds=20,
+        local_epochs=50,
+        seeds=(0, 1),
+        samples=512,
+        round_samples=128,
+        sample_steps=50,
+        diffusion_steps=1000,
+        lr=2e-4,
+        agc_lambda=2.0,
+        ret_fraction=0.25,
+        variants=("default", "iet-agc"),
+        dataset="fashion-mnist",
+        preset="ddpm-cifar10",
+        device="cuda",
+        data_root=FASHION_ROOT,
+        quality_images=10_000,
+        client_samples=64,
+        speed=(("precision", "bf16"), ("channels-last", True), ("compile", True)),
+    ),
+    "gpu-fashion32-smoke": Size(
+        train_images=16,
+        image_size=16,
+        clients=2,
+        batch_size=8,
+        rounds=2,
+        local_epochs=2,
+        seeds=(0,),
+        samples=16,
+        round_samples=8,
+        sample_steps=5,
+        diffusion_steps=100,
+        lr=1e-3,
+        agc_lambda=2.0,
+        ret_fraction=0.25,
+        variants=("default", "iet-agc"),
+        dataset="fashion-mnist",
+        data_root=FASHION_ROOT,
+        quality_images=2_000,
+        client_samples=4,
+    ),
 }
 # --set size=NAME picks a family: --full runs SIZES[NAME], --smoke SIZES[NAME-smoke] ("digits": full / smoke)
-FAMILIES = {"digits": ("full", "smoke"), "horizon": ("horizon", "horizon-smoke"),
-            "fashion16": ("fashion16", "fashion16-smoke"), "gpu-fashion32": ("gpu-fashion32", "gpu-fashion32-smoke")}
+FAMILIES = {
+    "digits": ("full", "smoke"),
+    "horizon": ("horizon", "horizon-smoke"),
+    "fashion16": ("fashion16", "fashion16-smoke"),
+    "gpu-fashion32": ("gpu-fashion32", "gpu-fashion32-smoke"),
+}
 
 # H100 throughputs measured in benchmarks/RESULTS.md (paper UNet, 32x32, bf16 + channels-last + compiled)
 H100_TRAIN_IMG_S, H100_DDIM50_IMG_S, H100_COMPILE_S = 3726.0, 461.0, 47.7
@@ -157,8 +305,15 @@ def gpu_estimate(size: Size) -> dict:
     samples += fed * size.clients * size.client_samples * size.rounds
     train_s = train_images / H100_TRAIN_IMG_S
     sample_s = samples / H100_DDIM50_IMG_S * size.sample_steps / 50
-    return {"train_images": train_images, "samples": samples, "train_s": train_s, "sample_s": sample_s,
-            "warmup_s": H100_COMPILE_S, "total_s": train_s + sample_s + H100_COMPILE_S}
+    return {
+        "train_images": train_images,
+        "samples": samples,
+        "train_s": train_s,
+        "sample_s": sample_s,
+        "warmup_s": H100_COMPILE_S,
+        "total_s": train_s + sample_s + H100_COMPILE_S,
+    }
+
 
 VARIANTS = {  # name: (run-config overrides, federated?)
     "default": ({"agc": False}, False),
@@ -171,10 +326,20 @@ VARIANTS = {  # name: (run-config overrides, federated?)
 
 # run-config keys the study sets itself, per run: --set of one would be overwritten or would break the design
 # (one seed for every replicate, one run-name for every run); the setting to use instead, if there is one
-CONTROLLED = {"seed": "seeds (e.g. --set seeds=5,6,7)", "run-name": None, "output-dir": "--out",
-              "max-images": "train-images", "num-server-rounds": "rounds", "image-size": "image-size",
-              "agc": "variants", "ret-every": "variants", "taa": "variants", "sample-count": "samples",
-              "checkpoint-every": None, "resume-from": None}
+CONTROLLED = {
+    "seed": "seeds (e.g. --set seeds=5,6,7)",
+    "run-name": None,
+    "output-dir": "--out",
+    "max-images": "train-images",
+    "num-server-rounds": "rounds",
+    "image-size": "image-size",
+    "agc": "variants",
+    "ret-every": "variants",
+    "taa": "variants",
+    "sample-count": "samples",
+    "checkpoint-every": None,
+    "resume-from": None,
+}
 
 
 def apply_settings(size: Size, settings: list[str]) -> tuple[Size, dict]:
@@ -212,18 +377,27 @@ def apply_settings(size: Size, settings: list[str]) -> tuple[Size, dict]:
             except ValueError:
                 from experiments.studies.sweep import KNOBS
 
-                what = {"seeds": "distinct integers >= 0, comma-separated",
-                        "variants": f"distinct names among {', '.join(VARIANTS)}, comma-separated",
-                        "sweep": f"'all' or distinct knobs among {', '.join(KNOBS)}, comma-separated"}.get(f.name, f.type)
+                what = {
+                    "seeds": "distinct integers >= 0, comma-separated",
+                    "variants": f"distinct names among {', '.join(VARIANTS)}, comma-separated",
+                    "sweep": f"'all' or distinct knobs among {', '.join(KNOBS)}, comma-separated",
+                }.get(f.name, f.type)
                 raise ConfigError(f"--set {key}={value}: must be {what}") from None
             if f.name in changes:
                 raise ConfigError(f"--set {key}: given twice; give each setting once")
             changes[f.name] = parsed
         elif key in CONTROLLED:
             instead = CONTROLLED[key]
-            raise ConfigError(f"--set {key}: the small-data study sets {key} for each run itself"
-                              + (f"; use {instead}" if instead and instead.startswith("--") else
-                                 f"; use --set {instead}" if instead else ""))
+            raise ConfigError(
+                f"--set {key}: the small-data study sets {key} for each run itself"
+                + (
+                    f"; use {instead}"
+                    if instead and instead.startswith("--")
+                    else f"; use --set {instead}"
+                    if instead
+                    else ""
+                )
+            )
         elif key in run_keys:
             if key in seen_run_keys:
                 raise ConfigError(f"--set {key}: given twice; give each key once")
@@ -235,8 +409,20 @@ def apply_settings(size: Size, settings: list[str]) -> tuple[Size, dict]:
         else:
             raise ConfigError(f"--set {key}: not a study setting ({', '.join(fields)}) nor a run-config key")
     size = dataclasses.replace(size, **changes)
-    for name in ("train_images", "image_size", "clients", "batch_size", "rounds", "local_epochs", "samples",
-                 "round_samples", "sample_steps", "diffusion_steps", "plateau_window", "sweep_seeds"):
+    for name in (
+        "train_images",
+        "image_size",
+        "clients",
+        "batch_size",
+        "rounds",
+        "local_epochs",
+        "samples",
+        "round_samples",
+        "sample_steps",
+        "diffusion_steps",
+        "plateau_window",
+        "sweep_seeds",
+    ):
         if getattr(size, name) < 1:
             raise ConfigError(f"--set {name.replace('_', '-')}={getattr(size, name)}: must be >= 1")
     for name in ("max_steps", "client_samples", "quality_images"):
@@ -247,8 +433,10 @@ def apply_settings(size: Size, settings: list[str]) -> tuple[Size, dict]:
     if not 0 <= size.plateau_floor <= 1:
         raise ConfigError(f"--set plateau-floor={size.plateau_floor:g}: must be in [0, 1]")
     if size.until_plateau and "default" not in size.variants:
-        raise ConfigError("--set until-plateau=1: needs the default variant (its curve decides the horizon); "
-                          "add default to --set variants")
+        raise ConfigError(
+            "--set until-plateau=1: needs the default variant (its curve decides the horizon); "
+            "add default to --set variants"
+        )
     if size.clients < 2:
         raise ConfigError(f"--set clients={size.clients}: must be >= 2 (the federated variants need 2 shards)")
     if size.samples < 2:
@@ -293,14 +481,18 @@ def configs(size: Size, extra: dict, out: Path) -> list[tuple[str, int, object, 
     from fl_ietagc.validate import check_output_dir
 
     check_output_dir(str(out))
-    return [(name, seed, job_config(name, seed, size, extra, out), VARIANTS[name][1])
-            for seed in size.seeds for name in VARIANTS if name in size.variants]
+    return [
+        (name, seed, job_config(name, seed, size, extra, out), VARIANTS[name][1])
+        for seed in size.seeds
+        for name in VARIANTS
+        if name in size.variants
+    ]
 
 
 def job_config(name: str, seed: int, size: Size, extra: dict, out: Path, run_name: str | None = None):
     """One run's RunConfig (variant `name` at `size`), validated; ConfigError names the run."""
-    from fl_ietagc.settings.config import parse_config
     from fl_ietagc.data.shards import shards_for_config
+    from fl_ietagc.settings.config import parse_config
     from fl_ietagc.validate import check_device, check_input_paths, check_model
 
     overrides, _ = VARIANTS[name]
@@ -328,8 +520,10 @@ def check_train_images(cfg, size: Size) -> None:
 
     have = len(load_splits(cfg.replace(**{"max-images": 0})).train)
     if size.train_images > have:
-        raise ConfigError(f"--set train-images={size.train_images}: the {cfg.dataset} training set has {have} "
-                          f"images (after the held-out part); must be in [1, {have}]")
+        raise ConfigError(
+            f"--set train-images={size.train_images}: the {cfg.dataset} training set has {have} "
+            f"images (after the held-out part); must be in [1, {have}]"
+        )
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -366,16 +560,28 @@ def train_and_evaluate(name: str, seed: int, cfg, federated: bool, size: Size, t
         resume = state in ("failed", "interrupted", "stale")
         if federated:
             hook = client_recorder(run.path, cfg, size) if size.client_samples else None
-            run_iet_loop(cfg, size.clients, torch.device(size.device),
-                         RunDir.reopen(run.path) if resume else RunDir.create(cfg.output_dir, cfg.run_name, ""),
-                         on_round=hook)
+            run_iet_loop(
+                cfg,
+                size.clients,
+                torch.device(size.device),
+                RunDir.reopen(run.path) if resume else RunDir.create(cfg.output_dir, cfg.run_name, ""),
+                on_round=hook,
+            )
         else:
             run_centralized(cfg, match_federated=size.clients, progress=False, resume=str(run.path) if resume else None)
     trained = time.time() - t0
     rounds = [evaluate_round(run, cfg, r, size) for r in range(1, cfg.num_server_rounds + 1)]
     clients = [client_round(run, r) for r in range(1, cfg.num_server_rounds + 1)] if federated else []
-    return {"variant": name, "seed": seed, "run": str(run.path), "kept": kept, "train_s": trained,
-            "eval_s": time.time() - t0 - trained, "rounds": rounds, "clients": clients}
+    return {
+        "variant": name,
+        "seed": seed,
+        "run": str(run.path),
+        "kept": kept,
+        "train_s": trained,
+        "eval_s": time.time() - t0 - trained,
+        "rounds": rounds,
+        "clients": clients,
+    }
 
 
 def generate(model, cfg, size: Size, n: int, shape: tuple, seed: int):
@@ -383,10 +589,22 @@ def generate(model, cfg, size: Size, n: int, shape: tuple, seed: int):
     from fl_ietagc.data.pixels import to_uint8
     from fl_ietagc.training.diffusion import Diffusion, sample
 
-    return to_uint8(sample(model.to(size.device), Diffusion.for_config(cfg), n, shape, steps=size.sample_steps,
-                           seed=seed, batch_size=n if size.device == "cpu" else min(n, 512), device=size.device,
-                           precision=cfg.precision, channels_last=cfg.channels_last, compile=cfg.compile,
-                           compile_mode=cfg.compile_mode)).cpu()
+    return to_uint8(
+        sample(
+            model.to(size.device),
+            Diffusion.for_config(cfg),
+            n,
+            shape,
+            steps=size.sample_steps,
+            seed=seed,
+            batch_size=n if size.device == "cpu" else min(n, 512),
+            device=size.device,
+            precision=cfg.precision,
+            channels_last=cfg.channels_last,
+            compile=cfg.compile,
+            compile_mode=cfg.compile_mode,
+        )
+    ).cpu()
 
 
 def client_recorder(run_path: Path, cfg, size: Size):
@@ -411,13 +629,19 @@ def client_recorder(run_path: Path, cfg, size: Size):
         for pid, (shard, weights) in enumerate(clients):
             model = build_for_config(cfg)
             load_weights(model, weights, f"client {pid}, round {server_round}")
-            imgs = generate(model, cfg, size, size.client_samples, tuple(train.shape[1:]),
-                            seed=20_000 + 100 * server_round + pid)
+            imgs = generate(
+                model, cfg, size, size.client_samples, tuple(train.shape[1:]), seed=20_000 + 100 * server_round + pid
+            )
             ids = torch.as_tensor(np.asarray(shard), dtype=torch.long)
             whole = nearest_neighbours(imgs, train, 2)
             own = nearest_neighbours(imgs, train[ids], 2)
-            blob |= {f"samples_{pid}": imgs.numpy(), f"shard_{pid}": ids.numpy(), f"d2_whole_{pid}": whole.d2.numpy(),
-                     f"index_whole_{pid}": whole.index.numpy(), f"d2_own_{pid}": own.d2.numpy()}
+            blob |= {
+                f"samples_{pid}": imgs.numpy(),
+                f"shard_{pid}": ids.numpy(),
+                f"d2_whole_{pid}": whole.d2.numpy(),
+                f"index_whole_{pid}": whole.index.numpy(),
+                f"d2_own_{pid}": own.d2.numpy(),
+            }
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, lambda f: np.savez(f, clients=len(clients), **blob))
 
@@ -434,8 +658,13 @@ def client_round(run, server_round: int) -> dict | None:
         out = []
         for pid in range(int(z["clients"])):
             whole, own = z[f"d2_whole_{pid}"], z[f"d2_own_{pid}"]
-            out.append({"whole": one_third(whole).tolist(), "own": one_third(own).tolist(),
-                        "nearest_in_own": np.isin(z[f"index_whole_{pid}"][:, 0], z[f"shard_{pid}"]).tolist()})
+            out.append(
+                {
+                    "whole": one_third(whole).tolist(),
+                    "own": one_third(own).tolist(),
+                    "nearest_in_own": np.isin(z[f"index_whole_{pid}"][:, 0], z[f"shard_{pid}"]).tolist(),
+                }
+            )
     return {"round": server_round, "clients": out}
 
 
@@ -446,9 +675,9 @@ def one_third(d2: np.ndarray) -> np.ndarray:
 
 def evaluate_round(run, cfg, server_round: int, size: Size) -> dict:
     """Sample round R's raw weights, match against the training set; saved to eval/round_RRRR.npz."""
-    from fl_ietagc.runs.checkpoints import load_checkpoint
     from fl_ietagc.data.datasets import load_splits
     from fl_ietagc.evaluation.memorization import nearest_neighbours
+    from fl_ietagc.runs.checkpoints import load_checkpoint
     from fl_ietagc.training.models import load_weights
     from fl_ietagc.training.run_model import build_for_config
 
@@ -466,8 +695,12 @@ def evaluate_round(run, cfg, server_round: int, size: Size) -> dict:
     blob = load_samples(path)
     metrics = run.read_metrics()
     steps = int(sum(m["steps"] for m in metrics[:server_round]))  # all clients' steps (federated) or the run's
-    return {"round": server_round, "steps": steps, "flags": {k: v.tolist() for k, v in flags(blob["d2"]).items()},
-            "eval_file": str(path)}
+    return {
+        "round": server_round,
+        "steps": steps,
+        "flags": {k: v.tolist() for k, v in flags(blob["d2"]).items()},
+        "eval_file": str(path),
+    }
 
 
 def flags(d2: np.ndarray) -> dict[str, np.ndarray]:
@@ -477,8 +710,12 @@ def flags(d2: np.ndarray) -> dict[str, np.ndarray]:
     from fl_ietagc.evaluation.memorization import Neighbours, ratios
 
     r = ratios(Neighbours(torch.from_numpy(d2), torch.zeros(d2.shape, dtype=torch.long), 1))
-    return {"one_third": r["gu"] < 1 / 3, "carlini": r["carlini"] < 1.0, "mq_0.2": r["mq"] < 0.2,
-            "mq_0.3": r["mq"] < 0.3}
+    return {
+        "one_third": r["gu"] < 1 / 3,
+        "carlini": r["carlini"] < 1.0,
+        "mq_0.2": r["mq"] < 0.2,
+        "mq_0.3": r["mq"] < 0.3,
+    }
 
 
 def bootstrap_rate(per_seed: list[np.ndarray], rng: np.random.Generator, n: int = BOOTSTRAP) -> dict:
@@ -502,8 +739,10 @@ def null_and_reference(cfg, size: Size) -> dict:
     sp = load_splits(cfg)
     nb = nearest_neighbours(sp.heldout.images, sp.train.images, min(50, len(sp.train.images)))
     rng = np.random.default_rng(0)
-    return {k: bootstrap_rate([v], rng) for k, v in flags(nb.d2.numpy()).items()} | \
-        {"num_heldout": len(sp.heldout.images), "num_train": len(sp.train.images)}
+    return {k: bootstrap_rate([v], rng) for k, v in flags(nb.d2.numpy()).items()} | {
+        "num_heldout": len(sp.heldout.images),
+        "num_train": len(sp.train.images),
+    }
 
 
 def quality_rows(jobs, results: list[dict], size: Size) -> dict:
@@ -511,11 +750,10 @@ def quality_rows(jobs, results: list[dict], size: Size) -> dict:
     untrained model, all at the same number of images."""
     import torch
 
-    from fl_ietagc.evaluation import classifier_quality as cq
     from fl_ietagc.data.datasets import load_splits
-    from fl_ietagc.training.run_model import initial_weights
+    from fl_ietagc.evaluation import classifier_quality as cq
     from fl_ietagc.training.models import load_weights
-    from fl_ietagc.training.run_model import build_for_config
+    from fl_ietagc.training.run_model import build_for_config, initial_weights
 
     cfg = jobs[0][2]
     full = load_splits(cfg.replace(**{"max-images": 0}))
@@ -525,8 +763,10 @@ def quality_rows(jobs, results: list[dict], size: Size) -> dict:
     clf = cq.classifier_for(cfg.dataset, train, labels, full.heldout.images, full.heldout.labels)
     ref = clf.features(train)
     # equal numbers of images everywhere (the Frechet distance is biased by N): the fewest any last round holds
-    n = min([size.samples, len(full.heldout.images)] + [len(load_samples(r["rounds"][-1]["eval_file"])["samples"])
-                                                        for r in results])
+    n = min(
+        [size.samples, len(full.heldout.images)]
+        + [len(load_samples(r["rounds"][-1]["eval_file"])["samples"]) for r in results]
+    )
     rows, per_round = {}, {}
     for r in results:
         blob = load_samples(r["rounds"][-1]["eval_file"])
@@ -534,18 +774,29 @@ def quality_rows(jobs, results: list[dict], size: Size) -> dict:
         # every round's CFD at round-samples images: the quality at equal copy rate (horizon_report.py)
         m = min(size.round_samples, n)
         per_round.setdefault(r["variant"], []).append(
-            [cq.frechet_distance(clf.features(torch.from_numpy(load_samples(x["eval_file"])["samples"][:m])), ref)
-             for x in r["rounds"]])
+            [
+                cq.frechet_distance(clf.features(torch.from_numpy(load_samples(x["eval_file"])["samples"][:m])), ref)
+                for x in r["rounds"]
+            ]
+        )
     rows["held-out real"] = [cq.score(clf, full.heldout.images[:n], ref)]
     model = build_for_config(cfg)
     load_weights(model, initial_weights(cfg)[0], "initial weights")
     untrained = generate(model, cfg, size, n, tuple(full.train.images.shape[1:]), seed=10_000)
     rows["untrained"] = [cq.score(clf, untrained, ref)]
-    return {"classifier_accuracy": clf.accuracy, "classifier": clf.key, "num_images": n, "dataset": cfg.dataset,
-            "rows": {k: {m: float(np.mean([x[m] for x in v])) for m in ("cfd", "precision", "recall")} |
-                     {"cfd_per_seed": [x["cfd"] for x in v]} for k, v in rows.items()},
-            "cfd_per_round": {k: np.mean(v, axis=0).tolist() for k, v in per_round.items()},
-            "round_images": min(size.round_samples, n)}
+    return {
+        "classifier_accuracy": clf.accuracy,
+        "classifier": clf.key,
+        "num_images": n,
+        "dataset": cfg.dataset,
+        "rows": {
+            k: {m: float(np.mean([x[m] for x in v])) for m in ("cfd", "precision", "recall")}
+            | {"cfd_per_seed": [x["cfd"] for x in v]}
+            for k, v in rows.items()
+        },
+        "cfd_per_round": {k: np.mean(v, axis=0).tolist() for k, v in per_round.items()},
+        "round_images": min(size.round_samples, n),
+    }
 
 
 def summarize(results: list[dict], null: dict, quality: dict, size: Size, seconds: float) -> dict:
@@ -555,15 +806,31 @@ def summarize(results: list[dict], null: dict, quality: dict, size: Size, second
         runs = sorted((r for r in results if r["variant"] == name), key=lambda r: r["seed"])
         if not runs:
             continue
-        final = {rule: bootstrap_rate([np.array(r["rounds"][-1]["flags"][rule]) for r in runs], rng)
-                 for rule in RULES}
-        curve = [{"steps": runs[0]["rounds"][i]["steps"],
-                  **{rule: bootstrap_rate([np.array(r["rounds"][i]["flags"][rule]) for r in runs], rng, 400)
-                     for rule in ("one_third", "carlini")}} for i in range(len(runs[0]["rounds"]))]
-        variants[name] = {"final": final, "curve": curve, "seeds": [r["seed"] for r in runs],
-                          "train_s": [r["train_s"] for r in runs]}
-    return {"size": dataclasses.asdict(size), "dataset": quality["dataset"], "variants": variants, "null": null, "quality": quality,
-            "seconds": seconds}
+        final = {rule: bootstrap_rate([np.array(r["rounds"][-1]["flags"][rule]) for r in runs], rng) for rule in RULES}
+        curve = [
+            {
+                "steps": runs[0]["rounds"][i]["steps"],
+                **{
+                    rule: bootstrap_rate([np.array(r["rounds"][i]["flags"][rule]) for r in runs], rng, 400)
+                    for rule in ("one_third", "carlini")
+                },
+            }
+            for i in range(len(runs[0]["rounds"]))
+        ]
+        variants[name] = {
+            "final": final,
+            "curve": curve,
+            "seeds": [r["seed"] for r in runs],
+            "train_s": [r["train_s"] for r in runs],
+        }
+    return {
+        "size": dataclasses.asdict(size),
+        "dataset": quality["dataset"],
+        "variants": variants,
+        "null": null,
+        "quality": quality,
+        "seconds": seconds,
+    }
 
 
 def to_markdown(summary: dict) -> str:
@@ -573,33 +840,46 @@ def to_markdown(summary: dict) -> str:
         return f"{100 * x['rate']:.1f}% [{100 * x['lo']:.1f}, {100 * x['hi']:.1f}]"
 
     check = summary.get("pipeline_check")  # smoke: said in the header and, in full, under the table
-    head = ["variant (SMOKE RUN: pipeline check, not a finding)" if check else "variant",
-            *(RULE_NAMES[r] for r in RULES), "CFD (lower is better)", "precision", "recall"]
+    head = [
+        "variant (SMOKE RUN: pipeline check, not a finding)" if check else "variant",
+        *(RULE_NAMES[r] for r in RULES),
+        "CFD (lower is better)",
+        "precision",
+        "recall",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, v in summary["variants"].items():
         qr = q["rows"].get(name, {})
-        lines.append(f"| {name} | " + " | ".join(cell(v["final"][r]) for r in RULES) +
-                     f" | {qr.get('cfd', float('nan')):.1f} | {qr.get('precision', float('nan')):.2f} | "
-                     f"{qr.get('recall', float('nan')):.2f} |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(cell(v["final"][r]) for r in RULES)
+            + f" | {qr.get('cfd', float('nan')):.1f} | {qr.get('precision', float('nan')):.2f} | "
+            f"{qr.get('recall', float('nan')):.2f} |"
+        )
     for name in ("held-out real", "untrained"):
         qr = q["rows"][name]
-        rates = " | ".join(cell(null[r]) for r in RULES) if name == "held-out real" else \
-            " | ".join("-" for _ in RULES)
+        rates = " | ".join(cell(null[r]) for r in RULES) if name == "held-out real" else " | ".join("-" for _ in RULES)
         label = f"{name} (null)" if name == "held-out real" else name
         lines.append(f"| {label} | {rates} | {qr['cfd']:.1f} | {qr['precision']:.2f} | {qr['recall']:.2f} |")
     steps = summary["variants"][next(iter(summary["variants"]))]["curve"][-1]["steps"]
-    lines += ["", f"{size['train_images']} training images ({summary.get('dataset', 'digits')}) at "
-              f"{size['image_size']}x{size['image_size']}, `tiny` UNet, "
-              f"{steps:,} optimizer steps per run (batch {size['batch_size']}), K = {size['clients']} for the "
-              f"federated variants, lambda = {size['agc_lambda']:g}; seeds {', '.join(map(str, size['seeds']))}; "
-              f"{size['samples']} DDIM-{size['sample_steps']} samples per run (raw weights). Copy rates: mean over "
-              f"seeds [hierarchical bootstrap 95% interval]; the null row is {null['num_heldout']} held-out real "
-              f"images against the same {null['num_train']} training images. Quality: CFD and precision/recall "
-              f"(k = 3) of {q['num_images']} images in the features of a small classifier trained on the "
-              f"{summary.get('dataset', 'digits')} training split (held-out accuracy {100 * q['classifier_accuracy']:.1f}%); not FID. "
-              f"Wall time of this call {summary['seconds'] / 60:.1f} min"
-              + (f" ({summary['kept']} of the runs were kept from an earlier call, not retrained)."
-                 if summary.get("kept") else ".")]
+    lines += [
+        "",
+        f"{size['train_images']} training images ({summary.get('dataset', 'digits')}) at "
+        f"{size['image_size']}x{size['image_size']}, `tiny` UNet, "
+        f"{steps:,} optimizer steps per run (batch {size['batch_size']}), K = {size['clients']} for the "
+        f"federated variants, lambda = {size['agc_lambda']:g}; seeds {', '.join(map(str, size['seeds']))}; "
+        f"{size['samples']} DDIM-{size['sample_steps']} samples per run (raw weights). Copy rates: mean over "
+        f"seeds [hierarchical bootstrap 95% interval]; the null row is {null['num_heldout']} held-out real "
+        f"images against the same {null['num_train']} training images. Quality: CFD and precision/recall "
+        f"(k = 3) of {q['num_images']} images in the features of a small classifier trained on the "
+        f"{summary.get('dataset', 'digits')} training split (held-out accuracy {100 * q['classifier_accuracy']:.1f}%); not FID. "
+        f"Wall time of this call {summary['seconds'] / 60:.1f} min"
+        + (
+            f" ({summary['kept']} of the runs were kept from an earlier call, not retrained)."
+            if summary.get("kept")
+            else "."
+        ),
+    ]
     if check:
         from experiments.studies.pipeline_check import NOTE
 
@@ -620,8 +900,9 @@ def make_figures(summary: dict, results: list[dict], fig_dir: Path) -> dict[str,
         for name, v in summary["variants"].items():
             x = [c["steps"] for c in v["curve"]]
             ax.plot(x, [100 * c[rule]["rate"] for c in v["curve"]], marker="o", ms=3, label=name)
-            ax.fill_between(x, [100 * c[rule]["lo"] for c in v["curve"]], [100 * c[rule]["hi"] for c in v["curve"]],
-                            alpha=0.15)
+            ax.fill_between(
+                x, [100 * c[rule]["lo"] for c in v["curve"]], [100 * c[rule]["hi"] for c in v["curve"]], alpha=0.15
+            )
         ax.axhline(100 * summary["null"][rule]["rate"], color="k", ls="--", lw=1, label="held-out real (null)")
         ax.set_title(f"copy rate ({RULE_NAMES[rule]})")
         ax.set_xlabel("optimizer steps")
@@ -642,8 +923,12 @@ def make_figures(summary: dict, results: list[dict], fig_dir: Path) -> dict[str,
         fig, axes = plt.subplots(len(shown), 1, figsize=(8, 0.75 * len(shown) + 0.4))
         for ax, r in zip(np.atleast_1d(axes), shown):
             imgs = load_samples(r["rounds"][-1]["eval_file"])["samples"][:16, 0]
-            ax.imshow(np.concatenate(list(np.pad(imgs, ((0, 0), (0, 0), (0, 1)), constant_values=255)), axis=1),
-                      cmap="gray", vmin=0, vmax=255)
+            ax.imshow(
+                np.concatenate(list(np.pad(imgs, ((0, 0), (0, 0), (0, 1)), constant_values=255)), axis=1),
+                cmap="gray",
+                vmin=0,
+                vmax=255,
+            )
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_ylabel(r["variant"], rotation=0, ha="right", va="center", fontsize=8)
@@ -653,7 +938,9 @@ def make_figures(summary: dict, results: list[dict], fig_dir: Path) -> dict[str,
         fig.savefig(out["samples"], dpi=110)
         plt.close(fig)
 
-    pairs = [r for r in results if r["variant"] in ("default", "iet-agc") and r["seed"] == min(summary["size"]["seeds"])]
+    pairs = [
+        r for r in results if r["variant"] in ("default", "iet-agc") and r["seed"] == min(summary["size"]["seeds"])
+    ]
     if pairs:
         from fl_ietagc.data.datasets import load_splits
         from fl_ietagc.runs.rundir import RunDir
@@ -664,8 +951,9 @@ def make_figures(summary: dict, results: list[dict], fig_dir: Path) -> dict[str,
             blob = load_samples(r["rounds"][-1]["eval_file"])
             from fl_ietagc.settings.config import parse_config
 
-            train = load_splits(parse_config({k: v for k, v in RunDir(r["run"]).read_config().items()
-                                              if k in _run_keys()})).train.images.numpy()
+            train = load_splits(
+                parse_config({k: v for k, v in RunDir(r["run"]).read_config().items() if k in _run_keys()})
+            ).train.images.numpy()
             order = np.argsort(blob["d2"][:, 0], kind="stable")[:8]
             for i, q in enumerate(order):
                 for row, img in ((2 * j, blob["samples"][q]), (2 * j + 1, train[blob["index"][q, 0]])):
@@ -674,7 +962,7 @@ def make_figures(summary: dict, results: list[dict], fig_dir: Path) -> dict[str,
                     axes[row, i].set_yticks([])
             axes[2 * j, 0].set_ylabel(f"{r['variant']}\ngenerated", fontsize=8)
             axes[2 * j + 1, 0].set_ylabel("nearest\ntraining", fontsize=8)
-        fig.suptitle("most similar generated / training pairs (seed %d)" % min(summary["size"]["seeds"]), fontsize=9)
+        fig.suptitle(f"most similar generated / training pairs (seed {min(summary['size']['seeds'])})", fontsize=9)
         fig.tight_layout()
         out["similar_pairs"] = fig_dir / "similar_pairs.png"
         fig.savefig(out["similar_pairs"], dpi=110)
@@ -688,39 +976,58 @@ def _run_keys() -> set[str]:
     return {f.metadata["key"] for f in config_keys()}
 
 
-def run_pool(tasks: list[tuple], workers: int, t0: float, progress: bool, done_before: int = 0,
-             total: int | None = None) -> list[dict]:
+def run_pool(
+    tasks: list[tuple], workers: int, t0: float, progress: bool, done_before: int = 0, total: int | None = None
+) -> list[dict]:
     """train_and_evaluate over `tasks` (name, seed, cfg, federated, size), `workers` processes of one thread each."""
-    from concurrent.futures import ProcessPoolExecutor
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
     total = total or len(tasks)
     threads = max(1, (os.cpu_count() or 1) // workers)
     results = []
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
-        futures = [pool.submit(train_and_evaluate, name, seed, cfg, fed, size, threads)
-                   for name, seed, cfg, fed, size in tasks]
+    with ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_exit_with_parent,
+        initargs=(os.getpid(),),
+    ) as pool:
+        futures = [
+            pool.submit(train_and_evaluate, name, seed, cfg, fed, size, threads) for name, seed, cfg, fed, size in tasks
+        ]
         for i, f in enumerate(futures, start=1 + done_before):
             r = f.result()
             results.append(r)
             elapsed = time.time() - t0
             done = done_before + sum(x.done() for x in futures)  # workers finish in parallel: all of them count
             if progress:
-                print(f"[{i}/{total}] {Path(r['run']).name}: train {r['train_s']:.0f}s eval {r['eval_s']:.0f}s"
-                      f"  1/3-rule {100 * np.mean(r['rounds'][-1]['flags']['one_third']):.1f}%  elapsed "
-                      f"{elapsed / 60:.1f} min, eta {elapsed / done * (total - done) / 60:.1f} min", flush=True)
+                print(
+                    f"[{i}/{total}] {Path(r['run']).name}: train {r['train_s']:.0f}s eval {r['eval_s']:.0f}s"
+                    f"  1/3-rule {100 * np.mean(r['rounds'][-1]['flags']['one_third']):.1f}%  elapsed "
+                    f"{elapsed / 60:.1f} min, eta {elapsed / done * (total - done) / 60:.1f} min",
+                    flush=True,
+                )
     return results
 
 
 def study_dir_for(out: Path, size_name: str, settings: list[str]) -> Path:
     # a path-valued setting (data-root=/a/b) names one directory, not a tree
-    return out / ("small-data-" + size_name + ("-" + "-".join(s.replace("=", "").replace("/", "_") for s in settings)
-                                               if settings else ""))
+    return out / (
+        "small-data-"
+        + size_name
+        + ("-" + "-".join(s.replace("=", "").replace("/", "_") for s in settings) if settings else "")
+    )
 
 
-def run_small_data(size_name: str, out: Path, *, workers: int = 2, settings: list[str] | None = None,
-                   progress: bool = True, dry_run: bool = False) -> dict | None:
+def run_small_data(
+    size_name: str,
+    out: Path,
+    *,
+    workers: int = 2,
+    settings: list[str] | None = None,
+    progress: bool = True,
+    dry_run: bool = False,
+) -> dict | None:
     """The whole study; returns the summary (also written as results.json / comparison.md / horizon.md /
     figures/). `--set size=FAMILY` picks another size, `--set sweep=...` runs the sweep (sweep.py) instead."""
     from experiments.studies import horizon_report
@@ -734,29 +1041,45 @@ def run_small_data(size_name: str, out: Path, *, workers: int = 2, settings: lis
     if size.sweep:
         from experiments.studies.sweep import run_sweep
 
-        return run_sweep(size, extra, study_dir, size_name=size_name, job_config=job_config, run_pool=run_pool,
-                         workers=workers, progress=progress, dry_run=dry_run)
+        return run_sweep(
+            size,
+            extra,
+            study_dir,
+            size_name=size_name,
+            job_config=job_config,
+            run_pool=run_pool,
+            workers=workers,
+            progress=progress,
+            dry_run=dry_run,
+        )
     if dry_run and size.device == "cuda":  # before the checks, so a machine without the GPU can print it too
         e = gpu_estimate(size)
-        print(f"expected on one H100 (UNMEASURED, from benchmarks/RESULTS.md): {e['total_s'] / 60:.1f} min "
-              f"({e['train_s']:.0f} s training {e['train_images']:,} images at {H100_TRAIN_IMG_S:,.0f} img/s, "
-              f"{e['sample_s']:.0f} s sampling {e['samples']:,} images at {H100_DDIM50_IMG_S:,.0f} img/s, "
-              f"{e['warmup_s']:.0f} s compile warm-up; data loading and the CPU's quality classifier not counted)",
-              flush=True)
+        print(
+            f"expected on one H100 (UNMEASURED, from benchmarks/RESULTS.md): {e['total_s'] / 60:.1f} min "
+            f"({e['train_s']:.0f} s training {e['train_images']:,} images at {H100_TRAIN_IMG_S:,.0f} img/s, "
+            f"{e['sample_s']:.0f} s sampling {e['samples']:,} images at {H100_DDIM50_IMG_S:,.0f} img/s, "
+            f"{e['warmup_s']:.0f} s compile warm-up; data loading and the CPU's quality classifier not counted)",
+            flush=True,
+        )
     jobs = configs(size, extra, study_dir)
     if dry_run:  # the plan, checked, and nothing written
-        horizon = (f"; until default training levels off, at most {size.rounds} rounds"
-                   if size.until_plateau else "")
-        print(f"small-data study ({size_name}), dry run: {len(jobs)} runs ({len(size.variants)} variants x "
-              f"{len(size.seeds)} seeds) into {study_dir}: {', '.join(f'{n}-s{s}' for n, s, _, _ in jobs)}; "
-              f"{size.rounds} rounds x {size.local_epochs} local epochs, {size.train_images} training images"
-              f"{horizon}", flush=True)
+        horizon = f"; until default training levels off, at most {size.rounds} rounds" if size.until_plateau else ""
+        print(
+            f"small-data study ({size_name}), dry run: {len(jobs)} runs ({len(size.variants)} variants x "
+            f"{len(size.seeds)} seeds) into {study_dir}: {', '.join(f'{n}-s{s}' for n, s, _, _ in jobs)}; "
+            f"{size.rounds} rounds x {size.local_epochs} local epochs, {size.train_images} training images"
+            f"{horizon}",
+            flush=True,
+        )
         return None
     study_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     total = len(jobs)
-    print(f"small-data study ({size_name}): {total} runs ({len(size.variants)} variants x {len(size.seeds)} seeds), "
-          f"{workers} worker(s), in {study_dir}", flush=True)
+    print(
+        f"small-data study ({size_name}): {total} runs ({len(size.variants)} variants x {len(size.seeds)} seeds), "
+        f"{workers} worker(s), in {study_dir}",
+        flush=True,
+    )
     plateau = None
     if size.until_plateau:  # default training first, to the budget; the others to where it levelled off
         first = [(*j, size) for j in jobs if j[0] == "default"]
@@ -764,8 +1087,14 @@ def run_small_data(size_name: str, out: Path, *, workers: int = 2, settings: lis
         plateau = horizon_report.plateau(results, size)
         horizon = plateau["round"] or size.rounds
         rest = configs(dataclasses.replace(size, rounds=horizon), extra, study_dir)
-        results += run_pool([(*j, dataclasses.replace(size, rounds=horizon)) for j in rest if j[0] != "default"],
-                            workers, t0, progress, done_before=len(first), total=total)
+        results += run_pool(
+            [(*j, dataclasses.replace(size, rounds=horizon)) for j in rest if j[0] != "default"],
+            workers,
+            t0,
+            progress,
+            done_before=len(first),
+            total=total,
+        )
         full_default = [r for r in results if r["variant"] == "default"]
         results = [horizon_report.truncate(r, horizon) for r in results]
     else:
@@ -793,6 +1122,9 @@ def run_small_data(size_name: str, out: Path, *, workers: int = 2, settings: lis
     more = horizon_report.to_markdown(summary)
     atomic_write_bytes(study_dir / "horizon.md", lambda f: f.write((more + "\n").encode()))
     print(table + "\n\n" + more)
-    print(f"results: {study_dir / 'results.json'}  tables: {study_dir / 'comparison.md'}, {study_dir / 'horizon.md'}"
-          f"  figures: {study_dir / 'figures'}", flush=True)
+    print(
+        f"results: {study_dir / 'results.json'}  tables: {study_dir / 'comparison.md'}, {study_dir / 'horizon.md'}"
+        f"  figures: {study_dir / 'figures'}",
+        flush=True,
+    )
     return summary

@@ -34,8 +34,12 @@ from pathlib import Path
 import numpy as np
 
 KNOBS = {"k": (2, 4, 8), "lambda": (1.5, 2.0, 3.0), "epochs": (0.5, 1.0, 2.0), "ret": ("scaled",)}
-KNOB_NAMES = {"k": "K (clients)", "lambda": "AGC lambda", "epochs": "local epochs per round",
-              "ret": "RET, shift scaled"}
+KNOB_NAMES = {
+    "k": "K (clients)",
+    "lambda": "AGC lambda",
+    "epochs": "local epochs per round",
+    "ret": "RET, shift scaled",
+}
 
 
 def parse_knobs(value: str) -> tuple[str, ...]:
@@ -98,8 +102,11 @@ def sweep_plan(size, knobs: tuple[str, ...]) -> list[Point]:
                 points.append(Point(knob, epochs, "iet-agc", at_budget(s), tag=f"iet-agc-epochs{epochs}"))
             else:
                 shift = max(1, size.image_size // 8)
-                points.append(Point(knob, shift, "ret", at_budget(size), extra=(("taa-max-shift", shift),),
-                                    tag=f"ret-shift{shift}"))
+                points.append(
+                    Point(
+                        knob, shift, "ret", at_budget(size), extra=(("taa-max-shift", shift),), tag=f"ret-shift{shift}"
+                    )
+                )
     return points
 
 
@@ -113,8 +120,18 @@ def runs_of(points: list[Point]) -> list[Point]:
     return out
 
 
-def run_sweep(size, extra: dict, study_dir: Path, *, size_name: str, job_config, run_pool, workers: int = 2,
-              progress: bool = True, dry_run: bool = False) -> dict | None:
+def run_sweep(
+    size,
+    extra: dict,
+    study_dir: Path,
+    *,
+    size_name: str,
+    job_config,
+    run_pool,
+    workers: int = 2,
+    progress: bool = True,
+    dry_run: bool = False,
+) -> dict | None:
     """The sweep's runs (kept / resumed / trained by small_data's `run_pool`; configs by its `job_config`, passed in:
     small_data imports this module), then sweep.md, sweep.json and the figure."""
     from experiments.studies import horizon as H
@@ -130,8 +147,11 @@ def run_sweep(size, extra: dict, study_dir: Path, *, size_name: str, job_config,
             cfg = job_config(p.variant, seed, p.size, {**extra, **dict(p.extra)}, study_dir, f"{p.tag}-s{seed}")
             tasks.append((p.variant, seed, cfg, p.variant != "default", p.size))
     if dry_run:
-        print(f"small-data sweep ({size_name}), dry run: {len(tasks)} runs ({len(runs_of(points))} points x "
-              f"{len(seeds)} seed(s)) into {study_dir}: {', '.join(t[2].run_name for t in tasks)}", flush=True)
+        print(
+            f"small-data sweep ({size_name}), dry run: {len(tasks)} runs ({len(runs_of(points))} points x "
+            f"{len(seeds)} seed(s)) into {study_dir}: {', '.join(t[2].run_name for t in tasks)}",
+            flush=True,
+        )
         return None
     study_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -143,13 +163,31 @@ def run_sweep(size, extra: dict, study_dir: Path, *, size_name: str, job_config,
         runs = [results[f"{p.tag}-s{seed}"] for seed in seeds]
         steps = [float(x["steps"]) for x in runs[0]["rounds"]]
         flags = [[np.asarray(x["flags"]["one_third"]) for x in r["rounds"]] for r in runs]
-        rows.append({"knob": p.knob, "value": p.value, "variant": p.variant, "run": p.tag,
-                     "clients": p.size.clients, "batch_size": p.size.batch_size, "local_epochs": p.size.local_epochs,
-                     "rounds": p.size.rounds, "agc_lambda": p.size.agc_lambda, "extra": dict(p.extra),
-                     "steps_to": {f"{t:g}": H.steps_to(steps, flags, t, rng) for t in H.TARGETS},
-                     "final": float(H.curve(flags)[-1])})
-    summary = {"size": dataclasses.asdict(size), "size_name": size_name, "seeds": list(seeds), "knobs": list(knobs),
-               "points": rows, "seconds": time.time() - t0, "pipeline_check": size_name.endswith("smoke")}
+        rows.append(
+            {
+                "knob": p.knob,
+                "value": p.value,
+                "variant": p.variant,
+                "run": p.tag,
+                "clients": p.size.clients,
+                "batch_size": p.size.batch_size,
+                "local_epochs": p.size.local_epochs,
+                "rounds": p.size.rounds,
+                "agc_lambda": p.size.agc_lambda,
+                "extra": dict(p.extra),
+                "steps_to": {f"{t:g}": H.steps_to(steps, flags, t, rng) for t in H.TARGETS},
+                "final": float(H.curve(flags)[-1]),
+            }
+        )
+    summary = {
+        "size": dataclasses.asdict(size),
+        "size_name": size_name,
+        "seeds": list(seeds),
+        "knobs": list(knobs),
+        "points": rows,
+        "seconds": time.time() - t0,
+        "pipeline_check": size_name.endswith("smoke"),
+    }
     fig = figure(summary, study_dir / "figures")
     summary["figures"] = {"sweep_steps_to_25": str(fig)}
     if summary["pipeline_check"]:
@@ -170,15 +208,23 @@ def to_markdown(summary: dict) -> str:
     from experiments.studies.horizon import fmt_steps
 
     lines = ["SMOKE RUN: pipeline check, not a finding.", ""] if summary["pipeline_check"] else []
-    lines += ["| knob | value | variant | K | batch | local epochs | rounds | lambda | steps to 10% | steps to 25% | "
-              "copy rate at the end |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "| knob | value | variant | K | batch | local epochs | rounds | lambda | steps to 10% | steps to 25% | "
+        "copy rate at the end |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in summary["points"]:
         value = r["value"] if r["value"] != "" else "-"
-        lines.append(f"| {r['knob']} | {value} | {r['variant']} | {r['clients']} | {r['batch_size']} | "
-                     f"{r['local_epochs']} | {r['rounds']} | {r['agc_lambda']:g} | {fmt_steps(r['steps_to']['0.1'])} | "
-                     f"{fmt_steps(r['steps_to']['0.25'])} | {100 * r['final']:.1f}% |")
-    lines += ["", f"1/3 rule; seeds {', '.join(map(str, summary['seeds']))}; every point to the same step budget; "
-              "intervals: hierarchical bootstrap over seeds and samples (one seed: over samples only)."]
+        lines.append(
+            f"| {r['knob']} | {value} | {r['variant']} | {r['clients']} | {r['batch_size']} | "
+            f"{r['local_epochs']} | {r['rounds']} | {r['agc_lambda']:g} | {fmt_steps(r['steps_to']['0.1'])} | "
+            f"{fmt_steps(r['steps_to']['0.25'])} | {100 * r['final']:.1f}% |"
+        )
+    lines += [
+        "",
+        f"1/3 rule; seeds {', '.join(map(str, summary['seeds']))}; every point to the same step budget; "
+        "intervals: hierarchical bootstrap over seeds and samples (one seed: over samples only).",
+    ]
     return "\n".join(lines)
 
 
@@ -206,8 +252,9 @@ def figure(summary: dict, fig_dir: Path) -> Path:
                 ax.plot(i, s["budget"], marker="^", mfc="none", color="C1")
                 continue
             hi = s["budget"] if s["hi"] is None else s["hi"]
-            ax.errorbar(i, s["steps"], yerr=[[s["steps"] - s["lo"]], [hi - s["steps"]]], marker="o", color="C1",
-                        capsize=3)
+            ax.errorbar(
+                i, s["steps"], yerr=[[s["steps"] - s["lo"]], [hi - s["steps"]]], marker="o", color="C1", capsize=3
+            )
         if base["steps"] is not None:
             ax.axhline(base["steps"], color="C0", ls="--", lw=1, label="default training")
         ax.set_xticks(range(len(pts)), labels)

@@ -28,8 +28,11 @@ def round_scalars(record: dict) -> dict[str, float]:
             continue
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             out[key] = float(value)
-        elif isinstance(value, list) and value and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                        for v in value):
+        elif (
+            isinstance(value, list)
+            and value
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        ):
             out.update({f"{key}/client-{p}": float(v) for p, v in enumerate(value)})
     return {k: v for k, v in out.items() if math.isfinite(v)}
 
@@ -39,8 +42,9 @@ def write_tensorboard(run: RunDir, log_dir: Path) -> int:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as e:
-        raise RuntimeError("--tensorboard needs the tensorboard package: pip install 'fl-ietagc[tensorboard]' "
-                           f"({e})") from None
+        raise RuntimeError(
+            f"--tensorboard needs the tensorboard package: pip install 'fl-ietagc[tensorboard]' ({e})"
+        ) from None
     target = Path(log_dir) / run.path.name
     shutil.rmtree(target, ignore_errors=True)
     metrics = run.read_metrics()

@@ -9,7 +9,7 @@ NONFINITE_CHECK_EVERY steps of the device).
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 PROGRESS_EVERY_S = 20.0  # seconds between two lines of one loop; the first after this long too
 
@@ -28,8 +28,15 @@ class StepProgress:
     """`update(done)` after each step; a line is written when `every_s` has passed since the last one (or the
     start), never for the last step (the loop's own summary follows it)."""
 
-    def __init__(self, label: str, total: int, images_per_step: int, every_s: float = PROGRESS_EVERY_S,
-                 write: Callable[[str], None] | None = None, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        label: str,
+        total: int,
+        images_per_step: int,
+        every_s: float = PROGRESS_EVERY_S,
+        write: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.label, self.total, self.images_per_step, self.every_s = label, total, images_per_step, every_s
         self.write = write or (lambda line: print(line, flush=True))
         self.clock = clock
@@ -43,7 +50,9 @@ class StepProgress:
             return
         elapsed = now - self.start
         rate = done / elapsed  # steps per second
-        self.write(f"{self.label}: step {done}/{self.total} ({100 * done / self.total:.0f}%), "
-                   f"{rate * self.images_per_step:.1f} img/s, ETA {duration((self.total - done) / rate)}")
+        self.write(
+            f"{self.label}: step {done}/{self.total} ({100 * done / self.total:.0f}%), "
+            f"{rate * self.images_per_step:.1f} img/s, ETA {duration((self.total - done) / rate)}"
+        )
         self.lines += 1
         self.next_at = now + self.every_s

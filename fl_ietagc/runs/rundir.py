@@ -35,19 +35,27 @@ from pathlib import Path
 
 import numpy as np
 
-from fl_ietagc.runs.checkpoints import BackgroundWrite, atomic_write_bytes, atomic_write_json, cpu_state, load_torch, read_json, \
-    save_checkpoint, save_torch
+from fl_ietagc.runs.checkpoints import (
+    BackgroundWrite,
+    atomic_write_bytes,
+    atomic_write_json,
+    cpu_state,
+    load_torch,
+    read_json,
+    save_checkpoint,
+    save_torch,
+)
 from fl_ietagc.settings.config import ConfigError
 
 RESUME_FORMAT = "fl-ietagc-resume/1"
 WRITE_TIMEOUT_S = 600.0  # a checkpoint write that takes longer fails the commit, named
 
 # runs this process is writing now: a signal handler marks them interrupted before the process exits
-ACTIVE_RUNS: set["RunDir"] = set()
+ACTIVE_RUNS: set[RunDir] = set()
 ANNOUNCE_ENV = "FL_IETAGC_RUN_DIR_FILE"  # a supervising process (flower-simulation) learns the run dir here
 
 
-def register_active(run: "RunDir") -> None:
+def register_active(run: RunDir) -> None:
     """This process now writes `run`: remember it for signal handlers, and tell a supervisor where it is."""
     ACTIVE_RUNS.add(run)
     if os.environ.get(ANNOUNCE_ENV):
@@ -133,7 +141,7 @@ class RunDir:
         advice = {
             "completed": "it holds a completed run; choose another run-name",
             "running": f"a run is still writing it ({run.read_status().get('host')} pid "
-                       f"{run.read_status().get('pid')}); choose another run-name",
+            f"{run.read_status().get('pid')}); choose another run-name",
             "stale": f"it holds a run whose process is gone (killed?); continue it with: {resume_command(run.path)}",
             "failed": f"it holds a failed run; fix the cause and continue it with: {resume_command(run.path)}",
             "interrupted": f"it holds an interrupted run; continue it with: {resume_command(run.path)}",
@@ -141,7 +149,7 @@ class RunDir:
         raise RunExistsError(f"run-name = {path.name!r}: {path} already exists: {advice}")
 
     @classmethod
-    def create(cls, output_dir: str, run_name: str, default_name: str) -> "RunDir":
+    def create(cls, output_dir: str, run_name: str, default_name: str) -> RunDir:
         path = cls.new_path(output_dir, run_name, default_name)
         cls.check_new(path)
         try:
@@ -151,14 +159,14 @@ class RunDir:
         return cls(path)
 
     @classmethod
-    def reopen(cls, path: str | Path) -> "RunDir":
+    def reopen(cls, path: str | Path) -> RunDir:
         """An existing run to continue, rolled back to its last committed round."""
         run = cls.check_resumable(path)
         run.roll_back(run.committed_round())
         return run
 
     @classmethod
-    def check_resumable(cls, path: str | Path) -> "RunDir":
+    def check_resumable(cls, path: str | Path) -> RunDir:
         """The run must be failed, interrupted or stale (its process gone), and have a commit point."""
         run = cls(path)
         if not run.config_path.is_file():
@@ -169,11 +177,15 @@ class RunDir:
             raise ConfigError(f"resume: {run.path} holds a completed run; nothing to resume")
         if state == "running":
             s = run.read_status()
-            raise ConfigError(f"resume: {run.path} is still being written by {s.get('host')} pid {s.get('pid')}; "
-                              f"stop that process first")
+            raise ConfigError(
+                f"resume: {run.path} is still being written by {s.get('host')} pid {s.get('pid')}; "
+                f"stop that process first"
+            )
         if not run.resume_path.is_file():
-            raise ConfigError(f"resume: {run.path} has no resume.pt (the run stopped before it started training); "
-                              f"start it again under a new run-name")
+            raise ConfigError(
+                f"resume: {run.path} has no resume.pt (the run stopped before it started training); "
+                f"start it again under a new run-name"
+            )
         try:
             run.committed_round()
         except ValueError as e:
@@ -200,8 +212,10 @@ class RunDir:
         return read_json(self.config_path, "run config")
 
     def write_status(self, status: str, **fields) -> None:
-        atomic_write_json(self.status_path, {"status": status, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                             **_this_process(), **fields})
+        atomic_write_json(
+            self.status_path,
+            {"status": status, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **_this_process(), **fields},
+        )
 
     def read_status(self) -> dict:
         if not self.status_path.exists():
@@ -233,8 +247,19 @@ class RunDir:
         self.write_shards(shards)
         self.write_status("running", round=0, num_rounds=num_rounds)
 
-    def commit_round(self, server_round: int, record: dict, *, net: dict, ema: dict, state: dict, config: dict,
-                     skip_counts: np.ndarray | None, keep_checkpoint: bool, num_rounds: int) -> None:
+    def commit_round(
+        self,
+        server_round: int,
+        record: dict,
+        *,
+        net: dict,
+        ema: dict,
+        state: dict,
+        config: dict,
+        skip_counts: np.ndarray | None,
+        keep_checkpoint: bool,
+        num_rounds: int,
+    ) -> None:
         """Make round `server_round` durable: metrics, skip counts, checkpoint, then the commit point."""
         from fl_ietagc.runs.faults import fault_point
 
@@ -245,10 +270,16 @@ class RunDir:
         # the checkpoint is written on a thread while resume.pt goes to its temporary file (the two overlap their
         # serialization and fsync); resume.pt, the commit point, replaces the old one only once the checkpoint is
         # in place, so a committed round always has its checkpoint
-        checkpoint = BackgroundWrite(
-            lambda: save_checkpoint(self.checkpoint(server_round), net, ema, server_round=server_round,
-                                    config=config), f"checkpoint {self.checkpoint(server_round)}") \
-            if keep_checkpoint else None
+        checkpoint = (
+            BackgroundWrite(
+                lambda: save_checkpoint(
+                    self.checkpoint(server_round), net, ema, server_round=server_round, config=config
+                ),
+                f"checkpoint {self.checkpoint(server_round)}",
+            )
+            if keep_checkpoint
+            else None
+        )
 
         def checkpoint_in_place():
             if checkpoint is not None:
@@ -259,8 +290,17 @@ class RunDir:
         self.write_status("running", round=server_round, num_rounds=num_rounds)
 
     def write_resume(self, server_round: int, net: dict, ema: dict, state: dict, before_replace=None) -> None:
-        save_torch(self.resume_path, {"format": RESUME_FORMAT, "round": server_round, "net": cpu_state(net),
-                                      "ema": cpu_state(ema), "state": state}, before_replace)
+        save_torch(
+            self.resume_path,
+            {
+                "format": RESUME_FORMAT,
+                "round": server_round,
+                "net": cpu_state(net),
+                "ema": cpu_state(ema),
+                "state": state,
+            },
+            before_replace,
+        )
 
     def read_resume(self) -> dict:
         blob = load_torch(self.resume_path, "resume point")
@@ -293,12 +333,17 @@ class RunDir:
         """Status failed with a one-line error; the full traceback goes to logs/failure.log."""
         log = self.write_log("failure.log", "".join(traceback.format_exception(exc)))
         line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        self.write_status("failed", error=f"{type(exc).__name__}: {line}", log=str(log),
-                          round=self._committed_or_zero(), resume=resume_command(self.path), **fields)
+        self.write_status(
+            "failed",
+            error=f"{type(exc).__name__}: {line}",
+            log=str(log),
+            round=self._committed_or_zero(),
+            resume=resume_command(self.path),
+            **fields,
+        )
 
     def mark_interrupted(self, why: str) -> None:
-        self.write_status("interrupted", error=why, round=self._committed_or_zero(),
-                          resume=resume_command(self.path))
+        self.write_status("interrupted", error=why, round=self._committed_or_zero(), resume=resume_command(self.path))
 
     def _committed_or_zero(self) -> int:
         try:
