@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import warnings
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -199,7 +200,11 @@ class SSCDEmbedder:
         if not _is_torchscript(p):
             raise ConfigError(f"SSCD model {str(p)!r}: not a TorchScript archive (SSCD's *.torchscript.pt files are)")
         try:
-            self.model = torch.jit.load(str(p), map_location=device).eval()
+            with warnings.catch_warnings():
+                # SSCD is released only as TorchScript, so torch's deprecation of torch.jit.load is nothing a user
+                # can act on here; the day torch removes it, this line fails loudly instead
+                warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated", category=FutureWarning)
+                self.model = torch.jit.load(str(p), map_location=device).eval()
         except RuntimeError as e:
             raise ConfigError(f"SSCD model {str(p)!r}: cannot be loaded ({' '.join(str(e).split())[:200]})") from None
         self.device, self.size, self.batch_size = device, size, batch_size

@@ -13,6 +13,8 @@ to maintain, and pretrained diffusers checkpoints load into it directly.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from diffusers import UNet2DModel
 from diffusers.utils import is_accelerate_available
@@ -128,7 +130,10 @@ def load_diffusers_unet(model: UNet2DModel, source: str) -> dict:
     when online) after checking that its architecture is exactly `model`'s."""
     try:
         # without accelerate, say False (the default True falls back with an "install accelerate" warning)
-        pretrained = UNet2DModel.from_pretrained(source, low_cpu_mem_usage=is_accelerate_available())
+        with warnings.catch_warnings():
+            # diffusers itself passes huggingface_hub's deprecated `local_dir_use_symlinks`: not the user's to fix
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks", category=UserWarning)
+            pretrained = UNet2DModel.from_pretrained(source, low_cpu_mem_usage=is_accelerate_available())
     except (OSError, ValueError) as e:  # missing directory/file, no network for a hub id, bad JSON, bad weights
         raise ConfigError(
             f"init-checkpoint = {source!r}: cannot load a diffusers UNet2DModel from it ({_describe(e)})"
