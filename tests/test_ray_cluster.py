@@ -123,6 +123,46 @@ def ray_processes(marks: list[str]) -> list[int]:
     return pids
 
 
+def wait_for_head(head: subprocess.Popen, address: str, log: Path) -> None:
+    """Until the head's GCS accepts connections (at most 90 s; a head that exits fails with its log's tail)."""
+    deadline = time.time() + 90
+    while True:
+        assert head.poll() is None, log.read_text()[-3000:]
+        assert time.time() < deadline, "the Ray head did not start within 90 s"
+        try:
+            simulate.check_ray_address(address)
+            return
+        except Exception:
+            time.sleep(0.5)
+
+
+def stop_nodes(starts: list[subprocess.Popen], marks: list[str], temp: Path) -> None:
+    """Stop the nodes started here by their own pids (never `ray stop`, which stops every Ray on the machine):
+    SIGTERM (`ray start --block` stops its node's processes on it), then SIGKILL to each node's session, then to
+    any process still naming this cluster; the temp dir goes last."""
+    for proc in reversed(starts):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in starts:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # anything of that node still in its session
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + 15
+    while (left := ray_processes(marks)) and time.time() < deadline:
+        time.sleep(0.5)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    shutil.rmtree(temp, ignore_errors=True)
+
+
 def cluster_nodes(address: str, want: int, timeout: float = 120) -> dict[str, dict]:
     """{node id: resources} of the cluster's live nodes once `want` are up (asked from a separate driver)."""
     probe = (
@@ -184,15 +224,7 @@ def ray_cluster(tmp_path):
                 env=env,
             )
         )
-        deadline = time.time() + 90
-        while True:  # the head's GCS accepts connections
-            assert starts[0].poll() is None, (tmp_path / "head.log").read_text()[-3000:]
-            assert time.time() < deadline, "the Ray head did not start within 90 s"
-            try:
-                simulate.check_ray_address(address)
-                break
-            except Exception:
-                time.sleep(0.5)
+        wait_for_head(starts[0], address, tmp_path / "head.log")
         starts.append(
             subprocess.Popen(
                 [RAY, "start", "--address", address, "--node-ip-address", "127.0.0.1", *common, *node_ports()],
@@ -206,27 +238,7 @@ def ray_cluster(tmp_path):
         assert len(nodes) == 2, (nodes, (tmp_path / "node.log").read_text()[-3000:])
         yield {"address": address, "nodes": nodes, "marks": [str(temp), address]}
     finally:
-        for proc in reversed(starts):  # `ray start --block` stops its node's processes on SIGTERM
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in starts:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # anything of that node still in its session
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + 15
-        while (left := ray_processes([str(temp), address])) and time.time() < deadline:
-            time.sleep(0.5)
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(temp, ignore_errors=True)
+        stop_nodes(starts, [str(temp), address], temp)
 
 
 @pytest.mark.slow

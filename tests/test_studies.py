@@ -131,14 +131,11 @@ def ray_head(tmp_path_factory):
     federated run of the smoke studies attaches to (RAY_ADDRESS), instead of each starting and stopping a Ray of
     its own (~20 runs). Stopped afterwards, always, by its pids (never `ray stop`, which stops every Ray here)."""
     import os
-    import signal
     import subprocess
     import tempfile
-    import time
     from pathlib import Path
 
-    from experiments.launch import simulate
-    from tests.test_ray_cluster import RAY, free_ports, node_ports, ray_processes
+    from tests.test_ray_cluster import RAY, free_ports, node_ports, stop_nodes, wait_for_head
 
     log = tmp_path_factory.mktemp("ray-head") / "head.log"
     temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths must stay < 108 chars
@@ -154,36 +151,10 @@ def ray_head(tmp_path_factory):
         env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
     )  # fmt: skip
     try:
-        deadline = time.time() + 90
-        while True:  # the head's GCS accepts connections
-            assert head.poll() is None, log.read_text()[-3000:]
-            assert time.time() < deadline, "the Ray head did not start within 90 s"
-            try:
-                simulate.check_ray_address(address)
-                break
-            except Exception:
-                time.sleep(0.5)
+        wait_for_head(head, address, log)
         yield address
     finally:
-        if head.poll() is None:
-            head.send_signal(signal.SIGTERM)  # `ray start --block` stops its node's processes on SIGTERM
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(head.pid, signal.SIGKILL)  # anything of the node still in its session
-        except ProcessLookupError:
-            pass
-        deadline = time.time() + 15
-        while (left := ray_processes([str(temp), address])) and time.time() < deadline:
-            time.sleep(0.5)
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(temp, ignore_errors=True)
+        stop_nodes([head], [str(temp), address], temp)
 
 
 @pytest.mark.slow
