@@ -1,7 +1,15 @@
+import os
+import time
 from pathlib import Path
 
-import pytest
-import torch
+# Under pytest-xdist two workers share 2 cores, each with two torch threads: OpenMP threads that spin while they
+# wait would burn the other worker's core (measured: a 32 s test took 86 s beside a copy of itself, 68 s with
+# passive waiting, 64 s being the ideal). Set before torch loads OpenMP; subprocesses and Ray actors inherit it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -67,25 +75,50 @@ def captured_features(monkeypatch) -> list:
 def pytest_runtest_logstart(nodeid, location):
     """Name each slow test (Ray, deployments, studies: minutes each) as it starts, with the time, so a quiet
     `pytest -q` says what it is waiting for; fast tests stay dots."""
-    session = _SESSION.get("session")
-    if session is None:
-        return
-    item = _SESSION["items"].get(nodeid)
+    item = _SESSION.get("items", {}).get(nodeid)
     if item is not None and item.get_closest_marker("slow") is not None:
-        import time
+        _announce(f"slow test started {time.strftime('%H:%M:%S')}: {nodeid}")
 
-        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None:
-            if getattr(getattr(reporter, "_tw", None), "width_of_current_line", 0):  # after -q's dots
-                reporter.write("\n")
-            reporter.write_line(f"slow test started {time.strftime('%H:%M:%S')}: {nodeid}")
+
+def pytest_runtest_logreport(report):
+    """Under pytest-xdist (scripts/test.sh) the controller collects nothing, so logstart cannot tell a slow test:
+    its setup report can (markers travel as keywords), with the time the test began and the worker running it."""
+    worker = getattr(getattr(getattr(report, "node", None), "gateway", None), "id", None)
+    if worker is not None and report.when == "setup" and "slow" in report.keywords:
+        began = time.strftime("%H:%M:%S", time.localtime(getattr(report, "start", time.time())))
+        _announce(f"slow test started {began} on {worker}: {report.nodeid}")
+
+
+def _announce(line: str) -> None:
+    reporter = _SESSION["config"].pluginmanager.get_plugin("terminalreporter") if "config" in _SESSION else None
+    if reporter is not None:
+        if getattr(getattr(reporter, "_tw", None), "width_of_current_line", 0):  # after -q's dots
+            reporter.write("\n")
+        reporter.write_line(line)
 
 
 _SESSION: dict = {}
 
 
+def pytest_configure(config):
+    _SESSION["config"] = config
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (scripts/test.sh: two workers taking whole files, in this order), slow tests first and
+    the longest of them before the rest (`slow(minutes=M)`: their measured serial minutes on 2 idle cores), so
+    that the fast files fill the gaps at the end instead of a 5-minute study keeping one worker busy while the
+    other idles. Serial runs keep the file order."""
+    if hasattr(config, "workerinput"):
+
+        def order(item):  # (sort is stable: file order within equal keys)
+            slow = item.get_closest_marker("slow")
+            return (slow is None, -(slow.kwargs.get("minutes", 0) if slow else 0))
+
+        items.sort(key=order)
+
+
 def pytest_collection_finish(session):
-    _SESSION["session"] = session
     _SESSION["items"] = {item.nodeid: item for item in session.items}
 
 

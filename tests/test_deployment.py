@@ -32,7 +32,7 @@ from fl_ietagc.runs.rundir import RunDir
 from tests.local_grid import run_server
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(minutes=5.5)  # (the whole file, measured; conftest.py orders by it)
 
 CONFIG = {
     "num-server-rounds": 2,
@@ -66,11 +66,14 @@ def _free(port: int) -> bool:
 
 
 def free_port_block() -> int:
-    """A SuperLink port P (9300..9399) with P+100..P+103 (SuperNodes' and intruders' runtime APIs) also free."""
-    for port in range(9300, 9400):
+    """A SuperLink port P (9300..9399; pytest-xdist worker gwN: 1000 * N higher) with P+100..P+103 (SuperNodes' and
+    intruders' runtime APIs) also free. Per worker, because two workers checking the same ports at the same moment
+    would both find 9300 free and the second SuperLink would fail to bind."""
+    base = 9300 + 1000 * int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:])
+    for port in range(base, base + 100):
         if all(_free(p) for p in (port, port + 100, port + 101, port + 102, port + 103)):
             return port
-    raise RuntimeError("no free port block in 9300..9503 on 127.0.0.1")
+    raise RuntimeError(f"no free port block in {base}..{base + 203} on 127.0.0.1")
 
 
 def leftovers(work: Path, ports: list[int]) -> list[int]:

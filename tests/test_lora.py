@@ -111,7 +111,7 @@ def test_exported_adapters_load_into_diffusers_and_match_our_merged_unet(lora_ru
         text_encoder=parts.text_encoder,
         tokenizer=parts.tokenizer,
         unet=parts.unet,
-        scheduler=DDIMScheduler(),
+        scheduler=DDIMScheduler(steps_offset=1, clip_sample=False),  # (a current SD config: no FutureWarning)
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -13,7 +13,7 @@ from fl_ietagc.runs.rundir import RunDir
 from fl_ietagc.settings.config import parse_config, parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(minutes=3.5)  # (the whole file, measured; conftest.py orders by it)
 
 # 2 clients x 128 images, batch 32: 4 steps per epoch. T = 20 so the memory bank fills and AGC
 # skips within the run; warmup (6 steps) spans the two rounds.

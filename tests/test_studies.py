@@ -157,9 +157,13 @@ def ray_head(tmp_path_factory):
         stop_nodes([head], [str(temp), address], temp)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("study", STUDIES)
+@pytest.mark.slow(minutes=4.5)
+@pytest.mark.parametrize("study", [s for s in STUDIES if s != "strategies"])  # (strategies: test_study_strategies)
 def test_smoke_study_runs_and_writes_a_comparison(study, tmp_path, ray_head, monkeypatch):
+    check_smoke_study(study, tmp_path, ray_head, monkeypatch)
+
+
+def check_smoke_study(study, tmp_path, ray_head, monkeypatch):
     from fl_ietagc.evaluation.compare import metric_values, relative
     from fl_ietagc.evaluation.evaluate import read_results
 

@@ -107,6 +107,7 @@ def test_compare_keeps_evaluates_unreliable_flag_on_mq(tmp_path):
 
 def test_pytest_names_each_slow_test_as_it_starts_and_fast_tests_stay_dots(tmp_path):
     import os
+    import re
     import shutil
     import subprocess
     import sys
@@ -117,19 +118,21 @@ def test_pytest_names_each_slow_test_as_it_starts_and_fast_tests_stay_dots(tmp_p
     (tmp_path / "test_inner.py").write_text(
         "import pytest\n\n\ndef test_fast():\n    pass\n\n\n@pytest.mark.slow\ndef test_long():\n    pass\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "markers=slow", str(tmp_path)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
-    lines = out.stdout.splitlines()
-    started = [x for x in lines if x.startswith("slow test started ")]
-    assert len(started) == 1 and started[0].endswith(": test_inner.py::test_long"), out.stdout
-    assert "test_fast" not in out.stdout
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "markers=slow"]
+    for workers in ([], ["-n", "2"]):  # serial, and as scripts/test.sh runs it (pytest-xdist, two workers)
+        out = subprocess.run(
+            [*cmd, *workers, str(tmp_path)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        started = [x for x in out.stdout.splitlines() if x.startswith("slow test started ")]
+        assert len(started) == 1 and started[0].endswith(": test_inner.py::test_long"), out.stdout
+        assert re.fullmatch(r"slow test started \d\d:\d\d:\d\d( on gw[01])?: test_inner.py::test_long", started[0])
+        assert ("on gw" in started[0]) == bool(workers) and "test_fast" not in out.stdout
 
 
 def test_smoke_figures_carry_a_red_pipeline_check_banner_once(tmp_path):
