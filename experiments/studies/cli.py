@@ -144,12 +144,11 @@ def _run(a) -> int:
         raise ConfigError(f"--gpus-per-client = {a.gpus_per_client}: must be >= 0")
     if a.eval_samples is not None and a.eval_samples < 2:
         raise ConfigError(f"--eval-samples = {a.eval_samples}: must be >= 2")
+    size = "smoke" if a.smoke else "full"
     if a.study == "small-data":
         from experiments.studies.small_data import run_small_data  # (its evaluation loads torch, diffusers)
 
-        run_small_data(
-            "smoke" if a.smoke else "full", Path(a.out), workers=a.workers, settings=a.set, dry_run=a.dry_run
-        )
+        run_small_data(size, Path(a.out), workers=a.workers, settings=a.set, dry_run=a.dry_run)
         return 0
     if a.study == "sd-finetune":
         for option, value, kind in (("--sscd", a.sscd, "file"), ("--clip-dir", a.clip_dir, "directory")):
@@ -158,7 +157,7 @@ def _run(a) -> int:
 
         extra = (*(["--sscd", a.sscd] if a.sscd else []), *(["--clip-dir", a.clip_dir] if a.clip_dir else []))
         run_sd_finetune(
-            "smoke" if a.smoke else "full",
+            size,
             Path(a.out),
             pretrained=a.pretrained,
             data=a.data,
@@ -169,7 +168,7 @@ def _run(a) -> int:
         return 0
     run_study(
         a.study,
-        "smoke" if a.smoke else "full",
+        size,
         Path(a.out),
         data_root=a.data_root,
         fid_weights=a.fid_weights,
