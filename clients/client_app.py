@@ -43,7 +43,7 @@ from flwr.common.logger import log
 from fl_ietagc.data.shards import shard_inputs, shards_for_config
 from fl_ietagc.federation import protocol as P
 from fl_ietagc.federation.protocol import ClientFailure, ClientRound, one_line
-from fl_ietagc.federation.wire import Layout, decode, encode, flatten, unflatten
+from fl_ietagc.federation.wire import Layout, decode, encode, flatten, npy_fields, unflatten
 from fl_ietagc.runs import phases
 from fl_ietagc.runs.checkpoints import BackgroundWrite, pack_weights, unpack_weights
 from fl_ietagc.runs.faults import fault_point
@@ -162,7 +162,7 @@ def train_round(
     flat = encode(flatten(pack_weights(trained_state(trainer.model), trained_state(trainer.ema)), layout), layout)
     content = RecordDict(
         {
-            P.ARRAYS: ArrayRecord({k: Array(a) for k, a in flat.items()}),
+            P.ARRAYS: ArrayRecord({k: Array(**npy_fields(a)) for k, a in flat.items()}),
             P.METRICS: MetricRecord(metrics),
             P.INFO: ConfigRecord(info),
         }
@@ -170,7 +170,10 @@ def train_round(
     phases.since("client: reply serialization", t0)
     with phases.timed("client: state save (fsync), after the reply was built"):
         write.wait(STATE_WRITE_TIMEOUT_S)
-        _prune_states(run, partition_id, start_round, state_root)
+        keep = conf.get(P.KEEP_STATES_FROM)  # (an older server's instruction has none: its commits were synchronous)
+        _prune_states(
+            run, partition_id, min(start_round, int(list(keep)[partition_id])) if keep else start_round, state_root
+        )
     MEMORY.keep(held, server_round, state, path, budget)
     for p in model.parameters():
         p.grad = None  # (the kept UNet holds no gradients between rounds)
@@ -243,10 +246,11 @@ def _restore_state(
     return TrainState.load(path, token, shard, device, allow_remap=redistributed)
 
 
-def _prune_states(run: RunDir, partition_id: int, start_round: int, state_root) -> None:
-    """Keep the state this round started from and the new one; older versions are no longer needed."""
+def _prune_states(run: RunDir, partition_id: int, keep_from: int, state_root) -> None:
+    """Keep the states from round `keep_from` on: the one the last durable commit resumes from, the one this round
+    started from and the new one; older versions are no longer needed."""
     for path in run.client_state_dir(partition_id, state_root).glob("round_*.pt"):
-        if int(path.stem.split("_")[1]) < start_round:
+        if int(path.stem.split("_")[1]) < keep_from:
             path.unlink(missing_ok=True)
 
 

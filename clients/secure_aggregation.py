@@ -30,7 +30,7 @@ from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 
 from fl_ietagc.federation import protocol as P
 from fl_ietagc.federation.protocol import ClientFailure, one_line
-from fl_ietagc.federation.wire import Layout, decode
+from fl_ietagc.federation.wire import Layout, decode, nonfinite_at
 from fl_ietagc.settings.config import parse_config
 from fl_ietagc.training.trainer import client_seed
 
@@ -82,7 +82,7 @@ def secure_reply(instruction: RecordDict, reply: RecordDict, context: Context) -
     # the flat arrays as the server would average them (transport-dtype decoded), then float64 for the mod
     decoded = decode({k: a.numpy() for k, a in weights.items()}, Layout.from_record(instruction[P.LAYOUT]))
     arrays = [decoded[k].astype(np.float64) for k in order]
-    bad = [k for k, a in zip(order, arrays) if not np.isfinite(a).all()]
+    bad = [k for k, a in zip(order, arrays) if nonfinite_at(a) is not None]
     if bad:
         raise FloatingPointError(f"returned non-finite weights ({len(bad)} arrays, e.g. {bad[0]})")
     top, key = max((float(np.abs(a).max(initial=0.0)), k) for k, a in zip(order, arrays))

@@ -40,7 +40,7 @@ from flwr.serverapp import Grid
 
 from fl_ietagc.federation import protocol as P
 from fl_ietagc.federation.protocol import ClientFailure, ClientRound, one_line, round_metrics
-from fl_ietagc.federation.wire import Layout, decode, encode
+from fl_ietagc.federation.wire import Layout, decode, encode, nonfinite_at, npy_fields
 from fl_ietagc.training.ret import ShardAssignment
 
 
@@ -99,14 +99,13 @@ def nonfinite_keys(arrays: ArrayRecord, layout: Layout | None = None) -> list[st
     """Arrays with a NaN or Inf; with a flat layout, named by the tensor (and element) of the first one."""
     bad = []
     for k, a in arrays.items():
-        finite = np.isfinite(array_view(a))
-        if not finite.all():
-            bad.append(layout.where(k, int(np.argmin(finite))) if layout is not None and k in layout.groups() else k)
+        if (at := nonfinite_at(array_view(a))) is not None:
+            bad.append(layout.where(k, at) if layout is not None and k in layout.groups() else k)
     return bad
 
 
 def as_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(a) for k, a in arrays.items()})
+    return ArrayRecord({k: Array(**npy_fields(a)) for k, a in arrays.items()})
 
 
 def numpy_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:

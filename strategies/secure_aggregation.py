@@ -39,6 +39,7 @@ from flwr.server.workflow.secure_aggregation.secaggplus_workflow import Workflow
 
 from fl_ietagc.federation import protocol as P
 from fl_ietagc.federation.secure_sum import max_weight, shares_and_threshold
+from fl_ietagc.federation.wire import npy_fields
 from fl_ietagc.runs.faults import fault_point
 from fl_ietagc.settings.config import RunConfig
 
@@ -137,7 +138,7 @@ def secure_round(
         sums = parameters_to_ndarrays(legacy.parameters)
         mean = ArrayRecord(
             {
-                k: Array(np.asarray(v, dtype=arrays[k].numpy().dtype).reshape(arrays[k].shape))
+                k: Array(**npy_fields(np.asarray(v, dtype=np.dtype(arrays[k].dtype)).reshape(arrays[k].shape)))
                 for k, v in zip(order, sums, strict=True)
             }
         )

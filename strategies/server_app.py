@@ -23,6 +23,7 @@ import json
 import os
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from logging import ERROR, INFO
 
@@ -42,7 +43,8 @@ from fl_ietagc.runs import phases
 from fl_ietagc.runs.checkpoints import pack_weights, unpack_weights
 from fl_ietagc.runs.faults import fault_point
 from fl_ietagc.runs.lifecycle import round_record, run_lifecycle
-from fl_ietagc.runs.rundir import RunDir
+from fl_ietagc.runs.round_commits import CommitError, RoundCommits
+from fl_ietagc.runs.rundir import WRITE_TIMEOUT_S, RunDir
 from fl_ietagc.settings.config import ConfigError, RunConfig, parse_config
 from fl_ietagc.training import ret
 from fl_ietagc.training.models import load_weights
@@ -75,12 +77,13 @@ class ServerState:
     ret_events: int = 0
 
     def to_saved(self, strategy) -> dict:
+        """A snapshot (copies: the next round changes these arrays while this one is written on a thread)."""
         return {
             "token": self.token,
-            "shards": [torch.from_numpy(s) for s in self.shards],
+            "shards": [torch.from_numpy(s.copy()) for s in self.shards],
             "state-rounds": list(self.state_rounds),
-            "skip-totals": torch.from_numpy(self.skip_totals),
-            "skip-period": torch.from_numpy(self.skip_period),
+            "skip-totals": torch.from_numpy(self.skip_totals.copy()),
+            "skip-period": torch.from_numpy(self.skip_period.copy()),
             "ret-events": self.ret_events,
             "strategy": export_state(strategy),
         }
@@ -230,21 +233,55 @@ def run_federated(
         layout.transport,
     )
     arrays = as_record(flatten(pack_weights(net, ema), layout))
+    commits = RoundCommits(start_round, state.state_rounds, WRITE_TIMEOUT_S)
+    try:
+        rounds(grid, cfg, run, strategy, state, layout, arrays, commits, num_clients, start_round)
+    finally:
+        # a stop or failure mid-round still makes the round before it durable (without marking the status,
+        # which the lifecycle writes next)
+        if commits.pending:
+            try:
+                commits.settle()
+            except CommitError as e:
+                log(ERROR, "fl-ietagc: %s", e)
+            else:
+                status = run.read_status()
+                if status["status"] == "interrupted":  # (marked by the signal handler before this commit landed)
+                    run.mark_interrupted(status.get("error", ""))
+
+
+def rounds(grid, cfg, run, strategy, state, layout, arrays, commits, num_clients, start_round) -> None:
+    """Rounds start_round + 1 .. R, then the final weights and samples. Each round's commit runs on a thread while
+    the next round's clients train (fl_ietagc/runs/round_commits.py)."""
+
+    def settle_commit():  # the previous round made durable, and said so in status.json
+        with phases.timed("server: commit, waited for (written on a thread)"):
+            durable = commits.settle()
+        if durable is not None:
+            run.write_status("running", round=durable, num_rounds=cfg.num_server_rounds)
+
+    def exchange_settled(*args, **kwargs):  # the replies are in; nothing of this round is acted on before
+        out = exchange(*args, **kwargs)  # the previous round is durable
+        settle_commit()
+        return out
+
     t_start = time.time()
     before = (run.read_metrics() or [{}])[-1].get("elapsed-s", 0.0)  # training time of earlier sessions
     for server_round in range(start_round + 1, cfg.num_server_rounds + 1):
         # Train: the instruction out, the replies in, sorted out and aggregated by the strategy.
-        instruction = round_instruction(run, state, num_clients)
+        instruction = round_instruction(run, state, num_clients, commits.durable_state_rounds)
         if cfg.secure_aggregation == "off":
             messages = strategy.configure_train(server_round, arrays, instruction, grid)
-            replies, timing = exchange(grid, messages, cfg.round_timeout_s)
+            replies, timing = exchange_settled(grid, messages, cfg.round_timeout_s)
             fault_point("after-replies", server_round)
             t_aggregate, why = time.time(), ""
         try:
             if cfg.secure_aggregation == "off":
                 new_arrays, outcome = strategy.aggregate_round(server_round, replies)
             else:  # no reply holds one client's weights: Flower's SecAgg+ stages give their masked sum
-                secure = secure_round(grid, strategy, cfg, server_round, arrays, instruction, state.shards, exchange)
+                secure = secure_round(
+                    grid, strategy, cfg, server_round, arrays, instruction, state.shards, exchange_settled
+                )
                 new_arrays, outcome, replies, timing = secure.arrays, secure.outcome, secure.replies, secure.timing
                 t_aggregate, why = secure.train_done_at, secure.why  # (aggregate-s: the unmask stage and the rule)
         except ClientRoundError as e:
@@ -256,9 +293,10 @@ def run_federated(
         arrays = new_arrays
         timing["aggregate-s"] = time.time() - t_aggregate
         phases.add("server: aggregation", timing["aggregate-s"])
-        # Commit: server state (RET included), metrics.json, checkpoint, resume point.
+        # Commit: server state (RET included), metrics.json, checkpoint, resume point (on a thread).
         t0 = time.perf_counter()
-        record = end_round(
+        settle_commit()  # (already durable unless the round had no exchange)
+        record, commit = end_round(
             cfg,
             run,
             strategy,
@@ -270,7 +308,8 @@ def run_federated(
             layout,
             round_timing(replies, timing),
         )
-        phases.since("server: commit (metrics, checkpoint, resume.pt)", t0)
+        commits.submit(server_round, state.state_rounds, commit)
+        phases.since("server: commit, on the main thread (weights and state snapshot)", t0)
         elapsed = time.time() - t_start
         done = server_round - start_round
         log(
@@ -287,8 +326,9 @@ def run_federated(
             elapsed,
             elapsed / done * (cfg.num_server_rounds - server_round),
         )
-        fault_point("between-rounds", server_round)
+        fault_point("between-rounds", server_round, ready=settle_commit)
 
+    settle_commit()
     final_net, final_ema = unpack_weights(unflatten(numpy_arrays(arrays), layout))
     run.finish(final_net, final_ema, cfg.num_server_rounds, cfg.to_dict())
     fault_point("final-sampling", cfg.num_server_rounds)
@@ -307,16 +347,19 @@ def run_federated(
     )
 
 
-def round_instruction(run: RunDir, state: ServerState, num_clients: int) -> ConfigRecord:
+def round_instruction(
+    run: RunDir, state: ServerState, num_clients: int, durable_state_rounds: list[int] | None = None
+) -> ConfigRecord:
     """This round's train instruction (fl_ietagc/federation/protocol.py): configure_train's `config`, which the
     strategy copies into every client's message (Flower adds server-round, the strategy its own flags and RET
-    shards)."""
+    shards). `durable_state_rounds`: the client states the last durable commit starts from (kept by the clients)."""
     return ConfigRecord(
         {
             P.RUN_DIR: str(run.path),
             P.RUN_TOKEN: state.token,
             P.NUM_CLIENTS: num_clients,
             P.STATE_ROUNDS: list(state.state_rounds),
+            P.KEEP_STATES_FROM: list(state.state_rounds if durable_state_rounds is None else durable_state_rounds),
         }
     )
 
@@ -385,8 +428,9 @@ def end_round(
     elapsed: float,
     layout: Layout,
     timing: dict | None = None,
-) -> dict:
-    """Fold the round's client reports into the server state (RET included) and commit the round."""
+) -> tuple[dict, Callable[[], None]]:
+    """Fold the round's client reports into the server state (RET included); returns the round's record and the
+    function that commits it (run by RoundCommits on a thread)."""
     clients = outcome.clients
     for c in clients:
         np.add.at(state.skip_totals, c.image_ids, c.skip_counts)
@@ -417,20 +461,25 @@ def end_round(
         timing=timing,
         privacy=privacy,
     )
-    net, ema = unpack_weights(unflatten(numpy_arrays(arrays), layout))
     last = server_round == cfg.num_server_rounds
-    run.commit_round(
-        server_round,
-        record,
-        net=net,
-        ema=ema,
-        state=state.to_saved(strategy),
-        config=cfg.to_dict(),
-        skip_counts=state.skip_totals,
-        keep_checkpoint=last or server_round % cfg.checkpoint_every == 0,
-        num_rounds=cfg.num_server_rounds,
-    )
-    return record
+    saved, skip_totals = state.to_saved(strategy), state.skip_totals.copy()  # (this round's, not the next's)
+
+    def commit() -> None:  # on RoundCommits' thread; reads only what no later round changes
+        net, ema = unpack_weights(unflatten(numpy_arrays(arrays), layout))
+        run.commit_round(
+            server_round,
+            record,
+            net=net,
+            ema=ema,
+            state=saved,
+            config=cfg.to_dict(),
+            skip_counts=skip_totals,
+            keep_checkpoint=last or server_round % cfg.checkpoint_every == 0,
+            num_rounds=cfg.num_server_rounds,
+            write_status=False,  # (the ServerApp marks a round in status.json once it is durable)
+        )
+
+    return record, commit
 
 
 def model_description(cfg: RunConfig) -> str:

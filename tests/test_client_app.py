@@ -169,3 +169,15 @@ def test_reset_optimizer_starts_adam_again_but_keeps_the_step_counter(weights, t
     )
     # older versions are pruned: only the state the round started from and the new one remain
     assert sorted(p.name for p in RunDir(tmp_path).client_state_dir(0).iterdir()) == ["round_0002.pt", "round_0003.pt"]
+
+
+def test_a_client_keeps_the_states_a_resume_from_the_last_durable_commit_needs(weights, tmp_path):
+    """The server writes round r's commit while round r + 1 trains: until it is durable, a resumed run would start
+    from round r - 1's states, so `keep-states-from` (the last durable commit's) protects them from pruning."""
+    train(message(weights, tmp_path), context())
+    train(message(weights, tmp_path, server_round=2, state_rounds=(1, 0), **{"keep-states-from": [0, 0]}), context())
+    train(message(weights, tmp_path, server_round=3, state_rounds=(2, 0), **{"keep-states-from": [1, 0]}), context())
+    names = lambda: sorted(p.name for p in RunDir(tmp_path).client_state_dir(0).iterdir())
+    assert names() == ["round_0001.pt", "round_0002.pt", "round_0003.pt"]
+    train(message(weights, tmp_path, server_round=4, state_rounds=(3, 0), **{"keep-states-from": [3, 0]}), context())
+    assert names() == ["round_0003.pt", "round_0004.pt"]

@@ -118,8 +118,18 @@ def test_the_server_app_sends_its_instruction_and_writes_the_values_it_gets_back
     run_server(cfg, 2)
     run = server_app.RunDir(tmp_path / "r")
     token = configs[0][1][P.RUN_TOKEN]
+    # round r's instruction goes out while round r - 1's commit is written: the clients keep round r - 2's states
     assert configs == [
-        (r, {P.RUN_DIR: str(run.path), P.RUN_TOKEN: token, P.NUM_CLIENTS: 2, P.STATE_ROUNDS: [r - 1, r - 1]})
+        (
+            r,
+            {
+                P.RUN_DIR: str(run.path),
+                P.RUN_TOKEN: token,
+                P.NUM_CLIENTS: 2,
+                P.STATE_ROUNDS: [r - 1, r - 1],
+                P.KEEP_STATES_FROM: [max(r - 2, 0)] * 2,
+            },
+        )
         for r in (1, 2)
     ]
     metrics = json.loads(run.metrics_path.read_text())

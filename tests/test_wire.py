@@ -8,7 +8,16 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-from fl_ietagc.federation.wire import Layout, decode, encode, flatten, unflatten, wire_bytes
+from fl_ietagc.federation.wire import (
+    Layout,
+    decode,
+    encode,
+    flatten,
+    nonfinite_at,
+    npy_fields,
+    unflatten,
+    wire_bytes,
+)
 from fl_ietagc.runs.checkpoints import pack_weights
 from fl_ietagc.settings.config import parse_config
 from fl_ietagc.training.run_model import initial_weights
@@ -177,3 +186,41 @@ def test_the_mixin_sends_the_layout_and_bf16_arrays_with_every_instruction(packe
     assert all(Layout.from_record(m.content["layout"]) == layout for m in msgs)
     assert all(a.dtype == "int16" for m in msgs for a in m.content["arrays"].values())
     assert msgs[0].content["arrays"] is msgs[1].content["arrays"]  # encoded once for all clients
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.arange(12, dtype=np.float32).reshape(3, 4),
+        np.arange(12, dtype=np.float64).reshape(3, 4).T,  # not C-contiguous: np.save's own path
+        np.arange(5, dtype=np.int16)[::2],
+        np.zeros((0, 3), dtype=np.float32),
+        np.array(2.5, dtype=np.float32),
+        np.array([True, False]),
+        np.zeros((1,) * 30 + (2,), dtype=np.uint8),  # 31 dims: a long header, still format 1.0
+    ],
+    ids=["c", "transposed", "strided", "empty", "0-d", "bool", "31-dims"],
+)
+def test_an_array_built_in_one_copy_is_flowers_array_byte_for_byte(array):
+    fast, flower = Array(**npy_fields(array)), Array(array)
+    assert (fast.dtype, fast.shape, fast.stype, fast.data) == (flower.dtype, flower.shape, flower.stype, flower.data)
+    assert np.array_equal(fast.numpy(), array) and fast.numpy().dtype == array.dtype
+
+
+def test_the_first_non_finite_element_is_found_and_finite_values_whose_sum_overflows_are_not_one():
+    a = np.zeros(1000, dtype=np.float32)
+    assert nonfinite_at(a) is None
+    for value, at in ((np.nan, 17), (np.inf, 999), (-np.inf, 0)):
+        b = a.copy()
+        b[at] = value
+        b[at + 1 :] = np.nan  # the first one is named
+        assert nonfinite_at(b) == at
+    inf_pair = a.copy()
+    inf_pair[[3, 5]] = np.inf, -np.inf  # (their sum is NaN: still found)
+    assert nonfinite_at(inf_pair) == 3
+    big = np.full(8, 3e38, dtype=np.float32)  # every value finite, the float32 sum overflows
+    with np.errstate(over="ignore"):
+        assert not np.isfinite(big.sum())
+    assert nonfinite_at(big) is None
+    assert nonfinite_at(np.arange(6, dtype=np.float64).reshape(2, 3).T) is None
+    assert nonfinite_at(np.arange(4, dtype=np.int16)) is None and nonfinite_at(np.zeros(0, np.float32)) is None

@@ -7,6 +7,8 @@ Train instruction (`config` ConfigRecord; Flower adds `server-round`):
     run-dir, run-token, num-clients   where the run lives and which run this is
     state-rounds                      list, per partition: the round whose saved client state to start from
                                       (0 = a fresh state); a failed client's entry stays behind
+    keep-states-from                  list, per partition: the state round of the last durable commit (a
+                                      commit is written while the next round trains); older states may go
     shard-<P>                         RET: partition P's current training-set ids (only after a redistribution)
     reset-optimizer                   plain FedAvg: a new Adam every round
     proximal-mu                       FedProx (set by Flower's FedProx strategy)
@@ -37,6 +39,7 @@ RUN_DIR = "run-dir"
 RUN_TOKEN = "run-token"
 NUM_CLIENTS = "num-clients"
 STATE_ROUNDS = "state-rounds"
+KEEP_STATES_FROM = "keep-states-from"
 RESET_OPTIMIZER = "reset-optimizer"
 PROXIMAL_MU = "proximal-mu"
 ARRAYS, METRICS, INFO, ERROR = "arrays", "metrics", "info", "error"

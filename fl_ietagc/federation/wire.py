@@ -22,6 +22,7 @@ Plain torch/numpy (no Flower import): the core stays usable without Flower.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from dataclasses import dataclass
 
@@ -187,6 +188,42 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
     if not array.flags.writeable:  # (a Flower Array's numpy() can be read-only; torch wants writable memory)
         array = array.copy()
     return torch.from_numpy(array)
+
+
+NPY_STYPE = "numpy.ndarray"  # Flower's SType.NUMPY: an Array whose bytes are np.save's
+
+
+def npy_fields(array: np.ndarray) -> dict:
+    """Flower's `Array(**npy_fields(a))`: the same Array as `Array(a)`, byte for byte (np.save's format), built in
+    one copy. Why: `Array(a)` runs np.save into a growing BytesIO and copies out of it, 0.1-0.4 s for each of
+    the paper UNet's two 143 MB arrays, on every reply and every aggregate."""
+    data = None
+    if array.flags.c_contiguous and not array.dtype.hasobject and array.dtype.names is None:
+        header = io.BytesIO()
+        try:
+            np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(array))
+            data = b"".join((header.getvalue(), memoryview(array.reshape(-1).view(np.uint8))))
+        except ValueError:  # (a header too long for format 1.0: np.save picks a later version)
+            data = None
+    if data is None:
+        buf = io.BytesIO()
+        np.save(buf, array, allow_pickle=False)
+        data = buf.getvalue()
+    return {"dtype": str(array.dtype), "shape": tuple(array.shape), "stype": NPY_STYPE, "data": data}
+
+
+def nonfinite_at(array: np.ndarray) -> int | None:
+    """Index (flat, C order) of the first NaN or Inf, or None. Why the sum first: a finite sum means every
+    element is finite (NaN and Inf propagate; +Inf + -Inf is NaN), and summing 36M floats reads them once
+    without allocating, where np.isfinite allocates a mask (5-10x slower); only a non-finite sum (a NaN, an
+    Inf, or finite values overflowing float32) pays for the exact search."""
+    if array.dtype.kind not in "fc" or array.size == 0:
+        return None
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(array.sum(dtype=array.dtype)):
+            return None
+    finite = np.isfinite(array.reshape(-1))
+    return None if finite.all() else int(np.argmin(finite))
 
 
 def wire_bytes(layout: Layout) -> int:

@@ -33,10 +33,14 @@ def _faults() -> dict[tuple[str, int], str]:
     return out
 
 
-def fault_point(point: str, server_round: int) -> None:
+def fault_point(point: str, server_round: int, ready=None) -> None:
+    """`ready()`, when given, runs first if a fault is armed here: what the point's name promises (the ServerApp's
+    `between-rounds`: the round's commit, which runs on a thread, made durable)."""
     if ENV not in os.environ:
         return
     action = _faults().get((point, server_round))
+    if action is not None and ready is not None:
+        ready()
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "raise":

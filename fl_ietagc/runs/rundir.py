@@ -259,8 +259,10 @@ class RunDir:
         skip_counts: np.ndarray | None,
         keep_checkpoint: bool,
         num_rounds: int,
+        write_status: bool = True,
     ) -> None:
-        """Make round `server_round` durable: metrics, skip counts, checkpoint, then the commit point."""
+        """Make round `server_round` durable: metrics, skip counts, checkpoint, then the commit point (and, unless
+        `write_status` is False, status.json's round)."""
         from fl_ietagc.runs.faults import fault_point
 
         metrics = [m for m in self.read_metrics() if m["round"] < server_round] + [record]
@@ -287,7 +289,8 @@ class RunDir:
             fault_point("mid-commit", server_round)
 
         self.write_resume(server_round, net, ema, state, before_replace=checkpoint_in_place)
-        self.write_status("running", round=server_round, num_rounds=num_rounds)
+        if write_status:
+            self.write_status("running", round=server_round, num_rounds=num_rounds)
 
     def write_resume(self, server_round: int, net: dict, ema: dict, state: dict, before_replace=None) -> None:
         save_torch(
