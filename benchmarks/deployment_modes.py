@@ -2,7 +2,7 @@
 its parts, with the SuperLink's CPU seconds per round and the bound bytes / bandwidth.
 
     python benchmarks/deployment_modes.py [--rounds 3] [--clients 2] [--config test|default|paper]
-                                          [--only MODE ...] [--rates 1gbit 100mbit]
+                                          [--only MODE ...] [--rates 1gbit 100mbit] [--set KEY=VALUE ...]
 
   subprocess  scripts/deploy-local.sh ISOLATION=subprocess (Flower's default: `flwr-clientapp` per message)
   process     scripts/deploy-local.sh ISOLATION=process (experiments/launch/warm_clientapp.py beside each SuperNode),
@@ -185,8 +185,9 @@ def message_bytes(overrides: str) -> int:
     from fl_ietagc.runs.checkpoints import pack_weights
     from fl_ietagc.training.run_model import initial_weights
 
-    net, ema = initial_weights(parse_config(parse_overrides(overrides)))
-    return wire_bytes(Layout.of(pack_weights(net, ema)))
+    cfg = parse_config(parse_overrides(overrides))
+    net, ema = initial_weights(cfg)
+    return wire_bytes(Layout.of(pack_weights(net, ema), cfg.transport_dtype))
 
 
 def rate_bits(rate: str) -> float:
@@ -204,8 +205,17 @@ def main() -> None:
     p.add_argument("--port", type=int, default=9600, help="SuperLink port (SuperNodes: +100+i)")
     p.add_argument("--only", nargs="*", choices=["subprocess", "process", "netns", "simulation"], default=None)
     p.add_argument("--rates", nargs="*", default=["1gbit", "100mbit"], help="netns link rates (tc tbf)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a run-config override on top of --config, e.g. --set \"transport-dtype='bf16'\" (repeatable)",
+    )
     args = p.parse_args()
-    overrides = f"num-server-rounds={args.rounds} num-clients={args.clients} {CONFIGS[args.config]}"
+    overrides = " ".join(
+        [f"num-server-rounds={args.rounds} num-clients={args.clients} {CONFIGS[args.config]}", *args.set]
+    )
     names = args.only or ["process", "netns", "simulation"]
     size = message_bytes(overrides)
     rows = []

@@ -640,4 +640,4 @@ def test_sd_finetune_evaluation_inputs_are_checked_before_training(t, capsys, no
 def test_a_sd_finetune_smoke_dry_run_writes_nothing(t, capsys, no_work):
     # no_work forbids runner.train_run, which sd_finetune looks up at call time
     assert studies.main(["sd-finetune", "--smoke", "--dry-run", "--out", str(t / "studies")]) == 0
-    assert "study sd-finetune (smoke): 4 runs" in capsys.readouterr().out and not (t / "studies").exists()
+    assert "study sd-finetune (smoke): 5 runs" in capsys.readouterr().out and not (t / "studies").exists()

@@ -90,6 +90,19 @@ def test_the_secure_mean_of_raw_and_ema_equals_plain_iet_within_the_quantization
     assert [strip(m) for m in secure.read_metrics()] == [strip(m) for m in plain.read_metrics()]
 
 
+def test_fedadagrad_on_the_masked_mean_stays_within_eta_over_tau_times_the_bound(tmp_path):
+    """FedAdagrad's step eta * d / (sqrt(v) + tau) on the pseudo-gradient d moves by at most eta / tau per unit of d
+    (its slope in d is at most 1 / tau): so the secure run's weights stay within (eta / tau) x the protocol's bound
+    of the plain run's (the defaults, eta = tau = 1e-3: within the bound itself)."""
+    _, secure = run(tmp_path, "secure", strategy="fedadagrad", **SECURE)
+    _, plain = run(tmp_path, "plain", strategy="fedadagrad")
+    cfg = parse_config({**SMALL, "strategy": "fedadagrad"})
+    bound = cfg.fedopt_eta / cfg.fedopt_tau * error_bound([32] * K, C, Q)
+    assert 0 < assert_within(final(secure), final(plain), bound, K)
+    fedavg = final(run(tmp_path, "fedavg", strategy="fedavg")[1])  # (FedAdagrad's own step was taken)
+    assert any(not np.allclose(fedavg[k], v) for k, v in final(plain).items())
+
+
 def test_the_server_never_holds_a_clients_weights(both_runs):
     from flwr.common import bytes_to_ndarray
 
@@ -188,13 +201,25 @@ def test_max_weight_and_bound():
             {"strategy": "fedmedian"},
             "strategy = 'fedmedian': cannot run with secure-aggregation = \"secaggplus\" (its "
             "coordinate-wise median needs each client's weights; the server only gets the masked sum); use one of iet, "
-            "fedavg, fedavgm, fedprox, fedadam, fedyogi",
+            "fedavg, fedavgm, fedprox, fedadam, fedyogi, fedadagrad",
         ),
         (
             {"strategy": "fedtrimmedavg"},
             "strategy = 'fedtrimmedavg': cannot run with secure-aggregation = "
             '"secaggplus" (its trimmed mean needs each client\'s weights to sort them; the server only gets the masked '
-            "sum); use one of iet, fedavg, fedavgm, fedprox, fedadam, fedyogi",
+            "sum); use one of iet, fedavg, fedavgm, fedprox, fedadam, fedyogi, fedadagrad",
+        ),
+        (
+            {"strategy": "multikrum"},
+            "strategy = 'multikrum': cannot run with secure-aggregation = \"secaggplus\" (it picks the replies "
+            "closest to the others, which needs each client's weights; the server only gets the masked sum); use one "
+            "of iet, fedavg, fedavgm, fedprox, fedadam, fedyogi, fedadagrad",
+        ),
+        (
+            {"strategy": "qfedavg"},
+            "strategy = 'qfedavg': cannot run with secure-aggregation = \"secaggplus\" (its q-fair weights need "
+            "each client's own update and loss; the server only gets the masked sum); use one of iet, fedavg, "
+            "fedavgm, fedprox, fedadam, fedyogi, fedadagrad",
         ),
         (
             {"dp-clip-norm": 1.0},

@@ -9,7 +9,8 @@ generations from the training captions (fl-ietagc evaluate on each run).
 Runs: `plain-finetune` (centralized training, AGC off, as many steps as the K-client runs), `iet-agc` (K clients),
 `ret` (IET-AGC with RET's redistribution every round and threshold-aware augmentation by up to 1 latent pixel),
 `iet-agc-lora` (IET-AGC training LoRA adapters of rank 4 only, base frozen; lr 1e-4 at full size, as diffusers'
-LoRA text-to-image example). The estimate's second table gives each run's message (raw + EMA of what it trains,
+LoRA text-to-image example), `iet-agc-lora-secagg` (the same under Flower's SecAgg+, as Flower's
+quickstart-diffusion-SecAggregation example: the server holds only the masked sum of the clients' adapters). The estimate's second table gives each run's message (raw + EMA of what it trains,
 fp32, each direction of a round) and per-client state (trained weights, EMA, gradients, Adam; the frozen base apart).
 `--full` follows the reference SD setup where this project can (method.md: 256 px, K = 4, 25 rounds, batch 8,
 lr 2.5e-6, lambda 1.25, warmup 5000, grad clip 1.0) with bf16 frozen parts and forward, gradient checkpointing;
@@ -79,6 +80,8 @@ def plan(k: int, smoke: bool = True) -> list[RunSpec]:
         RunSpec("iet-agc", k, AGC),
         RunSpec("ret", k, RET),
         RunSpec("iet-agc-lora", k, lora),
+        # Flower's SecAgg+: the server only ever holds the masked sum of the adapters (their EMA too)
+        RunSpec("iet-agc-lora-secagg", k, {**lora, "secure-aggregation": "secaggplus"}),
     ]
 
 

@@ -36,10 +36,14 @@ TRANSPORT_DTYPES = ("fp32", "bf16")  # how weights travel in messages (fl_ietagc
 SECURE_AGGREGATION = ("off", "secaggplus")
 # strategies whose rule needs only the (size-weighted) mean of the replies, which is all SecAgg+ gives the server;
 # the others are refused with secure-aggregation (their reason in SECURE_REFUSED, else "needs each reply")
-SECURE_STRATEGIES = ("iet", "fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi")
+SECURE_STRATEGIES = ("iet", "fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad")
 SECURE_REFUSED = {
     "fedmedian": "its coordinate-wise median needs each client's weights",
     "fedtrimmedavg": "its trimmed mean needs each client's weights to sort them",
+    "krum": "it picks the reply closest to the others, which needs each client's weights",
+    "multikrum": "it picks the replies closest to the others, which needs each client's weights",
+    "bulyan": "it picks and trims replies, which needs each client's weights",
+    "qfedavg": "its q-fair weights need each client's own update and loss",
 }
 # torch.compile modes: reduce-overhead captures CUDA graphs; the max-autotune ones tune GPU kernels (CUDA only)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -288,10 +292,10 @@ class RunConfig:
     fedopt_eta: float = _key(
         "fedopt-eta",
         1e-3,
-        "fedadam/fedyogi: server learning rate (Flower's 0.1 is far too large for a UNet)",
+        "fedadam/fedyogi/fedadagrad: server learning rate (Flower's 0.1 is far too large for a UNet)",
         _positive,
     )
-    fedopt_tau: float = _key("fedopt-tau", 1e-3, "fedadam/fedyogi: adaptivity tau", _positive)
+    fedopt_tau: float = _key("fedopt-tau", 1e-3, "fedadam/fedyogi/fedadagrad: adaptivity tau", _positive)
     trim_beta: float = _key(
         "trim-beta",
         0.2,
