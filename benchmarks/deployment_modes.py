@@ -41,9 +41,12 @@ import threading
 import time
 from pathlib import Path
 
-from fl_ietagc.settings.config import parse_config, parse_overrides
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # (before opacus' own top-level `benchmarks` package)
+
+from benchmarks.launch import run_simulation  # noqa: E402
+from fl_ietagc.settings.config import parse_config, parse_overrides  # noqa: E402
+
 CONFIGS = {
     "test": "local-epochs=1 max-images=128 batch-size=32 sample-count=0 diffusion-steps=20",
     "default": "local-epochs=1 sample-count=0",
@@ -137,27 +140,7 @@ def deploy(
 
 
 def simulate(overrides: str, clients: int, out: Path):
-    t0 = time.perf_counter()
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "experiments.launch.simulate",
-            "--app",
-            str(ROOT),
-            "--num-supernodes",
-            str(clients),
-            "--backend-config",
-            json.dumps({"client_resources": {"num_cpus": 1}}),
-            "--run-config",
-            f"{overrides} run-name='sim' output-dir='{out}'",
-        ],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-        env=ENV,
-    )
-    wall = time.perf_counter() - t0
+    wall = run_simulation(overrides, clients, 1, out, "sim", env=ENV)
     seconds, pids, timing = round_seconds(out / "sim")
     return seconds, wall, pids, timing, None
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.launch import run_simulation  # noqa: E402
 from fl_ietagc.loops.iet import run_iet_loop  # noqa: E402
 from fl_ietagc.settings.config import (  # noqa: E402
     parse_config,
@@ -35,26 +35,7 @@ from fl_ietagc.settings.config import (  # noqa: E402
 
 
 def simulate(overrides: str, clients: int, num_cpus: int, out: Path) -> tuple[list[float], float]:
-    t0 = time.perf_counter()
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "experiments.launch.simulate",
-            "--app",
-            str(ROOT),
-            "--num-supernodes",
-            str(clients),
-            "--backend-config",
-            json.dumps({"client_resources": {"num_cpus": num_cpus}}),
-            "--run-config",
-            f'{overrides} output-dir="{out}" run-name="sim{num_cpus}"',
-        ],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-    )
-    wall = time.perf_counter() - t0
+    wall = run_simulation(overrides, clients, num_cpus, out, f"sim{num_cpus}")
     elapsed = [m["elapsed-s"] for m in json.loads((out / f"sim{num_cpus}" / "metrics.json").read_text())]
     return [b - a for a, b in zip([0.0] + elapsed[:-1], elapsed)], wall
 
