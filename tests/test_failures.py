@@ -5,6 +5,7 @@ The real ServerApp and ClientApp run on the in-process grid of tests/local_grid.
 import errno
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -143,6 +144,9 @@ def test_metrics_with_nan_are_strict_json(tmp_path):
     atomic_write_json(tmp_path / "m.json", [{"loss": float("nan"), "x": [1.0, float("inf")]}])
     assert json.loads((tmp_path / "m.json").read_text()) == [{"loss": None, "x": [1.0, None]}]
     assert "NaN" not in (tmp_path / "m.json").read_text()
+    # numpy scalars (a study's summary holds comparisons and counts computed with numpy) as their Python values
+    atomic_write_json(tmp_path / "n.json", {"reached": np.bool_(True), "n": np.int64(3), "r": [np.float32("nan")]})
+    assert json.loads((tmp_path / "n.json").read_text()) == {"reached": True, "n": 3, "r": [None]}
 
 
 def test_a_corrupt_status_or_resume_file_is_named(tmp_path):

@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fl_ietagc.runs.faults import fault_point
@@ -63,7 +64,10 @@ def atomic_write_bytes(path: Path, writer, before_replace=None) -> None:
 
 
 def json_safe(obj):
-    """`obj` with every non-finite float replaced by None (strict JSON has no NaN)."""
+    """`obj` with every non-finite float replaced by None (strict JSON has no NaN) and numpy scalars (a comparison's
+    np.bool_, an np.int64 count, np.float32) as the Python values they hold."""
+    if isinstance(obj, np.generic):
+        return json_safe(obj.item())
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
