@@ -133,9 +133,9 @@ def main(argv=None) -> int:
     print()
     print("| part | seconds | per |")
     print("|---|---|---|")
-    for name in sorted(sums, key=lambda x: (x.startswith("server"), x)):
-        per = "round" if name.startswith("server:") else "client x round"
-        print(f"| {name} | {sums[name] / (n if per == 'round' else k * n):.3f} | {per} |")
+    for name in sorted(sums, key=lambda x: (x.startswith("end of run"), x.startswith("server"), x)):
+        per = "round" if name.startswith("server:") else "run" if name.startswith("end of run:") else "client x round"
+        print(f"| {name} | {sums[name] / {'round': n, 'run': 1}.get(per, k * n):.3f} | {per} |")
     print(
         f"| client: other (call wall - training - parts above) | "
         f"{client_fixed - sum(v for x, v in sums.items() if x.startswith('client:')) / (k * n):.3f} "

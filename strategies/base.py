@@ -104,6 +104,31 @@ def nonfinite_keys(arrays: ArrayRecord, layout: Layout | None = None) -> list[st
     return bad
 
 
+def weighted_mean_record(contents: list[RecordDict], weight_key: str) -> ArrayRecord:
+    """Flower's `aggregate_arrayrecords` (FedAvg's weighted mean), bit for bit: the same float operations in the same
+    order (x_0 * w_0, then += x_i * w_i, w_i = n_i / sum n), on read-only views of the replies' bytes instead of
+    copies, into one accumulator that becomes the Array in one copy. Why: Flower's copies each reply out, makes a
+    new product per reply and serializes the mean through a growing BytesIO: ~0.5 s per round for two replies of
+    the paper UNet, on the server's critical path."""
+    weights = [float(next(iter(c.metric_records.values()))[weight_key]) for c in contents]
+    total = sum(weights)
+    mean: dict[str, np.ndarray] = {}
+    scratch: dict[str, np.ndarray] = {}
+    for content, w in zip(contents, weights, strict=True):
+        factor = w / total
+        for record in content.array_records.values():
+            for key, array in record.items():
+                x = array_view(array)
+                if key not in mean:
+                    mean[key] = np.multiply(x, factor)
+                elif mean[key].dtype == np.result_type(x, factor) and x.shape == mean[key].shape:
+                    product = scratch.setdefault(key, np.empty_like(mean[key]))
+                    mean[key] += np.multiply(x, factor, out=product)
+                else:  # (shapes or dtypes Flower's `+=` would broadcast or cast: its own expression)
+                    mean[key] += x * factor
+    return ArrayRecord({k: Array(**npy_fields(np.asarray(v))) for k, v in mean.items()})
+
+
 def as_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(**npy_fields(a)) for k, a in arrays.items()})
 

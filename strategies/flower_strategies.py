@@ -41,7 +41,6 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
     FedAdagrad,
     FedAdam,
-    FedAvg,
     FedAvgM,
     FedMedian,
     FedProx,
@@ -53,6 +52,7 @@ from flwr.serverapp.strategy import (
 )
 
 from .base import AppStrategyMixin, metrics_of_the_mixin
+from .iet import FedAvgInPlace
 
 
 def common_args(num_clients: int) -> dict:
@@ -75,7 +75,7 @@ def no_evaluation(strategy):
     return strategy
 
 
-class FedAvgFreshOptimizer(AppStrategyMixin, FedAvg):
+class FedAvgFreshOptimizer(AppStrategyMixin, FedAvgInPlace):
     """FedAvg as FL usually runs it: clients rebuild their optimizer every round (IET keeps it)."""
 
     client_flags = {"reset-optimizer": True}

@@ -10,10 +10,25 @@ from __future__ import annotations
 
 from flwr.serverapp.strategy import FedAvg
 
-from .base import AppStrategyMixin, metrics_of_the_mixin
+from .base import AppStrategyMixin, metrics_of_the_mixin, weighted_mean_record
 
 
-class IETFedAvg(AppStrategyMixin, FedAvg):
+class FedAvgInPlace(FedAvg):
+    """Flower's FedAvg whose weighted mean reads the replies in place (base.weighted_mean_record: bit-identical,
+    without Flower's copies; tests/test_wire.py compares the two)."""
+
+    def aggregate_train(self, server_round, replies):
+        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        if not valid:
+            return None, None
+        contents = [m.content for m in valid]
+        return (
+            weighted_mean_record(contents, self.weighted_by_key),
+            self.train_metrics_aggr_fn(contents, self.weighted_by_key),
+        )
+
+
+class IETFedAvg(AppStrategyMixin, FedAvgInPlace):
     """FedAvg whose clients keep their Adam state, LR position and AGC bank across rounds (the paper's IET);
     `FedAvgFreshOptimizer` (strategy `fedavg`) is the same average with a new optimizer every round."""
 

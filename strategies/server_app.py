@@ -254,8 +254,8 @@ def rounds(grid, cfg, run, strategy, state, layout, arrays, commits, num_clients
     """Rounds start_round + 1 .. R, then the final weights and samples. Each round's commit runs on a thread while
     the next round's clients train (fl_ietagc/runs/round_commits.py)."""
 
-    def settle_commit():  # the previous round made durable, and said so in status.json
-        with phases.timed("server: commit, waited for (written on a thread)"):
+    def settle_commit(phase="server: commit, waited for (written on a thread)"):  # the previous round made
+        with phases.timed(phase):  # durable, and said so in status.json
             durable = commits.settle()
         if durable is not None:
             run.write_status("running", round=durable, num_rounds=cfg.num_server_rounds)
@@ -328,7 +328,7 @@ def rounds(grid, cfg, run, strategy, state, layout, arrays, commits, num_clients
         )
         fault_point("between-rounds", server_round, ready=settle_commit)
 
-    settle_commit()
+    settle_commit("end of run: the last round's commit (no next round to overlap it)")
     final_net, final_ema = unpack_weights(unflatten(numpy_arrays(arrays), layout))
     run.finish(final_net, final_ema, cfg.num_server_rounds, cfg.to_dict())
     fault_point("final-sampling", cfg.num_server_rounds)

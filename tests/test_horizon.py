@@ -76,20 +76,33 @@ def test_rate_at_step_marks_and_quality_at_equal_copy_rate():
 
 
 def test_the_plateau_rule():
+    level = dict(floor=0.25, tolerance=0.05)
     # a rise of 100% is no plateau; no rise at >= the floor is (round 3: its rise over 1 round is 0)
-    assert H.plateau_round(planted([0, 1, 1, 1]), window=1, floor=0.25, rng=rng()) == 3
-    assert H.plateau_round(planted([0, 1, 1, 1]), window=2, floor=0.25, rng=rng()) == 4
+    assert H.plateau_round(planted([0, 1, 1, 1]), window=1, rng=rng(), **level) == 3
+    assert H.plateau_round(planted([0, 1, 1, 1]), window=2, rng=rng(), **level) == 4
     # flat at 0%: not started, not levelled off
-    assert H.plateau_round(planted([0, 0, 0, 0]), window=1, floor=0.25, rng=rng()) is None
+    assert H.plateau_round(planted([0, 0, 0, 0]), window=1, rng=rng(), **level) is None
     # a steady, sampled rise (0, 30, 60, 90% of 256) never levels off
     rising = [[np.arange(256) < 256 * f for f in (0.0, 0.3, 0.6, 0.9)]]
-    assert H.plateau_round(rising, window=1, floor=0.25, rng=rng()) is None
-    # sampled noise around a flat 50%: levelled off at the first round the window allows
+    assert H.plateau_round(rising, window=1, rng=rng(), **level) is None
+    # sampled noise around a flat 50% (3 seeds x 1,024 samples): levelled off at the first round the window allows
     gen = np.random.default_rng(1)
-    flat = [[gen.random(256) < 0.5 for _ in range(4)] for _ in range(2)]
-    assert H.plateau_round(flat, window=2, floor=0.25, rng=rng()) == 3
+    flat = [[gen.random(1024) < 0.5 for _ in range(4)] for _ in range(3)]
+    assert H.plateau_round(flat, window=2, rng=rng(), **level) == 3
+    # ... and with 2 x 256 samples the noise alone is wider than +-5 points: not shown to be level, unless the
+    # tolerance is wider
+    small = [[gen.random(256) < 0.5 for _ in range(4)] for _ in range(2)]
+    assert H.plateau_round(small, window=2, rng=rng(), **level) is None
+    assert H.plateau_round(small, window=2, rng=rng(), floor=0.25, tolerance=0.15) == 3
+    # seeds that rise at different times: one seed still flat while the others climb 40 points. The rise is not
+    # shown to be small (the draws of the flat seed alone reach 0, which the rule must not take for a plateau)
+    late = [[np.arange(256) < 256 * f for f in curve] for curve in ((0.3, 0.5, 0.7, 0.9), (0.3, 0.5, 0.7, 0.9))]
+    late.append([np.arange(256) < 256 * 0.3 for _ in range(4)])
+    assert H.plateau_round(late, window=2, rng=rng(), **level) is None
     with pytest.raises(ValueError):
-        H.plateau_round(flat, window=0, floor=0.25, rng=rng())
+        H.plateau_round(flat, window=0, rng=rng(), **level)
+    with pytest.raises(ValueError):
+        H.plateau_round(flat, window=1, rng=rng(), floor=0.25, tolerance=0.0)
 
 
 def test_the_one_third_rule_of_the_mechanism_is_the_studys():

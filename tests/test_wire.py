@@ -224,3 +224,29 @@ def test_the_first_non_finite_element_is_found_and_finite_values_whose_sum_overf
     assert nonfinite_at(big) is None
     assert nonfinite_at(np.arange(6, dtype=np.float64).reshape(2, 3).T) is None
     assert nonfinite_at(np.arange(4, dtype=np.int16)) is None and nonfinite_at(np.zeros(0, np.float32)) is None
+
+
+def test_the_in_place_weighted_mean_is_flowers_bit_for_bit():
+    """strategies.base.weighted_mean_record (IET's and fedavg's aggregation) against Flower's aggregate_arrayrecords:
+    equal bytes, for flat float32 groups, a float64 and an int64 array, a 0-d array and unequal weights."""
+    from strategies.base import weighted_mean_record
+
+    rng = np.random.default_rng(0)
+
+    def reply(seed, n):
+        g = np.random.default_rng(seed)
+        arrays = {
+            "net": g.standard_normal(1000).astype(np.float32),
+            "ema": g.standard_normal(1000).astype(np.float32),
+            "net:float64": g.standard_normal((3, 4)),
+            "steps": g.integers(0, 100, 5),
+            "scalar": np.array(g.standard_normal(), dtype=np.float32),
+        }
+        return RecordDict({"arrays": as_record(arrays), "metrics": MetricRecord({"num-examples": n})})
+
+    replies = [reply(s, int(n)) for s, n in enumerate(rng.integers(1, 50, 4))]
+    ours, flowers = weighted_mean_record(replies, "num-examples"), aggregate_arrayrecords(replies, "num-examples")
+    assert list(ours.keys()) == list(flowers.keys())
+    for k in flowers:
+        assert (ours[k].dtype, ours[k].shape, ours[k].data) == (flowers[k].dtype, flowers[k].shape, flowers[k].data), k
+    assert ours["steps"].dtype == "float64" and ours["scalar"].shape == ()

@@ -36,13 +36,20 @@ def _by_variant(results: list[dict]) -> dict[str, list[dict]]:
 def plateau(results: list[dict], size) -> dict:
     """Where default training's curve levelled off (horizon.plateau_round), or None within its budget."""
     steps, flags = _flags(_by_variant(results)["default"])
-    r = H.plateau_round(flags, window=size.plateau_window, floor=size.plateau_floor, rng=np.random.default_rng(23))
+    r = H.plateau_round(
+        flags,
+        window=size.plateau_window,
+        floor=size.plateau_floor,
+        tolerance=size.plateau_tolerance,
+        rng=np.random.default_rng(23),
+    )
     return {
         "round": r,
         "steps": None if r is None else steps[r - 1],
         "budget_steps": steps[-1],
         "window": size.plateau_window,
         "floor": size.plateau_floor,
+        "tolerance": size.plateau_tolerance,
     }
 
 
@@ -130,13 +137,15 @@ def to_markdown(summary: dict) -> str:
     elif p["round"] is None:
         where = (
             f"default training did NOT level off within its budget of {p['budget_steps']:,.0f} steps (rule: "
-            f"rise over {p['window']} rounds indistinguishable from 0 at >= {100 * p['floor']:g}%); every "
+            f"95% interval of the rise over {p['window']} rounds within +-{100 * p.get('tolerance', 0.05):g} points, "
+            f"at >= {100 * p['floor']:g}%); every "
             f"variant ran the whole budget"
         )
     else:
         where = (
             f"default training levelled off at {p['steps']:,.0f} steps (round {p['round']}; rule: rise over "
-            f"{p['window']} rounds indistinguishable from 0 at >= {100 * p['floor']:g}%), so every variant is "
+            f"{p['window']} rounds within +-{100 * p.get('tolerance', 0.05):g} points (95% interval), at >= "
+            f"{100 * p['floor']:g}%), so every variant is "
             f"compared at {h['budget_steps']:,.0f} steps (default training itself ran to {p['budget_steps']:,.0f})"
         )
     head = (

@@ -74,8 +74,9 @@ class Size:
     # the horizon (experiments/studies/horizon.py): a step budget, and training until default training levels off
     max_steps: int = 0  # > 0: rounds = ceil(max-steps / optimizer steps per round) (0: `rounds` decides)
     until_plateau: int = 0  # 1: default training first, to the budget; the others to the round it levelled off
-    plateau_window: int = 3  # rounds over which the rise must be indistinguishable from 0
+    plateau_window: int = 3  # rounds over which the rise is measured (plateau_tolerance)
     plateau_floor: float = 0.25  # a curve below this has not started copying: not levelled off
+    plateau_tolerance: float = 0.05  # levelled off: the rise over the window is within +-this (95% interval)
     client_samples: int = 0  # the mechanism: samples of each client's own model per round (0 = off)
     sweep: str = ""  # what moves the effect (experiments/studies/sweep.py): k,lambda,epochs,ret or all
     sweep_seeds: int = 1  # seeds per sweep point: the first N of `seeds`
@@ -354,6 +355,8 @@ def apply_settings(size: Size, settings: list[str]) -> tuple[Size, dict]:
         raise ConfigError(f"--set until-plateau={size.until_plateau}: must be 0 or 1")
     if not 0 <= size.plateau_floor <= 1:
         raise ConfigError(f"--set plateau-floor={size.plateau_floor:g}: must be in [0, 1]")
+    if not 0 < size.plateau_tolerance <= 1:
+        raise ConfigError(f"--set plateau-tolerance={size.plateau_tolerance:g}: must be in (0, 1]")
     if size.until_plateau and "default" not in size.variants:
         raise ConfigError(
             "--set until-plateau=1: needs the default variant (its curve decides the horizon); "
