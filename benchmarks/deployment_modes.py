@@ -140,7 +140,7 @@ def deploy(
 
 
 def simulate(overrides: str, clients: int, out: Path):
-    wall = run_simulation(overrides, clients, 1, out, "sim", env=ENV)
+    wall = run_simulation(overrides, clients, {"num_cpus": 1}, out, "sim", env=ENV, who="deployment_modes")
     seconds, pids, timing = round_seconds(out / "sim")
     return seconds, wall, pids, timing, None
 

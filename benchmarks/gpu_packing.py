@@ -28,17 +28,16 @@ import argparse
 import json
 import math
 import os
-import signal
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from fl_ietagc.settings.config import parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.launch import run_simulation  # noqa: E402
 
 HOLDOUT = 0.1  # digits has no test split: the run config's default holdout-fraction
 PAPER_ROUND_STEPS = 100 * 39  # the paper's round: E = 100 local epochs x 39 steps (5,000 images, batch 128)
@@ -48,54 +47,9 @@ def simulate(
     run_config: str, clients: int, cpus: float, gpus: float, out: Path, name: str, timeout_s: float = 600.0
 ) -> tuple[list, float]:
     """(metrics.json rounds, wall seconds) of one simulation."""
-    backend = {"client_resources": {"num_cpus": cpus, "num_gpus": gpus}}
-    t0 = time.perf_counter()
-    # its own session, so that a timeout ends the whole process group (flower-simulation and the Ray processes it
-    # started): SIGTERM first (flower-simulation marks the run interrupted and stops Ray), SIGKILL 10 s later
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "experiments.launch.simulate",
-            "--app",
-            str(ROOT),
-            "--num-supernodes",
-            str(clients),
-            "--backend-config",
-            json.dumps(backend),
-            "--run-config",
-            f'{run_config} output-dir="{out}" run-name="{name}"',
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
+    wall = run_simulation(
+        run_config, clients, {"num_cpus": cpus, "num_gpus": gpus}, out, name, timeout_s, who="gpu_packing"
     )
-    try:
-        _, stderr = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                _, stderr = proc.communicate(timeout=grace)
-                break
-            except subprocess.TimeoutExpired:
-                stderr = ""
-        last = (stderr or "").strip().splitlines()
-        raise SystemExit(
-            f"gpu_packing: the {clients}-client simulation did not finish within --timeout-s "
-            f"{timeout_s:g} (stopped); its last line: {(last or ['no output'])[-1]}"
-        ) from None
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(
-            f"gpu_packing: the {clients}-client simulation failed (exit {proc.returncode}): "
-            f"{(stderr.strip().splitlines() or ['no output'])[-1]}"
-        )
     return json.loads((out / name / "metrics.json").read_text()), wall
 
 

@@ -35,7 +35,7 @@ from fl_ietagc.settings.config import (  # noqa: E402
 
 
 def simulate(overrides: str, clients: int, num_cpus: int, out: Path) -> tuple[list[float], float]:
-    wall = run_simulation(overrides, clients, num_cpus, out, f"sim{num_cpus}")
+    wall = run_simulation(overrides, clients, {"num_cpus": num_cpus}, out, f"sim{num_cpus}", who="simulation_overhead")
     elapsed = [m["elapsed-s"] for m in json.loads((out / f"sim{num_cpus}" / "metrics.json").read_text())]
     return [b - a for a, b in zip([0.0] + elapsed[:-1], elapsed)], wall
 

@@ -462,7 +462,7 @@ def end_round(
         privacy=privacy,
     )
     last = server_round == cfg.num_server_rounds
-    saved, skip_totals = state.to_saved(strategy), state.skip_totals.copy()  # (this round's, not the next's)
+    saved = state.to_saved(strategy)  # (a copy: this round's, not the next's)
 
     def commit() -> None:  # on RoundCommits' thread; reads only what no later round changes
         net, ema = unpack_weights(unflatten(numpy_arrays(arrays), layout))
@@ -473,7 +473,7 @@ def end_round(
             ema=ema,
             state=saved,
             config=cfg.to_dict(),
-            skip_counts=skip_totals,
+            skip_counts=saved["skip-totals"].numpy(),
             keep_checkpoint=last or server_round % cfg.checkpoint_every == 0,
             num_rounds=cfg.num_server_rounds,
             write_status=False,  # (the ServerApp marks a round in status.json once it is durable)
