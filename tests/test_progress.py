@@ -3,7 +3,7 @@ and the training itself unchanged by them."""
 
 import torch
 
-from fl_ietagc.runs.progress import StepProgress, duration
+from fl_ietagc.runs.progress import RoundProgress, StepProgress, duration
 from tests.test_trainer import CFG, make_trainer
 
 
@@ -29,6 +29,23 @@ def test_a_line_per_interval_with_rate_and_eta():
     clock.t += 30
     p2.update(100)
     assert lines[-1] == "c: step 100/10000 (1%), 26.7 img/s, ETA 49m30s"
+
+
+def test_round_lines_at_most_once_a_minute_and_always_the_last():
+    clock, lines = Clock(), []
+    p = RoundProgress("[default-s0] training", total=40, start=10, write=lines.append, clock=clock)
+    for r in range(11, 41):  # a resumed run: rounds 11-40 at 25 s each; the rate counts only this call's rounds
+        clock.t += 25
+        p.update(r)
+    assert lines[0] == "[default-s0] training: round 13/40, 25.0 s per round, ETA 11m15s"
+    assert [int(line.split("round ")[1].split("/")[0]) for line in lines] == [13, 16, 19, 22, 25, 28, 31, 34, 37, 40]
+    assert lines[-1] == "[default-s0] training: round 40/40, 25.0 s per round"
+    lines = []
+    q = RoundProgress("[x] evaluating", total=3, write=lines.append, clock=clock)
+    q.update(0)  # nothing done yet: nothing to say
+    clock.t += 1
+    q.update(3)
+    assert lines == ["[x] evaluating: round 3/3, 0.3 s per round"]
 
 
 def test_duration_text():

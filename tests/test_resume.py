@@ -142,7 +142,11 @@ def centralized_cfg(tmp_path, name):
 def test_centralized_killed_and_resumed_is_bit_identical(tmp_path):
     from fl_ietagc.loops.centralized import run_centralized
 
-    ref = run_centralized(centralized_cfg(tmp_path, "ref"), match_federated=2, progress=False)
+    seen = []
+    ref = run_centralized(
+        centralized_cfg(tmp_path, "ref"), match_federated=2, progress=False, on_round=lambda r, rec: seen.append(rec)
+    )
+    assert seen == ref.read_metrics()  # on_round: each round's record, after it is committed (a study's progress)
     code = """
 import sys, torch
 from fl_ietagc.loops.centralized import run_centralized

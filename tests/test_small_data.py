@@ -166,12 +166,18 @@ def test_the_smoke_study_trains_every_variant_at_equal_steps_and_reports_each_ru
     assert json.loads((study / "results.json").read_text())["variants"].keys() == summary["variants"].keys()
 
 
-def test_a_second_study_call_keeps_trained_runs_and_cached_evaluations(smoke_study):
+def test_a_second_study_call_keeps_trained_runs_and_cached_evaluations(smoke_study, capfd):
     _, study = smoke_study
     files = sorted((study / "runs").glob("*/checkpoints/final.pt")) + sorted((study / "runs").glob("*/eval/*.npz"))
     before = {p: p.stat().st_mtime_ns for p in files}
-    again = sd.run_small_data("smoke", study.parent, workers=1, progress=False)
+    again = sd.run_small_data("smoke", study.parent, workers=1, progress=True)
     assert {p: p.stat().st_mtime_ns for p in files} == before
+    out = capfd.readouterr().out  # the workers' progress lines: every run's last evaluated round, none trained
+    rounds = sd.SIZES["smoke"].rounds
+    for name in sd.VARIANTS:
+        for seed in sd.SIZES["smoke"].seeds:
+            assert f"[{name}-s{seed}] evaluating: round {rounds}/{rounds}, " in out
+    assert " training: " not in out
     assert (
         again["variants"]["iet-agc"]["final"]
         == json.loads((study / "results.json").read_text())["variants"]["iet-agc"]["final"]
@@ -186,9 +192,11 @@ def test_killing_the_study_ends_its_workers_and_the_next_call_resumes(tmp_path):
     import sys
     import time
 
+    settings = ["local-epochs=20", "variants=default,iet-agc"]  # two variants: both workers busy, half the runs
     code = (
-        "import sys; from pathlib import Path; from experiments.studies.small_data import run_small_data; "
-        "run_small_data('smoke', Path(sys.argv[1]), workers=2, settings=['local-epochs=40'])"
+        f"import sys; from pathlib import Path; from experiments.studies.small_data import run_small_data; "
+        f"SETTINGS = {settings!r}; "
+        "run_small_data('smoke', Path(sys.argv[1]), workers=2, settings=SETTINGS)"
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", code, str(tmp_path)],
@@ -196,7 +204,7 @@ def test_killing_the_study_ends_its_workers_and_the_next_call_resumes(tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    runs = tmp_path / "small-data-smoke-local-epochs40" / "runs"
+    runs = sd.study_dir_for(tmp_path, "smoke", settings) / "runs"
     deadline = time.time() + 120
     while time.time() < deadline and not list(runs.glob("*/metrics.json")):
         time.sleep(0.5)  # a first round committed: the workers are training
@@ -218,9 +226,9 @@ def test_killing_the_study_ends_its_workers_and_the_next_call_resumes(tmp_path):
     assert not alive, f"orphaned workers still running: {alive}"
     states = {RunDir(p).liveness() for p in runs.iterdir()}
     assert "running" not in states and states & {"stale", "interrupted", "failed"}
-    summary = sd.run_small_data("smoke", tmp_path, workers=2, settings=["local-epochs=40"], progress=False)
+    summary = sd.run_small_data("smoke", tmp_path, workers=2, settings=settings, progress=False)
     assert all(RunDir(p).read_status()["status"] == "completed" for p in runs.iterdir())
-    assert len(summary["runs"]) == len(sd.VARIANTS) * len(sd.SIZES["smoke"].seeds)
+    assert len(summary["runs"]) == 2 * len(sd.SIZES["smoke"].seeds)
 
 
 def test_the_quality_score_ranks_real_above_a_trained_model_above_an_untrained_one(digits8, tmp_path, monkeypatch):

@@ -464,14 +464,18 @@ def _exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
-def train_and_evaluate(name: str, seed: int, cfg, federated: bool, size: Size, threads: int = 1) -> dict:
+def train_and_evaluate(
+    name: str, seed: int, cfg, federated: bool, size: Size, threads: int = 1, progress: bool = False
+) -> dict:
     """One run (kept if completed, resumed if cut short, else started), then every round evaluated (cached).
     With `client-samples`, each client's own model is sampled at every round of a federated run (the mechanism:
-    eval/clients_round_RRRR.npz), from inside the loop, before averaging's result replaces it."""
+    eval/clients_round_RRRR.npz), from inside the loop, before averaging's result replaces it. With `progress`,
+    a line per minute at most while it trains and while it evaluates (a full-size run trains for half an hour)."""
     import torch
 
     from fl_ietagc.loops.centralized import run_centralized
     from fl_ietagc.loops.iet import run_iet_loop
+    from fl_ietagc.runs.progress import RoundProgress
     from fl_ietagc.runs.rundir import RunDir
 
     torch.set_num_threads(threads)
@@ -481,8 +485,12 @@ def train_and_evaluate(name: str, seed: int, cfg, federated: bool, size: Size, t
     if state == "running":
         raise RuntimeError(f"[{name}-s{seed}] {run.path} is being written by another process")
     kept = state == "completed"
+    label, rounds_total = f"[{name}-s{seed}]", cfg.num_server_rounds
+    quiet = lambda line: None  # noqa: E731
     if not kept:
         resume = state in ("failed", "interrupted", "stale")
+        done = len(run.read_metrics()) if resume else 0
+        trained_rounds = RoundProgress(f"{label} training", rounds_total, start=done, write=None if progress else quiet)
         if federated:
             hook = client_recorder(run.path, cfg, size) if size.client_samples else None
             run_iet_loop(
@@ -490,12 +498,23 @@ def train_and_evaluate(name: str, seed: int, cfg, federated: bool, size: Size, t
                 size.clients,
                 torch.device(size.device),
                 RunDir.reopen(run.path) if resume else RunDir.create(cfg.output_dir, cfg.run_name, ""),
+                progress=lambda r, record: trained_rounds.update(r),
                 on_round=hook,
             )
         else:
-            run_centralized(cfg, match_federated=size.clients, progress=False, resume=str(run.path) if resume else None)
+            run_centralized(
+                cfg,
+                match_federated=size.clients,
+                progress=False,
+                resume=str(run.path) if resume else None,
+                on_round=lambda r, record: trained_rounds.update(r),
+            )
     trained = time.time() - t0
-    rounds = [evaluate_round(run, cfg, r, size) for r in range(1, cfg.num_server_rounds + 1)]
+    evaluated = RoundProgress(f"{label} evaluating", rounds_total, write=None if progress else quiet)
+    rounds = []
+    for r in range(1, rounds_total + 1):
+        rounds.append(evaluate_round(run, cfg, r, size))
+        evaluated.update(r)
     clients = [client_round(run, r) for r in range(1, cfg.num_server_rounds + 1)] if federated else []
     return {
         "variant": name,
@@ -918,7 +937,8 @@ def run_pool(
         initargs=(os.getpid(),),
     ) as pool:
         futures = [
-            pool.submit(train_and_evaluate, name, seed, cfg, fed, size, threads) for name, seed, cfg, fed, size in tasks
+            pool.submit(train_and_evaluate, name, seed, cfg, fed, size, threads, progress)
+            for name, seed, cfg, fed, size in tasks
         ]
         for i, f in enumerate(futures, start=1 + done_before):
             r = f.result()

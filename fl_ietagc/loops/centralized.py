@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -54,9 +55,14 @@ def steps_per_round(cfg: RunConfig, num_train: int, match_federated: int) -> np.
 
 
 def run_centralized(
-    cfg: RunConfig, match_federated: int = 0, progress: bool = True, resume: str | None = None
+    cfg: RunConfig,
+    match_federated: int = 0,
+    progress: bool = True,
+    resume: str | None = None,
+    on_round: Callable[[int, dict], None] | None = None,
 ) -> RunDir:
-    """Train (or, with `resume` = a run directory, continue) a centralized run; returns its RunDir."""
+    """Train (or, with `resume` = a run directory, continue) a centralized run; returns its RunDir.
+    `on_round(round, record)` is called after each round is committed (a study's progress lines)."""
     splits = load_splits(cfg)
     n = len(splits.train)
     if cfg.batch_size > n:
@@ -105,9 +111,10 @@ def run_centralized(
                 stats = trainer.run(epochs=0, seed=client_seed(cfg.seed, 0, r), max_steps=int(per_round[r - 1]))
             except NonFiniteError as e:
                 raise FloatingPointError(f"round {r}, step {e.step}: {e.what} (lr {e.lr:g})") from e
+            record = round_record(r, before + time.time() - t0, trainer_metrics(stats))
             run.commit_round(
                 r,
-                round_record(r, before + time.time() - t0, trainer_metrics(stats)),
+                record,
                 net=trained_state(model),
                 ema=trained_state(ema),
                 state={"trainer": state.to_dict()},
@@ -119,6 +126,8 @@ def run_centralized(
             if bar is not None:
                 bar.update(stats.steps)
                 bar.set_postfix(loss=f"{stats.mean_loss:.4f}", skip=f"{stats.skip_rate:.3f}")
+            if on_round is not None:
+                on_round(r, record)
             fault_point("between-rounds", r)
         run.finish(trained_state(model), trained_state(ema), len(per_round), cfg.to_dict())
         fault_point("final-sampling", len(per_round))
