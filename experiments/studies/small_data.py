@@ -5,7 +5,7 @@ AGC alone, IET alone, RET) copy fewer training images than default training at t
     fl-ietagc-study small-data --smoke                                   # the tests' size, about a minute
     fl-ietagc-study small-data --full --set train-images=64 --set agc-lambda=3   # a variation (own directory)
     fl-ietagc-study small-data --full --set size=horizon    # until default training levels off (issue 23)
-    fl-ietagc-study small-data --full --set size=fashion16  # Fashion-MNIST at 16x16 (uncalibrated)
+    fl-ietagc-study small-data --full --set size=fashion16  # Fashion-MNIST at 16x16 (calibrated, one seed)
     fl-ietagc-study small-data --full --set sweep=all       # K, lambda, local epochs, RET (sweep.py)
     fl-ietagc-study small-data --full --set size=gpu-fashion32 --workers 1   # one H100, ~8 min, unmeasured
 
