@@ -18,7 +18,8 @@ here=$PWD
 work=$(mktemp -d /tmp/ab-versions.XXXXXX)
 cleanup() { git -C "$here" worktree remove --force "$work/b" >/dev/null 2>&1 || true; rm -rf "$work"; }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+trap 'exit 130' INT
+trap 'exit 143' TERM
 git worktree add -q --detach "$work/b" "$rev"
 rm -rf "$work/b/benchmarks" && cp -r benchmarks "$work/b/benchmarks"
 script=$1

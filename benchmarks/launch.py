@@ -66,8 +66,8 @@ def run_simulation(
                 stderr = ""
         last = (stderr or "").strip().splitlines()
         raise SystemExit(
-            f"{who}: the {clients}-client simulation did not finish within --timeout-s "
-            f"{timeout_s:g} (stopped); its last line: {(last or ['no output'])[-1]}"
+            f"{who}: the {clients}-client simulation did not finish within {timeout_s:g} s "
+            f"(stopped); its last line: {(last or ['no output'])[-1]}"
         ) from None
     if proc.returncode != 0:
         raise SystemExit(

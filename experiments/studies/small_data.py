@@ -486,11 +486,11 @@ def train_and_evaluate(
         raise RuntimeError(f"[{name}-s{seed}] {run.path} is being written by another process")
     kept = state == "completed"
     label, rounds_total = f"[{name}-s{seed}]", cfg.num_server_rounds
-    quiet = lambda line: None  # noqa: E731
+    write = None if progress else (lambda line: None)  # None: RoundProgress prints
     if not kept:
         resume = state in ("failed", "interrupted", "stale")
         done = len(run.read_metrics()) if resume else 0
-        trained_rounds = RoundProgress(f"{label} training", rounds_total, start=done, write=None if progress else quiet)
+        trained_rounds = RoundProgress(f"{label} training", rounds_total, start=done, write=write)
         if federated:
             hook = client_recorder(run.path, cfg, size) if size.client_samples else None
             run_iet_loop(
@@ -510,12 +510,12 @@ def train_and_evaluate(
                 on_round=lambda r, record: trained_rounds.update(r),
             )
     trained = time.time() - t0
-    evaluated = RoundProgress(f"{label} evaluating", rounds_total, write=None if progress else quiet)
+    evaluated = RoundProgress(f"{label} evaluating", rounds_total, write=write)
     rounds = []
     for r in range(1, rounds_total + 1):
         rounds.append(evaluate_round(run, cfg, r, size))
         evaluated.update(r)
-    clients = [client_round(run, r) for r in range(1, cfg.num_server_rounds + 1)] if federated else []
+    clients = [client_round(run, r) for r in range(1, rounds_total + 1)] if federated else []
     return {
         "variant": name,
         "seed": seed,

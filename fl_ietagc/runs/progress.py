@@ -59,22 +59,21 @@ class StepProgress:
 
 
 class RoundProgress:
-    """`update(done)` after each of `total` items (rounds trained, rounds evaluated) of a loop that runs for many
+    """`update(done)` after each of `total` rounds (trained, or evaluated) of a loop that runs for many
     minutes with no output of its own (a study's worker): one line per `every_s` at most, with the rate and ETA,
-    and always one for the last item. `start` items were done before (a resumed run): the rate counts only this
+    and always one for the last round. `start` rounds were done before (a resumed run): the rate counts only this
     call's."""
 
     def __init__(
         self,
         label: str,
         total: int,
-        unit: str = "round",
         start: int = 0,
         every_s: float = 60.0,
         write: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
-        self.label, self.total, self.unit, self.first, self.every_s = label, total, unit, start, every_s
+        self.label, self.total, self.first, self.every_s = label, total, start, every_s
         self.write = write or (lambda line: print(line, flush=True))
         self.clock = clock
         self.start = clock()
@@ -86,5 +85,5 @@ class RoundProgress:
             return
         per_item = (now - self.start) / (done - self.first)
         eta = "" if done >= self.total else f", ETA {duration(per_item * (self.total - done))}"
-        self.write(f"{self.label}: {self.unit} {done}/{self.total}, {per_item:.1f} s per {self.unit}{eta}")
+        self.write(f"{self.label}: round {done}/{self.total}, {per_item:.1f} s per round{eta}")
         self.next_at = now + self.every_s
