@@ -4,7 +4,7 @@
 #   bash benchmarks/ab_versions.sh 62b3b82 3 -- deployment_modes.py --rounds 6 --config test --only process
 # B runs REV's fl_ietagc/, clients/ and strategies/ (a git worktree under a temporary folder, first on PYTHONPATH,
 # which every process the benchmark starts inherits) with THIS checkout's benchmarks/, so only the product code
-# differs. Each run's last table lines are printed under "== A|B i"; the worktree is removed at exit.
+# differs. Each run's last AB_LINES lines (default 4) are printed under "== A|B i"; the worktree is removed at exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rev=${1:?usage: ab_versions.sh REV PAIRS -- BENCHMARK ARGS...}
@@ -29,6 +29,6 @@ for i in $(seq 1 "$pairs"); do
     dir=$here
     [ "$side" = B ] && dir=$work/b
     echo "== $side $i $(date +%T) load $(cut -d' ' -f1 /proc/loadavg)"
-    (cd "$dir" && PYTHONPATH="$dir${PYTHONPATH:+:$PYTHONPATH}" python "benchmarks/$script" "$@" 2>&1 | tail -n 4)
+    (cd "$dir" && PYTHONPATH="$dir${PYTHONPATH:+:$PYTHONPATH}" python "benchmarks/$script" "$@" 2>&1 | tail -n "${AB_LINES:-4}")
   done
 done

@@ -43,7 +43,7 @@ from flwr.common.logger import log
 from fl_ietagc.data.shards import shard_inputs, shards_for_config
 from fl_ietagc.federation import protocol as P
 from fl_ietagc.federation.protocol import ClientFailure, ClientRound, one_line
-from fl_ietagc.federation.wire import Layout, decode, encode, flatten, npy_fields, unflatten
+from fl_ietagc.federation.wire import Layout, array_view, decode, encode, flatten, npy_fields, unflatten
 from fl_ietagc.runs import phases
 from fl_ietagc.runs.checkpoints import BackgroundWrite, pack_weights, unpack_weights
 from fl_ietagc.runs.faults import fault_point
@@ -99,8 +99,9 @@ def train_round(
 
     t0 = time.perf_counter()
     layout = Layout.from_record(instruction[P.LAYOUT])
-    received = {k: a.numpy() for k, a in instruction[P.ARRAYS].items()}
-    net_sd, ema_sd = unpack_weights(unflatten(decode(received, layout), layout))
+    # views of the message's bytes, only read: load_weights copies them into the model
+    received = {k: array_view(a) for k, a in instruction[P.ARRAYS].items()}
+    net_sd, ema_sd = unpack_weights(unflatten(decode(received, layout), layout, borrowed=True))
     phases.since("client: unpack weights", t0)
     budget = cfg.client_memory_mb * 2**20
     with phases.timed("client: build model, load weights"):
@@ -159,7 +160,8 @@ def train_round(
     metrics, info = summary.to_records()
     info[P.LAYOUT_DIGEST] = layout.digest()
     t0 = time.perf_counter()
-    flat = encode(flatten(pack_weights(trained_state(trainer.model), trained_state(trainer.ema)), layout), layout)
+    packed = pack_weights(trained_state(trainer.model), trained_state(trainer.ema))
+    flat = encode(flatten(packed, layout, MEMORY.buffers(_model_key(cfg, device))), layout)
     content = RecordDict(
         {
             P.ARRAYS: ArrayRecord({k: Array(**npy_fields(a)) for k, a in flat.items()}),

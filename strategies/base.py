@@ -25,7 +25,6 @@ Mixed in front of a Flower strategy (e.g. `class IETFedAvg(AppStrategyMixin, Fed
 
 from __future__ import annotations
 
-import io
 import math
 import time
 from collections.abc import Iterable
@@ -40,7 +39,7 @@ from flwr.serverapp import Grid
 
 from fl_ietagc.federation import protocol as P
 from fl_ietagc.federation.protocol import ClientFailure, ClientRound, one_line, round_metrics
-from fl_ietagc.federation.wire import Layout, decode, encode, nonfinite_at, npy_fields
+from fl_ietagc.federation.wire import Layout, array_view, decode, encode, nonfinite_at, npy_fields
 from fl_ietagc.training.ret import ShardAssignment
 
 
@@ -78,23 +77,6 @@ def partition_of(reply: Message) -> int:
     return int(reply.content.config_records[P.INFO]["partition-id"])
 
 
-def array_view(a) -> np.ndarray:
-    """A read-only view of a Flower Array's numbers in its serialized bytes (Array.numpy() copies them out): the
-    non-finite check reads every reply once, and the aggregation copies them again anyway."""
-    data = a.data
-    if a.stype != "numpy.ndarray" or not isinstance(data, (bytes, bytearray, memoryview)):
-        return a.numpy()
-    buf = io.BytesIO(data)
-    version = np.lib.format.read_magic(buf)
-    header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran, dtype = header(buf)
-    if dtype.hasobject:
-        return a.numpy()  # (refused there: no pickles)
-    count = math.prod(shape)
-    view = np.frombuffer(data, dtype=dtype, count=count, offset=buf.tell())
-    return view.reshape(shape, order="F" if fortran else "C")
-
-
 def nonfinite_keys(arrays: ArrayRecord, layout: Layout | None = None) -> list[str]:
     """Arrays with a NaN or Inf; with a flat layout, named by the tensor (and element) of the first one."""
     bad = []
@@ -104,29 +86,51 @@ def nonfinite_keys(arrays: ArrayRecord, layout: Layout | None = None) -> list[st
     return bad
 
 
-def weighted_mean_record(contents: list[RecordDict], weight_key: str) -> ArrayRecord:
+_CHUNK = 1 << 18  # elements per slice of the weighted mean: one product slice (1 MB) stays in the CPU's cache
+
+
+def weighted_mean_record(
+    contents: list[RecordDict], weight_key: str, accumulators: dict[str, np.ndarray] | None = None
+) -> ArrayRecord:
     """Flower's `aggregate_arrayrecords` (FedAvg's weighted mean), bit for bit: the same float operations in the same
-    order (x_0 * w_0, then += x_i * w_i, w_i = n_i / sum n), on read-only views of the replies' bytes instead of
-    copies, into one accumulator that becomes the Array in one copy. Why: Flower's copies each reply out, makes a
-    new product per reply and serializes the mean through a growing BytesIO: ~0.5 s per round for two replies of
-    the paper UNet, on the server's critical path."""
+    order per element (x_0 * w_0, then += x_i * w_i, w_i = n_i / sum n), on read-only views of the replies' bytes
+    instead of copies, slice by slice into one accumulator that becomes the Array in one copy. Why: Flower's copies
+    each reply out, makes a new product per reply and serializes the mean through a growing BytesIO (~0.5 s per
+    round for two replies of the paper UNet, on the server's critical path); and a fresh 143 MB accumulator per
+    round cost 0.5 s more in page faults in a long-running ServerApp (benchmarks/round_overhead.py) than a warm
+    one. `accumulators`: the caller's buffers, kept between rounds (the mean is copied out of them, so they are
+    free again when this returns)."""
     weights = [float(next(iter(c.metric_records.values()))[weight_key]) for c in contents]
     total = sum(weights)
-    mean: dict[str, np.ndarray] = {}
-    scratch: dict[str, np.ndarray] = {}
-    for content, w in zip(contents, weights, strict=True):
-        factor = w / total
+    factors = [w / total for w in weights]
+    accumulators = {} if accumulators is None else accumulators
+    replies: dict[str, list[np.ndarray]] = {}
+    for content in contents:
         for record in content.array_records.values():
             for key, array in record.items():
-                x = array_view(array)
-                if key not in mean:
-                    mean[key] = np.multiply(x, factor)
-                elif mean[key].dtype == np.result_type(x, factor) and x.shape == mean[key].shape:
-                    product = scratch.setdefault(key, np.empty_like(mean[key]))
-                    mean[key] += np.multiply(x, factor, out=product)
-                else:  # (shapes or dtypes Flower's `+=` would broadcast or cast: its own expression)
-                    mean[key] += x * factor
-    return ArrayRecord({k: Array(**npy_fields(np.asarray(v))) for k, v in mean.items()})
+                replies.setdefault(key, []).append(array_view(array))
+    out: dict[str, Array] = {}
+    for key, xs in replies.items():
+        if len(xs) != len(factors) or any(x.shape != xs[0].shape or x.dtype != xs[0].dtype for x in xs):
+            # (a reply without this key, or shapes/dtypes Flower's `+=` would broadcast or cast: its own expression)
+            mean = np.multiply(xs[0], factors[0])
+            for x, f in zip(xs[1:], factors[1:]):
+                mean += x * f
+            out[key] = Array(**npy_fields(np.asarray(mean)))
+            continue
+        dtype = np.result_type(xs[0], factors[0])
+        acc = accumulators.get(key)
+        if acc is None or acc.shape != xs[0].shape or acc.dtype != dtype:
+            acc = accumulators[key] = np.empty(xs[0].shape, dtype)
+        flat_acc, flats = acc.reshape(-1), [x.reshape(-1) for x in xs]
+        product = np.empty(min(_CHUNK, flat_acc.size), dtype)
+        for s in range(0, flat_acc.size, _CHUNK):
+            a = flat_acc[s : s + _CHUNK]
+            np.multiply(flats[0][s : s + _CHUNK], factors[0], out=a)
+            for x, f in zip(flats[1:], factors[1:]):
+                a += np.multiply(x[s : s + _CHUNK], f, out=product[: a.size])
+        out[key] = Array(**npy_fields(acc))
+    return ArrayRecord(out)
 
 
 def as_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:

@@ -15,7 +15,7 @@ from .base import AppStrategyMixin, metrics_of_the_mixin, weighted_mean_record
 
 class FedAvgInPlace(FedAvg):
     """Flower's FedAvg whose weighted mean reads the replies in place (base.weighted_mean_record: bit-identical,
-    without Flower's copies; tests/test_wire.py compares the two)."""
+    without Flower's copies; tests/test_wire.py compares the two), into accumulators kept from round to round."""
 
     def aggregate_train(self, server_round, replies):
         valid, _ = self._check_and_log_replies(replies, is_train=True)
@@ -23,7 +23,7 @@ class FedAvgInPlace(FedAvg):
             return None, None
         contents = [m.content for m in valid]
         return (
-            weighted_mean_record(contents, self.weighted_by_key),
+            weighted_mean_record(contents, self.weighted_by_key, self.__dict__.setdefault("_accumulators", {})),
             self.train_metrics_aggr_fn(contents, self.weighted_by_key),
         )
 

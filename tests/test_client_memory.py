@@ -15,7 +15,7 @@ from fl_ietagc.data.shards import shards_for_config
 from fl_ietagc.runs.checkpoints import BackgroundWrite, atomic_write_bytes, pack_weights
 from fl_ietagc.runs.rundir import RunDir
 from fl_ietagc.settings.config import parse_config
-from fl_ietagc.training.client_memory import MEMORY, tensor_bytes
+from fl_ietagc.training.client_memory import MEMORY, ClientMemory, tensor_bytes
 from fl_ietagc.training.run_model import initial_weights
 from fl_ietagc.training.trainer import TrainState
 from tests.test_client_app import RUN_CONFIG, context, error_of, message
@@ -134,6 +134,22 @@ def test_the_budget_bounds_what_is_held(weights, tmp_path):
     )
     assert MEMORY.held(key(tmp_path, 1)) is None and MEMORY.held(key(tmp_path, 0))[0] == 2
     assert tensor_bytes(torch.zeros(3, dtype=torch.float64)) == 24
+
+
+def test_reply_buffers_live_with_the_kept_model_pair_only():
+    memory = ClientMemory()
+    build = lambda: torch.nn.Linear(4, 4)  # noqa: E731
+    memory.models(("a",), build, budget_bytes=0)  # not kept: neither are its buffers
+    assert memory.buffers(("a",)) == {} and memory.buffers(("a",)) is not memory.buffers(("a",))
+    memory.models(("a",), build, budget_bytes=2**20)
+    kept = memory.buffers(("a",))
+    kept["net"] = torch.zeros(3)
+    assert memory.buffers(("a",)) is kept
+    memory.models(("b",), build, budget_bytes=2**20)  # another architecture: the old buffers go with its pair
+    assert memory.buffers(("a",)) == {} and memory.buffers(("b",)) == {}
+    memory.buffers(("b",))["net"] = torch.zeros(3)
+    memory.clear()
+    assert memory.buffers(("b",)) == {}
 
 
 def test_background_write_reraises_and_is_bounded(tmp_path):

@@ -1,6 +1,8 @@
 """Weights on the wire (fl_ietagc/federation/wire.py): a few flat arrays per message, their layout, bf16 transport, and that
 averaging flat arrays is bit for bit averaging the tensors."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from fl_ietagc.federation.wire import (
     Layout,
+    array_view,
     decode,
     encode,
     flatten,
@@ -46,6 +49,32 @@ def test_flat_round_trip_is_exact_and_the_layout_travels_as_a_record(packed):
     assert list(back) == list(packed)
     assert all(torch.equal(back[k], packed[k]) and back[k].shape == packed[k].shape for k in packed)
     assert Layout.from_record(layout.to_record()) == layout and Layout.of(packed, "bf16").digest() == layout.digest()
+
+
+def test_kept_buffers_and_borrowed_views_give_the_same_weights_without_new_memory(packed):
+    """A client's reply built in its kept buffers equals the fresh one and reuses the buffers' memory next
+    round; the server's message read through array_view is wrapped, not copied, and without a torch warning."""
+    layout = Layout.of(packed)
+    kept: dict = {}
+    first = flatten(packed, layout, kept)
+    assert all(np.array_equal(first[g], a) for g, a in flatten(packed, layout).items())
+    pointers = {g: t.data_ptr() for g, t in kept.items()}
+    again = flatten(perturbed(packed, 1), layout, kept)  # the next round: same buffers, new values
+    assert {g: t.data_ptr() for g, t in kept.items()} == pointers
+    assert all(np.array_equal(again[g], a) for g, a in flatten(perturbed(packed, 1), layout).items())
+    message = as_record(flatten(packed, layout))
+    views = {k: array_view(a) for k, a in message.items()}
+    assert all(
+        not v.flags.writeable and np.shares_memory(v, np.frombuffer(message[k].data, np.uint8))
+        for k, v in views.items()
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        back = unflatten(decode(views, layout), layout, borrowed=True)
+    assert all(torch.equal(back[k], packed[k]) for k in packed)
+    assert layout.names[0].startswith("net.") and back[layout.names[0]].data_ptr() == views["net"].ctypes.data
+    copied = unflatten(views, layout)  # not borrowed: writable copies
+    assert copied[layout.names[0]].data_ptr() != views["net"].ctypes.data
 
 
 def test_a_message_is_a_few_objects_not_one_per_tensor(packed):
@@ -228,8 +257,9 @@ def test_the_first_non_finite_element_is_found_and_finite_values_whose_sum_overf
 
 def test_the_in_place_weighted_mean_is_flowers_bit_for_bit():
     """strategies.base.weighted_mean_record (IET's and fedavg's aggregation) against Flower's aggregate_arrayrecords:
-    equal bytes, for flat float32 groups, a float64 and an int64 array, a 0-d array and unequal weights."""
-    from strategies.base import weighted_mean_record
+    equal bytes, for flat float32 groups (one longer than the mean's slice), a float64 and an int64 array, a 0-d
+    array and unequal weights; again with accumulators kept from an earlier call, as the strategy keeps them."""
+    from strategies.base import _CHUNK, weighted_mean_record
 
     rng = np.random.default_rng(0)
 
@@ -237,7 +267,7 @@ def test_the_in_place_weighted_mean_is_flowers_bit_for_bit():
         g = np.random.default_rng(seed)
         arrays = {
             "net": g.standard_normal(1000).astype(np.float32),
-            "ema": g.standard_normal(1000).astype(np.float32),
+            "ema": g.standard_normal(2 * _CHUNK + 3).astype(np.float32),
             "net:float64": g.standard_normal((3, 4)),
             "steps": g.integers(0, 100, 5),
             "scalar": np.array(g.standard_normal(), dtype=np.float32),
@@ -250,3 +280,7 @@ def test_the_in_place_weighted_mean_is_flowers_bit_for_bit():
     for k in flowers:
         assert (ours[k].dtype, ours[k].shape, ours[k].data) == (flowers[k].dtype, flowers[k].shape, flowers[k].data), k
     assert ours["steps"].dtype == "float64" and ours["scalar"].shape == ()
+    kept: dict = {}
+    weighted_mean_record(replies[::-1], "num-examples", kept)  # (other values first: the buffers are overwritten)
+    again = weighted_mean_record(replies, "num-examples", kept)
+    assert all(again[k].data == flowers[k].data for k in flowers) and set(kept) == set(flowers)

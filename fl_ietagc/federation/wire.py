@@ -24,6 +24,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -115,27 +117,42 @@ class Layout:
         return f"{group}[{index}]"
 
 
-def flatten(packed: dict[str, torch.Tensor], layout: Layout) -> dict[str, np.ndarray]:
-    """One contiguous 1-D numpy array per group, in the tensors' own dtype (one copy, made on the CPU)."""
+def flatten(
+    packed: dict[str, torch.Tensor], layout: Layout, buffers: dict[str, torch.Tensor] | None = None
+) -> dict[str, np.ndarray]:
+    """One contiguous 1-D numpy array per group, in the tensors' own dtype (one copy, made on the CPU). With
+    `buffers` (the caller's, kept between rounds), the arrays are written into them: views of those buffers, valid
+    until the next call with the same dict. Why: a fresh 143 MB buffer per round is page-faulted in, which cost
+    more than the copy itself on this project's CPU machine (benchmarks/round_overhead.py)."""
     if tuple(packed) != layout.names:
         raise ValueError("weights to send do not match the layout: different tensor names or order")
     values = list(packed.values())
-    return {
-        group: torch.cat([values[i].detach().reshape(-1).cpu() for i in idx]).numpy()
-        for group, idx in layout.groups().items()
-    }
+    out = {}
+    for group, idx in layout.groups().items():
+        parts = [values[i].detach().reshape(-1).cpu() for i in idx]
+        if buffers is None:
+            out[group] = torch.cat(parts).numpy()
+            continue
+        numel, dtype = sum(p.numel() for p in parts), parts[0].dtype
+        buf = buffers.get(group)
+        if buf is None or buf.numel() != numel or buf.dtype != dtype:
+            buf = buffers[group] = torch.empty(numel, dtype=dtype)
+        out[group] = torch.cat(parts, out=buf).numpy()
+    return out
 
 
-def unflatten(arrays: dict[str, np.ndarray], layout: Layout) -> dict[str, torch.Tensor]:
+def unflatten(arrays: dict[str, np.ndarray], layout: Layout, *, borrowed: bool = False) -> dict[str, torch.Tensor]:
     """The packed tensors back from `flatten`'s arrays (CPU tensors, views into one buffer per group). A float
     group in another float dtype (a server-side optimiser or Flower's DP noise can make float64) keeps it: the
-    server commits and resumes from exactly what its strategy holds; a model's `load_state_dict` casts it."""
+    server commits and resumes from exactly what its strategy holds; a model's `load_state_dict` casts it.
+    `borrowed`: read-only arrays (views of a message's bytes, `array_view`) are wrapped, not copied; the caller
+    only reads the tensors (a client copies them into its model) and drops them before the message."""
     groups = layout.groups()
     if set(arrays) != set(groups):
         raise ValueError(f"weights hold arrays {sorted(arrays)}, the layout expects {sorted(groups)}")
     out: dict[str, torch.Tensor] = {}
     for group, idx in groups.items():
-        flat = _tensor(arrays[group])
+        flat = _tensor(arrays[group], borrowed)
         _as_layout_dtype(flat[:0], layout.dtypes[idx[0]], group)  # (only checks that it can be)
         sizes = [layout.numel(i) for i in idx]
         if flat.dim() != 1 or flat.numel() != sum(sizes):
@@ -179,15 +196,37 @@ def decode(arrays: dict[str, np.ndarray], layout: Layout) -> dict[str, np.ndarra
         if g in groups and layout.dtypes[groups[g][0]] == _FLOAT:
             if a.dtype != np.int16:
                 raise ValueError(f"weights: array {g!r} is {a.dtype}, bf16 transport sends int16-coded bfloat16")
-            a = _tensor(a).view(torch.bfloat16).to(torch.float32).numpy()
+            a = _tensor(a, borrowed=True).view(torch.bfloat16).to(torch.float32).numpy()  # (.to copies)
         out[g] = a
     return out
 
 
-def _tensor(array: np.ndarray) -> torch.Tensor:
-    if not array.flags.writeable:  # (a Flower Array's numpy() can be read-only; torch wants writable memory)
-        array = array.copy()
-    return torch.from_numpy(array)
+def _tensor(array: np.ndarray, borrowed: bool = False) -> torch.Tensor:
+    if array.flags.writeable:
+        return torch.from_numpy(array)
+    if not borrowed:  # (a Flower Array's numpy() can be read-only; torch wants writable memory)
+        return torch.from_numpy(array.copy())
+    with warnings.catch_warnings():  # torch's one-time warning about exactly this, expected here: only read
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+        return torch.from_numpy(array)
+
+
+def array_view(a) -> np.ndarray:
+    """A read-only view of a Flower Array's numbers in its serialized bytes (Array.numpy() copies them out, into
+    fresh memory): the server's non-finite check and mean, and a client's unpacking, read each message once.
+    Duck-typed (`data`, `stype`, `numpy()`): no Flower import here."""
+    data = a.data
+    if a.stype != NPY_STYPE or not isinstance(data, (bytes, bytearray, memoryview)):
+        return a.numpy()
+    buf = io.BytesIO(data)
+    version = np.lib.format.read_magic(buf)
+    header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = header(buf)
+    if dtype.hasobject:
+        return a.numpy()  # (refused there: no pickles)
+    count = math.prod(shape)
+    view = np.frombuffer(data, dtype=dtype, count=count, offset=buf.tell())
+    return view.reshape(shape, order="F" if fortran else "C")
 
 
 NPY_STYPE = "numpy.ndarray"  # Flower's SType.NUMPY: an Array whose bytes are np.save's

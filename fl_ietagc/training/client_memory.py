@@ -8,6 +8,8 @@ state file back (Adam's moments: 2 x the weights) that the same process wrote a 
 - `models(key, build)`: one (raw, EMA) UNet pair per architecture key, reused by every partition this process
   serves; each round copies the global weights into it (load_state_dict), so nothing of an earlier round or
   partition survives except the tensors' storage and memory format.
+- `buffers(key)`: the flat arrays a reply is built in (federation/wire.flatten), kept with the model pair: a
+  fresh 286 MB per round (the paper UNet's raw + EMA) was page-faulted in every round.
 - states: per (run token, state directory, partition) the `TrainState` this process last saved, with the round
   it was saved as. A round that starts from exactly that round takes it from memory (the file, written and
   fsync'ed before the reply that made the server count it, stays the durable copy: a new process, or a
@@ -51,6 +53,7 @@ def tensor_bytes(obj) -> int:
 class ClientMemory:
     def __init__(self):
         self._models: OrderedDict[tuple, tuple[torch.nn.Module, torch.nn.Module]] = OrderedDict()
+        self._buffers: dict[tuple, dict] = {}
         self._states: OrderedDict[tuple, tuple[int, tuple, TrainState]] = OrderedDict()
         self.hits = self.misses = 0  # state lookups (tests, benchmarks)
 
@@ -66,8 +69,13 @@ class ClientMemory:
         pair = (model, _copy_module(model))
         if tensor_bytes(model) * 2 <= budget_bytes:
             self._models.clear()  # one architecture at a time: a process serves one run's clients
+            self._buffers.clear()
             self._models[key] = pair
         return pair
+
+    def buffers(self, key: tuple) -> dict:
+        """Scratch buffers kept with `key`'s model pair (a new, unkept dict when the pair is not kept)."""
+        return self._buffers.setdefault(key, {}) if key in self._models else {}
 
     # --- states ---
     def state(self, key: tuple, start_round: int, path: Path) -> TrainState | None:
@@ -103,6 +111,7 @@ class ClientMemory:
 
     def clear(self) -> None:
         self._models.clear()
+        self._buffers.clear()
         self._states.clear()
         self.hits = self.misses = 0
 
