@@ -1,6 +1,7 @@
 """The small-data study's horizon (experiments/studies/horizon.py, horizon_report.py), its sweep plan (sweep.py),
 its Fashion-MNIST and GPU sizes and the mechanism hook of run_iet_loop (issue 23)."""
 
+import json
 import os
 from pathlib import Path
 
@@ -296,6 +297,7 @@ def test_the_sweep_table_and_figure_from_planted_points(tmp_path):
             "agc_lambda": 2.0,
             "extra": {},
             "final": float(steps[-1]),
+            "cfd": 100.0 + len(knob),
             "steps_to": {f"{t:g}": H.steps_to([400, 800, 1200], flags, t, rng()) for t in H.TARGETS},
         }
 
@@ -303,6 +305,7 @@ def test_the_sweep_table_and_figure_from_planted_points(tmp_path):
         "knobs": ["k", "ret"],
         "seeds": [0],
         "pipeline_check": False,
+        "quality": {"num_images": 64, "classifier_accuracy": 0.95, "held-out real": {"cfd": 5.25}},
         "points": [
             point("baseline", "", "default", [0, 1, 1]),
             point("base", "", "iet-agc", [0, 0, 1]),
@@ -313,5 +316,22 @@ def test_the_sweep_table_and_figure_from_planted_points(tmp_path):
     }
     table = sweep.to_markdown(summary)
     assert "| k | 4 | iet-agc | 2 | 16 | 200 | 3 | 2 | not reached within 1,200 steps |" in table
+    assert table.splitlines()[0].endswith("| copy rate at the end | CFD at the end |") and "| 0.0% | 101.0 |" in table
+    assert "held-out real images score 5.2" in table
     assert "| baseline | - | default |" in table and "| 500 [500, 500] |" in table  # 400 + 0.25 x 400
     assert sweep.figure(summary, tmp_path).stat().st_size > 10_000
+
+
+@pytest.mark.slow(minutes=1.5)
+def test_a_smoke_sweep_scores_every_point_in_the_studys_classifier(tmp_path, monkeypatch):
+    """The sweep end to end (one knob, three runs): every point's copy rates and its CFD at the budget, held-out
+    real images scoring better than any model trained for seconds."""
+    monkeypatch.setenv("FL_IETAGC_CACHE", str(tmp_path / "cache"))
+    s = sd.run_small_data("smoke", tmp_path, workers=2, settings=["sweep=ret"], progress=False)
+    assert [p["run"] for p in s["points"]] == ["default", "iet-agc", "ret-shift1"]
+    real = s["quality"]["held-out real"]["cfd"]
+    assert all(p["cfd"] is not None and p["cfd"] > real for p in s["points"])
+    study = next(tmp_path.glob("small-data-smoke-sweep*"))
+    text = (study / "sweep.md").read_text()
+    assert text.startswith("SMOKE RUN") and f"held-out real images score {real:.1f}" in text
+    assert json.loads((study / "sweep.json").read_text())["points"][2]["cfd"] == s["points"][2]["cfd"]

@@ -689,28 +689,56 @@ def null_and_reference(cfg, size: Size) -> dict:
     }
 
 
-def quality_rows(jobs, results: list[dict], size: Size) -> dict:
-    """CFD / precision / recall of every variant's last-round samples, of real held-out images and of the
-    untrained model, all at the same number of images."""
-    import torch
-
+def quality_reference(cfg, results: list[dict], size: Size):
+    """(the dataset's full splits, its quality classifier, the training split's features, the number of images to
+    score): equal numbers everywhere (the Frechet distance is biased by N), the fewest any last round holds."""
     from fl_ietagc.data.datasets import load_splits
     from fl_ietagc.evaluation import classifier_quality as cq
-    from fl_ietagc.training.models import load_weights
-    from fl_ietagc.training.run_model import build_for_config, initial_weights
 
-    cfg = jobs[0][2]
     full = load_splits(cfg.replace(**{"max-images": 0}))
     train, labels = full.train.images, full.train.labels
     if size.quality_images:  # a large training split (Fashion-MNIST: 60,000): its first images, for CPU time
         train, labels = train[: size.quality_images], labels[: size.quality_images]
     clf = cq.classifier_for(cfg.dataset, train, labels, full.heldout.images, full.heldout.labels)
-    ref = clf.features(train)
-    # equal numbers of images everywhere (the Frechet distance is biased by N): the fewest any last round holds
     n = min(
         [size.samples, len(full.heldout.images)]
         + [len(load_samples(r["rounds"][-1]["eval_file"])["samples"]) for r in results]
     )
+    return full, clf, clf.features(train), n
+
+
+def final_quality(cfg, results: list[dict], size: Size) -> dict:
+    """The sweep's quality column: CFD / precision / recall of each run's last-round samples (`runs`: run
+    directory name -> scores) and of held-out real images, in the study's classifier features, all at the same
+    number of images."""
+    import torch
+
+    from fl_ietagc.evaluation import classifier_quality as cq
+
+    full, clf, ref, n = quality_reference(cfg, results, size)
+    runs = {}
+    for r in results:
+        samples = torch.from_numpy(load_samples(r["rounds"][-1]["eval_file"])["samples"][:n])
+        runs[Path(r["run"]).name] = cq.score(clf, samples, ref)
+    return {
+        "runs": runs,
+        "held-out real": cq.score(clf, full.heldout.images[:n], ref),
+        "num_images": n,
+        "classifier_accuracy": clf.accuracy,
+    }
+
+
+def quality_rows(jobs, results: list[dict], size: Size) -> dict:
+    """CFD / precision / recall of every variant's last-round samples, of real held-out images and of the
+    untrained model, all at the same number of images."""
+    import torch
+
+    from fl_ietagc.evaluation import classifier_quality as cq
+    from fl_ietagc.training.models import load_weights
+    from fl_ietagc.training.run_model import build_for_config, initial_weights
+
+    cfg = jobs[0][2]
+    full, clf, ref, n = quality_reference(cfg, results, size)
     rows, per_round = {}, {}
     for r in results:
         blob = load_samples(r["rounds"][-1]["eval_file"])
@@ -993,6 +1021,7 @@ def run_small_data(
             size_name=size_name,
             job_config=job_config,
             run_pool=run_pool,
+            quality=final_quality,
             workers=workers,
             progress=progress,
             dry_run=dry_run,

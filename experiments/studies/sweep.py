@@ -128,12 +128,14 @@ def run_sweep(
     size_name: str,
     job_config,
     run_pool,
+    quality=None,
     workers: int = 2,
     progress: bool = True,
     dry_run: bool = False,
 ) -> dict | None:
     """The sweep's runs (kept / resumed / trained by small_data's `run_pool`; configs by its `job_config`, passed in:
-    small_data imports this module), then sweep.md, sweep.json and the figure."""
+    small_data imports this module), then sweep.md, sweep.json and the figure. `quality(cfg, results, size)`:
+    small_data's final_quality (CFD of each run's last samples), None to leave the column out."""
     from experiments.studies import horizon as H
     from fl_ietagc.validate import check_output_dir
 
@@ -157,6 +159,7 @@ def run_sweep(
     t0 = time.time()
     print(f"small-data sweep ({size_name}): {len(tasks)} runs, {workers} worker(s), in {study_dir}", flush=True)
     results = {Path(r["run"]).name: r for r in run_pool(tasks, workers, t0, progress)}
+    scores = quality(tasks[0][2], list(results.values()), size) if quality is not None else None
     rng = np.random.default_rng(23)
     rows = []
     for p in points:
@@ -177,6 +180,10 @@ def run_sweep(
                 "extra": dict(p.extra),
                 "steps_to": {f"{t:g}": H.steps_to(steps, flags, t, rng) for t in H.TARGETS},
                 "final": float(H.curve(flags)[-1]),
+                # quality at the budget: a point that copies less but draws worse digits is no better
+                "cfd": None
+                if scores is None
+                else float(np.mean([scores["runs"][f"{p.tag}-s{s}"]["cfd"] for s in seeds])),
             }
         )
     summary = {
@@ -185,6 +192,7 @@ def run_sweep(
         "seeds": list(seeds),
         "knobs": list(knobs),
         "points": rows,
+        "quality": None if scores is None else {k: v for k, v in scores.items() if k != "runs"},
         "seconds": time.time() - t0,
         "pipeline_check": size_name.endswith("smoke"),
     }
@@ -210,21 +218,29 @@ def to_markdown(summary: dict) -> str:
     lines = ["SMOKE RUN: pipeline check, not a finding.", ""] if summary["pipeline_check"] else []
     lines += [
         "| knob | value | variant | K | batch | local epochs | rounds | lambda | steps to 10% | steps to 25% | "
-        "copy rate at the end |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "copy rate at the end | CFD at the end |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary["points"]:
         value = r["value"] if r["value"] != "" else "-"
         lines.append(
             f"| {r['knob']} | {value} | {r['variant']} | {r['clients']} | {r['batch_size']} | "
             f"{r['local_epochs']} | {r['rounds']} | {r['agc_lambda']:g} | {fmt_steps(r['steps_to']['0.1'])} | "
-            f"{fmt_steps(r['steps_to']['0.25'])} | {100 * r['final']:.1f}% |"
+            f"{fmt_steps(r['steps_to']['0.25'])} | {100 * r['final']:.1f}% | "
+            f"{'n/a' if r.get('cfd') is None else format(r['cfd'], '.1f')} |"
         )
     lines += [
         "",
         f"1/3 rule; seeds {', '.join(map(str, summary['seeds']))}; every point to the same step budget; "
         "intervals: hierarchical bootstrap over seeds and samples (one seed: over samples only).",
     ]
+    q = summary.get("quality")
+    if q:
+        lines.append(
+            f"CFD (lower is better): Frechet distance of {q['num_images']} last-round samples to the training split "
+            f"in a small classifier's features (held-out accuracy {100 * q['classifier_accuracy']:.1f}%); held-out "
+            f"real images score {q['held-out real']['cfd']:.1f}. Not FID."
+        )
     return "\n".join(lines)
 
 
