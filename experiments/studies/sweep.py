@@ -245,8 +245,10 @@ def to_markdown(summary: dict) -> str:
 
 
 def figure(summary: dict, fig_dir: Path) -> Path:
-    """Steps to 25% copies against each knob (one panel per knob; default training's as a dashed line; a point
-    not reached within the budget drawn at the budget as an open triangle)."""
+    """Against each knob (one column per knob): steps to 25% copies (a point not reached within the budget drawn
+    at the budget as an open triangle), the copy rate at the budget and, where scored, the CFD at the budget;
+    default training's value as a dashed line in each. Why three rows: below default training's horizon most
+    points never reach 25%, and a point that copies nothing may simply not have learned yet (its CFD says which)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -254,14 +256,19 @@ def figure(summary: dict, fig_dir: Path) -> Path:
 
     fig_dir.mkdir(parents=True, exist_ok=True)
     knobs = summary["knobs"]
-    base = next(r for r in summary["points"] if r["knob"] == "baseline")["steps_to"]["0.25"]
-    fig, axes = plt.subplots(1, len(knobs), figsize=(3.6 * len(knobs), 3.4), squeeze=False, sharey=True)
-    for ax, knob in zip(axes[0], knobs):
+    baseline = next(r for r in summary["points"] if r["knob"] == "baseline")
+    base = baseline["steps_to"]["0.25"]
+    rows = ["steps", "final"] + (["cfd"] if baseline.get("cfd") is not None else [])
+    fig, axes = plt.subplots(
+        len(rows), len(knobs), figsize=(3.6 * len(knobs), 2.9 * len(rows)), squeeze=False, sharey="row"
+    )
+    for col, knob in enumerate(knobs):
         pts = [r for r in summary["points"] if r["knob"] == knob]
         labels = [str(r["value"]) for r in pts]
         if knob == "ret":  # one point: next to IET-AGC at the size's own values
             pts = [r for r in summary["points"] if r["knob"] == "base"] + pts
             labels = ["IET-AGC"] + [f"RET, shift {r['value']}" for r in pts[1:]]
+        ax = axes[0, col]
         for i, r in enumerate(pts):
             s = r["steps_to"]["0.25"]
             if s["steps"] is None:
@@ -273,12 +280,23 @@ def figure(summary: dict, fig_dir: Path) -> Path:
             )
         if base["steps"] is not None:
             ax.axhline(base["steps"], color="C0", ls="--", lw=1, label="default training")
-        ax.set_xticks(range(len(pts)), labels)
-        ax.set_xlabel(KNOB_NAMES[knob])
-        ax.grid(alpha=0.3)
-    axes[0, 0].set_ylabel("optimizer steps to 25% copies (1/3 rule)")
-    if base["steps"] is not None:
-        axes[0, 0].legend(fontsize=8)
+        for row, key in enumerate(rows[1:], start=1):
+            scale = 100.0 if key == "final" else 1.0
+            axes[row, col].plot(range(len(pts)), [scale * r[key] for r in pts], marker="o", color="C1")
+            axes[row, col].axhline(scale * baseline[key], color="C0", ls="--", lw=1, label="default training")
+        for row in range(len(rows)):
+            axes[row, col].set_xticks(range(len(pts)), labels)
+            axes[row, col].grid(alpha=0.3)
+        axes[-1, col].set_xlabel(KNOB_NAMES[knob])
+    budget = int(base["budget"])
+    names = {
+        "steps": "optimizer steps to 25% copies\n(1/3 rule)",
+        "final": f"copies at {budget:,} steps (%)",
+        "cfd": f"CFD at {budget:,} steps\n(lower is better)",
+    }
+    for row, key in enumerate(rows):
+        axes[row, 0].set_ylabel(names[key], fontsize=9)
+    axes[min(1, len(rows) - 1), 0].legend(fontsize=8)
     fig.suptitle("what moves the effect (open triangle: not reached within the budget)", fontsize=9)
     fig.tight_layout()
     path = fig_dir / "sweep_steps_to_25.png"
