@@ -184,8 +184,11 @@ def test_a_second_study_call_keeps_trained_runs_and_cached_evaluations(smoke_stu
     )
 
 
-def test_killing_the_study_ends_its_workers_and_the_next_call_resumes(tmp_path):
-    """SIGKILL to the study process: no worker trains on as an orphan; the cut runs are resumed next time."""
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_killing_the_study_ends_its_workers_and_the_next_call_resumes(tmp_path, sig):
+    """SIGKILL to the study process: no worker trains on as an orphan; the cut runs are resumed next time.
+    SIGTERM (as Ctrl-C): the study ends its workers, says so in one line and exits 143, without a traceback or
+    multiprocessing's leaked-semaphore warning; the cut runs are marked interrupted."""
     import os
     import signal
     import subprocess
@@ -193,16 +196,13 @@ def test_killing_the_study_ends_its_workers_and_the_next_call_resumes(tmp_path):
     import time
 
     settings = ["local-epochs=20", "variants=default,iet-agc"]  # two variants: both workers busy, half the runs
-    code = (
-        f"import sys; from pathlib import Path; from experiments.studies.small_data import run_small_data; "
-        f"SETTINGS = {settings!r}; "
-        "run_small_data('smoke', Path(sys.argv[1]), workers=2, settings=SETTINGS)"
-    )
+    study = ["small-data", "--smoke", "--out", str(tmp_path), *(x for kv in settings for x in ("--set", kv))]
     proc = subprocess.Popen(
-        [sys.executable, "-c", code, str(tmp_path)],
+        [sys.executable, "-c", "import sys; from experiments.studies.cli import main; sys.exit(main(sys.argv[1:]))"]
+        + study,
         cwd=Path(__file__).resolve().parents[1],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=(tmp_path / "stderr.txt").open("w"),  # (a file: a pipe nobody reads could fill and block it)
     )
     runs = sd.study_dir_for(tmp_path, "smoke", settings) / "runs"
     deadline = time.time() + 120
@@ -212,8 +212,16 @@ def test_killing_the_study_ends_its_workers_and_the_next_call_resumes(tmp_path):
         int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
     ]
     assert workers, "no worker processes found"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    t_signal = time.time()
+    proc.send_signal(getattr(signal, sig))
+    proc.wait(timeout=30)
+    stderr = (tmp_path / "stderr.txt").read_text()
+    if sig == "SIGTERM":
+        assert proc.returncode == 143 and time.time() - t_signal < 15
+        assert stderr.strip().splitlines()[-1] == (
+            "fl-ietagc-study: stopped by SIGTERM: finished runs are kept; the same command resumes the others"
+        )
+        assert "Traceback" not in stderr and "leaked" not in stderr, stderr
     deadline = time.time() + 10
     alive = workers
     while alive and time.time() < deadline:
@@ -226,6 +234,9 @@ def test_killing_the_study_ends_its_workers_and_the_next_call_resumes(tmp_path):
     assert not alive, f"orphaned workers still running: {alive}"
     states = {RunDir(p).liveness() for p in runs.iterdir()}
     assert "running" not in states and states & {"stale", "interrupted", "failed"}
+    if sig == "SIGTERM":
+        assert "interrupted" in states  # (the resume below is the same path as after SIGKILL)
+        return
     summary = sd.run_small_data("smoke", tmp_path, workers=2, settings=settings, progress=False)
     assert all(RunDir(p).read_status()["status"] == "completed" for p in runs.iterdir())
     assert len(summary["runs"]) == 2 * len(sd.SIZES["smoke"].seeds)

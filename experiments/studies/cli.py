@@ -29,7 +29,9 @@ PyTorch's FLOP counter on the actual UNet) and GPU hours at an assumed sustained
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from experiments.studies.plans import STUDIES
@@ -82,11 +84,26 @@ def main(argv=None) -> int:
     )
     refuse_repeated(p, argv, "fl-ietagc-study")
     a = p.parse_args(argv)
+    if a.study == "small-data" and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop)  # SIGTERM stops a study as Ctrl-C does: one line, runs resumable
     try:
         return _run(a)
     except ConfigError as e:
         print(f"fl-ietagc-study: invalid input: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        if a.study != "small-data":
+            raise
+        name = e.args[0] if e.args and e.args[0] in ("SIGINT", "SIGTERM") else "SIGINT"
+        print(
+            f"fl-ietagc-study: stopped by {name}: finished runs are kept; the same command resumes the others",
+            file=sys.stderr,
+        )
+        return 128 + int(getattr(signal, name))
+
+
+def _stop(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 # the options each study reads (besides --smoke/--full and --out); any other given is refused, never ignored

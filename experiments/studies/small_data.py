@@ -453,8 +453,22 @@ def check_train_images(cfg, size: Size) -> None:
 
 def _exit_with_parent(parent: int) -> None:
     """Worker initializer: end this worker when the study process is gone (killed, even by SIGKILL), instead of
-    training on as an orphan. A run cut short this way is resumed by the next call of the study."""
+    training on as an orphan. A run cut short this way is resumed by the next call of the study. A terminal's
+    Ctrl-C reaches every process of the group: ignored here, the study process ends its workers (`_end_workers`)
+    with SIGTERM, which marks the run being trained interrupted and ends the worker at once (as SIGKILL would,
+    which the commit rule makes safe: the next call resumes from the last committed round)."""
+    import signal
     import threading
+
+    def on_sigterm(signum, frame):
+        from fl_ietagc.runs.rundir import ACTIVE_RUNS
+
+        for run in list(ACTIVE_RUNS):
+            run.mark_interrupted("SIGTERM")
+        os._exit(143)
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, on_sigterm)
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -958,12 +972,13 @@ def run_pool(
     total = total or len(tasks)
     threads = max(1, (os.cpu_count() or 1) // workers)
     results = []
-    with ProcessPoolExecutor(
+    pool = ProcessPoolExecutor(
         max_workers=workers,
         mp_context=multiprocessing.get_context("spawn"),
         initializer=_exit_with_parent,
         initargs=(os.getpid(),),
-    ) as pool:
+    )
+    try:
         futures = [
             pool.submit(train_and_evaluate, name, seed, cfg, fed, size, threads, progress)
             for name, seed, cfg, fed, size in tasks
@@ -980,7 +995,28 @@ def run_pool(
                     f"{elapsed / 60:.1f} min, eta {elapsed / done * (total - done) / 60:.1f} min",
                     flush=True,
                 )
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (fl-ietagc-study): no worker trains on; finished runs are kept
+        _end_workers(pool)
+        raise
+    pool.shutdown()  # (a failed run: the others finish first, as before, and the failure is raised above)
     return results
+
+
+def _end_workers(pool, grace_s: float = 10.0) -> None:
+    """SIGTERM to every worker (its run lifecycle marks the run interrupted: resumed by the next call), SIGKILL to
+    any still alive after `grace_s`; queued runs are dropped."""
+    import multiprocessing
+
+    workers = multiprocessing.active_children()  # the pool's processes: the study starts no others
+    for w in workers:
+        w.terminate()
+    deadline = time.time() + grace_s
+    for w in workers:
+        w.join(max(0.0, deadline - time.time()))
+        if w.is_alive():
+            w.kill()
+            w.join(1.0)
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def study_dir_for(out: Path, size_name: str, settings: list[str]) -> Path:
