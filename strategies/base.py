@@ -104,17 +104,18 @@ def weighted_mean_record(
     total = sum(weights)
     factors = [w / total for w in weights]
     accumulators = {} if accumulators is None else accumulators
-    replies: dict[str, list[np.ndarray]] = {}
-    for content in contents:
+    replies: dict[str, list[tuple[np.ndarray, float]]] = {}  # key -> (view, its reply's factor), in reply order
+    for content, factor in zip(contents, factors, strict=True):
         for record in content.array_records.values():
             for key, array in record.items():
-                replies.setdefault(key, []).append(array_view(array))
+                replies.setdefault(key, []).append((array_view(array), factor))
     out: dict[str, Array] = {}
-    for key, xs in replies.items():
+    for key, pairs in replies.items():
+        xs, fs = [x for x, _ in pairs], [f for _, f in pairs]
         if len(xs) != len(factors) or any(x.shape != xs[0].shape or x.dtype != xs[0].dtype for x in xs):
             # (a reply without this key, or shapes/dtypes Flower's `+=` would broadcast or cast: its own expression)
-            mean = np.multiply(xs[0], factors[0])
-            for x, f in zip(xs[1:], factors[1:]):
+            mean = np.multiply(xs[0], fs[0])
+            for x, f in pairs[1:]:
                 mean += x * f
             out[key] = Array(**npy_fields(np.asarray(mean)))
             continue

@@ -284,3 +284,7 @@ def test_the_in_place_weighted_mean_is_flowers_bit_for_bit():
     weighted_mean_record(replies[::-1], "num-examples", kept)  # (other values first: the buffers are overwritten)
     again = weighted_mean_record(replies, "num-examples", kept)
     assert all(again[k].data == flowers[k].data for k in flowers) and set(kept) == set(flowers)
+    # a reply without some key (the first's "scalar", the third's "ema"): each reply still weighs by its own factor
+    del replies[0]["arrays"]["scalar"], replies[2]["arrays"]["ema"]
+    ours, flowers = weighted_mean_record(replies, "num-examples"), aggregate_arrayrecords(replies, "num-examples")
+    assert all(ours[k].data == flowers[k].data for k in flowers) and list(ours.keys()) == list(flowers.keys())
