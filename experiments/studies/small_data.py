@@ -721,15 +721,15 @@ def quality_reference(cfg, results: list[dict], size: Size):
     return full, clf, clf.features(train), n
 
 
-def final_quality(cfg, results: list[dict], size: Size) -> dict:
-    """The sweep's quality column: CFD / precision / recall of each run's last-round samples (`runs`: run
-    directory name -> scores) and of held-out real images, in the study's classifier features, all at the same
-    number of images."""
+def final_quality(cfg, results: list[dict], size: Size, reference=None) -> dict:
+    """CFD / precision / recall of each run's last-round samples (`runs`: run directory name -> scores) and of
+    held-out real images, in the study's classifier features, all at the same number of images: the sweep's
+    quality column, and the study's (quality_rows). `reference`: quality_reference's result, if already made."""
     import torch
 
     from fl_ietagc.evaluation import classifier_quality as cq
 
-    full, clf, ref, n = quality_reference(cfg, results, size)
+    full, clf, ref, n = reference or quality_reference(cfg, results, size)
     runs = {}
     for r in results:
         samples = torch.from_numpy(load_samples(r["rounds"][-1]["eval_file"])["samples"][:n])
@@ -752,11 +752,11 @@ def quality_rows(jobs, results: list[dict], size: Size) -> dict:
     from fl_ietagc.training.run_model import build_for_config, initial_weights
 
     cfg = jobs[0][2]
-    full, clf, ref, n = quality_reference(cfg, results, size)
+    reference = full, clf, ref, n = quality_reference(cfg, results, size)
+    final = final_quality(cfg, results, size, reference)
     rows, per_round = {}, {}
     for r in results:
-        blob = load_samples(r["rounds"][-1]["eval_file"])
-        rows.setdefault(r["variant"], []).append(cq.score(clf, torch.from_numpy(blob["samples"][:n]), ref))
+        rows.setdefault(r["variant"], []).append(final["runs"][Path(r["run"]).name])
         # every round's CFD at round-samples images: the quality at equal copy rate (horizon_report.py)
         m = min(size.round_samples, n)
         per_round.setdefault(r["variant"], []).append(
@@ -765,7 +765,7 @@ def quality_rows(jobs, results: list[dict], size: Size) -> dict:
                 for x in r["rounds"]
             ]
         )
-    rows["held-out real"] = [cq.score(clf, full.heldout.images[:n], ref)]
+    rows["held-out real"] = [final["held-out real"]]
     model = build_for_config(cfg)
     load_weights(model, initial_weights(cfg)[0], "initial weights")
     untrained = generate(model, cfg, size, n, tuple(full.train.images.shape[1:]), seed=10_000)
