@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.backends import ONE_ACTOR_JSON
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -92,7 +94,7 @@ def test_the_installed_flower_simulation_runs_the_shipped_app(installed, tmp_pat
         "--num-supernodes",
         "2",
         "--backend-config",
-        '{"client_resources": {"num_cpus": 1}}',
+        ONE_ACTOR_JSON,
         "--run-config",
         f"output-dir='{tmp_path / 'runs'}' run-name='w' num-server-rounds=1 local-epochs=1 max-images=64 "
         f"batch-size=16 sample-count=0 diffusion-steps=20",

@@ -6,6 +6,7 @@ import torch
 
 from fl_ietagc.training.ret import redistribute, taa_strength, translate
 from fl_ietagc.training.trainer import TrainState
+from tests.backends import ONE_ACTOR_JSON
 
 
 def shards_and_counts():
@@ -151,7 +152,7 @@ def test_ret_run_redistributes_between_rounds(tmp_path):
                 "--num-supernodes",
                 "2",
                 "--backend-config",
-                '{"client_resources": {"num_cpus": 1}}',
+                ONE_ACTOR_JSON,
                 "--run-config",
                 overrides,
             ]

@@ -14,6 +14,7 @@ from fl_ietagc.federation.secure_sum import error_bound, max_weight, shares_and_
 from fl_ietagc.runs.checkpoints import load_checkpoint
 from fl_ietagc.runs.rundir import RunDir
 from fl_ietagc.settings.config import ConfigError, parse_config
+from tests.backends import ONE_ACTOR_JSON
 from tests.local_grid import LocalGrid, run_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -287,7 +288,7 @@ def test_secure_aggregation_in_the_simulation_engine(tmp_path):
             "--run-config",
             overrides,
             "--backend-config",
-            '{"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}',
+            ONE_ACTOR_JSON,
         ]
     )
     assert code == 0

@@ -11,6 +11,7 @@ from fl_ietagc.loops.iet import run_iet_loop
 from fl_ietagc.runs.checkpoints import load_checkpoint, load_torch
 from fl_ietagc.runs.rundir import RunDir
 from fl_ietagc.settings.config import parse_config, parse_overrides
+from tests.backends import ONE_ACTOR_JSON
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow(minutes=3.5)  # (the whole file, measured; conftest.py orders by it)
@@ -34,7 +35,7 @@ def simulate_app(tmp_path, extra=""):
             "--run-config",
             overrides,
             "--backend-config",
-            '{"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}',
+            ONE_ACTOR_JSON,
         ]
     )
     return code, RunDir(tmp_path / "e2e"), parse_config(parse_overrides(overrides))
@@ -182,7 +183,7 @@ def stop_mid_run(tmp_path, sig) -> tuple[RunDir, float]:
             "--run-config",
             overrides,
             "--backend-config",
-            '{"client_resources": {"num_cpus": 1}}',
+            ONE_ACTOR_JSON,
         ],
         cwd=ROOT,
         env={**os.environ, "FL_IETAGC_FAULT": "between-rounds:1:hang"},
@@ -213,7 +214,6 @@ def stop_mid_run(tmp_path, sig) -> tuple[RunDir, float]:
 def test_ctrl_c_stops_within_seconds_and_the_run_resumes_bit_identical(tmp_path):
     """SIGINT to flower-simulation while round 2 waits: exit 130 in seconds, no process left of its group,
     status interrupted; `--resume` then ends with the weights of the uninterrupted run."""
-    import json
     import signal
 
     run, _ = stop_mid_run(tmp_path, signal.SIGINT)
@@ -225,7 +225,7 @@ def test_ctrl_c_stops_within_seconds_and_the_run_resumes_bit_identical(tmp_path)
                 "--resume",
                 str(run.path),
                 "--backend-config",
-                json.dumps({"client_resources": {"num_cpus": 1}}),
+                ONE_ACTOR_JSON,
             ]
         )
         == 0

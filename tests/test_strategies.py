@@ -8,6 +8,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 from fl_ietagc.settings.config import ConfigError, parse_config
 from fl_ietagc.training.trainer import proximal_term
 from strategies.registry import build_strategy
+from tests.backends import ONE_ACTOR_JSON
 from tests.test_aggregation import reply
 
 
@@ -206,7 +207,7 @@ def test_dp_wrapped_strategies_run_a_simulated_round(name, tmp_path):
             "--num-supernodes",
             "2",
             "--backend-config",
-            '{"client_resources": {"num_cpus": 1}}',
+            ONE_ACTOR_JSON,
             "--run-config",
             f'strategy="{strategy}" max-images=128 batch-size=32 local-epochs=1 num-server-rounds=1 '
             f'sample-count=0 output-dir="{tmp_path}" run-name="r"{extra}',

@@ -127,9 +127,10 @@ def _trained_key(study: str, r) -> str | None:
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    """One single-node Ray head (this machine's CPUs, no GPU: what each run's private Ray would have) that every
-    federated run of the smoke studies attaches to (RAY_ADDRESS), instead of each starting and stopping a Ray of
-    its own (~20 runs). Stopped afterwards, always, by its pids (never `ray stop`, which stops every Ray here)."""
+    """One single-node Ray head that every federated run of the smoke studies attaches to (RAY_ADDRESS), instead
+    of each starting and stopping a Ray of its own (~20 runs). One CPU, no GPU: each run's clients share one actor
+    (tests/backends.py: a second actor only adds its ~10 CPU-s of imports to a CPU-bound suite). Stopped
+    afterwards, always, by its pids (never `ray stop`, which stops every Ray here)."""
     import os
     import subprocess
     import tempfile
@@ -144,7 +145,7 @@ def ray_head(tmp_path_factory):
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--disable-usage-stats", "--port", str(port), "--node-ip-address",
          "127.0.0.1", "--temp-dir", str(temp), "--include-dashboard", "false", "--ray-client-server-port",
-         str(client_port), "--num-cpus", str(os.cpu_count()), "--num-gpus", "0", *node_ports()],
+         str(client_port), "--num-cpus", "1", "--num-gpus", "0", *node_ports()],
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
