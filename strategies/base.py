@@ -111,10 +111,10 @@ def weighted_mean_record(
                 replies.setdefault(key, []).append((array_view(array), factor))
     out: dict[str, Array] = {}
     for key, pairs in replies.items():
-        xs, fs = [x for x, _ in pairs], [f for _, f in pairs]
+        xs = [x for x, _ in pairs]
         if len(xs) != len(factors) or any(x.shape != xs[0].shape or x.dtype != xs[0].dtype for x in xs):
             # (a reply without this key, or shapes/dtypes Flower's `+=` would broadcast or cast: its own expression)
-            mean = np.multiply(xs[0], fs[0])
+            mean = np.multiply(*pairs[0])
             for x, f in pairs[1:]:
                 mean += x * f
             out[key] = Array(**npy_fields(np.asarray(mean)))
