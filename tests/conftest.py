@@ -122,6 +122,38 @@ def pytest_collection_finish(session):
     _SESSION["items"] = {item.nodeid: item for item in session.items}
 
 
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """One single-node Ray head per test module that every federated run of its smoke studies attaches to
+    (RAY_ADDRESS; test_studies.py, test_study_strategies.py, test_sd_finetune.py), instead of each starting and
+    stopping a Ray of its own (~20 runs). One CPU, no GPU: each run's clients share one actor (tests/backends.py: a
+    second actor only adds its ~10 CPU-s of imports to a CPU-bound suite). Stopped afterwards, always, by its pids
+    (never `ray stop`, which stops every Ray here)."""
+    import subprocess
+    import tempfile
+
+    from tests.test_ray_cluster import RAY, free_ports, node_ports, stop_nodes, wait_for_head
+
+    log = tmp_path_factory.mktemp("ray-head") / "head.log"
+    temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths must stay < 108 chars
+    port, client_port = free_ports(2)
+    address = f"127.0.0.1:{port}"
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", "--disable-usage-stats", "--port", str(port), "--node-ip-address",
+         "127.0.0.1", "--temp-dir", str(temp), "--include-dashboard", "false", "--ray-client-server-port",
+         str(client_port), "--num-cpus", "1", "--num-gpus", "0", *node_ports()],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+    )  # fmt: skip
+    try:
+        wait_for_head(head, address, log)
+        yield address
+    finally:
+        stop_nodes([head], [str(temp), address], temp)
+
+
 @pytest.fixture
 def no_work(monkeypatch):
     """Fail the test if a simulation process (and so Ray), training or a study's run starts: bad input is refused

@@ -10,11 +10,10 @@ import pytest
 from experiments.studies.cli import main as study
 from fl_ietagc.runs.checkpoints import load_checkpoint
 from fl_ietagc.runs.rundir import RunDir
-from tests.test_studies import ray_head  # noqa: F401 (the fixture: one Ray head of one CPU for the federated runs)
 
 
 @pytest.mark.slow
-def test_sd_finetune_smoke_trains_evaluates_and_compares_its_runs(tmp_path, capsys, monkeypatch, ray_head):  # noqa: F811
+def test_sd_finetune_smoke_trains_evaluates_and_compares_its_runs(tmp_path, capsys, monkeypatch, ray_head):
     monkeypatch.setenv("FL_IETAGC_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("RAY_ADDRESS", ray_head)  # each run's clients in one actor (tests/backends.py says why)
     assert study(["sd-finetune", "--smoke", "--out", str(tmp_path)]) == 0

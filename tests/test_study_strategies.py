@@ -5,9 +5,9 @@ workers take whole files (`--dist loadfile`), so it runs beside the other smoke 
 
 import pytest
 
-from tests.test_studies import check_smoke_study, ray_head  # noqa: F401 (ray_head: the fixture, one head here)
+from tests.test_studies import check_smoke_study
 
 
 @pytest.mark.slow(minutes=5.5)
-def test_the_strategies_smoke_study_runs_every_strategy_and_writes_a_comparison(tmp_path, ray_head, monkeypatch):  # noqa: F811
+def test_the_strategies_smoke_study_runs_every_strategy_and_writes_a_comparison(tmp_path, ray_head, monkeypatch):
     check_smoke_study("strategies", tmp_path, ray_head, monkeypatch)
